@@ -1,0 +1,106 @@
+"""Argument and array checks shared by every public entry point.
+
+Errors are raised before anything is allocated or stored, and their messages name the argument
+and what was expected.
+"""
+from __future__ import annotations
+
+import numbers
+import os
+
+import numpy as np
+
+FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+def check_int(value, name: str, minimum: int | None = None) -> int:
+    """An integer argument (bool refused), optionally >= minimum."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an integer, got {type(value).__name__} {value!r}")
+    value = int(value)
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+def check_probability(value, name: str, *, allow_one: bool = False) -> float:
+    """A float in [0, 1) (or [0, 1] with allow_one)."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
+    value = float(value)
+    upper_ok = value <= 1.0 if allow_one else value < 1.0
+    if not (value >= 0.0 and upper_ok):
+        bound = "[0, 1]" if allow_one else "[0, 1)"
+        raise ValueError(f"{name} must be in {bound}, got {value}")
+    return value
+
+
+def check_choice(value, name: str, choices) -> str:
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"{name} must be one of {sorted(choices)}, got {value!r}")
+    return value
+
+
+def check_float_dtype(dtype, name: str = "dtype") -> np.dtype:
+    try:
+        dt = np.dtype(dtype)
+    except TypeError as exc:
+        raise TypeError(f"{name} must be numpy.float32 or numpy.float64, got {dtype!r}") from exc
+    if dt not in FLOAT_DTYPES:
+        raise ValueError(f"{name} must be numpy.float32 or numpy.float64, got {dt}")
+    return dt
+
+
+def physical_memory_bytes() -> int:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # not POSIX: no check rather than a wrong one
+        return 1 << 62
+
+
+def check_fits_in_memory(n_bytes: int, what: str) -> None:
+    """Refuse, before allocating, an array set larger than the machine's physical memory."""
+    limit = physical_memory_bytes()
+    if n_bytes > limit:
+        raise MemoryError(
+            f"{what} needs {n_bytes:,} bytes ({n_bytes / 2**30:,.1f} GiB), more than this "
+            f"machine's {limit:,} bytes of memory"
+        )
+
+
+def is_cuda_array(x) -> bool:
+    return hasattr(x, "__cuda_array_interface__")
+
+
+def as_rows(x, width: int, dtype: np.dtype, xp=np, name: str = "x"):
+    """View x of shape (..., width) as a C-contiguous (rows, width) array of `dtype`.
+
+    Returns (rows, leading_shape). Float and integer inputs are cast to `dtype`; bool, complex,
+    object and string inputs are refused.
+    """
+    if xp is np and is_cuda_array(x):
+        raise TypeError(
+            f"{name} is a CUDA array but the layer is on 'cpu': move the layer with "
+            f".to('cuda') or copy {name} to the host first"
+        )
+    if xp is not np and not is_cuda_array(x):
+        raise TypeError(
+            f"{name} is a host array ({type(x).__name__}) but the layer is on 'cuda': pass a "
+            f"CuPy array (cupy.asarray({name})) or move the layer with .to('cpu')"
+        )
+    try:
+        arr = xp.asarray(x)
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"{name} must be an array of shape (..., {width}): {exc}") from exc
+    if arr.dtype.kind not in "fiu":
+        raise TypeError(
+            f"{name} must hold real numbers (float or integer) of shape (..., {width}), "
+            f"got dtype {arr.dtype}"
+        )
+    if arr.ndim == 0:
+        raise ValueError(f"{name} must have shape (..., {width}), got a 0-d scalar")
+    if arr.shape[-1] != width:
+        raise ValueError(f"{name} must have shape (..., {width}), got shape {tuple(arr.shape)}")
+    lead = tuple(arr.shape[:-1])
+    rows = xp.ascontiguousarray(arr.reshape(-1, width), dtype=dtype)
+    return rows, lead

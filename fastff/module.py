@@ -1,0 +1,175 @@
+"""The Module base class: parameters, gradients, state dicts and devices of every fastff layer.
+
+A module keeps its parameters in whatever layout its kernels want (`_params`, internal keys) and
+shows them to users in the anchor layout of the state dict: each anchor key maps to an internal
+array and an optional axis permutation, so the anchor arrays are writable views, never copies.
+Optimizers update those views in place.
+"""
+from __future__ import annotations
+
+from typing import Dict, Iterator, Optional, Tuple
+
+import numpy as np
+
+from ._validation import check_fits_in_memory, check_float_dtype
+from .ops import get_ops
+
+
+class Module:
+    """Base class. Subclasses fill `_params` and `_anchor` in their constructor."""
+
+    def __init__(self, dtype=np.float32):
+        self.dtype = check_float_dtype(dtype)
+        self.device = "cpu"
+        self._params: Dict[str, object] = {}  # internal key -> array (kernel layout)
+        self._grads: Optional[Dict[str, object]] = None  # allocated on first use
+        self._anchor: Dict[str, Tuple[str, Optional[tuple]]] = {}  # anchor key -> (internal, axes)
+        self._version = 0  # bumped whenever parameters change outside forward/backward
+
+    # ---- structure -------------------------------------------------------------------------
+    def children(self) -> Iterator[Tuple[str, "Module"]]:
+        """(name, module) of direct sub-modules; none for a leaf layer."""
+        return iter(())
+
+    def modules(self) -> Iterator["Module"]:
+        yield self
+        for _, child in self.children():
+            yield from child.modules()
+
+    @property
+    def ops(self):
+        return get_ops(self.device)
+
+    # ---- parameters and gradients ----------------------------------------------------------
+    def _view(self, store, key):
+        internal, axes = self._anchor[key]
+        arr = store[internal]
+        return arr if axes is None else arr.transpose(axes)
+
+    def _allocate_grads(self):
+        if self._grads is None:
+            n_bytes = sum(int(p.nbytes) for p in self._params.values())
+            check_fits_in_memory(n_bytes, f"the gradients of {type(self).__name__}")
+            xp = self.ops.xp
+            self._grads = {k: xp.zeros_like(p) for k, p in self._params.items()}
+        return self._grads
+
+    def named_parameters(self, prefix: str = ""):
+        """Yield (name, parameter, gradient) with anchor names and shapes; arrays are views of
+        the module's storage, so in-place updates reach the kernels."""
+        grads = self._allocate_grads() if self._params else None
+        for key in self._anchor:
+            yield prefix + key, self._view(self._params, key), self._view(grads, key)
+        for name, child in self.children():
+            yield from child.named_parameters(prefix + name + ".")
+
+    @property
+    def params(self) -> dict:
+        """Parameters by state-dict key (writable views)."""
+        return {name: p for name, p, _ in self.named_parameters()}
+
+    @property
+    def grads(self) -> dict:
+        """Accumulated gradients by state-dict key, same shapes as state_dict()."""
+        return {name: g for name, _, g in self.named_parameters()}
+
+    def zero_grad(self) -> None:
+        for m in self.modules():
+            if m._grads is not None:
+                for g in m._grads.values():
+                    g.fill(0)
+
+    def mark_updated(self) -> None:
+        """Record that parameters changed (optimizers call this): pending backprops go stale."""
+        for m in self.modules():
+            m._version += 1
+
+    def _check_fresh(self, version: int, device: str) -> None:
+        if version != self._version or device != self.device:
+            raise RuntimeError(
+                f"stale backprop: the parameters of this {type(self).__name__} changed (optimizer "
+                "step, load_state_dict or .to()) after forward_train; run forward_train again"
+            )
+
+    # ---- state dicts -----------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """Copies of the parameters as C-contiguous NumPy arrays, anchor keys and shapes."""
+        return {name: np.ascontiguousarray(self.ops.to_numpy(p)) for name, p, _ in
+                self._iter_params_only()}
+
+    def _iter_params_only(self, prefix: str = ""):
+        for key in self._anchor:
+            yield prefix + key, self._view(self._params, key), None
+        for name, child in self.children():
+            yield from child._iter_params_only(prefix + name + ".")
+
+    def load_state_dict(self, state: dict) -> None:
+        """Replace every parameter from `state` (NumPy or CuPy arrays, anchor keys and shapes).
+
+        Everything is checked first: missing or unexpected keys, shapes, non-numeric dtypes and
+        values that overflow this module's dtype. On any error nothing is changed.
+        """
+        if not hasattr(state, "keys"):
+            raise TypeError(f"state must be a dict of arrays, got {type(state).__name__}")
+        targets = {name: p for name, p, _ in self._iter_params_only()}
+        state = self._accept_extra_state(dict(state))
+        missing = sorted(set(targets) - set(state))
+        unexpected = sorted(set(state) - set(targets))
+        if missing or unexpected:
+            raise ValueError(
+                f"state dict does not match {type(self).__name__}: missing keys {missing}, "
+                f"unexpected keys {unexpected}"
+            )
+        staged = {}
+        for name, target in targets.items():
+            value = state[name]
+            src = np.asarray(value.get() if hasattr(value, "get") and hasattr(
+                value, "__cuda_array_interface__") else value)
+            if src.dtype.kind not in "fiu":
+                raise TypeError(f"state[{name!r}] must be a real numeric array, got dtype {src.dtype}")
+            if tuple(src.shape) != tuple(target.shape):
+                raise ValueError(
+                    f"state[{name!r}] has shape {tuple(src.shape)}, expected {tuple(target.shape)}"
+                )
+            converted = src.astype(self.dtype)
+            overflow = np.isfinite(src) & ~np.isfinite(converted)
+            if overflow.any():
+                raise ValueError(
+                    f"state[{name!r}] has values beyond the range of {self.dtype} "
+                    f"(e.g. {src[overflow].flat[0]!r})"
+                )
+            staged[name] = converted
+        for m_prefix, m in self._prefixed_modules():
+            for key in m._anchor:
+                m._view(m._params, key)[...] = m.ops.asarray(staged[m_prefix + key])
+        self.mark_updated()
+
+    def _accept_extra_state(self, state: dict) -> dict:
+        """Hook: check and drop entries a foreign state dict may carry (e.g. FFF's `depth`)."""
+        return state
+
+    def _prefixed_modules(self, prefix: str = ""):
+        yield prefix, self
+        for name, child in self.children():
+            yield from child._prefixed_modules(prefix + name + ".")
+
+    # ---- devices ---------------------------------------------------------------------------
+    def to(self, device: str) -> "Module":
+        """Move parameters and gradients to "cpu" (NumPy) or "cuda" (CuPy); returns self."""
+        ops = get_ops(device)  # raises a clear error for unknown devices or missing CUDA
+        for m in self.modules():
+            if m.device == device:
+                continue
+            m._params = {k: ops.asarray(v) for k, v in m._params.items()}
+            if m._grads is not None:
+                m._grads = {k: ops.asarray(v) for k, v in m._grads.items()}
+            m._on_device_change(ops)
+            m.device = device
+            m._version += 1
+        return self
+
+    def _on_device_change(self, ops) -> None:
+        """Hook for modules holding device arrays outside `_params`."""
+
+    def n_parameters(self) -> int:
+        return sum(int(np.prod(p.shape)) for _, p, _ in self._iter_params_only())
