@@ -67,6 +67,11 @@ class UltraFFF(Module):
                 f"parallel_size={self.parallel_size}, activation={self.activation!r}, "
                 f"dtype={self.dtype.name}, device={self.device!r})")
 
+    def get_config(self) -> dict:
+        return {"input_width": self.input_width, "output_width": self.output_width,
+                "depth": self.depth, "parallel_size": self.parallel_size,
+                "activation": self.activation, "dtype": self.dtype.name}
+
     @property
     def training_width(self) -> int:
         """Neurons a dense layer of the same parameter count would evaluate per row."""

@@ -131,7 +131,8 @@ class Module:
                 raise ValueError(
                     f"state[{name!r}] has shape {tuple(src.shape)}, expected {tuple(target.shape)}"
                 )
-            converted = src.astype(self.dtype)
+            with np.errstate(over="ignore", invalid="ignore"):
+                converted = src.astype(self.dtype)
             overflow = np.isfinite(src) & ~np.isfinite(converted)
             if overflow.any():
                 raise ValueError(
@@ -170,6 +171,10 @@ class Module:
 
     def _on_device_change(self, ops) -> None:
         """Hook for modules holding device arrays outside `_params`."""
+
+    def get_config(self) -> dict:
+        """Constructor arguments that rebuild this module (used by save/load)."""
+        raise NotImplementedError(f"{type(self).__name__} does not define get_config()")
 
     def n_parameters(self) -> int:
         return sum(int(np.prod(p.shape)) for _, p, _ in self._iter_params_only())

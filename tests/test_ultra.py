@@ -1,0 +1,198 @@
+"""UltraFFF (neuron tree): CPU kernels against fastff.reference, inputs, state dicts, errors."""
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+import fastff
+from fastff import reference as R
+from conftest import assert_close, dyadic, dyadic_state
+
+DTYPES = [np.float32, np.float64]
+ACTS = ["gelu", "relu", "identity"]
+
+
+def ref_forward(layer, x, state):
+    return R.ultra_forward(np.asarray(x, np.float64), state, layer.depth, layer.parallel_size,
+                           layer.activation)
+
+
+@given(
+    in_w=st.integers(1, 300), out_w=st.integers(1, 300), depth=st.integers(0, 10),
+    trees=st.integers(1, 4), batch=st.integers(0, 300), dtype=st.sampled_from(DTYPES),
+    act=st.sampled_from(ACTS), seed=st.integers(0, 2**32 - 1),
+)
+def test_inference_matches_reference(in_w, out_w, depth, trees, batch, dtype, act, seed):
+    # keep the O(width) reference affordable: depth 10 only with small batches/trees
+    batch = min(batch, max(1, 200_000 // (trees * 2 ** (depth + 1))))
+    rng = np.random.default_rng(seed)
+    layer = fastff.UltraFFF(in_w, out_w, depth, trees, act, dtype=dtype, seed=seed)
+    state = dyadic_state(layer, rng)
+    x = dyadic(rng, (batch, in_w), denom=8)
+    y = layer(x)
+    assert y.dtype == dtype and y.shape == (batch, out_w)
+    y_ref, _ = ref_forward(layer, x, state)
+    assert_close(y, y_ref, dtype, trees * (depth + 1) * in_w, "y")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_continuous_data_relative_error(dtype):
+    """Ordinary Gaussian data at the ufb shape scaled down: rel. error per unit scale."""
+    rng = np.random.default_rng(0)
+    layer = fastff.UltraFFF(96, 64, 7, 2, dtype=dtype, seed=3)
+    x = rng.standard_normal((500, 96)).astype(dtype)
+    state = {k: v.astype(np.float64) for k, v in layer.state_dict().items()}
+    y_ref, (_, z, mask) = ref_forward(layer, x, state)
+    # exclude rows whose float64 path passes within rounding distance of a decision boundary
+    margin = 1e-4 if dtype == np.float32 else 1e-12
+    safe = ~((np.abs(z) < margin) & (mask > 0)).any(axis=1)
+    assert safe.mean() > 0.95
+    err = np.abs(layer(x)[safe] - y_ref[safe]).max() / np.abs(y_ref).max()
+    assert err < (1e-5 if dtype == np.float32 else 1e-12)
+
+
+def test_hand_computed_case():
+    layer = fastff.UltraFFF(2, 1, 1, activation="identity", dtype=np.float64)
+    layer.load_state_dict({
+        "linear_in.weight": np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]]),
+        "linear_in.bias": np.array([0.0, 0.5, -1.0]),
+        "linear_out.weight": np.array([[2.0, 3.0, 5.0]]),
+    })
+    # x=(1,2): root z=1>0 -> right child 2: z=1+2-1=2. y = 2*1 + 5*2 = 12
+    # x=(-1,2): root z=-1 -> left child 1: z=2.5. y = 2*(-1) + 3*2.5 = 5.5
+    # x=(0,7): root z=0 is not > 0 -> left: z=7.5. y = 0 + 22.5
+    np.testing.assert_array_equal(layer([[1, 2], [-1, 2], [0, 7]]), [[12.0], [5.5], [22.5]])
+
+
+@pytest.mark.parametrize("act", ACTS)
+def test_relu_gelu_identity_hand_values(act):
+    layer = fastff.UltraFFF(1, 1, 0, activation=act, dtype=np.float64)
+    layer.load_state_dict({"linear_in.weight": np.array([[1.0]]), "linear_in.bias": np.array([0.0]),
+                           "linear_out.weight": np.array([[1.0]])})
+    z = np.array([[-1.5], [0.0], [0.7]])
+    expected = {"identity": z, "relu": np.maximum(z, 0),
+                "gelu": z * 0.5 * (1 + np.vectorize(__import__("math").erf)(z / np.sqrt(2)))}[act]
+    np.testing.assert_allclose(layer(z), expected, rtol=1e-15, atol=1e-15)
+
+
+def test_leading_dims_and_single_row(rng):
+    layer = fastff.UltraFFF(5, 3, 3, 2, seed=0)
+    x = rng.standard_normal((2, 4, 5)).astype(np.float32)
+    y = layer(x)
+    assert y.shape == (2, 4, 3)
+    np.testing.assert_array_equal(y.reshape(8, 3), layer(x.reshape(8, 5)))
+    np.testing.assert_array_equal(layer(x[0, 0]), y[0, 0])
+    assert layer(np.zeros((0, 5))).shape == (0, 3)
+    assert layer(np.zeros((3, 0, 5))).shape == (3, 0, 3)
+
+
+def test_layouts_lists_and_casts(rng):
+    layer = fastff.UltraFFF(6, 4, 4, seed=1)
+    x = rng.standard_normal((7, 6))
+    y = layer(x)
+    assert y.dtype == np.float32
+    np.testing.assert_array_equal(layer(np.asfortranarray(x)), y)
+    np.testing.assert_array_equal(layer(np.ascontiguousarray(x.T).T), y)
+    wide = np.zeros((7, 12))
+    wide[:, ::2] = x
+    np.testing.assert_array_equal(layer(wide[:, ::2]), y)
+    np.testing.assert_array_equal(layer(x[::-1])[::-1], y)
+    np.testing.assert_array_equal(layer(x.tolist()), y)
+    np.testing.assert_array_equal(layer(x.astype(np.float32)), y)
+    ints = rng.integers(-3, 4, (5, 6))
+    np.testing.assert_array_equal(layer(ints), layer(ints.astype(np.float32)))
+    ro = x.copy()
+    ro.flags.writeable = False
+    np.testing.assert_array_equal(layer(ro), y)
+
+
+@pytest.mark.parametrize("bad, exc, words", [
+    (np.zeros((3, 5)), ValueError, "(..., 6)"),
+    (np.float32(1.0), ValueError, "0-d"),
+    (np.zeros((3, 6), complex), TypeError, "complex"),
+    (np.array([["a"] * 6]), TypeError, "dtype"),
+    (np.zeros((3, 6), bool), TypeError, "bool"),
+    ([[1, 2], [3]], ValueError, "(..., 6)"),
+    ({"x": 1}, TypeError, "dtype"),
+])
+def test_bad_inputs(bad, exc, words):
+    layer = fastff.UltraFFF(6, 4, 2)
+    with pytest.raises(exc) as info:
+        layer(bad)
+    assert words in str(info.value)
+
+
+@pytest.mark.parametrize("kwargs, exc, words", [
+    (dict(input_width=0), ValueError, "input_width"),
+    (dict(output_width=-3), ValueError, "output_width"),
+    (dict(depth=-1), ValueError, "depth"),
+    (dict(parallel_size=0), ValueError, "parallel_size"),
+    (dict(depth=2.5), TypeError, "depth"),
+    (dict(input_width=True), TypeError, "input_width"),
+    (dict(activation="tanh"), ValueError, "activation"),
+    (dict(dtype=np.int32), ValueError, "dtype"),
+    (dict(depth=40), MemoryError, "bytes"),
+])
+def test_constructor_errors(kwargs, exc, words):
+    args = dict(input_width=8, output_width=8, depth=3)
+    args.update(kwargs)
+    with pytest.raises(exc, match=words):
+        fastff.UltraFFF(**args)
+
+
+def test_init_distribution_and_seed():
+    a = fastff.UltraFFF(64, 32, 5, 2, seed=7).state_dict()
+    b = fastff.UltraFFF(64, 32, 5, 2, seed=7).state_dict()
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k])
+    assert a["linear_in.weight"].shape == (2 * 63, 64)
+    assert a["linear_in.bias"].shape == (126,)
+    assert a["linear_out.weight"].shape == (32, 126)
+    assert np.abs(a["linear_in.weight"]).max() <= 1 / 8
+    assert np.abs(a["linear_out.weight"]).max() <= (1 / 12) ** 0.5
+    assert np.abs(a["linear_in.weight"]).max() > 0.9 / 8  # really spans the range
+
+
+def test_state_dict_round_trip_and_atomic_errors(rng):
+    layer = fastff.UltraFFF(4, 3, 2, seed=0)
+    state = layer.state_dict()
+    assert all(v.flags.c_contiguous for v in state.values())
+    other = fastff.UltraFFF(4, 3, 2, seed=1)
+    other.load_state_dict(state)
+    x = rng.standard_normal((9, 4))
+    np.testing.assert_array_equal(other(x), layer(x))
+    before = other.state_dict()
+    bad_cases = [
+        ({k: v for k, v in state.items() if k != "linear_in.bias"}, ValueError, "missing"),
+        ({**state, "extra": np.zeros(1)}, ValueError, "unexpected"),
+        ({**state, "linear_out.weight": np.zeros((7, 3))}, ValueError, "shape"),
+        ({**state, "linear_in.bias": np.full(7, 1e300)}, ValueError, "range"),
+        ({**state, "linear_in.bias": np.array(["a"] * 7)}, TypeError, "numeric"),
+    ]
+    for bad, exc, words in bad_cases:
+        with pytest.raises(exc, match=words):
+            other.load_state_dict(bad)
+        for k in before:  # nothing already stored is lost
+            np.testing.assert_array_equal(other.state_dict()[k], before[k])
+
+
+def test_nan_propagates_and_routes_left():
+    layer = fastff.UltraFFF(2, 1, 1, activation="identity", dtype=np.float64)
+    layer.load_state_dict({"linear_in.weight": np.array([[1.0, 0.0], [0.0, 1.0], [0.0, 2.0]]),
+                           "linear_in.bias": np.zeros(3), "linear_out.weight": np.ones((1, 3))})
+    y, backprop = layer.forward_train(np.array([[np.nan, 1.0]]))
+    assert np.isnan(y).all()
+    backprop(np.ones((1, 1)))
+    g = layer.grads["linear_in.bias"]
+    assert g[2] == 0 and g[1] == 1  # NaN at the root is not > 0: the row went left (node 1)
+
+
+def test_threads_api():
+    n = fastff.get_num_threads()
+    try:
+        fastff.set_num_threads(1)
+        assert fastff.get_num_threads() == 1
+    finally:
+        fastff.set_num_threads(n)
+    with pytest.raises(ValueError):
+        fastff.set_num_threads(0)
