@@ -29,16 +29,12 @@ class Case:
     params: dict = field(default_factory=dict)
 
 
-def _time(fn, repeat: int, sync=None):
-    fn()  # warm-up (also triggers lazy allocations and GPU kernel compilation)
-    if sync:
-        sync()
+def _time(fn, repeat: int):
+    fn()  # warm-up (also triggers lazy allocations)
     times = []
     for _ in range(repeat):
         t0 = time.perf_counter()
         fn()
-        if sync:
-            sync()
         times.append(time.perf_counter() - t0)
     return statistics.median(times), min(times), max(times)
 
@@ -142,12 +138,11 @@ def run(config_names: List[str], *, threads: int, repeat: int, device: str = "cp
         raise SystemExit(f"unknown config(s) {unknown} for device {device!r}; "
                          f"choose from {sorted(table)}")
     limiter = _limit_threads(threads) if device == "cpu" else None
-    sync = None
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cpus, {threads} threads"
     if device == "cuda":
-        from .gpu.bench import device_name, synchronize
+        from .gpu.bench import device_name
 
-        sync, machine = synchronize, device_name()
+        machine = device_name()
     out(f"fastff bench on {machine} (median of {repeat}, dense = NumPy/BLAS"
         f"{' via cuBLAS' if device == 'cuda' else ''})")
     header = (f"{'config':<16}{'kind':<22}{'dense ms':>12}{'fastff ms':>12}{'speedup':>10}"
@@ -157,8 +152,12 @@ def run(config_names: List[str], *, threads: int, repeat: int, device: str = "cp
     for name in config_names:
         for case in table[name]:
             dense, fff, rows, info = case.make()
-            d_med, d_min, d_max = _time(dense, repeat, sync)
-            f_med, f_min, f_max = _time(fff, repeat, sync)
+            if device == "cuda":
+                from .gpu.bench import time_events as timer
+            else:
+                timer = _time
+            d_med, d_min, d_max = timer(dense, repeat)
+            f_med, f_min, f_max = timer(fff, repeat)
             ratio = d_med / f_med
             out(f"{case.name:<16}{case.kind:<22}{d_med * 1e3:>12.3f}{f_med * 1e3:>12.3f}"
                 f"{ratio:>9.1f}x{rows / f_med:>14.3g}")

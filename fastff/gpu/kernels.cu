@@ -1,0 +1,185 @@
+// CUDA CMM kernels of fastff, compiled once per process by cupy.RawModule.
+//
+// Layout as on the CPU: node g = t * n_nodes + k owns the contiguous rows w_in[g] (in_w) and
+// w_out_t[g] (out_w). A warp owns one input row: coalesced loads of a node's weight row, a
+// shuffle reduction for the dot product, and the row's x / y kept in shared memory. Weight
+// gradients are summed without atomics: visits sorted by node, cut into chunks, each chunk
+// summed by one block in fixed order, then chunks reduced in fixed order (deterministic).
+
+#define ACT_IDENTITY 0
+#define ACT_RELU 1
+#define ACT_GELU 2
+
+__device__ __forceinline__ float erf_t(float v) { return erff(v); }
+__device__ __forceinline__ double erf_t(double v) { return erf(v); }
+__device__ __forceinline__ float exp_t(float v) { return expf(v); }
+__device__ __forceinline__ double exp_t(double v) { return exp(v); }
+
+template <typename T>
+__device__ __forceinline__ T act_fn(T z, int act) {
+    if (act == ACT_RELU) return z > T(0) ? z : T(0);
+    if (act == ACT_GELU) return T(0.5) * z * (T(1) + erf_t(z * T(0.7071067811865476)));
+    return z;
+}
+
+template <typename T>
+__device__ __forceinline__ T act_grad(T z, int act) {
+    if (act == ACT_RELU) return z > T(0) ? T(1) : T(0);
+    if (act == ACT_GELU)
+        return T(0.5) * (T(1) + erf_t(z * T(0.7071067811865476)))
+               + z * exp_t(T(-0.5) * z * z) * T(0.3989422804014327);
+    return T(1);
+}
+
+template <typename T>
+__device__ __forceinline__ T warp_sum(T v) {
+    // xor butterfly: every lane ends with the same, order-fixed sum
+    for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
+    return v;
+}
+
+// y[r] = sum over trees and path nodes of act(z) * w_out_t[g]; optionally records the path.
+template <typename T>
+__global__ void ultra_forward(const T* __restrict__ x, const T* __restrict__ w_in,
+                              const T* __restrict__ b_in, const T* __restrict__ w_out_t,
+                              T* __restrict__ y, long long* __restrict__ visited,
+                              T* __restrict__ preact, long long n_rows, int in_w, int out_w,
+                              int depth, int n_trees, long long n_nodes, int act, int save,
+                              int use_smem) {
+    extern __shared__ unsigned char smem_raw[];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const long long row = (long long)blockIdx.x * (blockDim.x >> 5) + warp;
+    if (row >= n_rows) return;  // the whole warp leaves together
+    const T* x_row = x + row * in_w;
+    T* y_row = y + row * out_w;
+    const T* xs = x_row;
+    T* ys = y_row;
+    if (use_smem) {
+        T* base = reinterpret_cast<T*>(smem_raw) + (size_t)warp * (in_w + out_w);
+        for (int i = lane; i < in_w; i += 32) base[i] = x_row[i];
+        xs = base;
+        ys = base + in_w;
+    }
+    for (int j = lane; j < out_w; j += 32) ys[j] = T(0);
+    __syncwarp();
+    const int path = depth + 1;
+    for (int t = 0; t < n_trees; ++t) {
+        long long node = 0;
+        for (int level = 0; level < path; ++level) {
+            const long long g = t * n_nodes + node;
+            const T* w = w_in + g * in_w;
+            T partial = T(0);
+            for (int i = lane; i < in_w; i += 32) partial += w[i] * xs[i];
+            const T z = warp_sum(partial) + b_in[g];
+            const T a = act_fn(z, act);
+            if (a != T(0)) {
+                const T* wo = w_out_t + g * out_w;
+                for (int j = lane; j < out_w; j += 32) ys[j] += a * wo[j];
+            }
+            if (save && lane == 0) {
+                const long long v = row * (long long)(n_trees * path) + t * path + level;
+                visited[v] = g;
+                preact[v] = z;
+            }
+            node = 2 * node + 1 + (z > T(0));
+        }
+    }
+    __syncwarp();
+    if (use_smem)
+        for (int j = lane; j < out_w; j += 32) y_row[j] = ys[j];
+}
+
+// Backward pass 1, a warp per row: dz and act(z) of every visit, and dx (overwritten).
+template <typename T>
+__global__ void ultra_backward_rows(const T* __restrict__ dy, const T* __restrict__ w_in,
+                                    const T* __restrict__ w_out_t,
+                                    const long long* __restrict__ visited,
+                                    const T* __restrict__ preact, T* __restrict__ dz_out,
+                                    T* __restrict__ a_out, T* __restrict__ dx, long long n_rows,
+                                    int in_w, int out_w, int visits_per_row, int act,
+                                    int use_smem) {
+    extern __shared__ unsigned char smem_raw[];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const long long row = (long long)blockIdx.x * (blockDim.x >> 5) + warp;
+    if (row >= n_rows) return;
+    const T* dy_row = dy + row * out_w;
+    T* dx_row = dx + row * in_w;
+    const T* dys = dy_row;
+    T* dxs = dx_row;
+    if (use_smem) {
+        T* base = reinterpret_cast<T*>(smem_raw) + (size_t)warp * (in_w + out_w);
+        for (int j = lane; j < out_w; j += 32) base[j] = dy_row[j];
+        dys = base;
+        dxs = base + out_w;
+    }
+    for (int i = lane; i < in_w; i += 32) dxs[i] = T(0);
+    __syncwarp();
+    for (int k = 0; k < visits_per_row; ++k) {
+        const long long v = row * visits_per_row + k;
+        const long long g = visited[v];
+        const T z = preact[v];
+        const T* wo = w_out_t + g * out_w;
+        T partial = T(0);
+        for (int j = lane; j < out_w; j += 32) partial += dys[j] * wo[j];
+        const T dz = warp_sum(partial) * act_grad(z, act);
+        if (lane == 0) {
+            dz_out[v] = dz;
+            a_out[v] = act_fn(z, act);
+        }
+        if (dz != T(0)) {
+            const T* w = w_in + g * in_w;
+            for (int i = lane; i < in_w; i += 32) dxs[i] += dz * w[i];
+        }
+    }
+    __syncwarp();
+    if (use_smem)
+        for (int i = lane; i < in_w; i += 32) dx_row[i] = dxs[i];
+}
+
+// Backward pass 2a: block (chunk, column block) sums one chunk of same-node visits, in order,
+// into partial[chunk] = [sum dz*x | sum a*dy | sum dz]  (width in_w + out_w + 1).
+template <typename T>
+__global__ void ultra_grad_chunks(const T* __restrict__ x, const T* __restrict__ dy,
+                                  const T* __restrict__ dz, const T* __restrict__ a,
+                                  const long long* __restrict__ order,
+                                  const long long* __restrict__ chunk_start, long long n_chunks,
+                                  long long n_visits, int in_w, int out_w, int visits_per_row,
+                                  T* __restrict__ partial) {
+    const long long chunk = blockIdx.x;
+    const int width = in_w + out_w + 1;
+    const int col = blockIdx.y * blockDim.x + threadIdx.x;
+    if (col >= width) return;
+    const long long start = chunk_start[chunk];
+    const long long stop = chunk + 1 < n_chunks ? chunk_start[chunk + 1] : n_visits;
+    T acc = T(0);
+    for (long long i = start; i < stop; ++i) {
+        const long long v = order[i];
+        const long long r = v / visits_per_row;
+        if (col < in_w) acc += dz[v] * x[r * in_w + col];
+        else if (col < in_w + out_w) acc += a[v] * dy[r * out_w + (col - in_w)];
+        else acc += dz[v];
+    }
+    partial[chunk * width + col] = acc;
+}
+
+// Backward pass 2b: each node's chunks, in order, added into its gradient rows.
+template <typename T>
+__global__ void ultra_grad_reduce(const T* __restrict__ partial,
+                                  const long long* __restrict__ group_start,
+                                  const long long* __restrict__ group_node, long long n_groups,
+                                  long long n_chunks, int in_w, int out_w,
+                                  T* __restrict__ grad_w_in, T* __restrict__ grad_b_in,
+                                  T* __restrict__ grad_w_out_t) {
+    const long long group = blockIdx.x;
+    const int width = in_w + out_w + 1;
+    const int col = blockIdx.y * blockDim.x + threadIdx.x;
+    if (col >= width) return;
+    const long long c0 = group_start[group];
+    const long long c1 = group + 1 < n_groups ? group_start[group + 1] : n_chunks;
+    const long long g = group_node[group];
+    T acc = T(0);
+    for (long long c = c0; c < c1; ++c) acc += partial[c * width + col];
+    if (col < in_w) grad_w_in[g * in_w + col] += acc;
+    else if (col < in_w + out_w) grad_w_out_t[g * out_w + (col - in_w)] += acc;
+    else grad_b_in[g] += acc;
+}

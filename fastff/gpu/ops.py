@@ -1,0 +1,136 @@
+"""CUDA twin of fastff.ops.CPUOps: CuPy arrays, RawKernels from kernels.cu."""
+from __future__ import annotations
+
+import os
+
+import cupy as cp
+
+from ..ops import ACTIVATIONS
+
+_SOURCE = os.path.join(os.path.dirname(__file__), "kernels.cu")
+_KERNELS = ("ultra_forward", "ultra_backward_rows", "ultra_grad_chunks", "ultra_grad_reduce")
+_CTYPE = {"float32": "float", "float64": "double"}
+WARPS_PER_BLOCK = 8
+SMEM_LIMIT = 48 * 1024  # default dynamic shared memory without an opt-in
+CHUNK_VISITS = 128  # visits a block sums serially in the weight-gradient pass
+COL_BLOCK = 256
+
+
+class GPUOps:
+    """Kernels compiled once per process (lazily, on first CUDA use)."""
+
+    name = "cuda"
+    xp = cp
+    _instance = None
+
+    def __init__(self):
+        with open(_SOURCE) as f:
+            code = f.read()
+        names = [f"{k}<{t}>" for k in _KERNELS for t in _CTYPE.values()]
+        self._module = cp.RawModule(code=code, options=("-std=c++17",), name_expressions=names)
+        self._cache = {}
+
+    @classmethod
+    def instance(cls) -> "GPUOps":
+        if cls._instance is None:
+            try:
+                n_devices = cp.cuda.runtime.getDeviceCount()
+            except cp.cuda.runtime.CUDARuntimeError as exc:
+                raise RuntimeError(f"device 'cuda' needs a CUDA GPU: {exc}") from exc
+            if n_devices == 0:
+                raise RuntimeError("device 'cuda' needs a CUDA GPU; none was found")
+            cls._instance = cls()
+        return cls._instance
+
+    def _kernel(self, name, dtype):
+        key = (name, dtype.name)
+        if key not in self._cache:
+            self._cache[key] = self._module.get_function(f"{name}<{_CTYPE[dtype.name]}>")
+        return self._cache[key]
+
+    def asarray(self, a, dtype=None):
+        return cp.asarray(a, dtype=dtype)
+
+    def to_numpy(self, a):
+        return cp.asnumpy(a)
+
+    @staticmethod
+    def _row_launch(n_rows, per_row_elems, itemsize):
+        """Grid, block, shared bytes and smem flag for the warp-per-row kernels."""
+        per_warp = per_row_elems * itemsize
+        warps = WARPS_PER_BLOCK
+        use_smem = 1
+        if per_warp * warps > SMEM_LIMIT:
+            warps = max(1, SMEM_LIMIT // per_warp)
+            if per_warp > SMEM_LIMIT:  # rows too wide for shared memory: work in global memory
+                warps, use_smem = WARPS_PER_BLOCK, 0
+        grid = (n_rows + warps - 1) // warps
+        return (grid,), (32 * warps,), (per_warp * warps if use_smem else 0), use_smem
+
+    def ultra_forward(self, x, w_in, b_in, w_out_t, depth, n_trees, act, save_path):
+        n_rows, in_w = x.shape
+        out_w = w_out_t.shape[1]
+        path = n_trees * (depth + 1) if save_path else 0
+        y = cp.empty((n_rows, out_w), dtype=x.dtype)
+        visited = cp.empty((n_rows if save_path else 0, path), dtype=cp.int64)
+        preact = cp.empty((n_rows if save_path else 0, path), dtype=x.dtype)
+        if n_rows:
+            grid, block, smem, use_smem = self._row_launch(n_rows, in_w + out_w, x.dtype.itemsize)
+            n_nodes = w_in.shape[0] // n_trees
+            self._kernel("ultra_forward", x.dtype)(
+                grid, block,
+                (x, w_in, b_in, w_out_t, y, visited, preact, cp.int64(n_rows), cp.int32(in_w),
+                 cp.int32(out_w), cp.int32(depth), cp.int32(n_trees), cp.int64(n_nodes),
+                 cp.int32(ACTIVATIONS[act]), cp.int32(save_path), cp.int32(use_smem)),
+                shared_mem=smem)
+        return y, visited, preact
+
+    def ultra_backward(self, x, dy, w_in, w_out_t, visited, preact, act, grad_w_in, grad_b_in,
+                       grad_w_out_t):
+        n_rows, in_w = x.shape
+        out_w = dy.shape[1]
+        visits_per_row = visited.shape[1]
+        dx = cp.empty_like(x)
+        if n_rows == 0:
+            return dx
+        dz = cp.empty_like(preact)
+        a = cp.empty_like(preact)
+        grid, block, smem, use_smem = self._row_launch(n_rows, in_w + out_w, x.dtype.itemsize)
+        self._kernel("ultra_backward_rows", x.dtype)(
+            grid, block,
+            (dy, w_in, w_out_t, visited, preact, dz, a, dx, cp.int64(n_rows), cp.int32(in_w),
+             cp.int32(out_w), cp.int32(visits_per_row), cp.int32(ACTIVATIONS[act]),
+             cp.int32(use_smem)),
+            shared_mem=smem)
+
+        # Group visits by node (a deterministic sort), then cut each node's run into chunks of
+        # CHUNK_VISITS so the root's B visits spread over many blocks.
+        flat = visited.ravel()
+        n_visits = flat.size
+        order = cp.argsort(flat)
+        nodes_sorted = flat[order]
+        new_node = cp.empty(n_visits, dtype=cp.bool_)
+        new_node[0] = True
+        cp.not_equal(nodes_sorted[1:], nodes_sorted[:-1], out=new_node[1:])
+        run_id = cp.cumsum(new_node) - 1
+        run_start = cp.flatnonzero(new_node)
+        position = cp.arange(n_visits, dtype=cp.int64) - run_start[run_id]
+        chunk_start = cp.flatnonzero(position % CHUNK_VISITS == 0)
+        chunk_node = nodes_sorted[chunk_start]
+        group_start = cp.flatnonzero(cp.concatenate(
+            (cp.ones(1, dtype=cp.bool_), chunk_node[1:] != chunk_node[:-1])))
+        group_node = chunk_node[group_start]
+        n_chunks, n_groups = chunk_start.size, group_start.size
+
+        width = in_w + out_w + 1
+        col_blocks = (width + COL_BLOCK - 1) // COL_BLOCK
+        partial = cp.empty((n_chunks, width), dtype=x.dtype)
+        self._kernel("ultra_grad_chunks", x.dtype)(
+            (n_chunks, col_blocks), (COL_BLOCK,),
+            (x, dy, dz, a, order, chunk_start, cp.int64(n_chunks), cp.int64(n_visits),
+             cp.int32(in_w), cp.int32(out_w), cp.int32(visits_per_row), partial))
+        self._kernel("ultra_grad_reduce", x.dtype)(
+            (n_groups, col_blocks), (COL_BLOCK,),
+            (partial, group_start, group_node, cp.int64(n_groups), cp.int64(n_chunks),
+             cp.int32(in_w), cp.int32(out_w), grad_w_in, grad_b_in, grad_w_out_t))
+        return dx

@@ -1,0 +1,105 @@
+"""CUDA backend against fastff.reference and the CPU kernels. Skipped without CuPy or a GPU."""
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+import fastff
+from fastff import reference as R
+from conftest import assert_close, dyadic, dyadic_state
+
+cp = pytest.importorskip("cupy", reason="CuPy is not installed")
+try:
+    HAVE_GPU = cp.cuda.runtime.getDeviceCount() > 0
+except Exception:  # no driver, no device
+    HAVE_GPU = False
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not HAVE_GPU, reason="no CUDA device")]
+
+ACTS = ["gelu", "relu", "identity"]
+DTYPES = [np.float32, np.float64]
+WIDTHS = st.one_of(st.sampled_from([1, 31, 32, 33, 1000]), st.integers(1, 300))
+
+
+def _ultra_case(seed, in_w, out_w, depth, trees, batch, dtype, act):
+    rng = np.random.default_rng(seed)
+    layer = fastff.UltraFFF(in_w, out_w, depth, trees, act, dtype=dtype, seed=seed)
+    state = dyadic_state(layer, rng)
+    x = dyadic(rng, (batch, in_w), denom=8)
+    return layer, state, x, rng
+
+
+@given(in_w=WIDTHS, out_w=WIDTHS, depth=st.integers(0, 10), trees=st.integers(1, 4),
+       batch=st.integers(0, 300), dtype=st.sampled_from(DTYPES), act=st.sampled_from(ACTS),
+       seed=st.integers(0, 2**32 - 1))
+def test_ultra_inference_matches_reference(in_w, out_w, depth, trees, batch, dtype, act, seed):
+    batch = min(batch, max(1, 200_000 // (trees * 2 ** (depth + 1))))
+    layer, state, x, _ = _ultra_case(seed, in_w, out_w, depth, trees, batch, dtype, act)
+    y_cpu = layer(x)
+    layer.to("cuda")
+    y = layer(cp.asarray(x))
+    assert isinstance(y, cp.ndarray) and y.dtype == dtype and y.shape == (batch, out_w)
+    y_ref, _ = R.ultra_forward(x, state, depth, trees, act)
+    assert_close(cp.asnumpy(y), y_ref, dtype, trees * (depth + 1) * in_w, "gpu y")
+    assert_close(cp.asnumpy(y), y_cpu, dtype, trees * (depth + 1) * in_w, "gpu vs cpu")
+
+
+@given(in_w=WIDTHS, out_w=WIDTHS, depth=st.integers(0, 8), trees=st.integers(1, 3),
+       batch=st.integers(0, 200), dtype=st.sampled_from(DTYPES), act=st.sampled_from(ACTS),
+       seed=st.integers(0, 2**32 - 1))
+def test_ultra_gradients_match_reference(in_w, out_w, depth, trees, batch, dtype, act, seed):
+    layer, state, x, rng = _ultra_case(seed, in_w, out_w, depth, trees, batch, dtype, act)
+    dy = dyadic(rng, (batch, out_w), denom=8)
+    layer.to("cuda")
+    _, backprop = layer.forward_train(cp.asarray(x))
+    dx = backprop(cp.asarray(dy))
+    _, cache = R.ultra_forward(x, state, depth, trees, act)
+    dx_ref, grads_ref = R.ultra_backward(dy, cache, state, act)
+    terms = max(in_w, out_w, batch) * trees * (depth + 1)
+    assert_close(cp.asnumpy(dx), dx_ref, dtype, terms, "dx")
+    for key, g in layer.grads.items():
+        assert_close(cp.asnumpy(g), grads_ref[key], dtype, terms, key)
+
+
+def test_ultra_gradients_deterministic_and_accumulate():
+    layer, _, x, rng = _ultra_case(3, 200, 150, 6, 2, 2000, np.float32, "gelu")
+    dy = rng.standard_normal((2000, 150)).astype(np.float32)
+    layer.to("cuda")
+    xg, dyg = cp.asarray(x), cp.asarray(dy)
+    runs = []
+    for _ in range(2):
+        layer.zero_grad()
+        layer.forward_train(xg)[1](dyg)
+        runs.append({k: cp.asnumpy(v) for k, v in layer.grads.items()})
+    for k in runs[0]:
+        np.testing.assert_array_equal(runs[0][k], runs[1][k])
+    layer.forward_train(xg)[1](dyg)  # accumulates on top
+    for k in runs[0]:
+        np.testing.assert_allclose(cp.asnumpy(layer.grads[k]), 2 * runs[0][k], rtol=1e-5, atol=1e-5)
+
+
+def test_device_mismatch_and_round_trip():
+    layer = fastff.UltraFFF(8, 4, 3, seed=0)
+    x = np.random.default_rng(0).standard_normal((5, 8)).astype(np.float32)
+    y_cpu = layer(x)
+    with pytest.raises(TypeError, match="CUDA array"):
+        layer(cp.asarray(x))
+    layer.to("cuda")
+    with pytest.raises(TypeError, match="host array"):
+        layer(x)
+    y_gpu = cp.asnumpy(layer(cp.asarray(x)))
+    np.testing.assert_allclose(y_gpu, y_cpu, rtol=1e-5, atol=1e-6)
+    state = layer.state_dict()
+    assert all(isinstance(v, np.ndarray) for v in state.values())
+    _, backprop = layer.forward_train(cp.asarray(x))
+    layer.to("cpu")
+    with pytest.raises(RuntimeError, match="stale"):
+        backprop(cp.ones((5, 4), dtype=cp.float32))
+    np.testing.assert_array_equal(layer(x), y_cpu)
+
+
+def test_wide_rows_fall_back_to_global_memory():
+    # in + out beyond the 48 KiB shared-memory budget of one warp (float64: > 6144 elements)
+    layer, state, x, _ = _ultra_case(5, 5000, 3000, 2, 1, 40, np.float64, "relu")
+    layer.to("cuda")
+    y_ref, _ = R.ultra_forward(x, state, 2, 1, "relu")
+    assert_close(cp.asnumpy(layer(cp.asarray(x))), y_ref, np.float64, 3 * 5000, "wide")
