@@ -103,3 +103,22 @@ def test_wide_rows_fall_back_to_global_memory():
     layer.to("cuda")
     y_ref, _ = R.ultra_forward(x, state, 2, 1, "relu")
     assert_close(cp.asnumpy(layer(cp.asarray(x))), y_ref, np.float64, 3 * 5000, "wide")
+
+
+@pytest.mark.parametrize("in_w, out_w", [(768, 768), (4, 1000), (128, 36), (1024, 8), (1028, 4)])
+@pytest.mark.parametrize("act", ACTS)
+def test_float32_register_path_matches_reference(in_w, out_w, act):
+    """float32 with widths divisible by 4 (<= 1024) takes the float4 register kernels;
+    1028 is just past them and takes the general kernels."""
+    layer, state, x, rng = _ultra_case(11, in_w, out_w, 5, 2, 257, np.float32, act)
+    dy = dyadic(rng, (257, out_w), denom=8)
+    layer.to("cuda")
+    y_ref, cache = R.ultra_forward(x, state, 5, 2, act)
+    assert_close(cp.asnumpy(layer(cp.asarray(x))), y_ref, np.float32, 12 * in_w, "y")
+    _, backprop = layer.forward_train(cp.asarray(x))
+    dx = backprop(cp.asarray(dy))
+    dx_ref, grads_ref = R.ultra_backward(dy, cache, state, act)
+    terms = max(in_w, out_w, 257) * 12
+    assert_close(cp.asnumpy(dx), dx_ref, np.float32, terms, "dx")
+    for key, g in layer.grads.items():
+        assert_close(cp.asnumpy(g), grads_ref[key], np.float32, terms, key)

@@ -162,23 +162,151 @@ __global__ void ultra_grad_chunks(const T* __restrict__ x, const T* __restrict__
     partial[chunk * width + col] = acc;
 }
 
-// Backward pass 2b: each node's chunks, in order, added into its gradient rows.
+// ---- float32 fast path: widths divisible by 4 and <= 32*4*K ---------------------------------
+// The row's input and its output accumulators live in registers (K float4 per lane each) and
+// weight rows are read with 128-bit loads: lane l reads float4 number l + 32k of a row, so a
+// warp reads 512 contiguous bytes per step.
+
+__device__ __forceinline__ float dot4(float4 a, float4 b) {
+    return a.x * b.x + a.y * b.y + a.z * b.z + a.w * b.w;
+}
+__device__ __forceinline__ void axpy4(float a, float4 w, float4& acc) {
+    acc.x += a * w.x; acc.y += a * w.y; acc.z += a * w.z; acc.w += a * w.w;
+}
+
+template <int K>
+__global__ void ultra_forward_f4(const float* __restrict__ x, const float* __restrict__ w_in,
+                                 const float* __restrict__ b_in, const float* __restrict__ w_out_t,
+                                 float* __restrict__ y, long long* __restrict__ visited,
+                                 float* __restrict__ preact, long long n_rows, int in_w, int out_w,
+                                 int depth, int n_trees, long long n_nodes, int act, int save) {
+    const int lane = threadIdx.x & 31;
+    const long long row = (long long)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    if (row >= n_rows) return;
+    const int in4 = in_w >> 2, out4 = out_w >> 2;
+    const float4* x4 = reinterpret_cast<const float4*>(x + row * in_w);
+    float4 xr[K], yr[K];
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+        const int q = lane + 32 * k;
+        xr[k] = q < in4 ? x4[q] : make_float4(0.f, 0.f, 0.f, 0.f);
+        yr[k] = make_float4(0.f, 0.f, 0.f, 0.f);
+    }
+    const int path = depth + 1;
+    for (int t = 0; t < n_trees; ++t) {
+        long long node = 0;
+        for (int level = 0; level < path; ++level) {
+            const long long g = t * n_nodes + node;
+            const float4* w4 = reinterpret_cast<const float4*>(w_in + g * in_w);
+            float partial = 0.f;
+#pragma unroll
+            for (int k = 0; k < K; ++k) {
+                const int q = lane + 32 * k;
+                if (q < in4) partial += dot4(__ldg(w4 + q), xr[k]);
+            }
+            const float z = warp_sum(partial) + __ldg(b_in + g);
+            const float a = act_fn(z, act);
+            if (a != 0.f) {
+                const float4* wo4 = reinterpret_cast<const float4*>(w_out_t + g * out_w);
+#pragma unroll
+                for (int k = 0; k < K; ++k) {
+                    const int q = lane + 32 * k;
+                    if (q < out4) axpy4(a, __ldg(wo4 + q), yr[k]);
+                }
+            }
+            if (save && lane == 0) {
+                const long long v = row * (long long)(n_trees * path) + t * path + level;
+                visited[v] = g;
+                preact[v] = z;
+            }
+            node = 2 * node + 1 + (z > 0.f);
+        }
+    }
+    float4* y4 = reinterpret_cast<float4*>(y + row * out_w);
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+        const int q = lane + 32 * k;
+        if (q < out4) y4[q] = yr[k];
+    }
+}
+
+template <int K>
+__global__ void ultra_backward_rows_f4(const float* __restrict__ dy, const float* __restrict__ w_in,
+                                       const float* __restrict__ w_out_t,
+                                       const long long* __restrict__ visited,
+                                       const float* __restrict__ preact, float* __restrict__ dz_out,
+                                       float* __restrict__ a_out, float* __restrict__ dx,
+                                       long long n_rows, int in_w, int out_w, int visits_per_row,
+                                       int act) {
+    const int lane = threadIdx.x & 31;
+    const long long row = (long long)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    if (row >= n_rows) return;
+    const int in4 = in_w >> 2, out4 = out_w >> 2;
+    const float4* dy4 = reinterpret_cast<const float4*>(dy + row * out_w);
+    float4 dyr[K], dxr[K];
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+        const int q = lane + 32 * k;
+        dyr[k] = q < out4 ? dy4[q] : make_float4(0.f, 0.f, 0.f, 0.f);
+        dxr[k] = make_float4(0.f, 0.f, 0.f, 0.f);
+    }
+    for (int j = 0; j < visits_per_row; ++j) {
+        const long long v = row * visits_per_row + j;
+        const long long g = visited[v];
+        const float z = preact[v];
+        const float4* wo4 = reinterpret_cast<const float4*>(w_out_t + g * out_w);
+        float partial = 0.f;
+#pragma unroll
+        for (int k = 0; k < K; ++k) {
+            const int q = lane + 32 * k;
+            if (q < out4) partial += dot4(__ldg(wo4 + q), dyr[k]);
+        }
+        const float dz = warp_sum(partial) * act_grad(z, act);
+        if (lane == 0) {
+            dz_out[v] = dz;
+            a_out[v] = act_fn(z, act);
+        }
+        if (dz != 0.f) {
+            const float4* w4 = reinterpret_cast<const float4*>(w_in + g * in_w);
+#pragma unroll
+            for (int k = 0; k < K; ++k) {
+                const int q = lane + 32 * k;
+                if (q < in4) axpy4(dz, __ldg(w4 + q), dxr[k]);
+            }
+        }
+    }
+    float4* dx4 = reinterpret_cast<float4*>(dx + row * in_w);
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+        const int q = lane + 32 * k;
+        if (q < in4) dx4[q] = dxr[k];
+    }
+}
+
+// Chunk boundaries of the node-sorted visits: a new node, or every `chunk` visits. Purely local,
+// so no scan is needed; every chunk lies within one node's run.
+__global__ void ultra_chunk_flags(const long long* __restrict__ nodes_sorted, long long n,
+                                  int chunk, unsigned char* __restrict__ flags) {
+    const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    flags[i] = (i == 0) || (nodes_sorted[i] != nodes_sorted[i - 1]) || (i % chunk == 0);
+}
+
+// Backward pass 2b without a group table: the first chunk of each node's run sums the run's
+// chunks in order and adds them into the node's gradient rows; other blocks return at once.
 template <typename T>
-__global__ void ultra_grad_reduce(const T* __restrict__ partial,
-                                  const long long* __restrict__ group_start,
-                                  const long long* __restrict__ group_node, long long n_groups,
-                                  long long n_chunks, int in_w, int out_w,
-                                  T* __restrict__ grad_w_in, T* __restrict__ grad_b_in,
-                                  T* __restrict__ grad_w_out_t) {
-    const long long group = blockIdx.x;
+__global__ void ultra_grad_reduce_runs(const T* __restrict__ partial,
+                                       const long long* __restrict__ chunk_node, long long n_chunks,
+                                       int in_w, int out_w, T* __restrict__ grad_w_in,
+                                       T* __restrict__ grad_b_in, T* __restrict__ grad_w_out_t) {
+    const long long c0 = blockIdx.x;
+    const long long g = chunk_node[c0];
+    if (c0 > 0 && chunk_node[c0 - 1] == g) return;
     const int width = in_w + out_w + 1;
     const int col = blockIdx.y * blockDim.x + threadIdx.x;
     if (col >= width) return;
-    const long long c0 = group_start[group];
-    const long long c1 = group + 1 < n_groups ? group_start[group + 1] : n_chunks;
-    const long long g = group_node[group];
     T acc = T(0);
-    for (long long c = c0; c < c1; ++c) acc += partial[c * width + col];
+    for (long long c = c0; c < n_chunks && chunk_node[c] == g; ++c) acc += partial[c * width + col];
     if (col < in_w) grad_w_in[g * in_w + col] += acc;
     else if (col < in_w + out_w) grad_w_out_t[g * out_w + (col - in_w)] += acc;
     else grad_b_in[g] += acc;

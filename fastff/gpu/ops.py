@@ -8,7 +8,8 @@ import cupy as cp
 from ..ops import ACTIVATIONS
 
 _SOURCE = os.path.join(os.path.dirname(__file__), "kernels.cu")
-_KERNELS = ("ultra_forward", "ultra_backward_rows", "ultra_grad_chunks", "ultra_grad_reduce")
+_KERNELS = ("ultra_forward", "ultra_backward_rows", "ultra_grad_chunks", "ultra_grad_reduce_runs")
+F4_KS = (1, 2, 4, 8)  # float4s per lane of the register fast path: widths up to 32 * 4 * 8
 _CTYPE = {"float32": "float", "float64": "double"}
 WARPS_PER_BLOCK = 8
 SMEM_LIMIT = 48 * 1024  # default dynamic shared memory without an opt-in
@@ -27,6 +28,8 @@ class GPUOps:
         with open(_SOURCE) as f:
             code = f.read()
         names = [f"{k}<{t}>" for k in _KERNELS for t in _CTYPE.values()]
+        names += [f"{k}<{n}>" for k in ("ultra_forward_f4", "ultra_backward_rows_f4") for n in F4_KS]
+        names += ["ultra_chunk_flags"]
         self._module = cp.RawModule(code=code, options=("-std=c++17",), name_expressions=names)
         self._cache = {}
 
@@ -42,11 +45,25 @@ class GPUOps:
             cls._instance = cls()
         return cls._instance
 
-    def _kernel(self, name, dtype):
-        key = (name, dtype.name)
+    def _kernel(self, name, dtype=None, k=None):
+        key = (name, dtype.name if dtype is not None else None, k)
         if key not in self._cache:
-            self._cache[key] = self._module.get_function(f"{name}<{_CTYPE[dtype.name]}>")
+            if k is not None:
+                full = f"{name}<{k}>"
+            elif dtype is not None:
+                full = f"{name}<{_CTYPE[dtype.name]}>"
+            else:
+                full = name
+            self._cache[key] = self._module.get_function(full)
         return self._cache[key]
+
+    @staticmethod
+    def _f4_lanes(x, in_w, out_w):
+        """K of the float32 register path when it applies (else None)."""
+        if x.dtype != cp.float32 or in_w % 4 or out_w % 4:
+            return None
+        need = -(-max(in_w, out_w) // 128)
+        return next((k for k in F4_KS if k >= need), None)
 
     def asarray(self, a, dtype=None):
         return cp.asarray(a, dtype=dtype)
@@ -74,9 +91,17 @@ class GPUOps:
         y = cp.empty((n_rows, out_w), dtype=x.dtype)
         visited = cp.empty((n_rows if save_path else 0, path), dtype=cp.int64)
         preact = cp.empty((n_rows if save_path else 0, path), dtype=x.dtype)
-        if n_rows:
+        n_nodes = w_in.shape[0] // n_trees
+        k = self._f4_lanes(x, in_w, out_w)
+        if n_rows and k is not None:
+            grid = ((n_rows + WARPS_PER_BLOCK - 1) // WARPS_PER_BLOCK,)
+            self._kernel("ultra_forward_f4", k=k)(
+                grid, (32 * WARPS_PER_BLOCK,),
+                (x, w_in, b_in, w_out_t, y, visited, preact, cp.int64(n_rows), cp.int32(in_w),
+                 cp.int32(out_w), cp.int32(depth), cp.int32(n_trees), cp.int64(n_nodes),
+                 cp.int32(ACTIVATIONS[act]), cp.int32(save_path)))
+        elif n_rows:
             grid, block, smem, use_smem = self._row_launch(n_rows, in_w + out_w, x.dtype.itemsize)
-            n_nodes = w_in.shape[0] // n_trees
             self._kernel("ultra_forward", x.dtype)(
                 grid, block,
                 (x, w_in, b_in, w_out_t, y, visited, preact, cp.int64(n_rows), cp.int32(in_w),
@@ -95,32 +120,35 @@ class GPUOps:
             return dx
         dz = cp.empty_like(preact)
         a = cp.empty_like(preact)
-        grid, block, smem, use_smem = self._row_launch(n_rows, in_w + out_w, x.dtype.itemsize)
-        self._kernel("ultra_backward_rows", x.dtype)(
-            grid, block,
-            (dy, w_in, w_out_t, visited, preact, dz, a, dx, cp.int64(n_rows), cp.int32(in_w),
-             cp.int32(out_w), cp.int32(visits_per_row), cp.int32(ACTIVATIONS[act]),
-             cp.int32(use_smem)),
-            shared_mem=smem)
+        k = self._f4_lanes(x, in_w, out_w)
+        if k is not None:
+            grid = ((n_rows + WARPS_PER_BLOCK - 1) // WARPS_PER_BLOCK,)
+            self._kernel("ultra_backward_rows_f4", k=k)(
+                grid, (32 * WARPS_PER_BLOCK,),
+                (dy, w_in, w_out_t, visited, preact, dz, a, dx, cp.int64(n_rows), cp.int32(in_w),
+                 cp.int32(out_w), cp.int32(visits_per_row), cp.int32(ACTIVATIONS[act])))
+        else:
+            grid, block, smem, use_smem = self._row_launch(n_rows, in_w + out_w, x.dtype.itemsize)
+            self._kernel("ultra_backward_rows", x.dtype)(
+                grid, block,
+                (dy, w_in, w_out_t, visited, preact, dz, a, dx, cp.int64(n_rows), cp.int32(in_w),
+                 cp.int32(out_w), cp.int32(visits_per_row), cp.int32(ACTIVATIONS[act]),
+                 cp.int32(use_smem)),
+                shared_mem=smem)
 
-        # Group visits by node (a deterministic sort), then cut each node's run into chunks of
-        # CHUNK_VISITS so the root's B visits spread over many blocks.
+        # Group visits by node (a deterministic sort) and cut each node's run into chunks of at
+        # most CHUNK_VISITS, so the root's B visits spread over many blocks.
         flat = visited.ravel()
         n_visits = flat.size
         order = cp.argsort(flat)
         nodes_sorted = flat[order]
-        new_node = cp.empty(n_visits, dtype=cp.bool_)
-        new_node[0] = True
-        cp.not_equal(nodes_sorted[1:], nodes_sorted[:-1], out=new_node[1:])
-        run_id = cp.cumsum(new_node) - 1
-        run_start = cp.flatnonzero(new_node)
-        position = cp.arange(n_visits, dtype=cp.int64) - run_start[run_id]
-        chunk_start = cp.flatnonzero(position % CHUNK_VISITS == 0)
+        flags = cp.empty(n_visits, dtype=cp.uint8)
+        self._kernel("ultra_chunk_flags")(
+            ((n_visits + 255) // 256,), (256,),
+            (nodes_sorted, cp.int64(n_visits), cp.int32(CHUNK_VISITS), flags))
+        chunk_start = cp.flatnonzero(flags)
         chunk_node = nodes_sorted[chunk_start]
-        group_start = cp.flatnonzero(cp.concatenate(
-            (cp.ones(1, dtype=cp.bool_), chunk_node[1:] != chunk_node[:-1])))
-        group_node = chunk_node[group_start]
-        n_chunks, n_groups = chunk_start.size, group_start.size
+        n_chunks = chunk_start.size
 
         width = in_w + out_w + 1
         col_blocks = (width + COL_BLOCK - 1) // COL_BLOCK
@@ -129,8 +157,8 @@ class GPUOps:
             (n_chunks, col_blocks), (COL_BLOCK,),
             (x, dy, dz, a, order, chunk_start, cp.int64(n_chunks), cp.int64(n_visits),
              cp.int32(in_w), cp.int32(out_w), cp.int32(visits_per_row), partial))
-        self._kernel("ultra_grad_reduce", x.dtype)(
-            (n_groups, col_blocks), (COL_BLOCK,),
-            (partial, group_start, group_node, cp.int64(n_groups), cp.int64(n_chunks),
-             cp.int32(in_w), cp.int32(out_w), grad_w_in, grad_b_in, grad_w_out_t))
+        self._kernel("ultra_grad_reduce_runs", x.dtype)(
+            (n_chunks, col_blocks), (COL_BLOCK,),
+            (partial, chunk_node, cp.int64(n_chunks), cp.int32(in_w), cp.int32(out_w), grad_w_in,
+             grad_b_in, grad_w_out_t))
         return dx
