@@ -136,32 +136,6 @@ __global__ void ultra_backward_rows(const T* __restrict__ dy, const T* __restric
         for (int i = lane; i < in_w; i += 32) dx_row[i] = dxs[i];
 }
 
-// Backward pass 2a: block (chunk, column block) sums one chunk of same-node visits, in order,
-// into partial[chunk] = [sum dz*x | sum a*dy | sum dz]  (width in_w + out_w + 1).
-template <typename T>
-__global__ void ultra_grad_chunks(const T* __restrict__ x, const T* __restrict__ dy,
-                                  const T* __restrict__ dz, const T* __restrict__ a,
-                                  const long long* __restrict__ order,
-                                  const long long* __restrict__ chunk_start, long long n_chunks,
-                                  long long n_visits, int in_w, int out_w, int visits_per_row,
-                                  T* __restrict__ partial) {
-    const long long chunk = blockIdx.x;
-    const int width = in_w + out_w + 1;
-    const int col = blockIdx.y * blockDim.x + threadIdx.x;
-    if (col >= width) return;
-    const long long start = chunk_start[chunk];
-    const long long stop = chunk + 1 < n_chunks ? chunk_start[chunk + 1] : n_visits;
-    T acc = T(0);
-    for (long long i = start; i < stop; ++i) {
-        const long long v = order[i];
-        const long long r = v / visits_per_row;
-        if (col < in_w) acc += dz[v] * x[r * in_w + col];
-        else if (col < in_w + out_w) acc += a[v] * dy[r * out_w + (col - in_w)];
-        else acc += dz[v];
-    }
-    partial[chunk * width + col] = acc;
-}
-
 // ---- float32 fast path: widths divisible by 4 and <= 32*4*K ---------------------------------
 // The row's input and its output accumulators live in registers (K float4 per lane each) and
 // weight rows are read with 128-bit loads: lane l reads float4 number l + 32k of a row, so a
@@ -283,30 +257,102 @@ __global__ void ultra_backward_rows_f4(const float* __restrict__ dy, const float
     }
 }
 
-// Chunk boundaries of the node-sorted visits: a new node, or every `chunk` visits. Purely local,
-// so no scan is needed; every chunk lies within one node's run.
-__global__ void ultra_chunk_flags(const long long* __restrict__ nodes_sorted, long long n,
-                                  int chunk, unsigned char* __restrict__ flags) {
+// ---- weight gradients, race-free and deterministic ----------------------------------------
+// Visits are sorted by node (order = a stable argsort of the node ids). They are cut into chunks:
+// a new chunk starts at a new node or every `chunk` visits, so each chunk lies within one node's
+// run and the root's B visits spread over many blocks. Each chunk is summed in order by one
+// block, then each node's chunks are added in order. No atomics and no host synchronisation:
+// the chunk count stays on the device and the grids are launched at their upper bound.
+
+// Gather per sorted visit: its row, dz and act(z); flag chunk starts.
+template <typename T>
+__global__ void ultra_sorted_visits(const int* __restrict__ order,
+                                    const long long* __restrict__ visited_flat,
+                                    const T* __restrict__ dz, const T* __restrict__ a,
+                                    long long n_visits, int visits_per_row, int chunk,
+                                    int* __restrict__ row_sorted, T* __restrict__ dz_sorted,
+                                    T* __restrict__ a_sorted, int* __restrict__ flags) {
     const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= n) return;
-    flags[i] = (i == 0) || (nodes_sorted[i] != nodes_sorted[i - 1]) || (i % chunk == 0);
+    if (i >= n_visits) return;
+    const int v = order[i];
+    row_sorted[i] = v / visits_per_row;
+    dz_sorted[i] = dz[v];
+    a_sorted[i] = a[v];
+    flags[i] = (i == 0) || (visited_flat[v] != visited_flat[order[i - 1]]) || (i % chunk == 0);
 }
 
-// Backward pass 2b without a group table: the first chunk of each node's run sums the run's
-// chunks in order and adds them into the node's gradient rows; other blocks return at once.
+// chunk_start[c] / chunk_node[c] of the c-th chunk (c = inclusive scan of flags - 1).
+__global__ void ultra_chunk_table(const int* __restrict__ flags, const int* __restrict__ scan,
+                                  const int* __restrict__ order,
+                                  const long long* __restrict__ visited_flat, long long n_visits,
+                                  int* __restrict__ chunk_start, long long* __restrict__ chunk_node) {
+    const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n_visits || !flags[i]) return;
+    const int c = scan[i] - 1;
+    chunk_start[c] = (int)i;
+    chunk_node[c] = visited_flat[order[i]];
+}
+
+// Block (chunk, column block): partial[chunk] = [sum dz*x | sum a*dy | sum dz] over the chunk's
+// visits in order (width in_w + out_w + 1). The chunk's rows and scalars are staged in shared
+// memory so the loop issues only independent, coalesced row loads.
+#define CHUNK_MAX 256
 template <typename T>
-__global__ void ultra_grad_reduce_runs(const T* __restrict__ partial,
-                                       const long long* __restrict__ chunk_node, long long n_chunks,
-                                       int in_w, int out_w, T* __restrict__ grad_w_in,
-                                       T* __restrict__ grad_b_in, T* __restrict__ grad_w_out_t) {
-    const long long c0 = blockIdx.x;
+__global__ void ultra_grad_chunks(const T* __restrict__ x, const T* __restrict__ dy,
+                                  const int* __restrict__ row_sorted,
+                                  const T* __restrict__ dz_sorted, const T* __restrict__ a_sorted,
+                                  const int* __restrict__ chunk_start,
+                                  const int* __restrict__ n_chunks_ptr, long long n_visits,
+                                  int in_w, int out_w, T* __restrict__ partial) {
+    __shared__ int rows[CHUNK_MAX];
+    __shared__ T dzs[CHUNK_MAX], as[CHUNK_MAX];
+    const int n_chunks = *n_chunks_ptr;
+    const int chunk = blockIdx.x;
+    if (chunk >= n_chunks) return;
+    const int start = chunk_start[chunk];
+    const int stop = chunk + 1 < n_chunks ? chunk_start[chunk + 1] : (int)n_visits;
+    const int n = stop - start;
+    for (int k = threadIdx.x; k < n; k += blockDim.x) {
+        rows[k] = row_sorted[start + k];
+        dzs[k] = dz_sorted[start + k];
+        as[k] = a_sorted[start + k];
+    }
+    __syncthreads();
+    const int width = in_w + out_w + 1;
+    const int col = blockIdx.y * blockDim.x + threadIdx.x;
+    if (col >= width) return;
+    T acc = T(0);
+    if (col < in_w) {
+#pragma unroll 4
+        for (int k = 0; k < n; ++k) acc += dzs[k] * x[(long long)rows[k] * in_w + col];
+    } else if (col < in_w + out_w) {
+        const int c = col - in_w;
+#pragma unroll 4
+        for (int k = 0; k < n; ++k) acc += as[k] * dy[(long long)rows[k] * out_w + c];
+    } else {
+        for (int k = 0; k < n; ++k) acc += dzs[k];
+    }
+    partial[(long long)chunk * width + col] = acc;
+}
+
+// The first chunk of each node's run adds the run's chunks, in order, into the gradient rows.
+template <typename T>
+__global__ void ultra_grad_reduce(const T* __restrict__ partial,
+                                  const long long* __restrict__ chunk_node,
+                                  const int* __restrict__ n_chunks_ptr, int in_w, int out_w,
+                                  T* __restrict__ grad_w_in, T* __restrict__ grad_b_in,
+                                  T* __restrict__ grad_w_out_t) {
+    const int n_chunks = *n_chunks_ptr;
+    const int c0 = blockIdx.x;
+    if (c0 >= n_chunks) return;
     const long long g = chunk_node[c0];
     if (c0 > 0 && chunk_node[c0 - 1] == g) return;
     const int width = in_w + out_w + 1;
     const int col = blockIdx.y * blockDim.x + threadIdx.x;
     if (col >= width) return;
     T acc = T(0);
-    for (long long c = c0; c < n_chunks && chunk_node[c] == g; ++c) acc += partial[c * width + col];
+    for (int c = c0; c < n_chunks && chunk_node[c] == g; ++c)
+        acc += partial[(long long)c * width + col];
     if (col < in_w) grad_w_in[g * in_w + col] += acc;
     else if (col < in_w + out_w) grad_w_out_t[g * out_w + (col - in_w)] += acc;
     else grad_b_in[g] += acc;

@@ -8,12 +8,13 @@ import cupy as cp
 from ..ops import ACTIVATIONS
 
 _SOURCE = os.path.join(os.path.dirname(__file__), "kernels.cu")
-_KERNELS = ("ultra_forward", "ultra_backward_rows", "ultra_grad_chunks", "ultra_grad_reduce_runs")
+_KERNELS = ("ultra_forward", "ultra_backward_rows", "ultra_sorted_visits", "ultra_grad_chunks",
+            "ultra_grad_reduce")
 F4_KS = (1, 2, 4, 8)  # float4s per lane of the register fast path: widths up to 32 * 4 * 8
 _CTYPE = {"float32": "float", "float64": "double"}
 WARPS_PER_BLOCK = 8
 SMEM_LIMIT = 48 * 1024  # default dynamic shared memory without an opt-in
-CHUNK_VISITS = 128  # visits a block sums serially in the weight-gradient pass
+CHUNK_VISITS = 128  # visits a block sums serially in the weight-gradient pass (<= CHUNK_MAX)
 COL_BLOCK = 256
 
 
@@ -29,7 +30,7 @@ class GPUOps:
             code = f.read()
         names = [f"{k}<{t}>" for k in _KERNELS for t in _CTYPE.values()]
         names += [f"{k}<{n}>" for k in ("ultra_forward_f4", "ultra_backward_rows_f4") for n in F4_KS]
-        names += ["ultra_chunk_flags"]
+        names += ["ultra_chunk_table"]
         self._module = cp.RawModule(code=code, options=("-std=c++17",), name_expressions=names)
         self._cache = {}
 
@@ -136,29 +137,42 @@ class GPUOps:
                  cp.int32(use_smem)),
                 shared_mem=smem)
 
-        # Group visits by node (a deterministic sort) and cut each node's run into chunks of at
-        # most CHUNK_VISITS, so the root's B visits spread over many blocks.
-        flat = visited.ravel()
-        n_visits = flat.size
-        order = cp.argsort(flat)
-        nodes_sorted = flat[order]
-        flags = cp.empty(n_visits, dtype=cp.uint8)
-        self._kernel("ultra_chunk_flags")(
-            ((n_visits + 255) // 256,), (256,),
-            (nodes_sorted, cp.int64(n_visits), cp.int32(CHUNK_VISITS), flags))
-        chunk_start = cp.flatnonzero(flags)
-        chunk_node = nodes_sorted[chunk_start]
-        n_chunks = chunk_start.size
+        # Weight gradients: visits sorted by node, cut into chunks (see kernels.cu). int32 keys
+        # halve the radix-sort passes; the chunk count never leaves the device.
+        n_visits = visited.size
+        if n_visits >= 2**31 or w_in.shape[0] >= 2**31:
+            raise MemoryError("the CUDA gradient pass indexes visits with int32: "
+                              f"{n_visits:,} visits is too many; use smaller batches")
+        visited_flat = visited.ravel()
+        order = cp.argsort(visited_flat.astype(cp.int32)).astype(cp.int32)
+        row_sorted = cp.empty(n_visits, dtype=cp.int32)
+        dz_sorted = cp.empty(n_visits, dtype=x.dtype)
+        a_sorted = cp.empty(n_visits, dtype=x.dtype)
+        flags = cp.empty(n_visits, dtype=cp.int32)
+        threads = 256
+        visit_grid = ((n_visits + threads - 1) // threads,)
+        self._kernel("ultra_sorted_visits", x.dtype)(
+            visit_grid, (threads,),
+            (order, visited_flat, dz, a, cp.int64(n_visits), cp.int32(visits_per_row),
+             cp.int32(CHUNK_VISITS), row_sorted, dz_sorted, a_sorted, flags))
+        scan = cp.cumsum(flags, dtype=cp.int32)
+        max_chunks = -(-n_visits // CHUNK_VISITS) + min(n_visits, w_in.shape[0])
+        chunk_start = cp.empty(max_chunks, dtype=cp.int32)
+        chunk_node = cp.empty(max_chunks, dtype=cp.int64)
+        self._kernel("ultra_chunk_table")(
+            visit_grid, (threads,),
+            (flags, scan, order, visited_flat, cp.int64(n_visits), chunk_start, chunk_node))
+        n_chunks = scan[-1:]  # device scalar read by the kernels
 
         width = in_w + out_w + 1
         col_blocks = (width + COL_BLOCK - 1) // COL_BLOCK
-        partial = cp.empty((n_chunks, width), dtype=x.dtype)
+        partial = cp.empty((max_chunks, width), dtype=x.dtype)
         self._kernel("ultra_grad_chunks", x.dtype)(
-            (n_chunks, col_blocks), (COL_BLOCK,),
-            (x, dy, dz, a, order, chunk_start, cp.int64(n_chunks), cp.int64(n_visits),
-             cp.int32(in_w), cp.int32(out_w), cp.int32(visits_per_row), partial))
-        self._kernel("ultra_grad_reduce_runs", x.dtype)(
-            (n_chunks, col_blocks), (COL_BLOCK,),
-            (partial, chunk_node, cp.int64(n_chunks), cp.int32(in_w), cp.int32(out_w), grad_w_in,
+            (max_chunks, col_blocks), (COL_BLOCK,),
+            (x, dy, row_sorted, dz_sorted, a_sorted, chunk_start, n_chunks, cp.int64(n_visits),
+             cp.int32(in_w), cp.int32(out_w), partial))
+        self._kernel("ultra_grad_reduce", x.dtype)(
+            (max_chunks, col_blocks), (COL_BLOCK,),
+            (partial, chunk_node, n_chunks, cp.int32(in_w), cp.int32(out_w), grad_w_in,
              grad_b_in, grad_w_out_t))
         return dx
