@@ -10,7 +10,7 @@ from ..ops import ACTIVATIONS
 _SOURCE = os.path.join(os.path.dirname(__file__), "kernels.cu")
 _KERNELS = ("ultra_forward", "ultra_backward_rows", "ultra_sorted_visits", "ultra_grad_chunks",
             "ultra_grad_reduce")
-F4_KS = (1, 2, 4, 8)  # float4s per lane of the register fast path: widths up to 32 * 4 * 8
+F4_KS = tuple(range(1, 9))  # float4s per lane of the register path (exact, to spare registers): widths <= 1024
 _CTYPE = {"float32": "float", "float64": "double"}
 WARPS_PER_BLOCK = 8
 SMEM_LIMIT = 48 * 1024  # default dynamic shared memory without an opt-in
