@@ -13,7 +13,6 @@ from cython cimport floating
 from cython.parallel cimport prange
 from libc.math cimport erf, erff, exp, expf
 from libc.string cimport memset
-from scipy.linalg.cython_blas cimport ddot, daxpy, sdot, saxpy
 
 import numpy as np
 
@@ -47,23 +46,27 @@ def set_num_threads(int n):
 
 
 # ---------------------------------------------------------------------------------------------
-# Vector primitives. BLAS level-1 picks the widest SIMD of the running CPU at run time
-# (OpenBLAS DYNAMIC_ARCH), which a portable wheel cannot do with compile flags alone.
+# Vector primitives: fastff/_simd.h, multiversioned for AVX-512 / AVX2 / baseline at load time.
+
+cdef extern from "_simd.h" nogil:
+    float fastff_dot_f32(int n, const float* a, const float* b)
+    double fastff_dot_f64(int n, const double* a, const double* b)
+    void fastff_axpy_f32(int n, float alpha, const float* x, float* y)
+    void fastff_axpy_f64(int n, double alpha, const double* x, double* y)
+
 
 cdef inline floating _dot(int n, const floating* a, const floating* b) noexcept nogil:
-    cdef int one = 1
     if floating is float:
-        return sdot(&n, <float*>a, &one, <float*>b, &one)
+        return fastff_dot_f32(n, a, b)
     else:
-        return ddot(&n, <double*>a, &one, <double*>b, &one)
+        return fastff_dot_f64(n, a, b)
 
 
 cdef inline void _axpy(int n, floating alpha, const floating* x, floating* y) noexcept nogil:
-    cdef int one = 1
     if floating is float:
-        saxpy(&n, &alpha, <float*>x, &one, y, &one)
+        fastff_axpy_f32(n, alpha, x, y)
     else:
-        daxpy(&n, &alpha, <double*>x, &one, y, &one)
+        fastff_axpy_f64(n, alpha, x, y)
 
 
 cdef inline floating _act(floating z, int act) noexcept nogil:
