@@ -96,6 +96,45 @@ cdef inline floating _act_grad(floating z, int act) noexcept nogil:
 # ---------------------------------------------------------------------------------------------
 # Neuron-tree FFF (UltraFastBERT)
 
+cdef enum:
+    ROWS_PER_BLOCK = 4
+
+
+cdef void _ultra_forward_block(const floating[:, ::1] x, const floating[:, ::1] w_in,
+                               const floating[::1] b_in, const floating[:, ::1] w_out_t,
+                               int depth, int n_trees, int act, floating[:, ::1] y,
+                               Py_ssize_t[:, ::1] visited, floating[:, ::1] preact,
+                               bint save_path, Py_ssize_t r0, Py_ssize_t r1) noexcept nogil:
+    """Rows r0..r1 (at most ROWS_PER_BLOCK) walk their trees level by level together: while one
+    row waits for its next node's weights to arrive, the others compute."""
+    cdef int in_w = <int>x.shape[1], out_w = <int>y.shape[1]
+    cdef Py_ssize_t n_nodes = (<Py_ssize_t>1 << (depth + 1)) - 1
+    cdef int t, level, i, n = <int>(r1 - r0), path_len = depth + 1
+    cdef Py_ssize_t g, r
+    cdef Py_ssize_t node[ROWS_PER_BLOCK]
+    cdef floating z[ROWS_PER_BLOCK]
+    cdef floating a
+    for i in range(n):
+        memset(&y[r0 + i, 0], 0, out_w * sizeof(floating))
+    for t in range(n_trees):
+        for i in range(n):
+            node[i] = 0
+        for level in range(path_len):
+            for i in range(n):
+                g = t * n_nodes + node[i]
+                z[i] = b_in[g] + _dot(in_w, &w_in[g, 0], &x[r0 + i, 0])
+            for i in range(n):
+                r = r0 + i
+                g = t * n_nodes + node[i]
+                a = _act(z[i], act)
+                if a != 0:  # relu zeros skip the output row entirely
+                    _axpy(out_w, a, &w_out_t[g, 0], &y[r, 0])
+                if save_path:
+                    visited[r, t * path_len + level] = g
+                    preact[r, t * path_len + level] = z[i]
+                node[i] = 2 * node[i] + 1 + (z[i] > 0)
+
+
 def ultra_forward(const floating[:, ::1] x, const floating[:, ::1] w_in, const floating[::1] b_in,
                   const floating[:, ::1] w_out_t, int depth, int n_trees, int act,
                   floating[:, ::1] y, Py_ssize_t[:, ::1] visited, floating[:, ::1] preact,
@@ -105,28 +144,15 @@ def ultra_forward(const floating[:, ::1] x, const floating[:, ::1] w_in, const f
     x (B, in), w_in (T*n, in), b_in (T*n,), w_out_t (T*n, out) -> y (B, out), overwritten.
     With save_path, visited[r, t*(depth+1)+l] gets the global node index of row r's level-l node in
     tree t and preact[r, ...] its pre-activation z; both are (B, T*(depth+1)).
+    Rows go to threads in blocks of ROWS_PER_BLOCK.
     """
-    cdef Py_ssize_t n_rows = x.shape[0], r, g
-    cdef int in_w = <int>x.shape[1], out_w = <int>y.shape[1]
-    cdef Py_ssize_t n_nodes = (<Py_ssize_t>1 << (depth + 1)) - 1
-    cdef int t, level, path_len = depth + 1
-    cdef Py_ssize_t node
-    cdef floating z, a
+    cdef Py_ssize_t n_rows = x.shape[0], block, r0
+    cdef Py_ssize_t n_blocks = (n_rows + ROWS_PER_BLOCK - 1) // ROWS_PER_BLOCK
     with nogil:
-        for r in prange(n_rows, schedule="static"):
-            memset(&y[r, 0], 0, out_w * sizeof(floating))
-            for t in range(n_trees):
-                node = 0
-                for level in range(path_len):
-                    g = t * n_nodes + node
-                    z = b_in[g] + _dot(in_w, &w_in[g, 0], &x[r, 0])
-                    a = _act(z, act)
-                    if a != 0:  # relu zeros skip the output row entirely
-                        _axpy(out_w, a, &w_out_t[g, 0], &y[r, 0])
-                    if save_path:
-                        visited[r, t * path_len + level] = g
-                        preact[r, t * path_len + level] = z
-                    node = 2 * node + 1 + (z > 0)
+        for block in prange(n_blocks, schedule="static"):
+            r0 = block * ROWS_PER_BLOCK
+            _ultra_forward_block(x, w_in, b_in, w_out_t, depth, n_trees, act, y, visited, preact,
+                                 save_path, r0, min(r0 + ROWS_PER_BLOCK, n_rows))
     return None
 
 
