@@ -15,8 +15,29 @@ from ._validation import check_fits_in_memory, check_float_dtype
 from .ops import get_ops
 
 
+MODULE_KINDS: Dict[str, type] = {}  # class name -> class, for rebuilding saved modules
+
+
+def build_module(kind: str, config: dict) -> "Module":
+    """Rebuild a module from its kind (class name) and get_config() output."""
+    if kind not in MODULE_KINDS:
+        raise KeyError(f"unknown module kind {kind!r}; known: {sorted(MODULE_KINDS)}")
+    return MODULE_KINDS[kind].from_config(config)
+
+
 class Module:
     """Base class. Subclasses fill `_params` and `_anchor` in their constructor."""
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        MODULE_KINDS[cls.__name__] = cls
+
+    @classmethod
+    def from_config(cls, config: dict) -> "Module":
+        """Inverse of get_config()."""
+        if not isinstance(config, dict):
+            raise TypeError(f"config must be a dict, got {type(config).__name__}")
+        return cls(**config)
 
     def __init__(self, dtype=np.float32):
         self.dtype = check_float_dtype(dtype)
