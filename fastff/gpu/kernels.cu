@@ -357,3 +357,248 @@ __global__ void ultra_grad_reduce(const T* __restrict__ partial,
     else if (col < in_w + out_w) grad_w_out_t[g * out_w + (col - in_w)] += acc;
     else grad_b_in[g] += acc;
 }
+
+// ---- router-leaf FFF ---------------------------------------------------------------------------
+// Same layouts and semantics as the CPU kernels in fastff/_cmm.pyx (see there): node_w
+// (n_nodes, in), w1t (n_leaves, leaf, in), b1 (n_leaves, leaf), w2 (n_leaves, leaf, out),
+// b2 (n_leaves, out). A warp per row for the hard paths; a thread per row or element for the
+// soft-mixture bookkeeping around cuBLAS GEMMs.
+
+__device__ __forceinline__ float sigmoid_t(float z) { return 1.f / (1.f + expf(-z)); }
+__device__ __forceinline__ double sigmoid_t(double z) { return 1.0 / (1.0 + exp(-z)); }
+__device__ __forceinline__ float log_t(float v) { return logf(v); }
+__device__ __forceinline__ double log_t(double v) { return log(v); }
+
+// The package's clamped Bernoulli entropy (eps 1e-6) and its derivative in q.
+template <typename T>
+__device__ __forceinline__ T entropy_t(T q, T* dh_dq) {
+    const T eps = T(1e-6), top = T(1) - eps;
+    bool in_p = true, in_m = true;
+    T p = q, m = T(1) - q;
+    if (p < eps) { p = eps; in_p = false; } else if (p > top) { p = top; in_p = false; }
+    if (m < eps) { m = eps; in_m = false; } else if (m > top) { m = top; in_m = false; }
+    const T lp = log_t(p), lm = log_t(m);
+    if (dh_dq) {
+        T d = T(0);
+        if (in_p) d -= lp + T(1);
+        if (in_m) d += lm + T(1);
+        *dh_dq = d;
+    }
+    return -p * lp - m * lm;
+}
+
+template <typename T>
+__device__ __forceinline__ T warp_dot(const T* __restrict__ a, const T* __restrict__ b, int n,
+                                      int lane) {
+    T s = T(0);
+    for (int i = lane; i < n; i += 32) s += a[i] * b[i];
+    return warp_sum(s);
+}
+
+// Hard walk + reached leaf. mode 0: inference (right iff z >= 0, the package's eval_forward);
+// mode 1: hardened training (right iff the possibly swapped sigmoid > 1/2; records the path,
+// logits, leaf, hidden pre-activations and summed entropy; applies the dropout mask).
+template <typename T>
+__global__ void fff_hard_forward(const T* __restrict__ x, const T* __restrict__ node_w,
+                                 const T* __restrict__ node_b, const T* __restrict__ w1t,
+                                 const T* __restrict__ b1, const T* __restrict__ w2,
+                                 const T* __restrict__ b2, long long n_rows, int in_w,
+                                 int leaf_w, int out_w, int depth, int act, int mode,
+                                 const unsigned char* __restrict__ swap, int has_swap,
+                                 const T* __restrict__ drop, int has_drop, T* __restrict__ y,
+                                 long long* __restrict__ path, T* __restrict__ z_path,
+                                 long long* __restrict__ leaf, T* __restrict__ hpre,
+                                 T* __restrict__ entropy) {
+    const int lane = threadIdx.x & 31;
+    const long long row = (long long)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    if (row >= n_rows) return;
+    const T* xr = x + row * in_w;
+    const long long n_nodes = (1LL << depth) - 1;
+    long long node = 0;
+    T total = T(0);
+    for (int level = 0; level < depth; ++level) {
+        const T z = warp_dot(node_w + node * in_w, xr, in_w, lane) + node_b[node];
+        if (mode == 0) {
+            node = 2 * node + 1 + (z >= T(0));
+        } else {
+            const bool swapped = has_swap && swap[row * depth + level];
+            T q = sigmoid_t(z);
+            if (swapped) q = T(1) - q;
+            total += entropy_t(q, (T*)nullptr);
+            if (lane == 0) {
+                path[row * depth + level] = node;
+                z_path[row * depth + level] = z;
+            }
+            node = 2 * node + 1 + (swapped ? (z < T(0)) : (z > T(0)));
+        }
+    }
+    const long long l = node - n_nodes;
+    T* yr = y + row * out_w;
+    const T* b2l = b2 + l * out_w;
+    for (int j = lane; j < out_w; j += 32) yr[j] = b2l[j];
+    __syncwarp();
+    for (int k = 0; k < leaf_w; ++k) {
+        const T h = warp_dot(w1t + (l * leaf_w + k) * in_w, xr, in_w, lane) + b1[l * leaf_w + k];
+        T a = act_fn(h, act);
+        if (has_drop) a *= drop[row * leaf_w + k];
+        if (mode == 1 && lane == 0) hpre[row * leaf_w + k] = h;
+        if (a != T(0)) {
+            const T* w2r = w2 + (l * leaf_w + k) * out_w;
+            for (int j = lane; j < out_w; j += 32) yr[j] += a * w2r[j];
+        }
+    }
+    if (mode == 1 && lane == 0) {
+        leaf[row] = l;
+        entropy[row] = total;
+    }
+}
+
+// Hardened backward, a warp per row: leaf hidden gradients, router gradients from the entropy
+// term, dx, and the parameter gradients of the row's leaf and path (atomics: rows of one leaf
+// add into the same rows, so float sums are not bitwise reproducible here; see the README).
+template <typename T>
+__global__ void fff_hard_backward(const T* __restrict__ x, const T* __restrict__ dy,
+                                  const T* __restrict__ node_w, const T* __restrict__ w1t,
+                                  const T* __restrict__ w2, const long long* __restrict__ path,
+                                  const T* __restrict__ z_path, const long long* __restrict__ leaf,
+                                  const unsigned char* __restrict__ swap, int has_swap,
+                                  const T* __restrict__ drop, int has_drop,
+                                  const T* __restrict__ hpre, long long n_rows, int in_w,
+                                  int leaf_w, int out_w, int depth, int act, T entropy_weight,
+                                  T* __restrict__ dx, T* __restrict__ grad_node_w,
+                                  T* __restrict__ grad_node_b, T* __restrict__ grad_w1t,
+                                  T* __restrict__ grad_b1, T* __restrict__ grad_w2,
+                                  T* __restrict__ grad_b2) {
+    const int lane = threadIdx.x & 31;
+    const long long row = (long long)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    if (row >= n_rows) return;
+    const T* xr = x + row * in_w;
+    const T* dyr = dy + row * out_w;
+    T* dxr = dx + row * in_w;
+    const long long l = leaf[row];
+    for (int i = lane; i < in_w; i += 32) dxr[i] = T(0);
+    for (int j = lane; j < out_w; j += 32) atomicAdd(grad_b2 + l * out_w + j, dyr[j]);
+    __syncwarp();
+    for (int k = 0; k < leaf_w; ++k) {
+        const long long unit = l * leaf_w + k;
+        const T h = hpre[row * leaf_w + k];
+        const T keep = has_drop ? drop[row * leaf_w + k] : T(1);
+        T d = warp_dot(w2 + unit * out_w, dyr, out_w, lane) * act_grad(h, act) * keep;
+        const T a = act_fn(h, act) * keep;
+        if (a != T(0))
+            for (int j = lane; j < out_w; j += 32) atomicAdd(grad_w2 + unit * out_w + j, a * dyr[j]);
+        if (d != T(0)) {
+            const T* w = w1t + unit * in_w;
+            for (int i = lane; i < in_w; i += 32) {
+                dxr[i] += d * w[i];
+                atomicAdd(grad_w1t + unit * in_w + i, d * xr[i]);
+            }
+            if (lane == 0) atomicAdd(grad_b1 + unit, d);
+        }
+    }
+    if (entropy_weight == T(0)) return;
+    for (int level = 0; level < depth; ++level) {
+        const bool swapped = has_swap && swap[row * depth + level];
+        T q = sigmoid_t(z_path[row * depth + level]);
+        if (swapped) q = T(1) - q;
+        T dh_dq;
+        entropy_t(q, &dh_dq);
+        T slope = q * (T(1) - q);
+        if (swapped) slope = -slope;
+        const T d = entropy_weight * dh_dq * slope;
+        if (d == T(0)) continue;
+        const long long node = path[row * depth + level];
+        const T* w = node_w + node * in_w;
+        for (int i = lane; i < in_w; i += 32) {
+            dxr[i] += d * w[i];
+            atomicAdd(grad_node_w + node * in_w + i, d * xr[i]);
+        }
+        if (lane == 0) atomicAdd(grad_node_b + node, d);
+    }
+}
+
+// Soft mixture, a thread per row: right weights q, heap-order reach products, summed entropy.
+template <typename T>
+__global__ void fff_soft_mixture(const T* __restrict__ z, const unsigned char* __restrict__ swap,
+                                 int has_swap, long long n_rows, long long n_nodes,
+                                 T* __restrict__ q, T* __restrict__ reach, T* __restrict__ entropy) {
+    const long long r = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (r >= n_rows) return;
+    const long long width = 2 * n_nodes + 1;
+    T* re = reach + r * width;
+    T total = T(0);
+    re[0] = T(1);
+    for (long long n = 0; n < n_nodes; ++n) {
+        T p = sigmoid_t(z[r * n_nodes + n]);
+        if (has_swap && swap[r * n_nodes + n]) p = T(1) - p;
+        q[r * n_nodes + n] = p;
+        total += entropy_t(p, (T*)nullptr);
+        re[2 * n + 1] = re[n] * (T(1) - p);
+        re[2 * n + 2] = re[n] * p;
+    }
+    entropy[r] = total;
+}
+
+template <typename T>
+__global__ void fff_soft_router_backward(const T* __restrict__ dmix, const T* __restrict__ q,
+                                         const T* __restrict__ reach, long long n_rows,
+                                         long long n_nodes, T entropy_weight,
+                                         T* __restrict__ dreach, T* __restrict__ dz) {
+    const long long r = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (r >= n_rows) return;
+    const long long n_leaves = n_nodes + 1, width = 2 * n_nodes + 1;
+    const T* re = reach + r * width;
+    T* dre = dreach + r * width;
+    for (long long l = 0; l < n_leaves; ++l) dre[n_nodes + l] = dmix[r * n_leaves + l];
+    for (long long n = n_nodes - 1; n >= 0; --n) {
+        const T qn = q[r * n_nodes + n];
+        const T left = dre[2 * n + 1], right = dre[2 * n + 2];
+        T g = re[n] * (right - left);
+        if (entropy_weight != T(0)) {
+            T dh_dq;
+            entropy_t(qn, &dh_dq);
+            g += entropy_weight * dh_dq;
+        }
+        dz[r * n_nodes + n] = g * qn * (T(1) - qn);
+        dre[n] = left * (T(1) - qn) + right * qn;
+    }
+}
+
+// Element (row, k = leaf * leaf_w + j): bias, activation, dropout and mixture weight.
+template <typename T>
+__global__ void fff_soft_leaf_activate(T* __restrict__ hpre, const T* __restrict__ b1,
+                                       const T* __restrict__ mix, const T* __restrict__ drop,
+                                       int has_drop, long long n_rows, long long n_units,
+                                       int leaf_w, int act, T* __restrict__ a, T* __restrict__ mixed) {
+    const long long e = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (e >= n_rows * n_units) return;
+    const long long r = e / n_units, k = e - r * n_units;
+    const T h = hpre[e] + b1[k];
+    hpre[e] = h;
+    T v = act_fn(h, act);
+    if (has_drop) v *= drop[e];
+    a[e] = v;
+    mixed[e] = v * mix[r * (n_units / leaf_w) + k / leaf_w];
+}
+
+// (row, leaf): dmix += sum_j a * g; g becomes the pre-activation gradient mix * g * drop * act'.
+template <typename T>
+__global__ void fff_soft_leaf_backward(const T* __restrict__ hpre, const T* __restrict__ a,
+                                       T* __restrict__ g, const T* __restrict__ mix,
+                                       const T* __restrict__ drop, int has_drop, long long n_rows,
+                                       long long n_leaves, int leaf_w, int act,
+                                       T* __restrict__ dmix) {
+    const long long e = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (e >= n_rows * n_leaves) return;
+    const long long r = e / n_leaves, l = e - r * n_leaves;
+    const T m = mix[e];
+    T s = T(0);
+    for (int j = 0; j < leaf_w; ++j) {
+        const long long k = (r * n_leaves + l) * leaf_w + j;
+        s += a[k] * g[k];
+        T d = m * g[k] * act_grad(hpre[k], act);
+        if (has_drop) d *= drop[k];
+        g[k] = d;
+    }
+    dmix[e] += s;
+}

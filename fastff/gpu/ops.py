@@ -9,7 +9,8 @@ from ..ops import ACTIVATIONS
 
 _SOURCE = os.path.join(os.path.dirname(__file__), "kernels.cu")
 _KERNELS = ("ultra_forward", "ultra_backward_rows", "ultra_sorted_visits", "ultra_grad_chunks",
-            "ultra_grad_reduce")
+            "ultra_grad_reduce", "fff_hard_forward", "fff_hard_backward", "fff_soft_mixture",
+            "fff_soft_router_backward", "fff_soft_leaf_activate", "fff_soft_leaf_backward")
 F4_KS = tuple(range(1, 9))  # float4s per lane of the register path (exact, to spare registers): widths <= 1024
 _CTYPE = {"float32": "float", "float64": "double"}
 WARPS_PER_BLOCK = 8
