@@ -10,7 +10,7 @@ except ImportError as exc:  # a source checkout without its compiled kernels
     ) from exc
 
 from . import reference
-from .layers import UltraFFF
+from .layers import FFF, UltraFFF
 from .module import Module
 
 
@@ -26,4 +26,4 @@ def set_num_threads(n: int) -> None:
     _cmm.set_num_threads(check_int(n, "n", 1))
 
 
-__all__ = ["UltraFFF", "Module", "reference", "get_num_threads", "set_num_threads", "__version__"]
+__all__ = ["FFF", "UltraFFF", "Module", "reference", "get_num_threads", "set_num_threads", "__version__"]
