@@ -6,7 +6,7 @@ import numpy as np
 from ._validation import (as_rows, check_bool, check_choice, check_fits_in_memory, check_int,
                           check_nonnegative, check_probability)
 from .module import Module
-from .ops import ACTIVATIONS
+from .ops import ACTIVATIONS, get_ops
 
 USAGE_MODES = ("none", "soft", "hard")
 
@@ -253,6 +253,12 @@ class FFF(Module):
                 node = 2 * node + 1 + (q[rows, node] > 0.5)
             self.leaf_usage += xp.bincount(node - self.n_nodes, minlength=self.n_leaves)
 
+    def to(self, device: str) -> "FFF":
+        ops = get_ops(device)
+        if not hasattr(ops, "fff_infer"):
+            raise NotImplementedError(f"FFF has no kernels for device {device!r} yet")
+        return super().to(device)
+
     def _on_device_change(self, ops) -> None:
         if self.usage_mode != "none":
             self.node_usage = ops.asarray(self.node_usage)
@@ -345,6 +351,11 @@ class FFF(Module):
         rows, lead = as_rows(x, self.input_width, self.dtype, ops.xp)
         n_rows = rows.shape[0]
         hardened = self.train_hardened
+        if not hardened:  # soft training keeps every leaf's hidden units of every row
+            check_fits_in_memory(
+                n_rows * (4 * self.training_width + 3 * (self.n_nodes + self.n_leaves))
+                * self.dtype.itemsize,
+                f"soft training of FFF(depth={self.depth}) on {n_rows} rows")
         swap, drop = self._draw_masks(rng, n_rows)
         if swap is not None:
             swap = ops.asarray(swap)

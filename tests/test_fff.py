@@ -435,6 +435,9 @@ def test_training_call_errors(rng):
     layer.load_state_dict(layer.state_dict())
     with pytest.raises(RuntimeError, match="stale"):
         backprop(np.zeros((5, 3)))
+    wide = fastff.FFF(1, 16, 1, 16)  # 12 MB of parameters, but soft training would keep
+    with pytest.raises(MemoryError, match="soft training"):  # 2**20 hidden units per row
+        wide.forward_train(np.zeros((10**6, 1), np.float32))  # 16 TB
 
 
 # ---- state dicts ------------------------------------------------------------------------------
@@ -530,3 +533,10 @@ def test_matches_the_fastfeedforward_package(hardened):
     ours.params["b2s"][...] = 0
     theirs.eval()
     np.testing.assert_allclose(ours(x), theirs(xt).detach().numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_no_gpu_kernels_yet():
+    layer = fastff.FFF(3, 2, 1, 1)
+    with pytest.raises((NotImplementedError, RuntimeError)):  # RuntimeError: no CuPy here
+        layer.to("cuda")
+    assert layer.device == "cpu" and layer(np.zeros((1, 3))).shape == (1, 1)
