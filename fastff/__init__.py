@@ -11,7 +11,7 @@ except ImportError as exc:  # a source checkout without its compiled kernels
 
 from . import reference
 from .io import WeightFileError, load, save
-from .layers import UltraFFF
+from .layers import FFF, UltraFFF
 from .module import Module
 
 
@@ -27,4 +27,5 @@ def set_num_threads(n: int) -> None:
     _cmm.set_num_threads(check_int(n, "n", 1))
 
 
-__all__ = ["UltraFFF", "Module", "reference", "save", "load", "WeightFileError", "get_num_threads", "set_num_threads", "__version__"]
+__all__ = ["FFF", "UltraFFF", "Module", "reference", "save", "load", "WeightFileError",
+           "get_num_threads", "set_num_threads", "__version__"]

@@ -11,8 +11,8 @@ Node g = t * n_nodes + k is node k of tree t; the children of k are 2k+1 (left) 
 cimport cython
 from cython cimport floating
 from cython.parallel cimport prange
-from libc.math cimport erf, erff, exp, expf
-from libc.string cimport memset
+from libc.math cimport erf, erff, exp, expf, log, logf
+from libc.string cimport memcpy, memset
 
 import numpy as np
 
@@ -225,4 +225,429 @@ def ultra_backward(const floating[:, ::1] x, const floating[:, ::1] dy,
                 z = _act(preact[r, v - r * visits_per_row], act)
                 if z != 0:
                     _axpy(out_w, z, &dy[r, 0], &grad_w_out_t[g, 0])
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Router-leaf FFF (Belcak & Wattenhofer, "Fast Feedforward Networks"; the `fastfeedforward` package)
+#
+# n_nodes = 2**depth - 1 routers in heap order (children of n: 2n+1 left, 2n+2 right) and
+# n_leaves = 2**depth leaf MLPs; leaf l is heap index n_nodes + l. Internal layouts, one
+# contiguous row per visited unit: node_w (n_nodes, in), node_b (n_nodes,), w1t (n_leaves, leaf, in)
+# (the package's w1s transposed), b1 (n_leaves, leaf), w2 (n_leaves, leaf, out), b2 (n_leaves, out).
+# Rows with a bias-free leaf hidden unit of value 0 skip its output row (relu zeros are common).
+#
+# `q` is a router's right-child weight after region leak: sigmoid(z), or 1 - sigmoid(z) where the
+# leak swapped the children for that row; q * (1 - q) = p * (1 - p) either way.
+
+cdef inline floating _sigmoid(floating z) noexcept nogil:
+    if floating is float:
+        return 1 / (1 + expf(-z))
+    else:
+        return 1 / (1 + exp(-z))
+
+
+cdef inline floating _clamp_prob(floating v, bint* inside) noexcept nogil:
+    """v clamped to [eps, 1 - eps], eps = 1e-6 as in the package's compute_entropy_safe; inside
+    is False where the clamp cut (torch passes no gradient there)."""
+    cdef floating eps = <floating>1e-6
+    cdef floating top = 1 - eps
+    inside[0] = True
+    if v < eps:
+        inside[0] = False
+        return eps
+    if v > top:
+        inside[0] = False
+        return top
+    return v
+
+
+cdef inline floating _log(floating v) noexcept nogil:
+    if floating is float:
+        return logf(v)
+    else:
+        return log(v)
+
+
+cdef inline floating _entropy(floating q, floating* dh_dq) noexcept nogil:
+    """The package's clamped Bernoulli entropy -p log p - m log m, p = clamp(q), m = clamp(1 - q),
+    and its derivative in q (written to dh_dq, which may be NULL)."""
+    cdef bint in_p, in_m
+    cdef floating p = _clamp_prob(q, &in_p)
+    cdef floating m = _clamp_prob(1 - q, &in_m)
+    cdef floating lp = _log(p), lm = _log(m), d = 0
+    if dh_dq != NULL:
+        if in_p:
+            d = d - (lp + 1)
+        if in_m:
+            d = d + (lm + 1)
+        dh_dq[0] = d
+    return -p * lp - m * lm
+
+
+cdef inline floating _leaf_row(int in_w, int leaf_w, int out_w, const floating* x,
+                               const floating* w1t_l, const floating* b1_l,
+                               const floating* w2_l, const floating* b2_l, int act,
+                               const floating* drop, floating* hpre, floating* y) noexcept nogil:
+    """y = act(w1t_l @ x + b1_l) * drop @ w2_l + b2_l for one row and one leaf; the hidden
+    pre-activations go to hpre unless it is NULL, no dropout where drop is NULL."""
+    cdef int j
+    cdef floating h, a
+    memcpy(y, b2_l, out_w * sizeof(floating))
+    for j in range(leaf_w):
+        h = _dot(in_w, w1t_l + <Py_ssize_t>j * in_w, x) + b1_l[j]
+        if hpre != NULL:
+            hpre[j] = h
+        a = _act(h, act)
+        if drop != NULL:
+            a = a * drop[j]
+        if a != 0:
+            _axpy(out_w, a, w2_l + <Py_ssize_t>j * out_w, y)
+    return 0
+
+
+def fff_infer(const floating[:, ::1] x, const floating[:, ::1] node_w,
+              const floating[::1] node_b, const floating[:, :, ::1] w1t,
+              const floating[:, ::1] b1, const floating[:, :, ::1] w2, const floating[:, ::1] b2,
+              int depth, int act, floating[:, ::1] y):
+    """Hard inference: each row goes right at node n iff x @ node_w[n] + node_b[n] >= 0 (the
+    package's eval_forward), then evaluates only the reached leaf. y (B, out) is overwritten.
+    O(depth * in + leaf * (in + out)) per row."""
+    cdef Py_ssize_t n_rows = x.shape[0], r, node
+    cdef Py_ssize_t n_nodes = (<Py_ssize_t>1 << depth) - 1
+    cdef int in_w = <int>x.shape[1], leaf_w = <int>w1t.shape[1], out_w = <int>y.shape[1]
+    cdef int level
+    cdef floating z
+    cdef const floating* nw = &node_w[0, 0] if n_nodes > 0 else NULL
+    with nogil:
+        for r in prange(n_rows, schedule="static"):
+            node = 0
+            for level in range(depth):
+                z = _dot(in_w, nw + node * in_w, &x[r, 0]) + node_b[node]
+                node = 2 * node + 1 + (z >= 0)
+            node = node - n_nodes
+            _leaf_row(in_w, leaf_w, out_w, &x[r, 0], &w1t[node, 0, 0], &b1[node, 0],
+                      &w2[node, 0, 0], &b2[node, 0], act, NULL, NULL, &y[r, 0])
+    return None
+
+
+# ---- soft (mixture) training: the router part; the leaves are GEMMs in fastff/ops.py ---------
+
+cdef inline floating _soft_mixture_row(Py_ssize_t n_nodes, const floating* z,
+                                       const unsigned char* swap, floating* q,
+                                       floating* reach) noexcept nogil:
+    """Right weights q and reach weights (heap order, n_nodes + n_leaves) of one row; returns the
+    row's summed node entropy."""
+    cdef Py_ssize_t n
+    cdef floating p, total = 0
+    reach[0] = 1
+    for n in range(n_nodes):
+        p = _sigmoid(z[n])
+        if swap != NULL and swap[n]:
+            p = 1 - p
+        q[n] = p
+        total = total + _entropy(p, <floating*>NULL)
+        reach[2 * n + 1] = reach[n] * (1 - p)
+        reach[2 * n + 2] = reach[n] * p
+    return total
+
+
+def fff_soft_mixture(const floating[:, ::1] z, const unsigned char[:, ::1] swap, bint has_swap,
+                     floating[:, ::1] q, floating[:, ::1] reach, floating[::1] entropy):
+    """Router logits z (B, n_nodes) -> right weights q (B, n_nodes), reach (B, n_nodes +
+    n_leaves) = product of the branch weights from the root (the last n_leaves columns are the
+    leaf mixture), entropy (B,) = summed node entropies of each row. swap (B, n_nodes) marks
+    the region-leak swaps (has_swap False: none)."""
+    cdef Py_ssize_t n_rows = z.shape[0], n_nodes = z.shape[1], r
+    with nogil:
+        for r in prange(n_rows, schedule="static"):
+            entropy[r] = _soft_mixture_row(
+                n_nodes, &z[r, 0] if n_nodes > 0 else NULL,
+                &swap[r, 0] if has_swap and n_nodes > 0 else NULL,
+                &q[r, 0] if n_nodes > 0 else NULL, &reach[r, 0])
+    return None
+
+
+cdef inline floating _soft_router_row(Py_ssize_t n_nodes, Py_ssize_t n_leaves,
+                                      const floating* dmix, const floating* q,
+                                      const floating* reach, const unsigned char* swap,
+                                      floating entropy_weight, floating* dreach,
+                                      floating* dz) noexcept nogil:
+    """Backward of _soft_mixture_row: from d(objective)/d(mixture) to dz (n_nodes,), bottom up
+    through the products; entropy_weight * d(entropy)/dz is added (the hardening loss)."""
+    cdef Py_ssize_t n
+    cdef floating qn, left, right, g, dh_dq, slope
+    memcpy(dreach + n_nodes, dmix, n_leaves * sizeof(floating))
+    for n in range(n_nodes - 1, -1, -1):
+        qn = q[n]
+        left = dreach[2 * n + 1]
+        right = dreach[2 * n + 2]
+        g = reach[n] * (right - left)
+        if entropy_weight != 0:
+            _entropy(qn, &dh_dq)
+            g = g + entropy_weight * dh_dq
+        slope = qn * (1 - qn)  # dp/dz of the sigmoid; a swap flips the sign of dq/dp
+        if swap != NULL and swap[n]:
+            slope = -slope
+        dz[n] = g * slope
+        dreach[n] = left * (1 - qn) + right * qn
+    return 0
+
+
+def fff_soft_router_backward(const floating[:, ::1] dmix, const floating[:, ::1] q,
+                             const floating[:, ::1] reach, const unsigned char[:, ::1] swap,
+                             bint has_swap, double entropy_weight, floating[:, ::1] dreach,
+                             floating[:, ::1] dz):
+    """dmix (B, n_leaves) -> dz (B, n_nodes), overwritten; dreach (B, n_nodes + n_leaves) is
+    scratch. entropy_weight multiplies each node's entropy gradient (hardening / (B * n_nodes)
+    for a mean-entropy loss)."""
+    cdef Py_ssize_t n_rows = dmix.shape[0], n_leaves = dmix.shape[1], n_nodes = q.shape[1], r
+    cdef floating w = <floating>entropy_weight
+    if n_nodes == 0:
+        return None
+    with nogil:
+        for r in prange(n_rows, schedule="static"):
+            _soft_router_row(n_nodes, n_leaves, &dmix[r, 0], &q[r, 0], &reach[r, 0],
+                             &swap[r, 0] if has_swap else NULL, w, &dreach[r, 0], &dz[r, 0])
+    return None
+
+
+def fff_soft_leaf_activate(floating[:, ::1] hpre, const floating[:, ::1] b1,
+                           const floating[:, ::1] mix, const floating[:, ::1] drop,
+                           bint has_drop, int act, floating[:, ::1] a, floating[:, ::1] mixed):
+    """Leaf hidden units of all leaves, column k = l * leaf + j: hpre (B, n_leaves * leaf) +=
+    b1 (n_leaves, leaf) in place; a = act(hpre) * drop (dropout keep mask with its 1/(1-rate)
+    scale); mixed = a * mix[:, l] (mix (B, n_leaves))."""
+    cdef Py_ssize_t n_rows = hpre.shape[0], n_leaves = b1.shape[0], r, l, k
+    cdef int leaf_w = <int>b1.shape[1], j
+    cdef floating h, v, m
+    with nogil:
+        for r in prange(n_rows, schedule="static"):
+            for l in range(n_leaves):
+                m = mix[r, l]
+                for j in range(leaf_w):
+                    k = l * leaf_w + j
+                    h = hpre[r, k] + b1[l, j]
+                    hpre[r, k] = h
+                    v = _act(h, act)
+                    if has_drop:
+                        v = v * drop[r, k]
+                    a[r, k] = v
+                    mixed[r, k] = v * m
+    return None
+
+
+def fff_soft_leaf_backward(const floating[:, ::1] hpre, const floating[:, ::1] a,
+                           floating[:, ::1] g, const floating[:, ::1] mix,
+                           const floating[:, ::1] drop, bint has_drop, int act,
+                           floating[:, ::1] dmix):
+    """g (B, K) = dy @ w2^T on entry (the gradient of each unmixed hidden unit's output) becomes
+    the pre-activation gradient mix * g * drop * act'(hpre); dmix (B, n_leaves), holding
+    dy @ b2^T on entry, gets each leaf's sum of a * g added (d objective / d mixture weight)."""
+    cdef Py_ssize_t n_rows = hpre.shape[0], n_leaves = mix.shape[1], r, l, k
+    cdef int leaf_w = <int>(hpre.shape[1] // n_leaves), j
+    cdef floating s, m, d
+    with nogil:
+        for r in prange(n_rows, schedule="static"):
+            for l in range(n_leaves):
+                s = 0
+                m = mix[r, l]
+                for j in range(leaf_w):
+                    k = l * leaf_w + j
+                    s = s + a[r, k] * g[r, k]
+                    d = m * g[r, k] * _act_grad(hpre[r, k], act)
+                    if has_drop:
+                        d = d * drop[r, k]
+                    g[r, k] = d
+                dmix[r, l] = dmix[r, l] + s
+    return None
+
+
+# ---- hardened training: one path and one leaf per row -----------------------------------------
+
+cdef inline floating _hard_train_row(int depth, int in_w, int leaf_w, int out_w,
+                                     const floating* x, const floating* node_w,
+                                     const floating* node_b, const floating* w1t,
+                                     const floating* b1, const floating* w2, const floating* b2,
+                                     int act, const unsigned char* swap, const floating* drop,
+                                     Py_ssize_t* path, floating* z_path, Py_ssize_t* leaf,
+                                     floating* hpre, floating* y) noexcept nogil:
+    """Walk one row down its rounded decisions, record the path and logits, evaluate the leaf;
+    returns the summed entropy of the visited nodes. w1t, b1, w2, b2 point at leaf 0."""
+    cdef Py_ssize_t node = 0, n_nodes = (<Py_ssize_t>1 << depth) - 1, l
+    cdef int level
+    cdef floating z, q, total = 0
+    cdef bint swapped
+    for level in range(depth):
+        z = _dot(in_w, node_w + node * in_w, x) + node_b[node]
+        swapped = swap != NULL and swap[level]
+        q = _sigmoid(z)
+        if swapped:
+            q = 1 - q
+        total = total + _entropy(q, <floating*>NULL)
+        path[level] = node
+        z_path[level] = z
+        # torch.round(q) of the package, exactly: right iff q > 1/2 (a tie, z == 0, goes left)
+        node = 2 * node + 1 + ((z < 0) if swapped else (z > 0))
+    l = node - n_nodes
+    leaf[0] = l
+    _leaf_row(in_w, leaf_w, out_w, x, w1t + l * leaf_w * in_w, b1 + l * leaf_w,
+              w2 + l * leaf_w * out_w, b2 + l * out_w, act, drop, hpre, y)
+    return total
+
+
+def fff_hard_train_forward(const floating[:, ::1] x, const floating[:, ::1] node_w,
+                           const floating[::1] node_b, const floating[:, :, ::1] w1t,
+                           const floating[:, ::1] b1, const floating[:, :, ::1] w2,
+                           const floating[:, ::1] b2, int depth, int act,
+                           const unsigned char[:, ::1] swap, bint has_swap,
+                           const floating[:, ::1] drop, bint has_drop,
+                           floating[:, ::1] y, Py_ssize_t[:, ::1] path, floating[:, ::1] z_path,
+                           Py_ssize_t[::1] leaf, floating[:, ::1] hpre, floating[::1] entropy):
+    """Hardened training forward (train_hardened): decisions rounded, right iff the (possibly
+    swapped) right weight q > 1/2. Writes y (B, out), path (B, depth) node ids, z_path
+    (B, depth) their logits, leaf (B,), hpre (B, leaf) and entropy (B,) summed over the
+    visited nodes. swap (B, depth) is per level: one visit per level."""
+    cdef Py_ssize_t n_rows = x.shape[0], r
+    cdef int in_w = <int>x.shape[1], leaf_w = <int>w1t.shape[1], out_w = <int>y.shape[1]
+    cdef const floating* nw = &node_w[0, 0] if depth > 0 else NULL
+    cdef const floating* nb = &node_b[0] if depth > 0 else NULL
+    with nogil:
+        for r in prange(n_rows, schedule="static"):
+            entropy[r] = _hard_train_row(
+                depth, in_w, leaf_w, out_w, &x[r, 0], nw, nb, &w1t[0, 0, 0], &b1[0, 0],
+                &w2[0, 0, 0], &b2[0, 0], act,
+                &swap[r, 0] if has_swap and depth > 0 else NULL,
+                &drop[r, 0] if has_drop else NULL,
+                &path[r, 0] if depth > 0 else NULL, &z_path[r, 0] if depth > 0 else NULL,
+                &leaf[r], &hpre[r, 0], &y[r, 0])
+    return None
+
+
+def _group_rows(keys, Py_ssize_t n_keys):
+    """Counting sort of `keys` (n,) in 0..n_keys-1: (order, offsets, active). order lists the
+    positions key by key, ascending within a key, so per-key sums run in a fixed order whatever
+    the thread count; active lists the keys that occur."""
+    keys = np.asarray(keys).reshape(-1)
+    order = np.argsort(keys, kind="stable").astype(np.intp)
+    offsets = np.zeros(n_keys + 1, dtype=np.intp)
+    np.cumsum(np.bincount(keys, minlength=n_keys), out=offsets[1:])
+    active = np.flatnonzero(np.diff(offsets)).astype(np.intp)
+    return order, offsets, active
+
+
+cdef inline floating _hard_backward_row(int depth, int in_w, int leaf_w, int out_w,
+                                        const floating* dy, const floating* node_w,
+                                        const floating* w1t_l, const floating* w2_l,
+                                        const Py_ssize_t* path, const floating* z_path,
+                                        const unsigned char* swap, const floating* drop,
+                                        const floating* hpre, int act, floating entropy_weight,
+                                        floating* dh, floating* dz, floating* dx) noexcept nogil:
+    """Per-row part of the hardened backward: leaf pre-activation gradients dh (leaf,), router
+    logit gradients dz (depth,) from the entropy term only (rounding passes no gradient), and dx."""
+    cdef int j, level
+    cdef floating d, q, dh_dq, slope
+    cdef bint swapped
+    memset(dx, 0, in_w * sizeof(floating))
+    for j in range(leaf_w):
+        d = _dot(out_w, dy, w2_l + <Py_ssize_t>j * out_w) * _act_grad(hpre[j], act)
+        if drop != NULL:
+            d = d * drop[j]
+        dh[j] = d
+        if d != 0:
+            _axpy(in_w, d, w1t_l + <Py_ssize_t>j * in_w, dx)
+    if entropy_weight != 0:
+        for level in range(depth):
+            swapped = swap != NULL and swap[level]
+            q = _sigmoid(z_path[level])
+            if swapped:
+                q = 1 - q
+            _entropy(q, &dh_dq)
+            slope = q * (1 - q)
+            if swapped:
+                slope = -slope
+            d = entropy_weight * dh_dq * slope
+            dz[level] = d
+            if d != 0:
+                _axpy(in_w, d, node_w + path[level] * in_w, dx)
+    return 0
+
+
+def fff_hard_train_backward(const floating[:, ::1] x, const floating[:, ::1] dy,
+                            const floating[:, ::1] node_w, const floating[:, :, ::1] w1t,
+                            const floating[:, :, ::1] w2, const Py_ssize_t[:, ::1] path,
+                            const floating[:, ::1] z_path, const Py_ssize_t[::1] leaf,
+                            const unsigned char[:, ::1] swap, bint has_swap,
+                            const floating[:, ::1] drop, bint has_drop,
+                            const floating[:, ::1] hpre, int act, double entropy_weight,
+                            floating[:, ::1] dx, floating[:, ::1] grad_node_w,
+                            floating[::1] grad_node_b, floating[:, :, ::1] grad_w1t,
+                            floating[:, ::1] grad_b1, floating[:, :, ::1] grad_w2,
+                            floating[:, ::1] grad_b2):
+    """Hardened backward; adds into the grad_* arrays, dx (B, in) is overwritten.
+
+    Pass 1, parallel over rows: dh, dz and dx. Pass 2, parallel over leaves, and pass 3, over
+    nodes (only with an entropy weight): rows are counting-sorted by leaf / node so each gradient
+    row is summed by one thread in row order: race-free, the same for any thread count.
+    """
+    cdef Py_ssize_t n_rows = x.shape[0], n_leaves = w1t.shape[0], r, i, k, l, node
+    cdef int in_w = <int>x.shape[1], leaf_w = <int>w1t.shape[1], out_w = <int>dy.shape[1]
+    cdef int depth = <int>path.shape[1], j, level
+    cdef floating w = <floating>entropy_weight
+    cdef floating d, a, one = 1
+    cdef const floating* nw = &node_w[0, 0] if depth > 0 else NULL
+    if n_rows == 0:
+        return None
+    dtype = np.asarray(x).dtype
+    dh_arr = np.empty((n_rows, leaf_w), dtype=dtype)
+    dz_arr = np.zeros((n_rows, depth), dtype=dtype)
+    cdef floating[:, ::1] dh = dh_arr
+    cdef floating[:, ::1] dz = dz_arr
+    with nogil:
+        for r in prange(n_rows, schedule="static"):
+            _hard_backward_row(depth, in_w, leaf_w, out_w, &dy[r, 0], nw,
+                               &w1t[leaf[r], 0, 0], &w2[leaf[r], 0, 0],
+                               &path[r, 0] if depth > 0 else NULL,
+                               &z_path[r, 0] if depth > 0 else NULL,
+                               &swap[r, 0] if has_swap and depth > 0 else NULL,
+                               &drop[r, 0] if has_drop else NULL, &hpre[r, 0], act, w,
+                               &dh[r, 0], &dz[r, 0] if depth > 0 else NULL, &dx[r, 0])
+
+    order_arr, offsets_arr, active_arr = _group_rows(leaf, n_leaves)
+    cdef Py_ssize_t[::1] order = order_arr
+    cdef Py_ssize_t[::1] offsets = offsets_arr
+    cdef Py_ssize_t[::1] active = active_arr
+    with nogil:
+        for k in prange(active.shape[0], schedule="dynamic"):
+            l = active[k]
+            for i in range(offsets[l], offsets[l + 1]):
+                r = order[i]
+                for j in range(leaf_w):
+                    d = dh[r, j]
+                    if d != 0:
+                        _axpy(in_w, d, &x[r, 0], &grad_w1t[l, j, 0])
+                        grad_b1[l, j] += d
+                    a = _act(hpre[r, j], act)
+                    if has_drop:
+                        a = a * drop[r, j]
+                    if a != 0:
+                        _axpy(out_w, a, &dy[r, 0], &grad_w2[l, j, 0])
+                _axpy(out_w, one, &dy[r, 0], &grad_b2[l, 0])
+
+    if w == 0 or depth == 0:
+        return None
+    order_arr, offsets_arr, active_arr = _group_rows(path, node_w.shape[0])
+    order = order_arr
+    offsets = offsets_arr
+    active = active_arr
+    with nogil:
+        for k in prange(active.shape[0], schedule="dynamic"):
+            node = active[k]
+            for i in range(offsets[node], offsets[node + 1]):
+                r = order[i] // depth
+                level = <int>(order[i] - r * depth)
+                d = dz[r, level]
+                if d != 0:
+                    _axpy(in_w, d, &x[r, 0], &grad_node_w[node, 0])
+                    grad_node_b[node] += d
     return None
