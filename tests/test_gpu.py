@@ -122,3 +122,61 @@ def test_float32_register_path_matches_reference(in_w, out_w, act):
     assert_close(cp.asnumpy(dx), dx_ref, np.float32, terms, "dx")
     for key, g in layer.grads.items():
         assert_close(cp.asnumpy(g), grads_ref[key], np.float32, terms, key)
+
+
+# ---- router-leaf FFF: GPU against the CPU kernels (themselves held to the reference) ----------
+
+def _fff_pair(seed, in_w, leaf_w, out_w, depth, dtype, act, **kwargs):
+    rng = np.random.default_rng(seed)
+    cpu = fastff.FFF(in_w, leaf_w, out_w, depth, act, dtype=dtype, seed=seed, **kwargs)
+    state = dyadic_state(cpu, rng)
+    gpu = fastff.FFF(in_w, leaf_w, out_w, depth, act, dtype=dtype, seed=seed, **kwargs)
+    gpu.load_state_dict(state)
+    gpu.to("cuda")
+    return cpu, gpu, state, rng
+
+
+@given(in_w=WIDTHS, leaf_w=st.integers(1, 8), out_w=WIDTHS, depth=st.integers(0, 8),
+       batch=st.integers(0, 300), dtype=st.sampled_from(DTYPES),
+       act=st.sampled_from(["relu", "gelu"]), seed=st.integers(0, 2**32 - 1))
+def test_fff_inference_matches_reference(in_w, leaf_w, out_w, depth, batch, dtype, act, seed):
+    cpu, gpu, state, rng = _fff_pair(seed, in_w, leaf_w, out_w, depth, dtype, act)
+    x = dyadic(rng, (batch, in_w), denom=8)
+    y = gpu(cp.asarray(x))
+    assert isinstance(y, cp.ndarray) and y.shape == (batch, out_w) and y.dtype == dtype
+    y_ref = R.fff_infer(x, state, act)
+    assert_close(cp.asnumpy(y), y_ref, dtype, depth * in_w + leaf_w * (in_w + out_w), "fff y")
+
+
+@given(in_w=WIDTHS, leaf_w=st.integers(1, 8), out_w=WIDTHS, depth=st.integers(0, 6),
+       batch=st.integers(0, 200), dtype=st.sampled_from(DTYPES),
+       act=st.sampled_from(["relu", "gelu"]), hardened=st.booleans(),
+       leak=st.sampled_from([0.0, 0.3]), dropout=st.sampled_from([0.0, 0.25]),
+       hardening=st.sampled_from([0.0, 0.7]), seed=st.integers(0, 2**32 - 1))
+def test_fff_training_matches_cpu(in_w, leaf_w, out_w, depth, batch, dtype, act, hardened, leak,
+                                  dropout, hardening, seed):
+    kwargs = dict(train_hardened=hardened, region_leak=leak, dropout=dropout)
+    cpu, gpu, _, rng = _fff_pair(seed, in_w, leaf_w, out_w, depth, dtype, act, **kwargs)
+    x = dyadic(rng, (batch, in_w), denom=8)
+    dy = dyadic(rng, (batch, out_w), denom=8)
+    y_c, bp_c = cpu.forward_train(x, rng=np.random.default_rng(seed), hardening=hardening)
+    y_g, bp_g = gpu.forward_train(cp.asarray(x), rng=np.random.default_rng(seed),
+                                  hardening=hardening)
+    terms = max(in_w, out_w, batch) * (depth + leaf_w + 1) * (2 ** depth if not hardened else 1)
+    assert_close(cp.asnumpy(y_g), y_c, dtype, terms, "y")
+    np.testing.assert_allclose(gpu.last_mean_entropy, cpu.last_mean_entropy, rtol=1e-4, atol=1e-6)
+    dx_c, dx_g = bp_c(dy), bp_g(cp.asarray(dy))
+    assert_close(cp.asnumpy(dx_g), dx_c, dtype, terms, "dx")
+    for key, g in gpu.grads.items():
+        assert_close(cp.asnumpy(g), cpu.grads[key], dtype, terms, key)
+
+
+def test_fff_device_round_trip_and_usage():
+    cpu, gpu, _, rng = _fff_pair(1, 20, 4, 6, 4, np.float32, "relu", usage_mode="hard")
+    x = rng.standard_normal((64, 20)).astype(np.float32)
+    gpu.forward_train(cp.asarray(x))
+    assert float(cp.asnumpy(gpu.leaf_usage).sum()) == 64
+    gpu.to("cpu")
+    np.testing.assert_allclose(gpu(x), cpu(x), rtol=1e-5, atol=1e-5)
+    with pytest.raises(TypeError, match="CUDA array"):
+        gpu(cp.asarray(x))

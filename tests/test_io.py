@@ -11,6 +11,8 @@ import fastff
 def _layers():
     yield fastff.UltraFFF(7, 5, 3, 2, "relu", dtype=np.float64, seed=1)
     yield fastff.UltraFFF(4, 3, 0, seed=2)
+    yield fastff.FFF(9, 3, 4, 3, "gelu", dropout=0.1, train_hardened=True, seed=3)
+    yield fastff.FFF(5, 2, 2, 0, dtype=np.float64, seed=4)
 
 
 @pytest.mark.parametrize("suffix", [".npz", ".safetensors"])

@@ -5,7 +5,7 @@ import os
 
 import cupy as cp
 
-from ..ops import ACTIVATIONS
+from ..ops import ACTIVATIONS, FFFOps
 
 _SOURCE = os.path.join(os.path.dirname(__file__), "kernels.cu")
 _KERNELS = ("ultra_forward", "ultra_backward_rows", "ultra_sorted_visits", "ultra_grad_chunks",
@@ -19,7 +19,7 @@ CHUNK_VISITS = 128  # visits a block sums serially in the weight-gradient pass (
 COL_BLOCK = 256
 
 
-class GPUOps:
+class GPUOps(FFFOps):
     """Kernels compiled once per process (lazily, on first CUDA use)."""
 
     name = "cuda"
@@ -45,6 +45,9 @@ class GPUOps:
             if n_devices == 0:
                 raise RuntimeError("device 'cuda' needs a CUDA GPU; none was found")
             cls._instance = cls()
+            from . import cmm  # the router-leaf kernels, same signatures as fastff._cmm
+
+            cls._instance.cmm = cmm
         return cls._instance
 
     def _kernel(self, name, dtype=None, k=None):
