@@ -84,7 +84,7 @@ def fff_soft_router_backward(dmix, q, reach, swap, has_swap, entropy_weight, dre
         return
     grid, block = _thread_grid(n_rows)
     _k("fff_soft_router_backward", q.dtype)(
-        grid, block, (dmix, q, reach, cp.int64(n_rows), cp.int64(n_nodes),
+        grid, block, (dmix, q, reach, swap, cp.int32(has_swap), cp.int64(n_rows), cp.int64(n_nodes),
                       q.dtype.type(entropy_weight), dreach, dz))
 
 

@@ -541,7 +541,9 @@ __global__ void fff_soft_mixture(const T* __restrict__ z, const unsigned char* _
 
 template <typename T>
 __global__ void fff_soft_router_backward(const T* __restrict__ dmix, const T* __restrict__ q,
-                                         const T* __restrict__ reach, long long n_rows,
+                                         const T* __restrict__ reach,
+                                         const unsigned char* __restrict__ swap, int has_swap,
+                                         long long n_rows,
                                          long long n_nodes, T entropy_weight,
                                          T* __restrict__ dreach, T* __restrict__ dz) {
     const long long r = (long long)blockIdx.x * blockDim.x + threadIdx.x;
@@ -559,7 +561,9 @@ __global__ void fff_soft_router_backward(const T* __restrict__ dmix, const T* __
             entropy_t(qn, &dh_dq);
             g += entropy_weight * dh_dq;
         }
-        dz[r * n_nodes + n] = g * qn * (T(1) - qn);
+        // dp/dz of the sigmoid; a region-leak swap (q = 1 - p) flips the sign of dq/dz
+        const T slope = qn * (T(1) - qn);
+        dz[r * n_nodes + n] = (has_swap && swap[r * n_nodes + n]) ? -g * slope : g * slope;
         dre[n] = left * (T(1) - qn) + right * qn;
     }
 }
