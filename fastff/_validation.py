@@ -120,3 +120,27 @@ def as_rows(x, width: int, dtype: np.dtype, xp=np, name: str = "x"):
     lead = tuple(arr.shape[:-1])
     rows = xp.ascontiguousarray(arr.reshape(-1, width), dtype=dtype)
     return rows, lead
+
+
+def as_float_array(x, xp=np, name: str = "x"):
+    """x as an array of `xp` (NumPy or CuPy) of any shape with ndim >= 1, for layers without
+    parameters: float32 and float64 are kept, other real dtypes are cast to float64; bool,
+    complex, object and string inputs are refused."""
+    if xp is np and is_cuda_array(x):
+        raise TypeError(f"{name} is a CUDA array but the layer is on 'cpu': move the layer with "
+                        f".to('cuda') or copy {name} to the host first")
+    if xp is not np and not is_cuda_array(x):
+        raise TypeError(f"{name} is a host array ({type(x).__name__}) but the layer is on 'cuda': "
+                        f"pass a CuPy array (cupy.asarray({name})) or move the layer with "
+                        ".to('cpu')")
+    try:
+        arr = xp.asarray(x)
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"{name} must be a rectangular array of real numbers: {exc}") from exc
+    if arr.dtype.kind not in "fiu":
+        raise TypeError(f"{name} must hold real numbers (float or integer), got dtype {arr.dtype}")
+    if arr.ndim == 0:
+        raise ValueError(f"{name} must have at least one dimension, got a 0-d scalar")
+    if arr.dtype not in FLOAT_DTYPES:
+        arr = arr.astype(np.float64)
+    return arr

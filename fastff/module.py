@@ -115,7 +115,7 @@ class Module:
     # ---- state dicts -----------------------------------------------------------------------
     def state_dict(self) -> dict:
         """Copies of the parameters as C-contiguous NumPy arrays, anchor keys and shapes."""
-        return {name: np.ascontiguousarray(self.ops.to_numpy(p)) for name, p, _ in
+        return {name: np.array(self.ops.to_numpy(p), order="C") for name, p, _ in
                 self._iter_params_only()}
 
     def _iter_params_only(self, prefix: str = ""):

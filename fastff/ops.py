@@ -173,3 +173,12 @@ def get_ops(device: str):
 
         return get_gpu_ops()
     raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
+
+
+def get_array_module(a):
+    """numpy for host arrays, cupy for CUDA arrays (without importing CuPy for host ones)."""
+    if hasattr(a, "__cuda_array_interface__"):
+        import cupy
+
+        return cupy.get_array_module(a)
+    return np

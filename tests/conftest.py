@@ -49,3 +49,43 @@ def assert_close(actual, expected, dtype, terms, what=""):
 @pytest.fixture
 def rng():
     return np.random.default_rng(12345)
+
+
+# ---- small IDX datasets (the format of MNIST / Fashion-MNIST) --------------------------------
+
+def write_idx(path, array, magic, gz=False):
+    """Write a uint8 array as an IDX file: big-endian magic, dimensions, then the bytes."""
+    import gzip
+
+    array = np.asarray(array, dtype=np.uint8)
+    payload = np.array([magic, *array.shape], dtype=">u4").tobytes() + array.tobytes()
+    opener = gzip.open if gz else open
+    with opener(path, "wb") as f:
+        f.write(payload)
+    return path
+
+
+def synthetic_fashion_mnist(n_train, n_test, seed=0):
+    """Images whose class c shows as a bright band at rows 2c..2c+2 over low noise, so that a
+    small model learns it in an epoch: ((x_train, y_train), (x_test, y_test))."""
+    rng = np.random.default_rng(seed)
+
+    def split(n):
+        labels = rng.integers(0, 10, n)
+        images = rng.integers(0, 60, (n, 28, 28))
+        for c in range(10):
+            images[labels == c, 2 * c:2 * c + 3, :] = 220
+        return images.astype(np.uint8), labels
+
+    return split(n_train), split(n_test)
+
+
+def write_fashion_mnist(folder, n_train=300, n_test=100, gz=False, seed=0):
+    """The four Fashion-MNIST files, synthetic, in folder; returns the arrays written."""
+    folder.mkdir(parents=True, exist_ok=True)
+    data = synthetic_fashion_mnist(n_train, n_test, seed)
+    suffix = ".gz" if gz else ""
+    for prefix, (images, labels) in zip(("train", "t10k"), data):
+        write_idx(folder / f"{prefix}-images-idx3-ubyte{suffix}", images, 2051, gz)
+        write_idx(folder / f"{prefix}-labels-idx1-ubyte{suffix}", labels, 2049, gz)
+    return data

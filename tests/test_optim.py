@@ -1,0 +1,227 @@
+"""fastff.optim: updates against hand-written formulas, in-place write-through, schedules."""
+import math
+
+import numpy as np
+import pytest
+
+import fastff
+from fastff import nn, optim
+
+
+def make_model():
+    """A Linear (weight stored transposed) and an UltraFFF (linear_out stored transposed)."""
+    return nn.Sequential(nn.Linear(3, 4, dtype=np.float64, seed=0),
+                         fastff.UltraFFF(4, 2, 1, dtype=np.float64, seed=1))
+
+
+def run_steps(opt, model, grads_per_step):
+    """Write the given gradients into the model and step; returns the state after each step."""
+    states = []
+    for grads in grads_per_step:
+        for name, g in model.grads.items():
+            g[...] = grads[name]
+        opt.step()
+        states.append(model.state_dict())
+    return states
+
+
+def random_grads(model, n_steps, seed=0):
+    rng = np.random.default_rng(seed)
+    return [{k: rng.standard_normal(v.shape) for k, v in model.state_dict().items()}
+            for _ in range(n_steps)]
+
+
+def expected_sgd(p0, grads, lr, momentum=0.0, nesterov=False, weight_decay=0.0):
+    p, buf, out = p0.copy(), np.zeros_like(p0), []
+    for g in grads:
+        g = g + weight_decay * p
+        if momentum:
+            buf = momentum * buf + g
+            g = g + momentum * buf if nesterov else buf
+        p = p - lr * g
+        out.append(p)
+    return out
+
+
+def expected_adam(p0, grads, lr, b1, b2, eps, weight_decay=0.0, decoupled=False):
+    p, m, v, out = p0.copy(), np.zeros_like(p0), np.zeros_like(p0), []
+    for t, g in enumerate(grads, start=1):
+        if decoupled:
+            p = p * (1 - lr * weight_decay)
+        else:
+            g = g + weight_decay * p
+        m = b1 * m + (1 - b1) * g
+        v = b2 * v + (1 - b2) * g * g
+        m_hat, v_hat = m / (1 - b1 ** t), v / (1 - b2 ** t)
+        p = p - lr * m_hat / (np.sqrt(v_hat) + eps)
+        out.append(p)
+    return out
+
+
+def assert_states(model, start, states, grads, expected_fn):
+    for name in start:
+        expected = expected_fn(start[name], [g[name] for g in grads])
+        for step, (state, exp) in enumerate(zip(states, expected)):
+            np.testing.assert_allclose(state[name], exp, rtol=1e-12, atol=1e-14,
+                                       err_msg=f"{name} after step {step + 1}")
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(lr=0.1),
+    dict(lr=0.05, momentum=0.9),
+    dict(lr=0.05, momentum=0.8, nesterov=True),
+    dict(lr=0.1, momentum=0.5, weight_decay=0.01),
+    dict(lr=0.1, weight_decay=0.3),
+])
+def test_sgd_matches_formula(kwargs):
+    model = make_model()
+    start, grads = model.state_dict(), random_grads(model, 3)
+    states = run_steps(optim.SGD(model, **kwargs), model, grads)
+    assert_states(model, start, states, grads, lambda p, g: expected_sgd(p, g, **kwargs))
+
+
+@pytest.mark.parametrize("cls, kwargs, decoupled", [
+    (optim.Adam, dict(lr=1e-2), False),
+    (optim.Adam, dict(lr=1e-2, betas=(0.8, 0.99), eps=1e-6, weight_decay=0.1), False),
+    (optim.AdamW, dict(lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1), True),
+])
+def test_adam_matches_formula(cls, kwargs, decoupled):
+    model = make_model()
+    start, grads = model.state_dict(), random_grads(model, 3, seed=1)
+    states = run_steps(cls(model, **kwargs), model, grads)
+    args = dict(lr=kwargs["lr"], b1=kwargs.get("betas", (0.9, 0.999))[0],
+                b2=kwargs.get("betas", (0.9, 0.999))[1], eps=kwargs.get("eps", 1e-8),
+                weight_decay=kwargs.get("weight_decay", 0.0), decoupled=decoupled)
+    assert_states(model, start, states, grads, lambda p, g: expected_adam(p, g, **args))
+
+
+def test_adam_first_step_is_lr_times_sign():
+    """Bias correction: after one step m_hat/sqrt(v_hat) = g/|g|, so every weight moves by lr."""
+    model = make_model()
+    start = model.state_dict()
+    grads = random_grads(model, 1, seed=2)
+    (state,) = run_steps(optim.Adam(model, lr=0.01, eps=1e-12), model, grads)
+    for name in start:
+        np.testing.assert_allclose(state[name] - start[name], -0.01 * np.sign(grads[0][name]),
+                                   rtol=1e-9)
+
+
+def test_adamw_decay_is_decoupled():
+    """With zero gradients Adam(weight_decay) moves by lr * sign(p) (the decay goes through the
+    normalisation), AdamW shrinks by the factor 1 - lr * wd."""
+    zeros = {k: np.zeros_like(v) for k, v in make_model().state_dict().items()}
+    model_w = make_model()
+    start = model_w.state_dict()
+    (after_w,) = run_steps(optim.AdamW(model_w, lr=0.1, weight_decay=0.5), model_w, [zeros])
+    model_l2 = make_model()
+    (after_l2,) = run_steps(optim.Adam(model_l2, lr=0.1, weight_decay=0.5, eps=1e-12), model_l2,
+                            [zeros])
+    for name in start:
+        np.testing.assert_allclose(after_w[name], start[name] * 0.95, rtol=1e-12)
+        np.testing.assert_allclose(after_l2[name], start[name] - 0.1 * np.sign(start[name]),
+                                   rtol=1e-9)
+
+
+def test_updates_reach_the_kernels(rng):
+    """The optimizer writes through the anchor views into the layers' internal storage."""
+    model = make_model()
+    x = rng.standard_normal((6, 3))
+    grads = random_grads(model, 1)
+    (state,) = run_steps(optim.SGD(model, lr=0.5), model, grads)
+    fresh = make_model()
+    fresh.load_state_dict(state)
+    np.testing.assert_array_equal(model(x), fresh(x))
+    assert not np.array_equal(model(x), make_model()(x))
+
+
+def test_step_marks_model_updated_and_zero_grad(rng):
+    model = make_model()
+    opt = optim.Adam(model)
+    y, backprop = model.forward_train(rng.standard_normal((2, 3)))
+    backprop(np.ones_like(y))
+    assert any(g.any() for g in model.grads.values())
+    opt.step()
+    with pytest.raises(RuntimeError, match="stale"):
+        backprop(np.ones_like(y))
+    opt.zero_grad()
+    assert not any(g.any() for g in model.grads.values())
+    assert opt.step_count == 1 and set(opt.state) == set(model.state_dict())
+
+
+def test_training_reduces_loss():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((64, 3))
+    target = x @ np.array([[1.0], [-2.0], [0.5]]) + 0.3
+    model = nn.Linear(3, 1, dtype=np.float64, seed=0)
+    opt = optim.SGD(model, lr=0.1, momentum=0.5)
+    losses = []
+    for _ in range(50):
+        opt.zero_grad()
+        y, backprop = model.forward_train(x)
+        loss, dy = nn.mse(y, target)
+        backprop(dy)
+        opt.step()
+        losses.append(loss)
+    assert losses[-1] < 1e-12 * losses[0]  # noise-free: it converges to the exact fit
+
+
+def lrs(schedule, n):
+    values = [schedule.optimizer.lr]
+    for _ in range(n):
+        schedule.step()
+        values.append(schedule.optimizer.lr)
+    return values
+
+
+def test_step_lr():
+    opt = optim.SGD(nn.Linear(2, 2), lr=1.0)
+    np.testing.assert_allclose(lrs(optim.StepLR(opt, 2, gamma=0.5), 5),
+                               [1.0, 1.0, 0.5, 0.5, 0.25, 0.25])
+
+
+def test_cosine_lr_with_warmup():
+    opt = optim.SGD(nn.Linear(2, 2), lr=0.4)
+    sched = optim.CosineLR(opt, total_steps=6, warmup_steps=2, min_lr=0.1)
+    values = lrs(sched, 8)
+    cos = [0.1 + 0.3 * 0.5 * (1 + math.cos(math.pi * k / 4)) for k in range(5)]
+    np.testing.assert_allclose(values, [0.2, 0.4] + cos + [0.1, 0.1])
+    assert sched.lr_at(2) == pytest.approx(0.4)
+    no_warmup = optim.CosineLR(optim.SGD(nn.Linear(2, 2), lr=1.0), total_steps=4)
+    np.testing.assert_allclose(lrs(no_warmup, 4), [1.0, 0.5 + 0.5 / math.sqrt(2), 0.5,
+                                                   0.5 - 0.5 / math.sqrt(2), 0.0], atol=1e-15)
+
+
+def test_one_cycle_lr_is_crammings_triangle():
+    opt = optim.SGD(nn.Linear(2, 2), lr=2.0)
+    values = lrs(optim.OneCycleLR(opt, total_steps=8), 10)
+    # cramming's get_one_cycle: s / (N/2) before the middle, 2 - s / (N/2) after, N = 8
+    expected = [2.0 * (s / 4 if s < 4 else max(0.0, 2 - s / 4)) for s in range(11)]
+    np.testing.assert_allclose(values, expected)
+    assert values[4] == 2.0 and values[0] == 0.0 and values[8] == 0.0
+    early = optim.OneCycleLR(optim.SGD(nn.Linear(2, 2), lr=1.0), total_steps=10,
+                             peak_fraction=0.2)
+    np.testing.assert_allclose(lrs(early, 4), [0.0, 0.5, 1.0, 0.875, 0.75])
+
+
+@pytest.mark.parametrize("make, exc, words", [
+    (lambda m: optim.SGD(m, lr=-1.0), ValueError, "lr"),
+    (lambda m: optim.SGD(m, lr="0.1"), TypeError, "lr"),
+    (lambda m: optim.SGD(m, lr=float("nan")), ValueError, "lr"),
+    (lambda m: optim.SGD(m, lr=0.1, momentum=1.0), ValueError, "momentum"),
+    (lambda m: optim.SGD(m, lr=0.1, nesterov=True), ValueError, "nesterov"),
+    (lambda m: optim.SGD(m, lr=0.1, weight_decay=-0.1), ValueError, "weight_decay"),
+    (lambda m: optim.SGD([m], lr=0.1), TypeError, "Module"),
+    (lambda m: optim.Adam(m, betas=(0.9,)), TypeError, "betas"),
+    (lambda m: optim.Adam(m, betas=(0.9, 1.0)), ValueError, r"betas\[1\]"),
+    (lambda m: optim.Adam(m, eps=0.0), ValueError, "eps"),
+    (lambda m: optim.StepLR(optim.SGD(m, lr=1.0), 0), ValueError, "step_size"),
+    (lambda m: optim.StepLR("opt", 1), TypeError, "Optimizer"),
+    (lambda m: optim.CosineLR(optim.SGD(m, lr=1.0), 5, warmup_steps=5), ValueError, "warmup"),
+    (lambda m: optim.CosineLR(optim.SGD(m, lr=1.0), 5, min_lr=2.0), ValueError, "min_lr"),
+    (lambda m: optim.OneCycleLR(optim.SGD(m, lr=1.0), 5, peak_fraction=1.0), ValueError,
+     "peak_fraction"),
+    (lambda m: optim.OneCycleLR(optim.SGD(m, lr=1.0), 0), ValueError, "total_steps"),
+])
+def test_argument_errors(make, exc, words):
+    with pytest.raises(exc, match=words):
+        make(nn.Linear(2, 2))
