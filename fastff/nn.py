@@ -311,6 +311,14 @@ class Sequential(Module):
         return {"modules": [{"kind": type(m).__name__, "config": m.get_config()}
                             for m in self.layers]}
 
+    @classmethod
+    def from_config(cls, config: dict) -> "Sequential":
+        from .module import build_module
+
+        if not isinstance(config, dict) or not isinstance(config.get("modules"), list):
+            raise TypeError("a Sequential config is {'modules': [{'kind': ..., 'config': ...}]}")
+        return cls(*[build_module(m["kind"], m["config"]) for m in config["modules"]])
+
     def __call__(self, x):
         """Inference through every module in order."""
         for m in self.layers:

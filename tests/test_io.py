@@ -13,6 +13,10 @@ def _layers():
     yield fastff.UltraFFF(4, 3, 0, seed=2)
     yield fastff.FFF(9, 3, 4, 3, "gelu", dropout=0.1, train_hardened=True, seed=3)
     yield fastff.FFF(5, 2, 2, 0, dtype=np.float64, seed=4)
+    from fastff import nn
+
+    yield nn.Sequential(nn.Linear(6, 8, seed=5), nn.GELU(), fastff.UltraFFF(8, 8, 2, seed=6),
+                        nn.Dropout(0.1), fastff.FFF(8, 2, 3, 2, seed=7), nn.Linear(3, 2, seed=8))
 
 
 @pytest.mark.parametrize("suffix", [".npz", ".safetensors"])
