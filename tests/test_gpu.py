@@ -180,3 +180,28 @@ def test_fff_device_round_trip_and_usage():
     np.testing.assert_allclose(gpu(x), cpu(x), rtol=1e-5, atol=1e-5)
     with pytest.raises(TypeError, match="CUDA array"):
         gpu(cp.asarray(x))
+
+
+def test_whole_model_trains_on_cuda_like_on_cpu():
+    from fastff import nn, optim
+
+    def model():
+        return nn.Sequential(nn.Linear(12, 16, seed=1), nn.GELU(),
+                             fastff.UltraFFF(16, 16, 3, 2, seed=2),
+                             fastff.FFF(16, 4, 5, 2, train_hardened=True, seed=3))
+
+    cpu, gpu = model(), model().to("cuda")
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((64, 12)).astype(np.float32)
+    labels = rng.integers(0, 5, 64)
+    opts = optim.Adam(cpu, lr=1e-2), optim.Adam(gpu, lr=1e-2)
+    for _ in range(3):
+        for m, opt, xs, ls in ((cpu, opts[0], x, labels),
+                               (gpu, opts[1], cp.asarray(x), cp.asarray(labels))):
+            opt.zero_grad()
+            logits, backprop = m.forward_train(xs)
+            _, dlogits = nn.softmax_cross_entropy(logits, ls)
+            backprop(dlogits)
+            opt.step()
+    for k, v in cpu.state_dict().items():
+        np.testing.assert_allclose(gpu.state_dict()[k], v, rtol=2e-3, atol=2e-4, err_msg=k)
