@@ -205,3 +205,15 @@ def test_whole_model_trains_on_cuda_like_on_cpu():
             opt.step()
     for k, v in cpu.state_dict().items():
         np.testing.assert_allclose(gpu.state_dict()[k], v, rtol=2e-3, atol=2e-4, err_msg=k)
+
+
+def test_cuda_torch_tensor_goes_in_without_conversion():
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("torch without CUDA")
+    layer = fastff.UltraFFF(16, 8, 3, seed=0).to("cuda")
+    t = torch.randn(5, 16, device="cuda")
+    y = layer(t)
+    assert isinstance(y, cp.ndarray)
+    np.testing.assert_allclose(cp.asnumpy(y), cp.asnumpy(layer(cp.asarray(t.cpu().numpy()))),
+                               rtol=1e-6, atol=1e-6)
