@@ -107,12 +107,7 @@ class UltraFFF(Module):
         def backprop(dy):
             """dy (..., output_width), the shape of y -> dx (..., input_width); adds the
             parameter gradients into layer.grads."""
-            self._check_fresh(version, device)
-            dy_rows, dy_lead = as_rows(dy, self.output_width, self.dtype, self.ops.xp, name="dy")
-            if dy_lead != lead:
-                raise ValueError(f"dy must have the shape of y, {out_shape}, got "
-                                 f"{dy_lead + (self.output_width,)}")
-            g = self._allocate_grads()
+            dy_rows, g = self._backprop_inputs(dy, version, device, lead)
             p = self._params
             dx = self.ops.ultra_backward(rows, dy_rows, p["w_in"], p["w_out_t"], visited, preact,
                                          self.activation, g["w_in"], g["b_in"], g["w_out_t"])
@@ -377,12 +372,7 @@ class FFF(Module):
         def backprop(dy):
             """dy (..., output_width), the shape of y -> dx (..., input_width); adds the
             parameter gradients into layer.grads."""
-            self._check_fresh(version, device)
-            dy_rows, dy_lead = as_rows(dy, self.output_width, self.dtype, self.ops.xp, name="dy")
-            if dy_lead != lead:
-                raise ValueError(f"dy must have the shape of y, {out_shape}, got "
-                                 f"{dy_lead + (self.output_width,)}")
-            g = self._allocate_grads()
+            dy_rows, g = self._backprop_inputs(dy, version, device, lead)
             backward = ops.fff_hard_backward if hardened else ops.fff_soft_backward
             dx = backward(rows, dy_rows, p, saved, self.activation, entropy_weight, g)
             return dx.reshape(lead + (self.input_width,))

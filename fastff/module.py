@@ -11,7 +11,7 @@ from typing import Dict, Iterator, Optional, Tuple
 
 import numpy as np
 
-from ._validation import check_fits_in_memory, check_float_dtype
+from ._validation import as_rows, check_fits_in_memory, check_float_dtype
 from .ops import get_ops
 
 
@@ -104,6 +104,16 @@ class Module:
         """Record that parameters changed (optimizers call this): pending backprops go stale."""
         for m in self.modules():
             m._version += 1
+
+    def _backprop_inputs(self, dy, version: int, device: str, lead: tuple):
+        """The checks every backprop starts with: the module is unchanged since its forward, and
+        dy has y's shape lead + (output_width,). Returns dy as rows and the gradient store."""
+        self._check_fresh(version, device)
+        dy_rows, dy_lead = as_rows(dy, self.output_width, self.dtype, self.ops.xp, name="dy")
+        if dy_lead != lead:
+            raise ValueError(f"dy must have the shape of y, {lead + (self.output_width,)}, got "
+                             f"{dy_lead + (self.output_width,)}")
+        return dy_rows, self._allocate_grads()
 
     def _check_fresh(self, version: int, device: str) -> None:
         if version != self._version or device != self.device:

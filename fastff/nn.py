@@ -88,12 +88,7 @@ class Linear(Module):
 
         def backprop(dy):
             """dy (..., output_width) -> dx (..., input_width); adds into grads."""
-            self._check_fresh(version, device)
-            dy_rows, dy_lead = as_rows(dy, self.output_width, self.dtype, self.ops.xp, name="dy")
-            if dy_lead != lead:
-                raise ValueError(f"dy must have the shape of y, {out_shape}, got "
-                                 f"{dy_lead + (self.output_width,)}")
-            grads = self._allocate_grads()
+            dy_rows, grads = self._backprop_inputs(dy, version, device, lead)
             grads["weight_t"] += rows.T @ dy_rows
             if self.has_bias:
                 grads["bias"] += dy_rows.sum(axis=0)
