@@ -18,7 +18,8 @@ NumPy can hold. Only ``to_torch_state_dict`` imports torch.
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 

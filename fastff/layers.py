@@ -3,8 +3,15 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._validation import (as_rows, check_bool, check_choice, check_fits_in_memory, check_int,
-                          check_nonnegative, check_probability)
+from ._validation import (
+    as_rows,
+    check_bool,
+    check_choice,
+    check_fits_in_memory,
+    check_int,
+    check_nonnegative,
+    check_probability,
+)
 from .module import Module
 from .ops import ACTIVATIONS, get_ops
 
@@ -253,7 +260,7 @@ class FFF(Module):
                 node = 2 * node + 1 + (q[rows, node] > 0.5)
             self.leaf_usage += xp.bincount(node - self.n_nodes, minlength=self.n_leaves)
 
-    def to(self, device: str) -> "FFF":
+    def to(self, device: str) -> FFF:
         ops = get_ops(device)
         if not hasattr(ops, "fff_infer"):
             raise NotImplementedError(f"FFF has no kernels for device {device!r} yet")

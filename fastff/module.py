@@ -7,18 +7,17 @@ Optimizers update those views in place.
 """
 from __future__ import annotations
 
-from typing import Dict, Iterator, Optional, Tuple
+from collections.abc import Iterator
 
 import numpy as np
 
 from ._validation import check_fits_in_memory, check_float_dtype
 from .ops import get_ops
 
+MODULE_KINDS: dict[str, type] = {}  # class name -> class, for rebuilding saved modules
 
-MODULE_KINDS: Dict[str, type] = {}  # class name -> class, for rebuilding saved modules
 
-
-def build_module(kind: str, config: dict) -> "Module":
+def build_module(kind: str, config: dict) -> Module:
     """Rebuild a module from its kind (class name) and get_config() output."""
     if kind not in MODULE_KINDS:
         raise KeyError(f"unknown module kind {kind!r}; known: {sorted(MODULE_KINDS)}")
@@ -33,7 +32,7 @@ class Module:
         MODULE_KINDS[cls.__name__] = cls
 
     @classmethod
-    def from_config(cls, config: dict) -> "Module":
+    def from_config(cls, config: dict) -> Module:
         """Inverse of get_config()."""
         if not isinstance(config, dict):
             raise TypeError(f"config must be a dict, got {type(config).__name__}")
@@ -42,17 +41,17 @@ class Module:
     def __init__(self, dtype=np.float32):
         self.dtype = check_float_dtype(dtype)
         self.device = "cpu"
-        self._params: Dict[str, object] = {}  # internal key -> array (kernel layout)
-        self._grads: Optional[Dict[str, object]] = None  # allocated on first use
-        self._anchor: Dict[str, Tuple[str, Optional[tuple]]] = {}  # anchor key -> (internal, axes)
+        self._params: dict[str, object] = {}  # internal key -> array (kernel layout)
+        self._grads: dict[str, object] | None = None  # allocated on first use
+        self._anchor: dict[str, tuple[str, tuple | None]] = {}  # anchor key -> (internal, axes)
         self._version = 0  # bumped whenever parameters change outside forward/backward
 
     # ---- structure -------------------------------------------------------------------------
-    def children(self) -> Iterator[Tuple[str, "Module"]]:
+    def children(self) -> Iterator[tuple[str, Module]]:
         """(name, module) of direct sub-modules; none for a leaf layer."""
         return iter(())
 
-    def modules(self) -> Iterator["Module"]:
+    def modules(self) -> Iterator[Module]:
         yield self
         for _, child in self.children():
             yield from child.modules()
@@ -176,7 +175,7 @@ class Module:
             yield from child._prefixed_modules(prefix + name + ".")
 
     # ---- devices ---------------------------------------------------------------------------
-    def to(self, device: str) -> "Module":
+    def to(self, device: str) -> Module:
         """Move parameters and gradients to "cpu" (NumPy) or "cuda" (CuPy); returns self."""
         ops = get_ops(device)  # raises a clear error for unknown devices or missing CUDA
         for m in self.modules():

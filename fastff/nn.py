@@ -16,8 +16,7 @@ import math
 
 import numpy as np
 
-from ._validation import (as_float_array, as_rows, check_fits_in_memory, check_int,
-                          check_probability)
+from ._validation import as_float_array, as_rows, check_fits_in_memory, check_int, check_probability
 from .layers import _uniform
 from .module import Module
 from .ops import get_array_module
@@ -312,7 +311,7 @@ class Sequential(Module):
                             for m in self.layers]}
 
     @classmethod
-    def from_config(cls, config: dict) -> "Sequential":
+    def from_config(cls, config: dict) -> Sequential:
         from .module import build_module
 
         if not isinstance(config, dict) or not isinstance(config.get("modules"), list):

@@ -23,9 +23,9 @@ from __future__ import annotations
 import math
 import numbers
 
+from ._validation import check_int
 from .module import Module
 from .ops import get_array_module
-from ._validation import check_int
 
 
 def _check_real(value, name, minimum=0.0, *, below=None, strict=False):
