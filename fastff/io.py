@@ -21,7 +21,7 @@ import numpy as np
 FORMAT = "fastff"
 FORMAT_VERSION = 1
 META_KEY = "__fastff_meta__"
-_ST_DTYPES = {"F32": np.dtype("<f4"), "F64": np.dtype("<f8"), "F16": np.dtype("<f2"),
+_ST_DTYPES: dict[str, np.dtype] = {"F32": np.dtype("<f4"), "F64": np.dtype("<f8"), "F16": np.dtype("<f2"),
               "I64": np.dtype("<i8"), "I32": np.dtype("<i4"), "U8": np.dtype("u1")}
 _ST_NAMES = {v: k for k, v in _ST_DTYPES.items()}
 MAX_HEADER = 100 * 2**20  # a safetensors header larger than this is not a weight file

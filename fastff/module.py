@@ -8,13 +8,15 @@ Optimizers update those views in place.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any, TypeVar
 
 import numpy as np
 
 from ._validation import check_fits_in_memory, check_float_dtype
 from .ops import get_ops
 
-MODULE_KINDS: dict[str, type] = {}  # class name -> class, for rebuilding saved modules
+MODULE_KINDS: dict[str, type[Module]] = {}  # class name -> class, for rebuilding saved modules
+ModuleT = TypeVar("ModuleT", bound="Module")
 
 
 def build_module(kind: str, config: dict) -> Module:
@@ -39,10 +41,10 @@ class Module:
         return cls(**config)
 
     def __init__(self, dtype=np.float32):
-        self.dtype = check_float_dtype(dtype)
+        self.dtype: Any = check_float_dtype(dtype)  # a np.dtype; parameterless modules: None
         self.device = "cpu"
-        self._params: dict[str, object] = {}  # internal key -> array (kernel layout)
-        self._grads: dict[str, object] | None = None  # allocated on first use
+        self._params: dict[str, Any] = {}  # internal key -> array (kernel layout)
+        self._grads: dict[str, Any] | None = None  # allocated on first use
         self._anchor: dict[str, tuple[str, tuple | None]] = {}  # anchor key -> (internal, axes)
         self._version = 0  # bumped whenever parameters change outside forward/backward
 
@@ -175,7 +177,7 @@ class Module:
             yield from child._prefixed_modules(prefix + name + ".")
 
     # ---- devices ---------------------------------------------------------------------------
-    def to(self, device: str) -> Module:
+    def to(self: ModuleT, device: str) -> ModuleT:
         """Move parameters and gradients to "cpu" (NumPy) or "cuda" (CuPy); returns self."""
         ops = get_ops(device)  # raises a clear error for unknown devices or missing CUDA
         for m in self.modules():

@@ -335,8 +335,8 @@ class Sequential(Module):
         backprops = []
         for m, (names, var_kw) in zip(self.layers, self._options):
             kw = {k: v for k, v in options.items() if var_kw or k in names}
-            x, backprop = m.forward_train(x, **kw)
-            backprops.append(backprop)
+            x, child_backprop = m.forward_train(x, **kw)
+            backprops.append(child_backprop)
 
         def backprop(dy):
             for step in reversed(backprops):
