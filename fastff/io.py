@@ -55,7 +55,13 @@ def _atomic_write(path: str, write) -> None:
 
 
 def save(obj, path, *, format=None) -> None:
-    """Write `obj` (an UltraFFF, FFF or fastff.nn module) to `path` (.npz or .safetensors)."""
+    """Write `obj` (an UltraFFF, FFF or fastff.nn module) to `path` (.npz or .safetensors).
+
+    The file holds obj.state_dict() (anchor keys and shapes, the module's dtype) and JSON
+    metadata with the module's kind and get_config(), so load() needs nothing else. format:
+    "npz" or "safetensors"; by default ".safetensors" paths get safetensors, others npz. An
+    existing file is replaced only once the new one is complete.
+    """
     from .module import Module
 
     if not isinstance(obj, Module):
@@ -147,8 +153,11 @@ def _read_npz(path: str):
 
 
 def load(path, *, format=None):
-    """Rebuild the module stored at `path` by save(). Raises WeightFileError (a ValueError) for
-    truncated, foreign or inconsistent files and FileNotFoundError for missing ones."""
+    """Rebuild the module stored at `path` by save(): a new module of the saved kind, config,
+    dtype and weights, on the CPU. Raises WeightFileError (a ValueError) for truncated,
+    foreign or inconsistent files and FileNotFoundError for missing ones. Nothing is
+    unpickled. For a foreign state dict (e.g. PyTorch's), use layer.load_state_dict() or
+    fastff.interop."""
     from .module import build_module
 
     fmt = _kind_of(path, format)

@@ -27,7 +27,19 @@ def build_module(kind: str, config: dict) -> Module:
 
 
 class Module:
-    """Base class. Subclasses fill `_params` and `_anchor` in their constructor."""
+    """Base class of every fastff layer and fastff.nn module.
+
+    The protocol: ``module(x)`` is inference; ``module.forward_train(x) -> (y, backprop)``, and
+    ``backprop(dy) -> dx`` (dy of y's shape, dx of x's) adds parameter gradients into
+    ``module.grads``. ``state_dict()`` / ``load_state_dict()``, ``params`` and ``grads`` use the
+    anchor keys and shapes (for a container, the children's keys prefixed "name.");
+    ``named_parameters()`` yields (name, parameter, gradient) views that optimizers update in
+    place. ``to("cuda")`` / ``to("cpu")`` moves everything; ``get_config()`` and
+    ``from_config()`` rebuild a module for ``fastff.save`` / ``fastff.load``.
+
+    Subclasses fill ``_params`` (arrays in the kernels' layout) and ``_anchor`` (anchor key ->
+    (internal key, axis permutation or None)) in their constructor.
+    """
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -54,12 +66,14 @@ class Module:
         return iter(())
 
     def modules(self) -> Iterator[Module]:
+        """This module and every sub-module, depth first."""
         yield self
         for _, child in self.children():
             yield from child.modules()
 
     @property
     def ops(self):
+        """The backend (array module and kernels) of this module's device."""
         return get_ops(self.device)
 
     # ---- parameters and gradients ----------------------------------------------------------
@@ -96,6 +110,7 @@ class Module:
         return {name: g for name, _, g in self.named_parameters()}
 
     def zero_grad(self) -> None:
+        """Set every accumulated gradient to zero (backprop adds into them)."""
         for m in self.modules():
             if m._grads is not None:
                 for g in m._grads.values():
@@ -199,4 +214,5 @@ class Module:
         raise NotImplementedError(f"{type(self).__name__} does not define get_config()")
 
     def n_parameters(self) -> int:
+        """Number of parameter values (the sum of the state dict's array sizes)."""
         return sum(int(np.prod(p.shape)) for _, p, _ in self._iter_params_only())

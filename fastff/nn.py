@@ -224,6 +224,7 @@ class Dropout(Module):
         return {"p": self.p}
 
     def __call__(self, x):
+        """Inference: x (...) returned unchanged (as an array)."""
         return as_float_array(x, self.ops.xp)
 
     def forward_train(self, x, *, rng=None):
