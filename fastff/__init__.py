@@ -9,7 +9,7 @@ except ImportError as exc:  # a source checkout without its compiled kernels
         "`python -m pip install -e .`; otherwise reinstall fastff."
     ) from exc
 
-from . import reference
+from . import interop, reference
 from .io import WeightFileError, load, save
 from .layers import FFF, UltraFFF
 from .module import Module
@@ -27,5 +27,5 @@ def set_num_threads(n: int) -> None:
     _cmm.set_num_threads(check_int(n, "n", 1))
 
 
-__all__ = ["FFF", "UltraFFF", "Module", "reference", "save", "load", "WeightFileError",
+__all__ = ["FFF", "UltraFFF", "Module", "reference", "interop", "save", "load", "WeightFileError",
            "get_num_threads", "set_num_threads", "__version__"]

@@ -12,7 +12,7 @@ import platform
 import statistics
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional
+from typing import Callable
 
 import numpy as np
 
@@ -99,14 +99,14 @@ def _make_cuda_pair(layer, x, dense_weights, activation, train):
     return cuda_pair(layer, x, dense_weights, activation, train)
 
 
-CONFIGS: Dict[str, List[Case]] = {
+CONFIGS: dict[str, list[Case]] = {
     "ufb": [Case("ufb", "neuron tree", make_ultra(768, 768, 11, 4096))],
     "ufb-b1": [Case("ufb-b1", "neuron tree", make_ultra(768, 768, 11, 1))],
     "ufb-train": [Case("ufb-train", "neuron tree fwd+bwd", make_ultra(768, 768, 11, 4096, train=True))],
     "scaling": [Case(f"scaling-d{d}", "neuron tree", make_ultra(768, 768, d, 4096), {"depth": d})
                 for d in (6, 8, 10, 12, 14)],
 }
-GPU_CONFIGS: Dict[str, List[Case]] = {
+GPU_CONFIGS: dict[str, list[Case]] = {
     "gpu-ufb": [
         Case("gpu-ufb", "neuron tree", make_ultra(768, 768, 11, 8192, device="cuda")),
         Case("gpu-ufb-train", "neuron tree fwd+bwd",
@@ -130,8 +130,8 @@ def _limit_threads(threads: int):
     return threadpool_limits(limits=threads)
 
 
-def run(config_names: List[str], *, threads: int, repeat: int, device: str = "cpu",
-        json_path: Optional[str] = None, out=print) -> List[dict]:
+def run(config_names: list[str], *, threads: int, repeat: int, device: str = "cpu",
+        json_path: str | None = None, out=print) -> list[dict]:
     table = GPU_CONFIGS if device == "cuda" else CONFIGS
     unknown = [c for c in config_names if c not in table]
     if unknown:

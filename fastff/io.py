@@ -21,7 +21,7 @@ import numpy as np
 FORMAT = "fastff"
 FORMAT_VERSION = 1
 META_KEY = "__fastff_meta__"
-_ST_DTYPES = {"F32": np.dtype("<f4"), "F64": np.dtype("<f8"), "F16": np.dtype("<f2"),
+_ST_DTYPES: dict[str, np.dtype] = {"F32": np.dtype("<f4"), "F64": np.dtype("<f8"), "F16": np.dtype("<f2"),
               "I64": np.dtype("<i8"), "I32": np.dtype("<i4"), "U8": np.dtype("u1")}
 _ST_NAMES = {v: k for k, v in _ST_DTYPES.items()}
 MAX_HEADER = 100 * 2**20  # a safetensors header larger than this is not a weight file
@@ -55,7 +55,13 @@ def _atomic_write(path: str, write) -> None:
 
 
 def save(obj, path, *, format=None) -> None:
-    """Write `obj` (an UltraFFF, FFF or fastff.nn module) to `path` (.npz or .safetensors)."""
+    """Write `obj` (an UltraFFF, FFF or fastff.nn module) to `path` (.npz or .safetensors).
+
+    The file holds obj.state_dict() (anchor keys and shapes, the module's dtype) and JSON
+    metadata with the module's kind and get_config(), so load() needs nothing else. format:
+    "npz" or "safetensors"; by default ".safetensors" paths get safetensors, others npz. An
+    existing file is replaced only once the new one is complete.
+    """
     from .module import Module
 
     if not isinstance(obj, Module):
@@ -147,8 +153,11 @@ def _read_npz(path: str):
 
 
 def load(path, *, format=None):
-    """Rebuild the module stored at `path` by save(). Raises WeightFileError (a ValueError) for
-    truncated, foreign or inconsistent files and FileNotFoundError for missing ones."""
+    """Rebuild the module stored at `path` by save(): a new module of the saved kind, config,
+    dtype and weights, on the CPU. Raises WeightFileError (a ValueError) for truncated,
+    foreign or inconsistent files and FileNotFoundError for missing ones. Nothing is
+    unpickled. For a foreign state dict (e.g. PyTorch's), use layer.load_state_dict() or
+    fastff.interop."""
     from .module import build_module
 
     fmt = _kind_of(path, format)

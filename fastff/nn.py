@@ -16,8 +16,7 @@ import math
 
 import numpy as np
 
-from ._validation import (as_float_array, as_rows, check_fits_in_memory, check_int,
-                          check_probability)
+from ._validation import as_float_array, as_rows, check_fits_in_memory, check_int, check_probability
 from .layers import _uniform
 from .module import Module
 from .ops import get_array_module
@@ -220,6 +219,7 @@ class Dropout(Module):
         return {"p": self.p}
 
     def __call__(self, x):
+        """Inference: x (...) returned unchanged (as an array)."""
         return as_float_array(x, self.ops.xp)
 
     def forward_train(self, x, *, rng=None):
@@ -307,7 +307,7 @@ class Sequential(Module):
                             for m in self.layers]}
 
     @classmethod
-    def from_config(cls, config: dict) -> "Sequential":
+    def from_config(cls, config: dict) -> Sequential:
         from .module import build_module
 
         if not isinstance(config, dict) or not isinstance(config.get("modules"), list):
@@ -331,8 +331,8 @@ class Sequential(Module):
         backprops = []
         for m, (names, var_kw) in zip(self.layers, self._options):
             kw = {k: v for k, v in options.items() if var_kw or k in names}
-            x, backprop = m.forward_train(x, **kw)
-            backprops.append(backprop)
+            x, child_backprop = m.forward_train(x, **kw)
+            backprops.append(child_backprop)
 
         def backprop(dy):
             for step in reversed(backprops):

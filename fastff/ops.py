@@ -5,6 +5,8 @@ layer code is the same on every device (thinc's Ops pattern).
 """
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 from . import _cmm
@@ -15,6 +17,9 @@ ACTIVATIONS = dict(_cmm.ACTIVATIONS)
 class FFFOps:
     """Router-leaf FFF ops, written once against `self.xp` (NumPy or CuPy) and `self.cmm`
     (fastff._cmm or its CUDA twin fastff.gpu.cmm, same signatures)."""
+
+    xp: Any
+    cmm: Any
 
     # ---- router-leaf FFF ---------------------------------------------------------------------
     # p and g are the layer's internal parameter / gradient dicts: node_w (n_nodes, in),

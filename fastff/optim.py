@@ -23,9 +23,9 @@ from __future__ import annotations
 import math
 import numbers
 
+from ._validation import check_int
 from .module import Module
 from .ops import get_array_module
-from ._validation import check_int
 
 
 def _check_real(value, name, minimum=0.0, *, below=None, strict=False):
@@ -91,6 +91,7 @@ class Optimizer:
 
     @property
     def lr(self) -> float:
+        """The learning rate of the next step (schedules set it)."""
         return self._lr
 
     @lr.setter
@@ -251,9 +252,11 @@ class LRSchedule:
         self.optimizer.lr = self.lr_at(0)
 
     def lr_at(self, step: int) -> float:
+        """The learning rate of the update that follows `step` updates."""
         raise NotImplementedError
 
     def step(self) -> None:
+        """Count one optimizer update and set the optimizer's lr for the next one."""
         self.step_count += 1
         self.optimizer.lr = self.lr_at(self.step_count)
 

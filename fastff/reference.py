@@ -10,6 +10,7 @@ from scipy.special import erf
 
 
 def act(name, z):
+    """The activation `name` ("identity", "relu" or exact "gelu") of z, elementwise."""
     if name == "identity":
         return z
     if name == "relu":
@@ -20,6 +21,7 @@ def act(name, z):
 
 
 def act_grad(name, z):
+    """d act(name, z) / dz, elementwise (ReLU's derivative at 0 taken as 0)."""
     if name == "identity":
         return np.ones_like(z)
     if name == "relu":

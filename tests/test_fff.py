@@ -6,6 +6,7 @@ from hypothesis import strategies as st
 
 import fastff
 from fastff import reference as R
+
 from conftest import assert_close, dyadic, dyadic_state
 
 DTYPES = [np.float32, np.float64]
@@ -158,7 +159,7 @@ def test_dropout_mask_statistics():
 def test_reference_gradients_match_finite_differences(hardened):
     """The reference backward is the derivative of sum(y * dy) + hardening * mean entropy."""
     rng = np.random.default_rng(3)
-    depth, in_w, leaf_w, out_w, batch, hardening = 2, 5, 3, 2, 7, 0.8
+    in_w, leaf_w, out_w, batch, hardening = 5, 3, 2, 7, 0.8  # depth 2: 3 nodes, 4 leaves
     params = {
         "node_weights": rng.standard_normal((3, in_w)), "node_biases": rng.standard_normal((3, 1)),
         "w1s": rng.standard_normal((4, in_w, leaf_w)), "b1s": rng.standard_normal((4, leaf_w)),
@@ -191,7 +192,7 @@ def test_reference_gradients_match_finite_differences(hardened):
 
     np.testing.assert_allclose(dx, numeric(lambda: x), rtol=1e-6, atol=1e-7)
     for key in PARAM_KEYS:
-        np.testing.assert_allclose(grads[key], numeric(lambda: params[key]), rtol=1e-6,
+        np.testing.assert_allclose(grads[key], numeric(lambda key=key: params[key]), rtol=1e-6,
                                    atol=1e-7, err_msg=key)
     if hardened:  # the rounding passes nothing: routers learn from the entropy term alone
         _, grads0 = R.fff_train_backward(dy, cache, params, "gelu", 0.0)

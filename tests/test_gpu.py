@@ -6,6 +6,7 @@ from hypothesis import strategies as st
 
 import fastff
 from fastff import reference as R
+
 from conftest import assert_close, dyadic, dyadic_state
 
 cp = pytest.importorskip("cupy", reason="CuPy is not installed")

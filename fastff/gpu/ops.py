@@ -36,7 +36,7 @@ class GPUOps(FFFOps):
         self._cache = {}
 
     @classmethod
-    def instance(cls) -> "GPUOps":
+    def instance(cls) -> GPUOps:
         if cls._instance is None:
             try:
                 n_devices = cp.cuda.runtime.getDeviceCount()
