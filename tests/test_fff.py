@@ -82,6 +82,17 @@ def test_inference_matches_reference(in_w, leaf_w, out_w, depth, batch, act, dty
     assert_close(y, R.fff_infer(x, state, act), dtype, in_w + leaf_w, "y")
 
 
+@pytest.mark.parametrize("batch", [1, 31, 700])  # 700 >= 2 * n_leaves: rows grouped by leaf
+def test_inference_row_orders_agree(batch):
+    rng = np.random.default_rng(batch)
+    layer = fastff.FFF(24, 5, 7, 5, "gelu", dtype=np.float64, seed=batch)
+    state = dyadic_state(layer, rng)
+    x = dyadic(rng, (batch, 24), denom=8)
+    y = layer(x)
+    assert_close(y, R.fff_infer(x, state, "gelu"), np.float64, 30, "y")
+    np.testing.assert_array_equal(layer(x[::-1])[::-1], y)
+
+
 @given(hardening=st.sampled_from([0.0, 0.75]), **shapes)
 def test_soft_training_matches_reference(hardening, in_w, leaf_w, out_w, depth, batch, act,
                                          dtype, seed):
