@@ -169,7 +169,7 @@ def test_dropout_mask_statistics():
 def test_reference_gradients_match_finite_differences(hardened):
     """The reference backward is the derivative of sum(y * dy) + hardening * mean entropy."""
     rng = np.random.default_rng(3)
-    depth, in_w, leaf_w, out_w, batch, hardening = 2, 5, 3, 2, 7, 0.8
+    in_w, leaf_w, out_w, batch, hardening = 5, 3, 2, 7, 0.8  # depth 2: 3 nodes, 4 leaves
     params = {
         "node_weights": rng.standard_normal((3, in_w)), "node_biases": rng.standard_normal((3, 1)),
         "w1s": rng.standard_normal((4, in_w, leaf_w)), "b1s": rng.standard_normal((4, leaf_w)),
