@@ -29,7 +29,14 @@ class Case:
     params: dict = field(default_factory=dict)
 
 
+# Idle time before each timed series. OpenBLAS worker threads spin for about 0.1 s after each
+# call before they sleep; on a 2-core machine they take a core from whatever runs next, which
+# made an OpenMP kernel timed right after the dense GEMMs up to 10x slower than on its own.
+SETTLE_S = 0.3
+
+
 def _time(fn, repeat: int):
+    time.sleep(SETTLE_S)  # let the other side's idle BLAS / OpenMP workers park first
     fn()  # warm-up (also triggers lazy allocations)
     times = []
     for _ in range(repeat):
@@ -93,6 +100,28 @@ def make_ultra(in_w, out_w, depth, batch, *, parallel_size=1, activation="gelu",
     return make
 
 
+def make_fff(in_w, leaf_w, out_w, depth, batch, *, activation="relu", dtype=np.float32):
+    """Router-leaf FFF hard inference against the dense FF of width 2**depth * leaf_width."""
+    from .layers import FFF
+
+    def make():
+        rng = np.random.default_rng(0)
+        layer = FFF(in_w, leaf_w, out_w, depth, activation, dtype=dtype, seed=0)
+        width = layer.training_width
+        x = rng.standard_normal((batch, in_w)).astype(dtype)
+        w1, b1, w2 = _dense_ff(rng, in_w, width, out_w, dtype)
+
+        def fff():
+            layer(x)
+
+        def dense():
+            reference.dense_forward(x, w1, b1, w2, activation)
+
+        return dense, fff, batch, {"dense_width": width, "neurons_per_row": leaf_w + depth}
+
+    return make
+
+
 def _make_cuda_pair(layer, x, dense_weights, activation, train):
     from .gpu.bench import cuda_pair
 
@@ -103,6 +132,7 @@ CONFIGS: dict[str, list[Case]] = {
     "ufb": [Case("ufb", "neuron tree", make_ultra(768, 768, 11, 4096))],
     "ufb-b1": [Case("ufb-b1", "neuron tree", make_ultra(768, 768, 11, 1))],
     "ufb-train": [Case("ufb-train", "neuron tree fwd+bwd", make_ultra(768, 768, 11, 4096, train=True))],
+    "paper-mnist": [Case("paper-mnist", "router-leaf", make_fff(784, 8, 10, 8, 1024))],
     "scaling": [Case(f"scaling-d{d}", "neuron tree", make_ultra(768, 768, d, 4096), {"depth": d})
                 for d in (6, 8, 10, 12, 14)],
 }
@@ -113,7 +143,7 @@ GPU_CONFIGS: dict[str, list[Case]] = {
              make_ultra(768, 768, 11, 8192, train=True, device="cuda")),
     ],
 }
-DEFAULT_CPU = ["ufb", "ufb-b1", "ufb-train"]
+DEFAULT_CPU = ["ufb", "ufb-b1", "ufb-train", "paper-mnist"]
 
 
 def _limit_threads(threads: int):

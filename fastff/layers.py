@@ -154,7 +154,10 @@ class FFF(Module):
     Usage counters (``usage_mode`` "soft" or "hard"; None for "none"): ``node_usage``
     (n_nodes,) and ``leaf_usage`` (n_leaves,), float64, added to by every ``forward_train``:
     "soft" adds each row's probability of reaching the node or leaf (its mixture weight), "hard"
-    counts the rows whose rounded path visits it. ``reset_usage()`` zeroes them.
+    counts the rows whose rounded path visits it. ``reset_usage()`` zeroes them. (For a node
+    below the root the package adds its parent's decision weight summed over every row, reaching
+    the parent or not; fastff counts the reach, which is what a per-node optimizer step means
+    by use, and which hardened training can count in O(depth).)
 
     Arguments: ``input_width``, ``leaf_width``, ``output_width`` (>= 1); ``depth`` (>= 0);
     ``activation`` of the leaves, "relu" (the package's default), "gelu" or "identity";
@@ -234,12 +237,16 @@ class FFF(Module):
 
     # ---- usage counters (what the package's LocalSGD / LocalAdam read) ------------------------
     def reset_usage(self) -> None:
-        """Zero node_usage and leaf_usage (no-op for usage_mode "none")."""
+        """Zero node_usage and leaf_usage in place (an optimizer may hold them); no-op for
+        usage_mode "none"."""
         if self.usage_mode == "none":
             return
-        xp = self.ops.xp
-        self.node_usage = xp.zeros(self.n_nodes, dtype=np.float64)
-        self.leaf_usage = xp.zeros(self.n_leaves, dtype=np.float64)
+        if self.node_usage is None:
+            xp = self.ops.xp
+            self.node_usage = xp.zeros(self.n_nodes, dtype=np.float64)
+            self.leaf_usage = xp.zeros(self.n_leaves, dtype=np.float64)
+        self.node_usage[...] = 0
+        self.leaf_usage[...] = 0
 
     def get_node_param_group(self) -> dict:
         """The routers' state-dict keys and their usage counter (rows: nodes), as the package's
@@ -311,7 +318,7 @@ class FFF(Module):
             super().load_state_dict(state)
             if self.usage_mode != "none":
                 for key, value in self._pending_usage.items():
-                    setattr(self, key, self.ops.asarray(value))
+                    getattr(self, key)[...] = self.ops.asarray(value)
         finally:
             self._pending_usage = {}
 

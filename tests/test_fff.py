@@ -83,6 +83,17 @@ def test_inference_matches_reference(in_w, leaf_w, out_w, depth, batch, act, dty
     assert_close(y, R.fff_infer(x, state, act), dtype, in_w + leaf_w, "y")
 
 
+@pytest.mark.parametrize("batch", [1, 31, 700])  # 700 >= 2 * n_leaves: rows grouped by leaf
+def test_inference_row_orders_agree(batch):
+    rng = np.random.default_rng(batch)
+    layer = fastff.FFF(24, 5, 7, 5, "gelu", dtype=np.float64, seed=batch)
+    state = dyadic_state(layer, rng)
+    x = dyadic(rng, (batch, 24), denom=8)
+    y = layer(x)
+    assert_close(y, R.fff_infer(x, state, "gelu"), np.float64, 30, "y")
+    np.testing.assert_array_equal(layer(x[::-1])[::-1], y)
+
+
 @given(hardening=st.sampled_from([0.0, 0.75]), **shapes)
 def test_soft_training_matches_reference(hardening, in_w, leaf_w, out_w, depth, batch, act,
                                          dtype, seed):
@@ -303,8 +314,9 @@ def test_usage_counters(mode, hardened):
     group = layer.get_node_param_group()
     assert group["params"] == ["node_weights", "node_biases"] and group["usage"] is layer.node_usage
     assert layer.get_leaf_param_group()["usage"] is layer.leaf_usage
+    held = layer.node_usage
     layer.reset_usage()
-    assert not layer.node_usage.any() and not layer.leaf_usage.any()
+    assert layer.node_usage is held and not held.any() and not layer.leaf_usage.any()
 
 
 def test_no_usage_tracking_by_default(rng):
@@ -476,7 +488,9 @@ def test_loads_a_package_state_dict(depth_entry, rng):
                      "node_usage": source.node_usage.astype(np.float32),
                      "leaf_usage": source.leaf_usage.astype(np.float32)}
     tracking = fastff.FFF(6, 3, 2, 2, usage_mode="soft", dtype=np.float64, seed=4)
+    held = tracking.leaf_usage
     tracking.load_state_dict(package_state)
+    assert tracking.leaf_usage is held  # loaded in place
     x = rng.standard_normal((5, 6))
     np.testing.assert_allclose(tracking(x), source(x), rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(tracking.leaf_usage, source.leaf_usage, rtol=1e-6)
