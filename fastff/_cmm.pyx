@@ -97,42 +97,95 @@ cdef inline floating _act_grad(floating z, int act) noexcept nogil:
 # Neuron-tree FFF (UltraFastBERT)
 
 cdef enum:
-    ROWS_PER_BLOCK = 4
+    ROWS_PER_BLOCK = 4  # rows one thread walks in lockstep
+    SUBTREE_BYTES = 1 << 20  # weights of a subtree that rows walk together: fits a core's L2
+    MIN_ROWS_PER_SUBTREE = 16  # below this, grouping rows by subtree saves too little
 
 
-cdef void _ultra_forward_block(const floating[:, ::1] x, const floating[:, ::1] w_in,
-                               const floating[::1] b_in, const floating[:, ::1] w_out_t,
-                               int depth, int n_trees, int act, floating[:, ::1] y,
-                               Py_ssize_t[:, ::1] visited, floating[:, ::1] preact,
-                               bint save_path, Py_ssize_t r0, Py_ssize_t r1) noexcept nogil:
-    """Rows r0..r1 (at most ROWS_PER_BLOCK) walk their trees level by level together: while one
-    row waits for its next node's weights to arrive, the others compute."""
+cdef void _walk(const floating[:, ::1] x, const floating[:, ::1] w_in, const floating[::1] b_in,
+                const floating[:, ::1] w_out_t, int act, floating[:, ::1] y,
+                Py_ssize_t[:, ::1] visited, floating[:, ::1] preact, bint save_path,
+                const Py_ssize_t* rows, int n, Py_ssize_t* node, int t, Py_ssize_t n_nodes,
+                int level0, int level1, int path_len) noexcept nogil:
+    """Rows rows[0..n) (n <= ROWS_PER_BLOCK) of tree t walk levels level0..level1 in lockstep
+    from node[i] (index within the tree; updated to the node at level1): while one row waits for
+    its next node's weights, the others compute. Adds into y."""
     cdef int in_w = <int>x.shape[1], out_w = <int>y.shape[1]
-    cdef Py_ssize_t n_nodes = (<Py_ssize_t>1 << (depth + 1)) - 1
-    cdef int t, level, i, n = <int>(r1 - r0), path_len = depth + 1
+    cdef int level, i
     cdef Py_ssize_t g, r
-    cdef Py_ssize_t node[ROWS_PER_BLOCK]
     cdef floating z[ROWS_PER_BLOCK]
     cdef floating a
-    for i in range(n):
-        memset(&y[r0 + i, 0], 0, out_w * sizeof(floating))
-    for t in range(n_trees):
+    for level in range(level0, level1):
         for i in range(n):
-            node[i] = 0
-        for level in range(path_len):
-            for i in range(n):
-                g = t * n_nodes + node[i]
-                z[i] = b_in[g] + _dot(in_w, &w_in[g, 0], &x[r0 + i, 0])
-            for i in range(n):
-                r = r0 + i
-                g = t * n_nodes + node[i]
-                a = _act(z[i], act)
-                if a != 0:  # relu zeros skip the output row entirely
-                    _axpy(out_w, a, &w_out_t[g, 0], &y[r, 0])
-                if save_path:
-                    visited[r, t * path_len + level] = g
-                    preact[r, t * path_len + level] = z[i]
-                node[i] = 2 * node[i] + 1 + (z[i] > 0)
+            g = t * n_nodes + node[i]
+            z[i] = b_in[g] + _dot(in_w, &w_in[g, 0], &x[rows[i], 0])
+        for i in range(n):
+            r = rows[i]
+            g = t * n_nodes + node[i]
+            a = _act(z[i], act)
+            if a != 0:  # relu zeros skip the output row entirely
+                _axpy(out_w, a, &w_out_t[g, 0], &y[r, 0])
+            if save_path:
+                visited[r, t * path_len + level] = g
+                preact[r, t * path_len + level] = z[i]
+            node[i] = 2 * node[i] + 1 + (z[i] > 0)
+
+
+cdef void _walk_top(const floating[:, ::1] x, const floating[:, ::1] w_in,
+                    const floating[::1] b_in, const floating[:, ::1] w_out_t, int act,
+                    floating[:, ::1] y, Py_ssize_t[:, ::1] visited, floating[:, ::1] preact,
+                    bint save_path, Py_ssize_t r0, int n, int t, Py_ssize_t n_nodes, int split,
+                    int path_len, Py_ssize_t* split_node) noexcept nogil:
+    """Rows r0..r0+n walk tree t from its root down to level `split`; with split_node, record
+    where each stopped (index among the split level's nodes)."""
+    cdef Py_ssize_t rows[ROWS_PER_BLOCK]
+    cdef Py_ssize_t node[ROWS_PER_BLOCK]
+    cdef int j
+    for j in range(n):
+        rows[j] = r0 + j
+        node[j] = 0
+    _walk(x, w_in, b_in, w_out_t, act, y, visited, preact, save_path, rows, n, node, t, n_nodes,
+          0, split, path_len)
+    if split_node != NULL:
+        for j in range(n):
+            split_node[rows[j]] = node[j] - ((<Py_ssize_t>1 << split) - 1)
+
+
+cdef void _walk_subtree(const floating[:, ::1] x, const floating[:, ::1] w_in,
+                        const floating[::1] b_in, const floating[:, ::1] w_out_t, int act,
+                        floating[:, ::1] y, Py_ssize_t[:, ::1] visited,
+                        floating[:, ::1] preact, bint save_path, const Py_ssize_t* order,
+                        Py_ssize_t start, Py_ssize_t stop, Py_ssize_t root, int t,
+                        Py_ssize_t n_nodes, int split, int path_len) noexcept nogil:
+    """Rows order[start..stop), which all reached node `root` of tree t at level `split`, walk
+    the rest of the way together, ROWS_PER_BLOCK at a time."""
+    cdef Py_ssize_t rows[ROWS_PER_BLOCK]
+    cdef Py_ssize_t node[ROWS_PER_BLOCK]
+    cdef int j, n
+    while start < stop:
+        n = <int>min(stop - start, ROWS_PER_BLOCK)
+        for j in range(n):
+            rows[j] = order[start + j]
+            node[j] = root
+        _walk(x, w_in, b_in, w_out_t, act, y, visited, preact, save_path, rows, n, node, t,
+              n_nodes, split, path_len, path_len)
+        start = start + n
+
+
+def _subtree_split(Py_ssize_t n_rows, int depth, int in_w, int out_w, int itemsize):
+    """Level at which rows are regrouped by node, or depth + 1 for no regrouping.
+
+    Below the split every subtree's weights fit in SUBTREE_BYTES, and rows that share a subtree
+    walk it together, so each subtree is fetched from L3/DRAM once per batch instead of once per
+    row. The split is no deeper than leaves MIN_ROWS_PER_SUBTREE rows per subtree on average."""
+    cdef Py_ssize_t node_bytes = (<Py_ssize_t>in_w + out_w) * itemsize
+    cdef int levels_below = 0, split
+    while levels_below < depth + 1 and ((<Py_ssize_t>1 << (levels_below + 1)) - 1) * node_bytes <= SUBTREE_BYTES:
+        levels_below += 1
+    split = depth + 1 - levels_below
+    while split > 0 and (n_rows >> split) < MIN_ROWS_PER_SUBTREE:
+        split -= 1
+    return depth + 1 if split == 0 else split
 
 
 def ultra_forward(const floating[:, ::1] x, const floating[:, ::1] w_in, const floating[::1] b_in,
@@ -144,15 +197,53 @@ def ultra_forward(const floating[:, ::1] x, const floating[:, ::1] w_in, const f
     x (B, in), w_in (T*n, in), b_in (T*n,), w_out_t (T*n, out) -> y (B, out), overwritten.
     With save_path, visited[r, t*(depth+1)+l] gets the global node index of row r's level-l node in
     tree t and preact[r, ...] its pre-activation z; both are (B, T*(depth+1)).
-    Rows go to threads in blocks of ROWS_PER_BLOCK.
+
+    Per tree: every row walks the top levels (blocks of ROWS_PER_BLOCK rows per task); for large
+    batches of deep trees the rows are then counting-sorted by their node at the split level and
+    each subtree is walked by its rows together (see _subtree_split). Each row still adds its
+    nodes in path order, tree by tree, so the result does not depend on the grouping or threads.
     """
-    cdef Py_ssize_t n_rows = x.shape[0], block, r0
+    cdef Py_ssize_t n_rows = x.shape[0], block, r0, i, k, n_groups
+    cdef int out_w = <int>y.shape[1], path_len = depth + 1, t
+    cdef Py_ssize_t n_nodes = (<Py_ssize_t>1 << (depth + 1)) - 1
     cdef Py_ssize_t n_blocks = (n_rows + ROWS_PER_BLOCK - 1) // ROWS_PER_BLOCK
+    cdef int split = _subtree_split(n_rows, depth, <int>x.shape[1], out_w, sizeof(floating))
+    n_groups = (<Py_ssize_t>1 << split) if split < path_len else 0
+    split_node_arr = np.empty(max(n_rows, 1) if n_groups else 1, dtype=np.intp)
+    offsets_arr = np.zeros(n_groups + 1, dtype=np.intp)
+    order_arr = np.empty(max(n_rows, 1), dtype=np.intp)
+    cdef Py_ssize_t[::1] split_node = split_node_arr
+    cdef Py_ssize_t[::1] offsets = offsets_arr
+    cdef Py_ssize_t[::1] order = order_arr
+    cdef Py_ssize_t* split_node_ptr = &split_node[0] if n_groups else NULL
     with nogil:
-        for block in prange(n_blocks, schedule="static"):
-            r0 = block * ROWS_PER_BLOCK
-            _ultra_forward_block(x, w_in, b_in, w_out_t, depth, n_trees, act, y, visited, preact,
-                                 save_path, r0, min(r0 + ROWS_PER_BLOCK, n_rows))
+        for r0 in prange(n_rows, schedule="static"):
+            memset(&y[r0, 0], 0, out_w * sizeof(floating))
+        for t in range(n_trees):
+            for block in prange(n_blocks, schedule="static"):
+                _walk_top(x, w_in, b_in, w_out_t, act, y, visited, preact, save_path,
+                          block * ROWS_PER_BLOCK,
+                          <int>(min((block + 1) * ROWS_PER_BLOCK, n_rows) - block * ROWS_PER_BLOCK),
+                          t, n_nodes, split, path_len, split_node_ptr)
+            if not n_groups:
+                continue
+            # counting sort of rows by subtree (rows stay ascending within one)
+            for k in range(n_groups + 1):
+                offsets[k] = 0
+            for i in range(n_rows):
+                offsets[split_node[i] + 1] += 1
+            for k in range(n_groups):
+                offsets[k + 1] += offsets[k]
+            for i in range(n_rows):
+                order[offsets[split_node[i]]] = i
+                offsets[split_node[i]] += 1
+            for k in range(n_groups - 1, -1, -1):  # each cursor ended at the next start
+                offsets[k + 1] = offsets[k]
+            offsets[0] = 0
+            for k in prange(n_groups, schedule="dynamic"):
+                _walk_subtree(x, w_in, b_in, w_out_t, act, y, visited, preact, save_path,
+                              &order[0], offsets[k], offsets[k + 1],
+                              ((<Py_ssize_t>1 << split) - 1) + k, t, n_nodes, split, path_len)
     return None
 
 
@@ -204,7 +295,7 @@ def ultra_backward(const floating[:, ::1] x, const floating[:, ::1] dy,
     active_arr = np.flatnonzero(np.diff(offsets_arr)).astype(np.intp)
     cdef Py_ssize_t[::1] active = active_arr
     n_active = active.shape[0]
-    cursor_arr = offsets_arr[:-1].copy()
+    cursor_arr = offsets_arr[:n_total].copy()
     cdef Py_ssize_t[::1] cursor = cursor_arr
     with nogil:
         for i in range(n_visits):

@@ -197,3 +197,29 @@ def test_threads_api():
         fastff.set_num_threads(n)
     with pytest.raises(ValueError):
         fastff.set_num_threads(0)
+
+
+@pytest.mark.parametrize("activation", ACTS)
+def test_large_batches_take_the_subtree_path_with_the_same_bits(activation):
+    """Batches big enough to be regrouped by subtree (fastff._cmm._subtree_split) give bitwise
+    the results of small batches walked row by row, and match the reference."""
+    from fastff import _cmm
+
+    layer = fastff.UltraFFF(300, 200, 9, 2, activation, seed=4)
+    rng = np.random.default_rng(4)
+    state = dyadic_state(layer, rng)
+    x = dyadic(rng, (2000, 300), denom=8)
+    assert _cmm._subtree_split(2000, 9, 300, 200, 4) < 10  # regrouped
+    assert _cmm._subtree_split(4, 9, 300, 200, 4) == 10  # not regrouped
+    y = layer(x)
+    np.testing.assert_array_equal(y, np.concatenate([layer(x[i:i + 4]) for i in range(0, 2000, 4)]))
+    y_train, backprop = layer.forward_train(x)
+    np.testing.assert_array_equal(y_train, y)
+    y_ref, cache = R.ultra_forward(x, state, 9, 2, activation)
+    assert_close(y, y_ref, np.float32, 20 * 300, "y")
+    dy = dyadic(rng, (2000, 200), denom=8)
+    dx = backprop(dy)
+    dx_ref, grads_ref = R.ultra_backward(dy, cache, state, activation)
+    assert_close(dx, dx_ref, np.float32, 20 * 2000, "dx")
+    for key, g in layer.grads.items():
+        assert_close(g, grads_ref[key], np.float32, 20 * 2000, key)
