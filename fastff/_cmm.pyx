@@ -100,6 +100,11 @@ cdef enum:
     ROWS_PER_BLOCK = 4  # rows one thread walks in lockstep
     SUBTREE_BYTES = 1 << 20  # weights of a subtree that rows walk together: fits a core's L2
     MIN_ROWS_PER_SUBTREE = 16  # below this, grouping rows by subtree saves too little
+    MIN_ROWS_PER_THREAD = 16  # smaller batches run on the calling thread: no thread start-up
+
+
+cdef inline int _threads_for(Py_ssize_t n_rows) noexcept nogil:
+    return 1 if n_rows < 2 * MIN_ROWS_PER_THREAD else omp_get_max_threads()
 
 
 cdef void _walk(const floating[:, ::1] x, const floating[:, ::1] w_in, const floating[::1] b_in,
@@ -209,41 +214,51 @@ def ultra_forward(const floating[:, ::1] x, const floating[:, ::1] w_in, const f
     cdef Py_ssize_t n_blocks = (n_rows + ROWS_PER_BLOCK - 1) // ROWS_PER_BLOCK
     cdef int split = _subtree_split(n_rows, depth, <int>x.shape[1], out_w, sizeof(floating))
     n_groups = (<Py_ssize_t>1 << split) if split < path_len else 0
-    split_node_arr = np.empty(max(n_rows, 1) if n_groups else 1, dtype=np.intp)
+    split_node_arr = np.empty(n_rows if n_groups else 1, dtype=np.intp)
     offsets_arr = np.zeros(n_groups + 1, dtype=np.intp)
-    order_arr = np.empty(max(n_rows, 1), dtype=np.intp)
+    order_arr = np.empty(n_rows if n_groups else 1, dtype=np.intp)
     cdef Py_ssize_t[::1] split_node = split_node_arr
     cdef Py_ssize_t[::1] offsets = offsets_arr
     cdef Py_ssize_t[::1] order = order_arr
     cdef Py_ssize_t* split_node_ptr = &split_node[0] if n_groups else NULL
+    cdef int n_threads = _threads_for(n_rows)
     with nogil:
-        for r0 in prange(n_rows, schedule="static"):
-            memset(&y[r0, 0], 0, out_w * sizeof(floating))
-        for t in range(n_trees):
-            for block in prange(n_blocks, schedule="static"):
-                _walk_top(x, w_in, b_in, w_out_t, act, y, visited, preact, save_path,
-                          block * ROWS_PER_BLOCK,
-                          <int>(min((block + 1) * ROWS_PER_BLOCK, n_rows) - block * ROWS_PER_BLOCK),
-                          t, n_nodes, split, path_len, split_node_ptr)
-            if not n_groups:
-                continue
-            # counting sort of rows by subtree (rows stay ascending within one)
-            for k in range(n_groups + 1):
-                offsets[k] = 0
-            for i in range(n_rows):
-                offsets[split_node[i] + 1] += 1
-            for k in range(n_groups):
-                offsets[k + 1] += offsets[k]
-            for i in range(n_rows):
-                order[offsets[split_node[i]]] = i
-                offsets[split_node[i]] += 1
-            for k in range(n_groups - 1, -1, -1):  # each cursor ended at the next start
-                offsets[k + 1] = offsets[k]
-            offsets[0] = 0
-            for k in prange(n_groups, schedule="dynamic"):
-                _walk_subtree(x, w_in, b_in, w_out_t, act, y, visited, preact, save_path,
-                              &order[0], offsets[k], offsets[k + 1],
-                              ((<Py_ssize_t>1 << split) - 1) + k, t, n_nodes, split, path_len)
+        if not n_groups:
+            # one parallel region: each block of rows walks every tree, top to leaf
+            for block in prange(n_blocks, schedule="static", num_threads=n_threads):
+                r0 = block * ROWS_PER_BLOCK
+                for i in range(r0, min(r0 + ROWS_PER_BLOCK, n_rows)):
+                    memset(&y[i, 0], 0, out_w * sizeof(floating))
+                for t in range(n_trees):
+                    _walk_top(x, w_in, b_in, w_out_t, act, y, visited, preact, save_path, r0,
+                              <int>(min(r0 + ROWS_PER_BLOCK, n_rows) - r0), t, n_nodes,
+                              path_len, path_len, NULL)
+        else:
+            for r0 in prange(n_rows, schedule="static", num_threads=n_threads):
+                memset(&y[r0, 0], 0, out_w * sizeof(floating))
+            for t in range(n_trees):
+                for block in prange(n_blocks, schedule="static", num_threads=n_threads):
+                    _walk_top(x, w_in, b_in, w_out_t, act, y, visited, preact, save_path,
+                              block * ROWS_PER_BLOCK,
+                              <int>(min((block + 1) * ROWS_PER_BLOCK, n_rows) - block * ROWS_PER_BLOCK),
+                              t, n_nodes, split, path_len, split_node_ptr)
+                # counting sort of rows by subtree (rows stay ascending within one)
+                for k in range(n_groups + 1):
+                    offsets[k] = 0
+                for i in range(n_rows):
+                    offsets[split_node[i] + 1] += 1
+                for k in range(n_groups):
+                    offsets[k + 1] += offsets[k]
+                for i in range(n_rows):
+                    order[offsets[split_node[i]]] = i
+                    offsets[split_node[i]] += 1
+                for k in range(n_groups - 1, -1, -1):  # each cursor ended at the next start
+                    offsets[k + 1] = offsets[k]
+                offsets[0] = 0
+                for k in prange(n_groups, schedule="dynamic", num_threads=n_threads):
+                    _walk_subtree(x, w_in, b_in, w_out_t, act, y, visited, preact, save_path,
+                                  &order[0], offsets[k], offsets[k + 1],
+                                  ((<Py_ssize_t>1 << split) - 1) + k, t, n_nodes, split, path_len)
     return None
 
 
@@ -264,11 +279,12 @@ def ultra_backward(const floating[:, ::1] x, const floating[:, ::1] dy,
     cdef int in_w = <int>x.shape[1], out_w = <int>dy.shape[1]
     cdef Py_ssize_t r, v, g, i, k, start, stop
     cdef floating z, dz
+    cdef int n_threads = _threads_for(n_rows)
 
     dz_arr = np.empty((n_rows, visits_per_row), dtype=np.asarray(preact).dtype)
     cdef floating[:, ::1] dzs = dz_arr
     with nogil:
-        for r in prange(n_rows, schedule="static"):
+        for r in prange(n_rows, schedule="static", num_threads=n_threads):
             memset(&dx[r, 0], 0, in_w * sizeof(floating))
             for v in range(visits_per_row):
                 g = visited[r, v]
@@ -302,7 +318,7 @@ def ultra_backward(const floating[:, ::1] x, const floating[:, ::1] dy,
             g = flat_visited[i]
             order[cursor[g]] = i
             cursor[g] += 1
-        for k in prange(n_active, schedule="dynamic"):
+        for k in prange(n_active, schedule="dynamic", num_threads=n_threads):
             g = active[k]
             start = offsets[g]
             stop = offsets[g + 1]
