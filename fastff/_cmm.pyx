@@ -71,7 +71,7 @@ cdef inline void _axpy(int n, floating alpha, const floating* x, floating* y) no
 
 cdef inline floating _act(floating z, int act) noexcept nogil:
     if act == ACT_RELU:
-        return z if z > 0 else 0
+        return 0 if z <= 0 else z  # NaN <= 0 is false: NaN propagates, as in np.maximum(z, 0)
     if act == ACT_GELU:
         if floating is float:
             return 0.5 * z * (1.0 + erff(z * <float>0.7071067811865476))
