@@ -12,15 +12,46 @@ import numpy as np
 
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
+# The CPU kernels index within a row with C ints: a width beyond this would wrap around.
+MAX_WIDTH = 2**31 - 1
+# 2**(depth + 1) is computed exactly before the memory check; past this the Python integer
+# itself would be enormous (depth=2**63 would try to build a 2**63-bit number).
+MAX_DEPTH = 64
 
-def check_int(value, name: str, minimum: int | None = None) -> int:
-    """An integer argument (bool refused), optionally >= minimum."""
+
+def check_int(value, name: str, minimum: int | None = None, maximum: int | None = None) -> int:
+    """An integer argument (bool refused), optionally >= minimum and <= maximum."""
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an integer, got {type(value).__name__} {value!r}")
     value = int(value)
     if minimum is not None and value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    if maximum is not None and value > maximum:
+        raise ValueError(f"{name} must be <= {maximum}, got {value}")
     return value
+
+
+def max_threads() -> int:
+    """The largest kernel thread count accepted: 8 per CPU, at least 64. More only
+    oversubscribes, and OpenMP kills the process (no Python error) once the system refuses to
+    create the threads (set_num_threads(100000) crashed)."""
+    return max(64, 8 * (os.cpu_count() or 1))
+
+
+def check_width(value, name: str) -> int:
+    """A layer width: an integer in [1, MAX_WIDTH]."""
+    return check_int(value, name, 1, MAX_WIDTH)
+
+
+def check_depth(value, what: str) -> int:
+    """A tree depth >= 0. Depths beyond MAX_DEPTH cannot fit in any memory: they raise
+    MemoryError like any other too-large layer, without computing 2**depth."""
+    depth = check_int(value, "depth", 0)
+    if depth > MAX_DEPTH:
+        raise MemoryError(f"{what} with depth={depth} has at least 2**{depth} nodes of 4 or more "
+                          f"bytes: it needs more than 2**{depth + 2} bytes, more than any "
+                          "machine's memory")
+    return depth
 
 
 def check_probability(value, name: str, *, allow_one: bool = False) -> float:

@@ -3,12 +3,27 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._validation import (as_rows, check_bool, check_choice, check_fits_in_memory, check_int,
-                          check_nonnegative, check_probability)
+from ._validation import (as_rows, check_bool, check_choice, check_depth, check_fits_in_memory,
+                          check_int, check_nonnegative, check_probability, check_width)
 from .module import Module
 from .ops import ACTIVATIONS, get_ops
 
 USAGE_MODES = ("none", "soft", "hard")
+
+
+def _fixed(name: str, doc: str) -> property:
+    """A read-only attribute stored as `_<name>`. The kernels size their loops from these, so
+    changing one after construction (layer.depth = 30) would make them read past the weights."""
+    private = "_" + name
+
+    def get(self):
+        return getattr(self, private)
+
+    def refuse(self, value):
+        raise AttributeError(f"{type(self).__name__}.{name} is fixed at construction; build a new "
+                             "layer (and load_state_dict) to change it")
+
+    return property(get, refuse, doc=doc)
 
 
 def _uniform(rng, shape, bound, dtype):
@@ -35,15 +50,21 @@ class UltraFFF(Module):
     Inputs of another float or integer dtype are cast to the layer's dtype.
     """
 
+    input_width = _fixed("input_width", "Width of the input rows.")
+    output_width = _fixed("output_width", "Width of the output rows.")
+    depth = _fixed("depth", "Depth of each tree (a row visits depth + 1 neurons per tree).")
+    parallel_size = _fixed("parallel_size", "Number of trees, whose outputs are summed.")
+    n_nodes = _fixed("n_nodes", "Neurons per tree, 2**(depth+1) - 1.")
+
     def __init__(self, input_width, output_width, depth, parallel_size=1, activation="gelu", *,
                  dtype=np.float32, seed=None):
         super().__init__(dtype)
-        self.input_width = check_int(input_width, "input_width", 1)
-        self.output_width = check_int(output_width, "output_width", 1)
-        self.depth = check_int(depth, "depth", 0)
-        self.parallel_size = check_int(parallel_size, "parallel_size", 1)
+        self._input_width = check_width(input_width, "input_width")
+        self._output_width = check_width(output_width, "output_width")
+        self._parallel_size = check_int(parallel_size, "parallel_size", 1)
+        self._depth = check_depth(depth, "UltraFFF")
         self.activation = check_choice(activation, "activation", ACTIVATIONS)
-        self.n_nodes = 2 ** (self.depth + 1) - 1
+        self._n_nodes = 2 ** (self.depth + 1) - 1
         total_nodes = self.parallel_size * self.n_nodes
         check_fits_in_memory(
             total_nodes * (self.input_width + 1 + self.output_width) * self.dtype.itemsize,
@@ -147,21 +168,28 @@ class FFF(Module):
     counts the rows whose rounded path visits it. ``reset_usage()`` zeroes them.
     """
 
+    input_width = _fixed("input_width", "Width of the input rows.")
+    leaf_width = _fixed("leaf_width", "Hidden width of each leaf MLP.")
+    output_width = _fixed("output_width", "Width of the output rows.")
+    depth = _fixed("depth", "Depth of the router tree (a row takes depth decisions).")
+    n_nodes = _fixed("n_nodes", "Routers, 2**depth - 1.")
+    n_leaves = _fixed("n_leaves", "Leaf MLPs, 2**depth.")
+
     def __init__(self, input_width, leaf_width, output_width, depth, activation="relu",
                  dropout=0.0, train_hardened=False, region_leak=0.0, usage_mode="none", *,
                  dtype=np.float32, seed=None):
         super().__init__(dtype)
-        self.input_width = check_int(input_width, "input_width", 1)
-        self.leaf_width = check_int(leaf_width, "leaf_width", 1)
-        self.output_width = check_int(output_width, "output_width", 1)
-        self.depth = check_int(depth, "depth", 0)
+        self._input_width = check_width(input_width, "input_width")
+        self._leaf_width = check_width(leaf_width, "leaf_width")
+        self._output_width = check_width(output_width, "output_width")
+        self._depth = check_depth(depth, "FFF")
         self.activation = check_choice(activation, "activation", ACTIVATIONS)
         self.dropout = check_probability(dropout, "dropout")
         self.train_hardened = check_bool(train_hardened, "train_hardened")
         self.region_leak = check_probability(region_leak, "region_leak")
         self.usage_mode = check_choice(usage_mode, "usage_mode", USAGE_MODES)
-        self.n_nodes = 2 ** self.depth - 1
-        self.n_leaves = 2 ** self.depth
+        self._n_nodes = 2 ** self.depth - 1
+        self._n_leaves = 2 ** self.depth
         in_w, leaf_w, out_w = self.input_width, self.leaf_width, self.output_width
         check_fits_in_memory(
             (self.n_nodes * (in_w + 1) + self.n_leaves * (leaf_w * (in_w + 1 + out_w) + out_w))

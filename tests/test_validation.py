@@ -56,3 +56,133 @@ def test_fff_nan_router_logit_goes_left():
     for seed in range(8):  # swapped or not, a NaN decision goes left
         y, _ = layer.forward_train(x, rng=np.random.default_rng(seed))
         np.testing.assert_array_equal(y, [left])
+
+
+# ---- sizes the kernels cannot handle, and attributes they trust -------------------------------
+# Setting layer.depth = 30 on a depth-2 UltraFFF made the kernel walk past its weights (a
+# segfault); widths >= 2**31 wrapped around the kernels' C ints; depth=2**63 made Python build a
+# 2**63-bit integer before the memory check; set_num_threads(10**5) crashed OpenMP and 2**40
+# raised OverflowError.
+
+@pytest.mark.parametrize("make, names", [
+    (lambda: fastff.UltraFFF(4, 3, 2), ["input_width", "output_width", "depth", "parallel_size",
+                                        "n_nodes"]),
+    (lambda: fastff.FFF(4, 2, 3, 2), ["input_width", "leaf_width", "output_width", "depth",
+                                      "n_nodes", "n_leaves"]),
+])
+def test_size_attributes_are_read_only(make, names):
+    layer = make()
+    x = np.ones((3, 4), np.float32)
+    y = layer(x)
+    for name in names:
+        value = getattr(layer, name)
+        with pytest.raises(AttributeError, match=f"{name} is fixed"):
+            setattr(layer, name, 30)
+        assert getattr(layer, name) == value
+    np.testing.assert_array_equal(layer(x), y)
+
+
+def _kernel_calls():
+    """(label, call) pairs handing a _cmm kernel arguments that disagree with each other."""
+    from fastff import _cmm
+
+    f, z = np.float32, np.zeros
+    x, y = z((5, 4), f), z((5, 3), f)
+    w_in, b_in, w_out_t = z((7, 4), f), z(7, f), z((7, 3), f)  # one tree of depth 2
+    visited, preact = z((5, 3), np.intp), z((5, 3), f)
+    ultra_grads = (z((7, 4), f), z(7, f), z((7, 3), f))
+    nw, nb, w1t, b1, w2, b2 = z((3, 4), f), z(3, f), z((4, 2, 4), f), z((4, 2), f), \
+        z((4, 2, 3), f), z((4, 3), f)  # depth-2 FFF
+    path, z_path, leaf, hpre, ent = z((5, 2), np.intp), z((5, 2), f), z(5, np.intp), \
+        z((5, 2), f), z(5, f)
+    no_u8, no_f = z((0, 0), np.uint8), z((0, 0), f)
+    fff_grads = (z((3, 4), f), z(3, f), z((4, 2, 4), f), z((4, 2), f), z((4, 2, 3), f),
+                 z((4, 3), f))
+    bad_visit = visited.copy()
+    bad_visit[4, 2] = 7
+    bad_leaf = leaf.copy()
+    bad_leaf[0] = -1
+    bad_path = path.copy()
+    bad_path[3, 1] = 3
+    return [
+        ("ultra depth", lambda: _cmm.ultra_forward(x, w_in, b_in, w_out_t, 5, 1, 0, y, visited,
+                                                   preact, False)),
+        ("ultra trees", lambda: _cmm.ultra_forward(x, w_in, b_in, w_out_t, 2, 2, 0, y, visited,
+                                                   preact, False)),
+        ("ultra width", lambda: _cmm.ultra_forward(z((5, 6), f), w_in, b_in, w_out_t, 2, 1, 0, y,
+                                                   visited, preact, False)),
+        ("ultra y", lambda: _cmm.ultra_forward(x, w_in, b_in, w_out_t, 2, 1, 0, z((4, 3), f),
+                                               visited, preact, False)),
+        ("ultra path", lambda: _cmm.ultra_forward(x, w_in, b_in, w_out_t, 2, 1, 0, y,
+                                                  z((5, 2), np.intp), z((5, 2), f), True)),
+        ("ultra act", lambda: _cmm.ultra_forward(x, w_in, b_in, w_out_t, 2, 1, 9, y, visited,
+                                                 preact, False)),
+        ("ultra visit", lambda: _cmm.ultra_backward(x, y, w_in, w_out_t, bad_visit, preact, 0,
+                                                    z((5, 4), f), *ultra_grads)),
+        ("ultra grad", lambda: _cmm.ultra_backward(x, y, w_in, w_out_t, visited, preact, 0,
+                                                   z((5, 4), f), z((6, 4), f), *ultra_grads[1:])),
+        ("fff depth", lambda: _cmm.fff_infer(x, nw, nb, w1t, b1, w2, b2, 3, 0, y)),
+        ("fff width", lambda: _cmm.fff_infer(z((5, 5), f), nw, nb, w1t, b1, w2, b2, 2, 0, y)),
+        ("fff b2", lambda: _cmm.fff_infer(x, nw, nb, w1t, b1, w2, z((4, 2), f), 2, 0, y)),
+        ("fff swap", lambda: _cmm.fff_hard_train_forward(
+            x, nw, nb, w1t, b1, w2, b2, 2, 0, z((5, 1), np.uint8), True, no_f, False, y, path,
+            z_path, leaf, hpre, ent)),
+        ("fff drop", lambda: _cmm.fff_hard_train_forward(
+            x, nw, nb, w1t, b1, w2, b2, 2, 0, no_u8, False, z((5, 3), f), True, y, path, z_path,
+            leaf, hpre, ent)),
+        ("fff leaf index", lambda: _cmm.fff_hard_train_backward(
+            x, y, nw, w1t, w2, path, z_path, bad_leaf, no_u8, False, no_f, False, hpre, 0, 1.0,
+            z((5, 4), f), *fff_grads)),
+        ("fff path index", lambda: _cmm.fff_hard_train_backward(
+            x, y, nw, w1t, w2, bad_path, z_path, leaf, no_u8, False, no_f, False, hpre, 0, 1.0,
+            z((5, 4), f), *fff_grads)),
+        ("soft reach", lambda: _cmm.fff_soft_mixture(z((5, 3), f), no_u8, False, z((5, 3), f),
+                                                     z((5, 6), f), ent)),
+        ("soft router", lambda: _cmm.fff_soft_router_backward(
+            z((5, 3), f), z((5, 3), f), z((5, 7), f), no_u8, False, 0.0, z((5, 7), f),
+            z((5, 3), f))),
+        ("soft leaves", lambda: _cmm.fff_soft_leaf_activate(
+            z((5, 8), f), b1, z((5, 3), f), no_f, False, 0, z((5, 8), f), z((5, 8), f))),
+        ("soft leaf backward", lambda: _cmm.fff_soft_leaf_backward(
+            z((5, 8), f), z((5, 8), f), z((5, 8), f), z((5, 0), f), no_f, False, 0,
+            z((5, 0), f))),
+    ]
+
+
+@pytest.mark.parametrize("label, call", _kernel_calls(), ids=[c[0] for c in _kernel_calls()])
+def test_kernels_refuse_inconsistent_arguments(label, call):
+    with pytest.raises(ValueError, match="fastff._cmm"):
+        call()
+
+
+def test_kernel_checks_accept_what_the_layers_pass():
+    """The checks above are not too strict: every layer path (depth 0 included) still runs."""
+    x = np.linspace(-1, 1, 30, dtype=np.float32).reshape(5, 6)
+    for layer in (fastff.UltraFFF(6, 3, 0), fastff.UltraFFF(6, 3, 3, 2),
+                  fastff.FFF(6, 2, 3, 0), fastff.FFF(6, 2, 3, 3, region_leak=0.2, dropout=0.2),
+                  fastff.FFF(6, 2, 3, 3, train_hardened=True, region_leak=0.2, dropout=0.2)):
+        assert layer(x).shape == (5, 3)
+        y, backprop = layer.forward_train(x)
+        assert backprop(np.ones_like(y)).shape == x.shape
+
+
+@pytest.mark.parametrize("make, exc, words", [
+    (lambda: fastff.UltraFFF(2**31, 4, 1), ValueError, "input_width must be <= 2147483647"),
+    (lambda: fastff.UltraFFF(4, 2**31, 1), ValueError, "output_width"),
+    (lambda: fastff.FFF(4, 2**31, 3, 1), ValueError, "leaf_width"),
+    (lambda: fastff.UltraFFF(4, 3, 2**63), MemoryError, "bytes"),
+    (lambda: fastff.FFF(4, 2, 3, 10**30), MemoryError, "bytes"),
+    (lambda: fastff.UltraFFF(4, 3, 65), MemoryError, "bytes"),
+    (lambda: fastff.set_num_threads(10**5), ValueError, "n must be <="),
+    (lambda: fastff.set_num_threads(2**70), ValueError, "n must be <="),
+])
+def test_sizes_beyond_the_kernels(make, exc, words):
+    with pytest.raises(exc, match=words):
+        make()
+
+
+def test_bench_cli_refuses_thread_counts_openmp_cannot_create(capsys):
+    from fastff.__main__ import main
+
+    with pytest.raises(SystemExit, match="--threads must be <="):
+        main(["bench", "--threads", "100000"])
