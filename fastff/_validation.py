@@ -5,6 +5,7 @@ and what was expected.
 """
 from __future__ import annotations
 
+import functools
 import numbers
 import os
 
@@ -98,15 +99,39 @@ def check_float_dtype(dtype, name: str = "dtype") -> np.dtype:
     return dt
 
 
+CGROUP_LIMIT_FILES = ("/sys/fs/cgroup/memory.max",  # cgroup v2
+                      "/sys/fs/cgroup/memory/memory.limit_in_bytes")  # cgroup v1
+
+
+def _cgroup_limit_bytes():
+    """The memory limit of this process's container, or None. Inside a container the machine's
+    physical memory overstates what can be allocated: past the cgroup limit the kernel kills the
+    process instead of failing the allocation."""
+    for path in CGROUP_LIMIT_FILES:
+        try:
+            with open(path) as f:
+                text = f.read().strip()
+        except OSError:
+            continue
+        if text.isdigit():
+            return int(text)
+    return None  # no file, or "max": no limit
+
+
+@functools.lru_cache(maxsize=None)
 def physical_memory_bytes() -> int:
+    """The memory this process may use: physical memory, or the container's limit if lower.
+    Read once (forward passes check against it)."""
     try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):  # not POSIX: no check rather than a wrong one
-        return 1 << 62
+        physical = 1 << 62
+    limit = _cgroup_limit_bytes()
+    return physical if limit is None else min(physical, limit)
 
 
 def check_fits_in_memory(n_bytes: int, what: str) -> None:
-    """Refuse, before allocating, an array set larger than the machine's physical memory."""
+    """Refuse, before allocating, an array set larger than the memory this process may use."""
     limit = physical_memory_bytes()
     if n_bytes > limit:
         raise MemoryError(

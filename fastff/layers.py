@@ -108,6 +108,13 @@ class UltraFFF(Module):
     def _forward(self, x, save_path):
         ops = self.ops
         rows, lead = as_rows(x, self.input_width, self.dtype, ops.xp)
+        # y, and for training each row's visited nodes (intp) and pre-activations
+        path = self.parallel_size * (self.depth + 1) if save_path else 0
+        check_fits_in_memory(
+            rows.shape[0] * (self.output_width * self.dtype.itemsize
+                             + path * (np.dtype(np.intp).itemsize + self.dtype.itemsize)),
+            f"{'forward_train' if save_path else 'inference'} of UltraFFF(depth={self.depth}, "
+            f"parallel_size={self.parallel_size}) on {rows.shape[0]} rows")
         p = self._params
         y, visited, preact = ops.ultra_forward(rows, p["w_in"], p["b_in"], p["w_out_t"],
                                                self.depth, self.parallel_size, self.activation,
@@ -331,6 +338,8 @@ class FFF(Module):
         """Hard inference: x (..., input_width) -> y (..., output_width)."""
         ops = self.ops
         rows, lead = as_rows(x, self.input_width, self.dtype, ops.xp)
+        check_fits_in_memory(rows.shape[0] * self.output_width * self.dtype.itemsize,
+                             f"inference of FFF(depth={self.depth}) on {rows.shape[0]} rows")
         y = ops.fff_infer(rows, self._params, self.depth, self.activation)
         return y.reshape(lead + (self.output_width,))
 
@@ -384,6 +393,12 @@ class FFF(Module):
                 n_rows * (4 * self.training_width + 3 * (self.n_nodes + self.n_leaves))
                 * self.dtype.itemsize,
                 f"soft training of FFF(depth={self.depth}) on {n_rows} rows")
+        else:  # y, the path (intp and logits), the leaf, its hidden units, dropout masks
+            per_row = ((self.output_width + self.depth + 2 * self.leaf_width + 1)
+                       * self.dtype.itemsize + (self.depth + 1) * np.dtype(np.intp).itemsize
+                       + self.depth)
+            check_fits_in_memory(n_rows * per_row,
+                                 f"hardened training of FFF(depth={self.depth}) on {n_rows} rows")
         swap, drop = self._draw_masks(rng, n_rows)
         if swap is not None:
             swap = ops.asarray(swap)

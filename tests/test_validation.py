@@ -186,3 +186,64 @@ def test_bench_cli_refuses_thread_counts_openmp_cannot_create(capsys):
 
     with pytest.raises(SystemExit, match="--threads must be <="):
         main(["bench", "--threads", "100000"])
+
+
+# ---- memory: refused before allocating, with the byte count ------------------------------------
+# The limit ignored container (cgroup) limits, past which the kernel kills the process instead
+# of failing an allocation; forward passes allocated outputs and saved paths unchecked; an IDX
+# (or gzip) file was read whole whatever its header said.
+
+def test_memory_limit_follows_the_container(monkeypatch, tmp_path):
+    from fastff import _validation
+
+    limit_file = tmp_path / "memory.max"
+    monkeypatch.setattr(_validation, "CGROUP_LIMIT_FILES", (str(limit_file),))
+    try:
+        _validation.physical_memory_bytes.cache_clear()
+        limit_file.write_text("max\n")
+        physical = _validation.physical_memory_bytes()
+        assert physical > 2**20
+        _validation.physical_memory_bytes.cache_clear()
+        limit_file.write_text("1048576\n")
+        assert _validation.physical_memory_bytes() == 2**20
+        with pytest.raises(MemoryError, match=r"needs [\d,]+ bytes .* 1,048,576 bytes"):
+            fastff.UltraFFF(64, 64, 10)  # 2047 * 129 * 4 bytes
+    finally:
+        _validation.physical_memory_bytes.cache_clear()
+
+
+@pytest.mark.parametrize("call, words", [
+    (lambda: fastff.UltraFFF(2, 5000, 1)(np.ones((100, 2))), "inference of UltraFFF"),
+    (lambda: fastff.UltraFFF(2, 1, 1, 400).forward_train(np.ones((100, 2))), "forward_train"),
+    (lambda: fastff.FFF(2, 1, 5000, 1)(np.ones((100, 2))), "inference of FFF"),
+    (lambda: fastff.FFF(2, 1000, 1, 1, train_hardened=True).forward_train(np.ones((100, 2))),
+     "hardened training"),
+])
+def test_forward_passes_refuse_outputs_beyond_memory(monkeypatch, call, words):
+    from fastff import _validation
+
+    monkeypatch.setattr(_validation, "physical_memory_bytes", lambda: 200_000)
+    with pytest.raises(MemoryError, match=rf"{words}.*needs [\d,]+ bytes"):
+        call()
+
+
+def test_idx_reader_reads_no_more_than_the_header_promises(tmp_path):
+    import gzip
+
+    from fastff.data import DatasetError, read_idx
+
+    header = np.array([2049, 10], ">u4").tobytes()
+    bomb = tmp_path / "labels.gz"  # 10 labels, then 8 MB of zeros compressed to a few KB
+    with gzip.open(bomb, "wb") as f:
+        f.write(header + bytes(10) + bytes(8 * 2**20))
+    assert bomb.stat().st_size < 2**16
+    with pytest.raises(DatasetError, match="longer than its header says"):
+        read_idx(bomb, 2049, ())
+    short = tmp_path / "short-labels"  # a 12-byte file whose header claims 2**32 - 1 labels
+    short.write_bytes(np.array([2049, 2**32 - 1], ">u4").tobytes() + bytes(4))
+    with pytest.raises(DatasetError, match="truncated: 12 bytes"):
+        read_idx(short, 2049, ())
+    huge = tmp_path / "huge-images"  # claims 2**31 images of 28 x 28: 1.7 TB
+    huge.write_bytes(np.array([2051, 2**31, 28, 28], ">u4").tobytes())
+    with pytest.raises(MemoryError, match="1,683,627,180,032 bytes"):
+        read_idx(huge, 2051, (28, 28))
