@@ -90,6 +90,8 @@ def check_choice(value, name: str, choices) -> str:
 
 
 def check_float_dtype(dtype, name: str = "dtype") -> np.dtype:
+    if dtype is None:  # numpy reads None as float64; a layer's default is float32: be explicit
+        raise TypeError(f"{name} must be numpy.float32 or numpy.float64, got None")
     try:
         dt = np.dtype(dtype)
     except TypeError as exc:
@@ -144,6 +146,26 @@ def is_cuda_array(x) -> bool:
     return hasattr(x, "__cuda_array_interface__")
 
 
+def refuse_masked(x, name: str) -> None:
+    """np.asarray drops a masked array's mask, so the hidden values would be used silently."""
+    if isinstance(x, np.ma.MaskedArray):
+        raise TypeError(f"{name} is a masked array; fill or drop the masked values first "
+                        f"({name}.filled(value) or {name}.compressed())")
+
+
+def check_cast_in_range(src, converted, dtype, xp, name: str) -> None:
+    """After a narrowing float cast (float64 -> float32): refuse finite values that became
+    infinite, rather than hand back inf or NaN outputs for finite inputs. One extra pass over
+    the array, paid only on the narrowing path."""
+    if bool(xp.isfinite(converted).all()):
+        return
+    overflow = xp.isfinite(src) & ~xp.isfinite(converted)
+    if bool(overflow.any()):
+        example = src[overflow].reshape(-1)[0]
+        raise ValueError(f"{name} has values beyond the range of {dtype} (e.g. {float(example)!r})"
+                         f"; scale the input or use a float64 layer")
+
+
 def as_rows(x, width: int, dtype: np.dtype, xp=np, name: str = "x"):
     """View x of shape (..., width) as a C-contiguous (rows, width) array of `dtype`.
 
@@ -160,6 +182,7 @@ def as_rows(x, width: int, dtype: np.dtype, xp=np, name: str = "x"):
             f"{name} is a host array ({type(x).__name__}) but the layer is on 'cuda': pass a "
             f"CuPy array (cupy.asarray({name})) or move the layer with .to('cpu')"
         )
+    refuse_masked(x, name)
     try:
         arr = xp.asarray(x)
     except (ValueError, TypeError) as exc:
@@ -174,7 +197,11 @@ def as_rows(x, width: int, dtype: np.dtype, xp=np, name: str = "x"):
     if arr.shape[-1] != width:
         raise ValueError(f"{name} must have shape (..., {width}), got shape {tuple(arr.shape)}")
     lead = tuple(arr.shape[:-1])
-    rows = xp.ascontiguousarray(arr.reshape(-1, width), dtype=dtype)
+    flat = arr.reshape(-1, width)
+    with np.errstate(over="ignore"):  # an overflowing cast is reported just below instead
+        rows = xp.ascontiguousarray(flat, dtype=dtype)
+    if arr.dtype.kind == "f" and arr.dtype.itemsize > dtype.itemsize:
+        check_cast_in_range(flat, rows, dtype, xp, name)
     return rows, lead
 
 
@@ -189,6 +216,7 @@ def as_float_array(x, xp=np, name: str = "x"):
         raise TypeError(f"{name} is a host array ({type(x).__name__}) but the layer is on 'cuda': "
                         f"pass a CuPy array (cupy.asarray({name})) or move the layer with "
                         ".to('cpu')")
+    refuse_masked(x, name)
     try:
         arr = xp.asarray(x)
     except (ValueError, TypeError) as exc:
@@ -198,5 +226,9 @@ def as_float_array(x, xp=np, name: str = "x"):
     if arr.ndim == 0:
         raise ValueError(f"{name} must have at least one dimension, got a 0-d scalar")
     if arr.dtype not in FLOAT_DTYPES:
-        arr = arr.astype(np.float64)
+        wide = arr
+        with np.errstate(over="ignore"):
+            arr = arr.astype(np.float64)
+        if wide.dtype.kind == "f" and wide.dtype.itemsize > 8:  # long double
+            check_cast_in_range(wide, arr, np.dtype(np.float64), xp, name)
     return arr

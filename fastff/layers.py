@@ -321,6 +321,11 @@ class FFF(Module):
                 if arr.dtype.kind not in "iuf" or arr.shape != (size,):
                     raise ValueError(f"state[{key!r}] must be a real array of shape ({size},), "
                                      f"got {arr.dtype} {arr.shape}")
+                # counts of rows (or summed probabilities): a negative or NaN count would stall
+                # or skip local_batch_size updates forever
+                if not (np.isfinite(arr).all() and (arr >= 0).all()):
+                    raise ValueError(f"state[{key!r}] must hold finite counts >= 0, got "
+                                     f"{arr[~(np.isfinite(arr) & (arr >= 0))][0]!r}")
                 self._pending_usage[key] = arr.astype(np.float64)
         return state
 

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 import fastff
+from fastff import nn
 
 
 def _fff_state(layer, **overrides):
@@ -247,3 +248,83 @@ def test_idx_reader_reads_no_more_than_the_header_promises(tmp_path):
     huge.write_bytes(np.array([2051, 2**31, 28, 28], ">u4").tobytes())
     with pytest.raises(MemoryError, match="1,683,627,180,032 bytes"):
         read_idx(huge, 2051, (28, 28))
+
+
+# ---- inputs that were silently misread ---------------------------------------------------------
+# A masked array's mask was dropped (the hidden values were used); float64 values beyond the
+# float32 range became inf, so a finite input gave an inf/NaN output; dtype=None meant float64
+# (numpy's reading of None); negative or NaN usage counters were loaded and stalled
+# local_batch_size updates for good.
+
+def _masked(shape):
+    return np.ma.masked_array(np.ones(shape), mask=np.eye(*shape, dtype=bool))
+
+
+@pytest.mark.parametrize("call", [
+    lambda: fastff.UltraFFF(3, 2, 1)(_masked((4, 3))),
+    lambda: fastff.FFF(3, 2, 2, 1).forward_train(_masked((4, 3))),
+    lambda: nn.Linear(3, 2)(_masked((4, 3))),
+    lambda: nn.GELU()(_masked((4, 3))),
+    lambda: nn.Dropout(0.5).forward_train(_masked((4, 3))),
+    lambda: nn.mse(_masked((4, 3)), np.ones((4, 3))),
+    lambda: nn.mse(np.ones((4, 3)), _masked((4, 3))),
+    lambda: nn.softmax_cross_entropy(_masked((4, 3)), np.zeros(4, int)),
+    lambda: nn.softmax_cross_entropy(np.ones((4, 3)),
+                                            np.ma.masked_array(np.zeros(4, int), mask=[1, 0, 0, 0])),
+    lambda: fastff.UltraFFF(3, 2, 1).forward_train(np.ones((4, 3)))[1](_masked((4, 2))),
+])
+def test_masked_arrays_are_refused(call):
+    with pytest.raises(TypeError, match="masked array"):
+        call()
+
+
+def test_float64_values_beyond_float32_are_refused_not_made_inf():
+    x = np.array([[1.0, 2.0], [3e38, -1e300]])
+    for layer in (fastff.UltraFFF(2, 3, 1), fastff.FFF(2, 2, 3, 1), nn.Linear(2, 3)):
+        with pytest.raises(ValueError, match=r"x has values beyond the range of float32 .*1e\+300"):
+            layer(x)
+        with pytest.raises(ValueError, match="beyond the range"):
+            layer.forward_train(x)
+        assert np.isfinite(layer(x[:1])).all()
+        with np.errstate(invalid="ignore"):  # inf * 0 in NumPy's matmul warns
+            layer(np.array([[np.inf, 0.0]]))  # an infinite input is data, not an overflow
+    wide = fastff.UltraFFF(2, 3, 1, dtype=np.float64)
+    assert wide(x).shape == (2, 3)  # float64 layers take any float64
+    layer = fastff.UltraFFF(2, 3, 1)
+    _, backprop = layer.forward_train(np.ones((1, 2)))
+    with pytest.raises(ValueError, match="dy has values beyond"):
+        backprop(np.array([[1e39, 0.0, 0.0]]))
+    big_ints = np.array([[2**63 - 1, -2**63]])  # integers always fit float32's range
+    assert np.isfinite(layer(big_ints)).all()
+
+
+def test_non_finite_inputs_pass_through():
+    """Refusing overflow is not refusing non-finite data: inf and NaN inputs are the caller's
+    and propagate (the NaN policy)."""
+    layer = fastff.UltraFFF(2, 3, 1, activation="identity", seed=0)
+    y = layer(np.array([[np.inf, 1.0], [np.nan, 1.0]]))
+    assert not np.isfinite(y).any()
+
+
+@pytest.mark.parametrize("make", [
+    lambda: fastff.UltraFFF(4, 3, 2, dtype=None),
+    lambda: fastff.FFF(4, 2, 3, 2, dtype=None),
+    lambda: nn.Linear(4, 3, dtype=None),
+])
+def test_dtype_none_is_refused(make):
+    with pytest.raises(TypeError, match="dtype must be numpy.float32 or numpy.float64, got None"):
+        make()
+
+
+@pytest.mark.parametrize("bad", [np.array([1.0, -1.0, 0.0]), np.array([np.nan, 0.0, 0.0]),
+                                 np.array([np.inf, 0.0, 0.0])])
+def test_fff_usage_counters_must_be_finite_counts(bad):
+    layer = fastff.FFF(4, 2, 3, 2, usage_mode="hard", seed=0)
+    layer.forward_train(np.ones((5, 4)))
+    before_usage = layer.node_usage.copy()
+    state = {**layer.state_dict(), "node_usage": bad}
+    with pytest.raises(ValueError, match="node_usage.*finite counts >= 0"):
+        layer.load_state_dict(state)
+    np.testing.assert_array_equal(layer.node_usage, before_usage)
+    layer.load_state_dict({**state, "node_usage": np.array([3.0, 1.0, 2.0])})
+    np.testing.assert_array_equal(layer.node_usage, [3, 1, 2])
