@@ -225,10 +225,17 @@ def as_float_array(x, xp=np, name: str = "x"):
         raise TypeError(f"{name} must hold real numbers (float or integer), got dtype {arr.dtype}")
     if arr.ndim == 0:
         raise ValueError(f"{name} must have at least one dimension, got a 0-d scalar")
-    if arr.dtype not in FLOAT_DTYPES:
-        wide = arr
-        with np.errstate(over="ignore"):
-            arr = arr.astype(np.float64)
-        if wide.dtype.kind == "f" and wide.dtype.itemsize > 8:  # long double
-            check_cast_in_range(wide, arr, np.dtype(np.float64), xp, name)
+    return as_compute_float(arr, xp, name)
+
+
+def as_compute_float(arr, xp, name: str):
+    """A real array in a dtype to compute in: float32 and float64 are kept, everything else
+    (integers, float16, long double) becomes float64. float16 would overflow in products
+    (256**2 > 65504); a long double beyond float64's range is refused rather than made inf."""
+    if arr.dtype in FLOAT_DTYPES:
+        return arr
+    with np.errstate(over="ignore"):
+        wide, arr = arr, arr.astype(np.float64)
+    if wide.dtype.kind == "f" and wide.dtype.itemsize > 8:
+        check_cast_in_range(wide, arr, np.dtype(np.float64), xp, name)
     return arr

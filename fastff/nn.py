@@ -16,8 +16,8 @@ import math
 
 import numpy as np
 
-from ._validation import (as_float_array, as_rows, check_fits_in_memory, check_int,
-                          check_probability, refuse_masked)
+from ._validation import (as_compute_float, as_float_array, as_rows, check_fits_in_memory,
+                          check_int, check_probability, refuse_masked)
 from .layers import _uniform
 from .module import Module
 from .ops import get_array_module
@@ -355,9 +355,7 @@ def _float_array(a, name):
     a = xp.asarray(a)
     if a.dtype.kind not in "fiu":
         raise TypeError(f"{name} must hold real numbers, got dtype {a.dtype}")
-    if a.dtype.kind != "f":
-        a = a.astype(np.float64)
-    return a, xp
+    return as_compute_float(a, xp, name), xp
 
 
 def softmax_cross_entropy(logits, labels):

@@ -328,3 +328,14 @@ def test_fff_usage_counters_must_be_finite_counts(bad):
     np.testing.assert_array_equal(layer.node_usage, before_usage)
     layer.load_state_dict({**state, "node_usage": np.array([3.0, 1.0, 2.0])})
     np.testing.assert_array_equal(layer.node_usage, [3, 1, 2])
+
+
+def test_losses_compute_float16_inputs_in_float64():
+    """mse squared float16 differences in float16: a difference of 300 gave an inf loss."""
+    pred = np.array([[300.0, -300.0]], np.float16)
+    loss, grad = nn.mse(pred, np.zeros((1, 2)))
+    assert loss == 90000.0 and grad.dtype == np.float64
+    loss, grad = nn.softmax_cross_entropy(np.array([[300.0, 0.0]], np.float16), [1])
+    assert loss == 300.0 and np.isfinite(grad).all()
+    with pytest.raises(ValueError, match="pred has values beyond the range of float64"):
+        nn.mse(np.array([np.finfo(np.longdouble).max]), np.zeros(1))
