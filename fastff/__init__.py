@@ -21,10 +21,10 @@ def get_num_threads() -> int:
 
 
 def set_num_threads(n: int) -> None:
-    """Set the thread count of the CPU kernels."""
-    from ._validation import check_int
+    """Set the thread count of the CPU kernels: 1 <= n <= 8 per CPU (at least 64 allowed)."""
+    from ._validation import check_int, max_threads
 
-    _cmm.set_num_threads(check_int(n, "n", 1))
+    _cmm.set_num_threads(check_int(n, "n", 1, max_threads()))
 
 
 __all__ = ["FFF", "UltraFFF", "Module", "reference", "interop", "save", "load", "WeightFileError",

@@ -46,6 +46,47 @@ def set_num_threads(int n):
 
 
 # ---------------------------------------------------------------------------------------------
+# Argument checks. The loops run without bounds checks, on pointers formed from the shapes, so an
+# inconsistent shape or an out-of-range node index would read or write outside the arrays. The
+# layers never pass such arguments; these O(1) checks (and the index scans of the backward
+# passes) keep that true whatever a caller does, e.g. changing a layer attribute.
+
+MAX_DEPTH = 61  # 2**(depth+1) nodes must be countable in a Py_ssize_t
+
+
+def _require(ok, what):
+    if not ok:
+        raise ValueError(f"fastff._cmm: {what}")
+
+
+def _check_act(int act):
+    _require(act == ACT_IDENTITY or act == ACT_RELU or act == ACT_GELU, "unknown activation code")
+
+
+cdef int _check_fff_weights(int depth, Py_ssize_t in_w, Py_ssize_t out_w,
+                            const floating[:, ::1] node_w, const floating[:, :, ::1] w1t,
+                            const floating[:, :, ::1] w2) except -1:
+    """The router-leaf weights of a depth-`depth` tree for rows of width in_w and out_w."""
+    _require(0 <= depth <= MAX_DEPTH, "depth out of range")
+    n_leaves = <object>1 << depth
+    _require(node_w.shape[0] == n_leaves - 1 and node_w.shape[1] == in_w,
+             "node_w must be (2**depth - 1, in)")
+    _require(w1t.shape[0] == n_leaves and w1t.shape[2] == in_w, "w1t must be (2**depth, leaf, in)")
+    _require(w2.shape[0] == n_leaves and w2.shape[1] == w1t.shape[1] and w2.shape[2] == out_w,
+             "w2 must be (2**depth, leaf, out)")
+    return 0
+
+
+cdef bint _indices_below(const Py_ssize_t* values, Py_ssize_t n, Py_ssize_t bound) noexcept nogil:
+    """True if every values[i] lies in [0, bound)."""
+    cdef Py_ssize_t i
+    for i in range(n):
+        if values[i] < 0 or values[i] >= bound:
+            return False
+    return True
+
+
+# ---------------------------------------------------------------------------------------------
 # Vector primitives: fastff/_simd.h, multiversioned for AVX-512 / AVX2 / baseline at load time.
 
 cdef extern from "_simd.h" nogil:
@@ -71,7 +112,7 @@ cdef inline void _axpy(int n, floating alpha, const floating* x, floating* y) no
 
 cdef inline floating _act(floating z, int act) noexcept nogil:
     if act == ACT_RELU:
-        return z if z > 0 else 0
+        return 0 if z <= 0 else z  # NaN <= 0 is false: NaN propagates, as in np.maximum(z, 0)
     if act == ACT_GELU:
         if floating is float:
             return 0.5 * z * (1.0 + erff(z * <float>0.7071067811865476))
@@ -212,6 +253,18 @@ def ultra_forward(const floating[:, ::1] x, const floating[:, ::1] w_in, const f
     cdef int out_w = <int>y.shape[1], path_len = depth + 1, t
     cdef Py_ssize_t n_nodes = (<Py_ssize_t>1 << (depth + 1)) - 1
     cdef Py_ssize_t n_blocks = (n_rows + ROWS_PER_BLOCK - 1) // ROWS_PER_BLOCK
+    _require(0 <= depth <= MAX_DEPTH and n_trees >= 1, "depth or n_trees out of range")
+    _check_act(act)
+    n_total = n_trees * ((<object>1 << (depth + 1)) - 1)  # a Python int: cannot overflow
+    _require(w_in.shape[0] == n_total and b_in.shape[0] == n_total
+             and w_out_t.shape[0] == n_total,
+             "w_in, b_in and w_out_t must have n_trees * (2**(depth+1) - 1) rows")
+    _require(w_in.shape[1] == x.shape[1], "w_in and x must have the same width")
+    _require(y.shape[0] == n_rows and y.shape[1] == w_out_t.shape[1], "y must be (rows, out)")
+    if save_path:
+        _require(visited.shape[0] == n_rows and visited.shape[1] == n_trees * (depth + 1)
+                 and preact.shape[0] == n_rows and preact.shape[1] == visited.shape[1],
+                 "visited and preact must be (rows, n_trees * (depth + 1))")
     cdef int split = _subtree_split(n_rows, depth, <int>x.shape[1], out_w, sizeof(floating))
     n_groups = (<Py_ssize_t>1 << split) if split < path_len else 0
     split_node_arr = np.empty(n_rows if n_groups else 1, dtype=np.intp)
@@ -279,6 +332,20 @@ def ultra_backward(const floating[:, ::1] x, const floating[:, ::1] dy,
     cdef int in_w = <int>x.shape[1], out_w = <int>dy.shape[1]
     cdef Py_ssize_t r, v, g, i, k, start, stop
     cdef floating z, dz
+    _check_act(act)
+    _require(dy.shape[0] == n_rows and dx.shape[0] == n_rows and dx.shape[1] == in_w
+             and visited.shape[0] == n_rows and preact.shape[0] == n_rows
+             and preact.shape[1] == visits_per_row, "x, dy, dx, visited, preact: row counts")
+    _require(w_in.shape[1] == in_w and w_out_t.shape[0] == n_total and w_out_t.shape[1] == out_w,
+             "w_in must be (n, in) and w_out_t (n, out)")
+    _require(grad_w_in.shape[0] == n_total and grad_w_in.shape[1] == in_w
+             and grad_b_in.shape[0] == n_total and grad_w_out_t.shape[0] == n_total
+             and grad_w_out_t.shape[1] == out_w, "gradients must have the parameters' shapes")
+    cdef bint in_range = True
+    if n_visits > 0:
+        with nogil:
+            in_range = _indices_below(&visited[0, 0], n_visits, n_total)
+    _require(in_range, "visited holds a node index outside the tree")
     cdef int n_threads = _threads_for(n_rows)
 
     dz_arr = np.empty((n_rows, visits_per_row), dtype=np.asarray(preact).dtype)
@@ -454,6 +521,11 @@ def fff_infer(const floating[:, ::1] x, const floating[:, ::1] node_w,
     """
     cdef Py_ssize_t n_rows = x.shape[0], n_leaves = w1t.shape[0], r, i, l
     cdef int in_w = <int>x.shape[1], leaf_w = <int>w1t.shape[1], out_w = <int>y.shape[1]
+    _check_act(act)
+    _check_fff_weights(depth, x.shape[1], y.shape[1], node_w, w1t, w2)
+    _require(node_b.shape[0] == node_w.shape[0] and b1.shape[0] == w1t.shape[0]
+             and b1.shape[1] == leaf_w and b2.shape[0] == w1t.shape[0] and b2.shape[1] == out_w
+             and y.shape[0] == n_rows, "node_b, b1, b2 and y must match the weights")
     cdef int n_threads = _n_threads(n_rows)
     cdef const floating* nw = &node_w[0, 0] if depth > 0 else NULL
     cdef const floating* nb = &node_b[0] if depth > 0 else NULL
@@ -509,6 +581,11 @@ def fff_soft_mixture(const floating[:, ::1] z, const unsigned char[:, ::1] swap,
     leaf mixture), entropy (B,) = summed node entropies of each row. swap (B, n_nodes) marks
     the region-leak swaps (has_swap False: none)."""
     cdef Py_ssize_t n_rows = z.shape[0], n_nodes = z.shape[1], r
+    _require(q.shape[0] == n_rows and q.shape[1] == n_nodes and reach.shape[0] == n_rows
+             and reach.shape[1] == 2 * n_nodes + 1 and entropy.shape[0] == n_rows,
+             "q must be (rows, n_nodes), reach (rows, 2 * n_nodes + 1), entropy (rows,)")
+    _require(not has_swap or (swap.shape[0] == n_rows and swap.shape[1] == n_nodes),
+             "swap must be (rows, n_nodes)")
     with nogil:
         for r in prange(n_rows, schedule="dynamic", chunksize=_ROW_CHUNK,
                         num_threads=_n_threads(n_rows)):
@@ -554,6 +631,14 @@ def fff_soft_router_backward(const floating[:, ::1] dmix, const floating[:, ::1]
     for a mean-entropy loss)."""
     cdef Py_ssize_t n_rows = dmix.shape[0], n_leaves = dmix.shape[1], n_nodes = q.shape[1], r
     cdef floating w = <floating>entropy_weight
+    _require(n_leaves == n_nodes + 1 and q.shape[0] == n_rows and reach.shape[0] == n_rows
+             and reach.shape[1] == n_nodes + n_leaves and dreach.shape[0] == n_rows
+             and dreach.shape[1] == reach.shape[1] and dz.shape[0] == n_rows
+             and dz.shape[1] == n_nodes,
+             "dmix (rows, n_nodes + 1), q and dz (rows, n_nodes), reach and dreach "
+             "(rows, 2 * n_nodes + 1)")
+    _require(not has_swap or (swap.shape[0] == n_rows and swap.shape[1] == n_nodes),
+             "swap must be (rows, n_nodes)")
     if n_nodes == 0:
         return None
     with nogil:
@@ -573,6 +658,13 @@ def fff_soft_leaf_activate(floating[:, ::1] hpre, const floating[:, ::1] b1,
     cdef Py_ssize_t n_rows = hpre.shape[0], n_leaves = b1.shape[0], r, l, k
     cdef int leaf_w = <int>b1.shape[1], j
     cdef floating h, v, m
+    _check_act(act)
+    _require(hpre.shape[1] == n_leaves * b1.shape[1] and mix.shape[0] == n_rows
+             and mix.shape[1] == n_leaves and a.shape[0] == n_rows and a.shape[1] == hpre.shape[1]
+             and mixed.shape[0] == n_rows and mixed.shape[1] == hpre.shape[1],
+             "hpre, a and mixed must be (rows, n_leaves * leaf), mix (rows, n_leaves)")
+    _require(not has_drop or (drop.shape[0] == n_rows and drop.shape[1] == hpre.shape[1]),
+             "drop must be (rows, n_leaves * leaf)")
     with nogil:
         for r in prange(n_rows, schedule="dynamic", chunksize=_ROW_CHUNK,
                         num_threads=_n_threads(n_rows)):
@@ -598,8 +690,16 @@ def fff_soft_leaf_backward(const floating[:, ::1] hpre, const floating[:, ::1] a
     the pre-activation gradient mix * g * drop * act'(hpre); dmix (B, n_leaves), holding
     dy @ b2^T on entry, gets each leaf's sum of a * g added (d objective / d mixture weight)."""
     cdef Py_ssize_t n_rows = hpre.shape[0], n_leaves = mix.shape[1], r, l, k
+    _check_act(act)
+    _require(n_leaves >= 1 and hpre.shape[1] % n_leaves == 0, "mix must be (rows, n_leaves >= 1)")
     cdef int leaf_w = <int>(hpre.shape[1] // n_leaves), j
     cdef floating s, m, d
+    _require(mix.shape[0] == n_rows and a.shape[0] == n_rows and a.shape[1] == hpre.shape[1]
+             and g.shape[0] == n_rows and g.shape[1] == hpre.shape[1]
+             and dmix.shape[0] == n_rows and dmix.shape[1] == n_leaves,
+             "hpre, a and g must be (rows, n_leaves * leaf), mix and dmix (rows, n_leaves)")
+    _require(not has_drop or (drop.shape[0] == n_rows and drop.shape[1] == hpre.shape[1]),
+             "drop must be (rows, n_leaves * leaf)")
     with nogil:
         for r in prange(n_rows, schedule="dynamic", chunksize=_ROW_CHUNK,
                         num_threads=_n_threads(n_rows)):
@@ -664,6 +764,20 @@ def fff_hard_train_forward(const floating[:, ::1] x, const floating[:, ::1] node
     visited nodes. swap (B, depth) is per level: one visit per level."""
     cdef Py_ssize_t n_rows = x.shape[0], r
     cdef int in_w = <int>x.shape[1], leaf_w = <int>w1t.shape[1], out_w = <int>y.shape[1]
+    _check_act(act)
+    _check_fff_weights(depth, in_w, out_w, node_w, w1t, w2)
+    _require(node_b.shape[0] == node_w.shape[0] and b1.shape[0] == w1t.shape[0]
+             and b1.shape[1] == leaf_w and b2.shape[0] == w1t.shape[0] and b2.shape[1] == out_w
+             and y.shape[0] == n_rows, "node_b, b1, b2 and y must match the weights")
+    _require(path.shape[0] == n_rows and path.shape[1] == depth and z_path.shape[0] == n_rows
+             and z_path.shape[1] == depth and leaf.shape[0] == n_rows
+             and hpre.shape[0] == n_rows and hpre.shape[1] == leaf_w
+             and entropy.shape[0] == n_rows,
+             "path and z_path must be (rows, depth), leaf and entropy (rows,), hpre (rows, leaf)")
+    _require(not has_swap or (swap.shape[0] == n_rows and swap.shape[1] == depth),
+             "swap must be (rows, depth)")
+    _require(not has_drop or (drop.shape[0] == n_rows and drop.shape[1] == leaf_w),
+             "drop must be (rows, leaf)")
     cdef const floating* nw = &node_w[0, 0] if depth > 0 else NULL
     cdef const floating* nb = &node_b[0] if depth > 0 else NULL
     with nogil:
@@ -750,9 +864,33 @@ def fff_hard_train_backward(const floating[:, ::1] x, const floating[:, ::1] dy,
     cdef int depth = <int>path.shape[1], j, level
     cdef floating w = <floating>entropy_weight
     cdef floating d, a, one = 1
+    _check_act(act)
+    _check_fff_weights(depth, in_w, out_w, node_w, w1t, w2)
+    _require(dy.shape[0] == n_rows and dx.shape[0] == n_rows and dx.shape[1] == in_w
+             and path.shape[0] == n_rows and z_path.shape[0] == n_rows
+             and z_path.shape[1] == depth and leaf.shape[0] == n_rows
+             and hpre.shape[0] == n_rows and hpre.shape[1] == leaf_w,
+             "x, dy, dx, path, z_path, leaf and hpre must have one row per input row")
+    _require(not has_swap or (swap.shape[0] == n_rows and swap.shape[1] == depth),
+             "swap must be (rows, depth)")
+    _require(not has_drop or (drop.shape[0] == n_rows and drop.shape[1] == leaf_w),
+             "drop must be (rows, leaf)")
+    _require(grad_node_w.shape[0] == node_w.shape[0] and grad_node_w.shape[1] == in_w
+             and grad_node_b.shape[0] == node_w.shape[0]
+             and grad_w1t.shape[0] == n_leaves and grad_w1t.shape[1] == leaf_w
+             and grad_w1t.shape[2] == in_w and grad_b1.shape[0] == n_leaves
+             and grad_b1.shape[1] == leaf_w and grad_w2.shape[0] == n_leaves
+             and grad_w2.shape[1] == leaf_w and grad_w2.shape[2] == out_w
+             and grad_b2.shape[0] == n_leaves and grad_b2.shape[1] == out_w,
+             "gradients must have the parameters' shapes")
     cdef const floating* nw = &node_w[0, 0] if depth > 0 else NULL
     if n_rows == 0:
         return None
+    cdef bint in_range
+    with nogil:
+        in_range = _indices_below(&leaf[0], n_rows, n_leaves) and (
+            depth == 0 or _indices_below(&path[0, 0], n_rows * depth, node_w.shape[0]))
+    _require(in_range, "leaf or path holds an index outside the tree")
     dtype = np.asarray(x).dtype
     dh_arr = np.empty((n_rows, leaf_w), dtype=dtype)
     dz_arr = np.zeros((n_rows, depth), dtype=dtype)

@@ -5,6 +5,7 @@ and what was expected.
 """
 from __future__ import annotations
 
+import functools
 import numbers
 import os
 
@@ -12,15 +13,47 @@ import numpy as np
 
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
+# The CPU kernels index within a row with C ints: a width beyond this would wrap around.
+MAX_WIDTH = 2**31 - 1
+# 2**(depth + 1) is computed exactly before the memory check; past this the Python integer
+# itself would be enormous (depth=2**63 would try to build a 2**63-bit number).
+MAX_DEPTH = 64
 
-def check_int(value, name: str, minimum: int | None = None) -> int:
-    """An integer argument (bool refused), optionally >= minimum."""
+
+
+def check_int(value, name: str, minimum: int | None = None, maximum: int | None = None) -> int:
+    """An integer argument (bool refused), optionally >= minimum and <= maximum."""
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an integer, got {type(value).__name__} {value!r}")
     value = int(value)
     if minimum is not None and value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    if maximum is not None and value > maximum:
+        raise ValueError(f"{name} must be <= {maximum}, got {value}")
     return value
+
+
+def max_threads() -> int:
+    """The largest kernel thread count accepted: 8 per CPU, at least 64. More only
+    oversubscribes, and OpenMP kills the process (no Python error) once the system refuses to
+    create the threads (set_num_threads(100000) crashed)."""
+    return max(64, 8 * (os.cpu_count() or 1))
+
+
+def check_width(value, name: str) -> int:
+    """A layer width: an integer in [1, MAX_WIDTH]."""
+    return check_int(value, name, 1, MAX_WIDTH)
+
+
+def check_depth(value, what: str) -> int:
+    """A tree depth >= 0. Depths beyond MAX_DEPTH cannot fit in any memory: they raise
+    MemoryError like any other too-large layer, without computing 2**depth."""
+    depth = check_int(value, "depth", 0)
+    if depth > MAX_DEPTH:
+        raise MemoryError(f"{what} with depth={depth} has at least 2**{depth} nodes of 4 or more "
+                          f"bytes: it needs more than 2**{depth + 2} bytes, more than any "
+                          "machine's memory")
+    return depth
 
 
 def check_probability(value, name: str, *, allow_one: bool = False) -> float:
@@ -58,6 +91,8 @@ def check_choice(value, name: str, choices) -> str:
 
 
 def check_float_dtype(dtype, name: str = "dtype") -> np.dtype:
+    if dtype is None:  # numpy reads None as float64; a layer's default is float32: be explicit
+        raise TypeError(f"{name} must be numpy.float32 or numpy.float64, got None")
     try:
         dt = np.dtype(dtype)
     except TypeError as exc:
@@ -67,15 +102,39 @@ def check_float_dtype(dtype, name: str = "dtype") -> np.dtype:
     return dt
 
 
+CGROUP_LIMIT_FILES = ("/sys/fs/cgroup/memory.max",  # cgroup v2
+                      "/sys/fs/cgroup/memory/memory.limit_in_bytes")  # cgroup v1
+
+
+def _cgroup_limit_bytes():
+    """The memory limit of this process's container, or None. Inside a container the machine's
+    physical memory overstates what can be allocated: past the cgroup limit the kernel kills the
+    process instead of failing the allocation."""
+    for path in CGROUP_LIMIT_FILES:
+        try:
+            with open(path) as f:
+                text = f.read().strip()
+        except OSError:
+            continue
+        if text.isdigit():
+            return int(text)
+    return None  # no file, or "max": no limit
+
+
+@functools.lru_cache(maxsize=None)
 def physical_memory_bytes() -> int:
+    """The memory this process may use: physical memory, or the container's limit if lower.
+    Read once (forward passes check against it)."""
     try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):  # not POSIX: no check rather than a wrong one
-        return 1 << 62
+        physical = 1 << 62
+    limit = _cgroup_limit_bytes()
+    return physical if limit is None else min(physical, limit)
 
 
 def check_fits_in_memory(n_bytes: int, what: str) -> None:
-    """Refuse, before allocating, an array set larger than the machine's physical memory."""
+    """Refuse, before allocating, an array set larger than the memory this process may use."""
     limit = physical_memory_bytes()
     if n_bytes > limit:
         raise MemoryError(
@@ -108,6 +167,26 @@ def dlpack_device_type(x):
         return None
 
 
+def refuse_masked(x, name: str) -> None:
+    """np.asarray drops a masked array's mask, so the hidden values would be used silently."""
+    if isinstance(x, np.ma.MaskedArray):
+        raise TypeError(f"{name} is a masked array; fill or drop the masked values first "
+                        f"({name}.filled(value) or {name}.compressed())")
+
+
+def check_cast_in_range(src, converted, dtype, xp, name: str) -> None:
+    """After a narrowing float cast (float64 -> float32): refuse finite values that became
+    infinite, rather than hand back inf or NaN outputs for finite inputs. One extra pass over
+    the array, paid only on the narrowing path."""
+    if bool(xp.isfinite(converted).all()):
+        return
+    overflow = xp.isfinite(src) & ~xp.isfinite(converted)
+    if bool(overflow.any()):
+        example = src[overflow].reshape(-1)[0]
+        raise ValueError(f"{name} has values beyond the range of {dtype} (e.g. {float(example)!r})"
+                         f"; scale the input or use a float64 layer")
+
+
 def as_device_array(x, xp, name: str, expected: str):
     """x as an array of `xp` (NumPy for a "cpu" layer, CuPy for a "cuda" one), without a copy
     where the layout allows, refusing arrays that live on the other device.
@@ -117,6 +196,7 @@ def as_device_array(x, xp, name: str, expected: str):
     CUDA DLPack device are taken by CuPy. `expected` completes the message of a ValueError
     for input that is no array at all ("x must be {expected}: ...").
     """
+    refuse_masked(x, name)
     dl_device = dlpack_device_type(x)
     on_cuda = is_cuda_array(x) or dl_device in DLPACK_CUDA_TYPES
     if xp is np and (on_cuda or dl_device not in (None, DLPACK_CPU)):
@@ -164,7 +244,11 @@ def as_rows(x, width: int, dtype: np.dtype, xp=np, name: str = "x"):
     if arr.shape[-1] != width:
         raise ValueError(f"{name} must have shape (..., {width}), got shape {tuple(arr.shape)}")
     lead = tuple(arr.shape[:-1])
-    rows = xp.ascontiguousarray(arr.reshape(-1, width), dtype=dtype)
+    flat = arr.reshape(-1, width)
+    with np.errstate(over="ignore"):  # an overflowing cast is reported just below instead
+        rows = xp.ascontiguousarray(flat, dtype=dtype)
+    if arr.dtype.kind == "f" and arr.dtype.itemsize > dtype.itemsize:
+        check_cast_in_range(flat, rows, dtype, xp, name)
     return rows, lead
 
 
@@ -177,6 +261,17 @@ def as_float_array(x, xp=np, name: str = "x"):
         raise TypeError(f"{name} must hold real numbers (float or integer), got dtype {arr.dtype}")
     if arr.ndim == 0:
         raise ValueError(f"{name} must have at least one dimension, got a 0-d scalar")
-    if arr.dtype not in FLOAT_DTYPES:
-        arr = arr.astype(np.float64)
+    return as_compute_float(arr, xp, name)
+
+
+def as_compute_float(arr, xp, name: str):
+    """A real array in a dtype to compute in: float32 and float64 are kept, everything else
+    (integers, float16, long double) becomes float64. float16 would overflow in products
+    (256**2 > 65504); a long double beyond float64's range is refused rather than made inf."""
+    if arr.dtype in FLOAT_DTYPES:
+        return arr
+    with np.errstate(over="ignore"):
+        wide, arr = arr, arr.astype(np.float64)
+    if wide.dtype.kind == "f" and wide.dtype.itemsize > 8:
+        check_cast_in_range(wide, arr, np.dtype(np.float64), xp, name)
     return arr

@@ -274,8 +274,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    from ._validation import max_threads
+
     if args.repeat < 1 or args.threads < 1:
         raise SystemExit("--repeat and --threads must be >= 1")
+    if args.threads > max_threads():
+        raise SystemExit(f"--threads must be <= {max_threads()} (8 per CPU, at least 64), got "
+                         f"{args.threads}")
     configs = args.configs or (["gpu-ufb"] if args.device == "cuda" else DEFAULT_CPU)
     results = run(configs, threads=args.threads, repeat=args.repeat, device=args.device,
                   json_path=args.json_path)

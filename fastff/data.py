@@ -3,11 +3,14 @@ touches the network)."""
 from __future__ import annotations
 
 import gzip
+import math
 import os
 import zlib
 from pathlib import Path
 
 import numpy as np
+
+from ._validation import check_fits_in_memory
 
 SYSTEM_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"  # Debian's dataset-fashion-mnist
 IMAGES_MAGIC = 2051  # 0x00000803: unsigned bytes, 3 dimensions
@@ -42,44 +45,59 @@ def _find(folder: Path, stem: str) -> Path:
         f"{dotted}, {dotted}.gz). {HOW_TO_GET}")
 
 
-def _read_bytes(path: Path) -> bytes:
-    try:
-        if path.suffix == ".gz":
-            with gzip.open(path, "rb") as f:
-                return f.read()
-        return path.read_bytes()
-    except (OSError, EOFError, zlib.error) as exc:  # corrupt or truncated gzip stream
-        raise DatasetError(f"cannot read {path}: {exc}. The file is damaged; {HOW_TO_GET}") \
-            from exc
+def _read_at_most(f, n: int) -> bytearray:
+    """Up to n bytes from f, in 1 MiB chunks: never more, whatever the file (or a gzip stream
+    that decompresses to far more than it looks) holds."""
+    buf = bytearray()
+    while len(buf) < n:
+        chunk = f.read(min(1 << 20, n - len(buf)))
+        if not chunk:
+            break
+        buf += chunk
+    return buf
 
 
 def read_idx(path, magic: int, item_shape: tuple) -> np.ndarray:
     """One IDX file of unsigned bytes -> uint8 array of shape (n,) + item_shape.
 
     Checks the magic number, the dimensions in the header and that the data is exactly as long
-    as they say (a truncated or padded file is refused).
+    as they say (a truncated or padded file is refused). Reads the header first and then at
+    most one byte more than it promises, so a damaged header or a gzip bomb cannot make it read
+    (or allocate) more than the header's size, itself checked against the memory available.
     """
     path = Path(path)
-    data = _read_bytes(path)
     n_dims = magic & 0xFF
     header_len = 4 * (1 + n_dims)
-    if len(data) < header_len:
-        raise DatasetError(f"{path} is too short ({len(data)} bytes) to hold an IDX header. "
-                           f"{HOW_TO_GET}")
-    header = np.frombuffer(data, dtype=">u4", count=1 + n_dims)
-    if int(header[0]) != magic:
-        raise DatasetError(f"{path} has magic number {int(header[0])}, expected {magic} "
-                           f"(ubyte IDX with {n_dims} dimensions). {HOW_TO_GET}")
-    dims = tuple(int(d) for d in header[1:])
-    if dims[1:] != item_shape:
-        raise DatasetError(f"{path} holds items of shape {dims[1:]}, expected {item_shape}")
-    expected = header_len + int(np.prod(dims))
-    if len(data) != expected:
-        what = "truncated" if len(data) < expected else "longer than its header says"
-        raise DatasetError(f"{path} is {what}: {len(data)} bytes, header {dims} needs "
-                           f"{expected}. {HOW_TO_GET}")
-    # bytearray: a writable array, not a read-only view of the bytes object
-    return np.frombuffer(bytearray(data), dtype=np.uint8, offset=header_len).reshape(dims)
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as f:
+            head = _read_at_most(f, header_len)
+            if len(head) < header_len:
+                raise DatasetError(f"{path} is too short ({len(head)} bytes) to hold an IDX "
+                                   f"header. {HOW_TO_GET}")
+            header = np.frombuffer(bytes(head), dtype=">u4")
+            if int(header[0]) != magic:
+                raise DatasetError(f"{path} has magic number {int(header[0])}, expected {magic} "
+                                   f"(ubyte IDX with {n_dims} dimensions). {HOW_TO_GET}")
+            dims = tuple(int(d) for d in header[1:])
+            if dims[1:] != item_shape:
+                raise DatasetError(f"{path} holds items of shape {dims[1:]}, expected "
+                                   f"{item_shape}")
+            n_data = math.prod(dims)  # Python ints: no overflow for any header
+            check_fits_in_memory(n_data, f"{path} (header dimensions {dims})")
+            data = _read_at_most(f, n_data + 1)  # one byte more tells a padded file
+    except (OSError, EOFError, zlib.error) as exc:  # corrupt or truncated gzip stream
+        raise DatasetError(f"cannot read {path}: {exc}. The file is damaged; {HOW_TO_GET}") \
+            from exc
+    if len(data) != n_data:
+        expected = header_len + n_data
+        if len(data) < n_data:
+            raise DatasetError(f"{path} is truncated: {header_len + len(data)} bytes, header "
+                               f"{dims} needs {expected}. {HOW_TO_GET}")
+        raise DatasetError(f"{path} is longer than its header says: header {dims} needs "
+                           f"{expected} bytes. {HOW_TO_GET}")
+    # bytearray: a writable array, not a read-only view of a bytes object
+    return np.frombuffer(data, dtype=np.uint8).reshape(dims)
 
 
 def _load_split(folder: Path, prefix: str):

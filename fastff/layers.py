@@ -7,15 +7,32 @@ from ._validation import (
     as_rows,
     check_bool,
     check_choice,
+    check_depth,
     check_fits_in_memory,
     check_int,
     check_nonnegative,
     check_probability,
+    check_width,
 )
 from .module import Module
 from .ops import ACTIVATIONS, get_ops
 
 USAGE_MODES = ("none", "soft", "hard")
+
+
+def _fixed(name: str, doc: str) -> property:
+    """A read-only attribute stored as `_<name>`. The kernels size their loops from these, so
+    changing one after construction (layer.depth = 30) would make them read past the weights."""
+    private = "_" + name
+
+    def get(self):
+        return getattr(self, private)
+
+    def refuse(self, value):
+        raise AttributeError(f"{type(self).__name__}.{name} is fixed at construction; build a new "
+                             "layer (and load_state_dict) to change it")
+
+    return property(get, refuse, doc=doc)
 
 
 def _uniform(rng, shape, bound, dtype):
@@ -49,15 +66,21 @@ class UltraFFF(Module):
     numpy.asarray takes, or CPU DLPack producers (torch, JAX); on "cuda", CuPy arrays.
     """
 
+    input_width = _fixed("input_width", "Width of the input rows.")
+    output_width = _fixed("output_width", "Width of the output rows.")
+    depth = _fixed("depth", "Depth of each tree (a row visits depth + 1 neurons per tree).")
+    parallel_size = _fixed("parallel_size", "Number of trees, whose outputs are summed.")
+    n_nodes = _fixed("n_nodes", "Neurons per tree, 2**(depth+1) - 1.")
+
     def __init__(self, input_width, output_width, depth, parallel_size=1, activation="gelu", *,
                  dtype=np.float32, seed=None):
         super().__init__(dtype)
-        self.input_width = check_int(input_width, "input_width", 1)
-        self.output_width = check_int(output_width, "output_width", 1)
-        self.depth = check_int(depth, "depth", 0)
-        self.parallel_size = check_int(parallel_size, "parallel_size", 1)
+        self._input_width = check_width(input_width, "input_width")
+        self._output_width = check_width(output_width, "output_width")
+        self._parallel_size = check_int(parallel_size, "parallel_size", 1)
+        self._depth = check_depth(depth, "UltraFFF")
         self.activation = check_choice(activation, "activation", ACTIVATIONS)
-        self.n_nodes = 2 ** (self.depth + 1) - 1
+        self._n_nodes = 2 ** (self.depth + 1) - 1
         total_nodes = self.parallel_size * self.n_nodes
         check_fits_in_memory(
             total_nodes * (self.input_width + 1 + self.output_width) * self.dtype.itemsize,
@@ -102,6 +125,13 @@ class UltraFFF(Module):
     def _forward(self, x, save_path):
         ops = self.ops
         rows, lead = as_rows(x, self.input_width, self.dtype, ops.xp)
+        # y, and for training each row's visited nodes (intp) and pre-activations
+        path = self.parallel_size * (self.depth + 1) if save_path else 0
+        check_fits_in_memory(
+            rows.shape[0] * (self.output_width * self.dtype.itemsize
+                             + path * (np.dtype(np.intp).itemsize + self.dtype.itemsize)),
+            f"{'forward_train' if save_path else 'inference'} of UltraFFF(depth={self.depth}, "
+            f"parallel_size={self.parallel_size}) on {rows.shape[0]} rows")
         p = self._params
         y, visited, preact = ops.ultra_forward(rows, p["w_in"], p["b_in"], p["w_out_t"],
                                                self.depth, self.parallel_size, self.activation,
@@ -167,21 +197,28 @@ class FFF(Module):
     package's) and the default stream of training masks.
     """
 
+    input_width = _fixed("input_width", "Width of the input rows.")
+    leaf_width = _fixed("leaf_width", "Hidden width of each leaf MLP.")
+    output_width = _fixed("output_width", "Width of the output rows.")
+    depth = _fixed("depth", "Depth of the router tree (a row takes depth decisions).")
+    n_nodes = _fixed("n_nodes", "Routers, 2**depth - 1.")
+    n_leaves = _fixed("n_leaves", "Leaf MLPs, 2**depth.")
+
     def __init__(self, input_width, leaf_width, output_width, depth, activation="relu",
                  dropout=0.0, train_hardened=False, region_leak=0.0, usage_mode="none", *,
                  dtype=np.float32, seed=None):
         super().__init__(dtype)
-        self.input_width = check_int(input_width, "input_width", 1)
-        self.leaf_width = check_int(leaf_width, "leaf_width", 1)
-        self.output_width = check_int(output_width, "output_width", 1)
-        self.depth = check_int(depth, "depth", 0)
+        self._input_width = check_width(input_width, "input_width")
+        self._leaf_width = check_width(leaf_width, "leaf_width")
+        self._output_width = check_width(output_width, "output_width")
+        self._depth = check_depth(depth, "FFF")
         self.activation = check_choice(activation, "activation", ACTIVATIONS)
         self.dropout = check_probability(dropout, "dropout")
         self.train_hardened = check_bool(train_hardened, "train_hardened")
         self.region_leak = check_probability(region_leak, "region_leak")
         self.usage_mode = check_choice(usage_mode, "usage_mode", USAGE_MODES)
-        self.n_nodes = 2 ** self.depth - 1
-        self.n_leaves = 2 ** self.depth
+        self._n_nodes = 2 ** self.depth - 1
+        self._n_leaves = 2 ** self.depth
         in_w, leaf_w, out_w = self.input_width, self.leaf_width, self.output_width
         check_fits_in_memory(
             (self.n_nodes * (in_w + 1) + self.n_leaves * (leaf_w * (in_w + 1 + out_w) + out_w))
@@ -310,6 +347,11 @@ class FFF(Module):
                 if arr.dtype.kind not in "iuf" or arr.shape != (size,):
                     raise ValueError(f"state[{key!r}] must be a real array of shape ({size},), "
                                      f"got {arr.dtype} {arr.shape}")
+                # counts of rows (or summed probabilities): a negative or NaN count would stall
+                # or skip local_batch_size updates forever
+                if not (np.isfinite(arr).all() and (arr >= 0).all()):
+                    raise ValueError(f"state[{key!r}] must hold finite counts >= 0, got "
+                                     f"{arr[~(np.isfinite(arr) & (arr >= 0))][0]!r}")
                 self._pending_usage[key] = arr.astype(np.float64)
         return state
 
@@ -327,6 +369,8 @@ class FFF(Module):
         """Hard inference: x (..., input_width) -> y (..., output_width)."""
         ops = self.ops
         rows, lead = as_rows(x, self.input_width, self.dtype, ops.xp)
+        check_fits_in_memory(rows.shape[0] * self.output_width * self.dtype.itemsize,
+                             f"inference of FFF(depth={self.depth}) on {rows.shape[0]} rows")
         y = ops.fff_infer(rows, self._params, self.depth, self.activation)
         return y.reshape(lead + (self.output_width,))
 
@@ -380,6 +424,12 @@ class FFF(Module):
                 n_rows * (4 * self.training_width + 3 * (self.n_nodes + self.n_leaves))
                 * self.dtype.itemsize,
                 f"soft training of FFF(depth={self.depth}) on {n_rows} rows")
+        else:  # y, the path (intp and logits), the leaf, its hidden units, dropout masks
+            per_row = ((self.output_width + self.depth + 2 * self.leaf_width + 1)
+                       * self.dtype.itemsize + (self.depth + 1) * np.dtype(np.intp).itemsize
+                       + self.depth)
+            check_fits_in_memory(n_rows * per_row,
+                                 f"hardened training of FFF(depth={self.depth}) on {n_rows} rows")
         swap, drop = self._draw_masks(rng, n_rows)
         if swap is not None:
             swap = ops.asarray(swap)

@@ -43,7 +43,8 @@ class Module:
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
-        MODULE_KINDS[cls.__name__] = cls
+        if not cls.__name__.startswith("_"):  # private bases (nn._Elementwise) are not kinds
+            MODULE_KINDS[cls.__name__] = cls
 
     @classmethod
     def from_config(cls, config: dict) -> Module:

@@ -16,7 +16,15 @@ import math
 
 import numpy as np
 
-from ._validation import as_float_array, as_rows, check_fits_in_memory, check_int, check_probability
+from ._validation import (
+    as_compute_float,
+    as_float_array,
+    as_rows,
+    check_fits_in_memory,
+    check_int,
+    check_probability,
+    refuse_masked,
+)
 from .layers import _uniform
 from .module import Module
 from .ops import get_array_module
@@ -345,13 +353,12 @@ class Sequential(Module):
 # ---- losses --------------------------------------------------------------------------------
 
 def _float_array(a, name):
+    refuse_masked(a, name)
     xp = get_array_module(a)
     a = xp.asarray(a)
     if a.dtype.kind not in "fiu":
         raise TypeError(f"{name} must hold real numbers, got dtype {a.dtype}")
-    if a.dtype.kind != "f":
-        a = a.astype(np.float64)
-    return a, xp
+    return as_compute_float(a, xp, name), xp
 
 
 def softmax_cross_entropy(logits, labels):
@@ -367,6 +374,7 @@ def softmax_cross_entropy(logits, labels):
                          f"{tuple(logits.shape)}")
     if xp is np and hasattr(labels, "__cuda_array_interface__"):
         raise TypeError("labels is a CUDA array but logits is a host array; use one device")
+    refuse_masked(labels, "labels")
     labels = xp.asarray(labels)
     if labels.dtype.kind not in "iu":
         raise TypeError(f"labels must be integers, got dtype {labels.dtype}")
@@ -398,6 +406,7 @@ def mse(pred, target):
     pred, xp = _float_array(pred, "pred")
     if (xp is np) != (get_array_module(target) is np):
         raise TypeError("pred and target must be on the same device")
+    refuse_masked(target, "target")
     target = xp.asarray(target)
     if target.dtype.kind not in "fiu":
         raise TypeError(f"target must hold real numbers, got dtype {target.dtype}")

@@ -1,4 +1,7 @@
-"""Shared test helpers: hypothesis profiles, tolerances, and data whose routing is exact."""
+"""Shared test helpers: hypothesis profiles, tolerances, data whose routing is exact, the
+--runslow option and the fuzz case counter."""
+import collections
+import json
 import os
 
 import numpy as np
@@ -89,3 +92,49 @@ def write_fashion_mnist(folder, n_train=300, n_test=100, gz=False, seed=0):
         write_idx(folder / f"{prefix}-images-idx3-ubyte{suffix}", images, 2051, gz)
         write_idx(folder / f"{prefix}-labels-idx1-ubyte{suffix}", labels, 2049, gz)
     return data
+
+
+# ---- slow tests: skipped unless --runslow ---------------------------------------------------
+# `python -m pytest` runs everything else (nothing is deselected); the heavy fuzzing, soak and
+# sanitizer-sized tests carry @pytest.mark.slow and run with `python -m pytest --runslow`
+# (or only them: `python -m pytest --runslow -m slow`).
+
+def pytest_addoption(parser):
+    parser.addoption("--runslow", action="store_true", default=False,
+                     help="also run the tests marked slow (thorough fuzzing, memory soak)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--runslow"):
+        return
+    skip = pytest.mark.skip(reason="slow: run with --runslow")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
+
+# ---- fuzz case counter -------------------------------------------------------------------------
+# Every call that test_fuzz.py makes to a public entry point is counted here; the totals are
+# printed at the end of the run and, with FASTFF_FUZZ_REPORT=path, written there as JSON.
+
+FUZZ_CASES = collections.Counter()
+
+
+@pytest.fixture(scope="session")
+def fuzz_cases():
+    return FUZZ_CASES
+
+
+def pytest_terminal_summary(terminalreporter):
+    if not FUZZ_CASES:
+        return
+    total = sum(FUZZ_CASES.values())
+    terminalreporter.write_sep("-", f"fuzz: {total:,} calls to {len(FUZZ_CASES)} public entry "
+                                    "points")
+    for name, count in sorted(FUZZ_CASES.items()):
+        terminalreporter.write_line(f"  {name:<44}{count:>8,}")
+    report = os.environ.get("FASTFF_FUZZ_REPORT")
+    if report:
+        with open(report, "w") as f:
+            json.dump({"total": total, "by_entry_point": dict(sorted(FUZZ_CASES.items()))}, f,
+                      indent=2)

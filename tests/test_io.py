@@ -116,3 +116,132 @@ def test_failed_save_keeps_the_existing_file(tmp_path, monkeypatch):
     assert [p for p in os.listdir(tmp_path) if p.startswith(".fastff-")] == []
     with pytest.raises(TypeError):
         fastff.save({"not": "a module"}, path)
+
+
+# ---- untrusted files: headers are checked, and compared with the module, before data is read ----
+
+def _safetensors(header: dict, data: bytes = b"") -> bytes:
+    import json
+    import struct
+
+    blob = json.dumps(header).encode()
+    return struct.pack("<Q", len(blob)) + blob + data
+
+
+def _meta(kind="Linear", config=None, **extra):
+    import json
+
+    meta = {"format": "fastff", "format_version": 1, "kind": kind,
+            "config": {"input_width": 1, "output_width": 1, "bias": False}
+            if config is None else config}
+    meta.update(extra)
+    return {"__fastff_meta__": json.dumps(meta)}
+
+
+@pytest.mark.parametrize("header, words", [
+    ({"__metadata__": _meta(), "weight": {"dtype": "F32", "shape": [2**40, 2**40],
+                                          "data_offsets": [0, 0]}}, "inconsistent"),
+    ({"__metadata__": _meta(), "weight": {"dtype": "F32", "shape": [-1, -4],
+                                          "data_offsets": [0, 16]}}, "bad header entry"),
+    ({"__metadata__": _meta(), "weight": {"dtype": "F32", "shape": [1.5, 1],
+                                          "data_offsets": [0, 4]}}, "bad header entry"),
+    ({"__metadata__": _meta(), "weight": {"dtype": "F32", "shape": [True, True],
+                                          "data_offsets": [0, 4]}}, "bad header entry"),
+    ({"__metadata__": _meta(), "weight": {"dtype": "F32", "shape": [1, 1],
+                                          "data_offsets": [0, 8]}}, "inconsistent"),
+    ({"__metadata__": _meta(), "weight": {"dtype": "F32", "shape": [1, 1],
+                                          "data_offsets": [16, 20]}}, "inconsistent"),
+    ({"__metadata__": [1, 2]}, "__metadata__"),
+    ({"__metadata__": {"__fastff_meta__": {"kind": "Linear"}}}, "__metadata__"),
+    ({"__metadata__": _meta(format_version="9")}, "format_version"),
+    ({"__metadata__": {"__fastff_meta__": "[" * 100000 + "]" * 100000}}, "corrupt fastff metadata"),
+    ({"__metadata__": _meta(kind="_Elementwise", config={})}, "unknown module kind"),
+    ({"__metadata__": _meta(kind=["Linear"])}, "corrupt fastff metadata"),
+])
+def test_hostile_safetensors_headers(tmp_path, header, words):
+    path = tmp_path / "m.safetensors"
+    path.write_bytes(_safetensors(header, bytes(16)))
+    with pytest.raises(fastff.WeightFileError, match=words):
+        fastff.load(str(path))
+
+
+def test_deeply_nested_config_is_refused(tmp_path):
+    """Sequential inside Sequential 3000 deep: Python's JSON parser recurses, and so would
+    rebuilding the modules; either way a WeightFileError, not a RecursionError."""
+    depth = 3000
+    config = ('{"modules": [{"kind": "Sequential", "config": ' * depth
+              + '{"modules": [{"kind": "Identity", "config": {}}]}' + "}]}" * depth)
+    text = '{"format": "fastff", "kind": "Sequential", "config": ' + config + "}"
+    path = tmp_path / "deep.safetensors"
+    path.write_bytes(_safetensors({"__metadata__": {"__fastff_meta__": text}}))
+    with pytest.raises(fastff.WeightFileError, match="metadata|rebuild"):
+        fastff.load(str(path))
+
+
+def test_npz_arrays_are_checked_before_they_are_decompressed(tmp_path, monkeypatch):
+    """A 40 MB array compressed to kilobytes, in a file whose metadata describes a one-weight
+    Linear: refused from its header; only the metadata member is ever read."""
+    from fastff import nn
+
+    good = str(tmp_path / "good.npz")
+    fastff.save(nn.Linear(1, 1, bias=False), good)
+    with np.load(good) as z:
+        meta = z["__fastff_meta__"]
+    bomb = str(tmp_path / "bomb.npz")
+    np.savez_compressed(bomb, weight=np.zeros((10**7, 1), np.float32), __fastff_meta__=meta)
+    assert os.path.getsize(bomb) < 2**17
+    reads = []
+    real_read_array = np.lib.format.read_array
+    monkeypatch.setattr(np.lib.format, "read_array",
+                        lambda f, **kw: reads.append(1) or real_read_array(f, **kw))
+    with pytest.raises(fastff.WeightFileError, match=r"'weight' has shape \(10000000, 1\)"):
+        fastff.load(bomb)
+    assert len(reads) == 1  # the metadata
+
+
+def test_npz_with_foreign_members_or_compression(tmp_path):
+    import zipfile
+
+    layer = fastff.UltraFFF(3, 2, 1, seed=0)
+    path = str(tmp_path / "m.npz")
+    fastff.save(layer, path)
+    extra = str(tmp_path / "extra.npz")
+    with zipfile.ZipFile(path) as src, zipfile.ZipFile(extra, "w") as dst:
+        for info in src.infolist():
+            dst.writestr(info, src.read(info))
+        dst.writestr("README.txt", b"hello")
+    with pytest.raises(fastff.WeightFileError, match="unexpected member 'README.txt'"):
+        fastff.load(extra)
+    # A compression method Python cannot read (zipfile raises NotImplementedError): method 99
+    # (AES) patched into the local and central headers of the first member.
+    data = bytearray(open(path, "rb").read())
+    local = data.find(b"PK\x03\x04")
+    central = data.find(b"PK\x01\x02")
+    data[local + 8:local + 10] = (99).to_bytes(2, "little")
+    data[central + 10:central + 12] = (99).to_bytes(2, "little")
+    odd = str(tmp_path / "odd.npz")
+    open(odd, "wb").write(bytes(data))
+    with pytest.raises(fastff.WeightFileError):
+        fastff.load(odd)
+
+
+def test_paths_are_checked_and_named(tmp_path):
+    layer = fastff.UltraFFF(3, 2, 1, seed=0)
+    with pytest.raises(IsADirectoryError, match="is a directory"):
+        fastff.save(layer, str(tmp_path))
+    with pytest.raises(IsADirectoryError, match="is a directory"):
+        fastff.load(tmp_path)
+    with pytest.raises(FileNotFoundError, match="directory .*nowhere does not exist"):
+        fastff.save(layer, str(tmp_path / "nowhere" / "m.npz"))
+    for bad in (None, 3, b"m.npz"):
+        with pytest.raises(TypeError, match="path must be a str or os.PathLike"):
+            fastff.save(layer, bad)
+        with pytest.raises(TypeError, match="path must be a str or os.PathLike"):
+            fastff.load(bad)
+    with pytest.raises(ValueError, match="empty"):
+        fastff.save(layer, "")
+    fastff.save(layer, tmp_path / "m.safetensors")  # a pathlib.Path works
+    back = fastff.load(tmp_path / "m.safetensors")
+    np.testing.assert_array_equal(back.state_dict()["linear_in.weight"],
+                                  layer.state_dict()["linear_in.weight"])
+    assert os.listdir(tmp_path) == ["m.safetensors"]

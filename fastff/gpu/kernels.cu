@@ -17,7 +17,7 @@ __device__ __forceinline__ double exp_t(double v) { return exp(v); }
 
 template <typename T>
 __device__ __forceinline__ T act_fn(T z, int act) {
-    if (act == ACT_RELU) return z > T(0) ? z : T(0);
+    if (act == ACT_RELU) return z <= T(0) ? T(0) : z;  // NaN propagates, as on the CPU
     if (act == ACT_GELU) return T(0.5) * z * (T(1) + erf_t(z * T(0.7071067811865476)));
     return z;
 }

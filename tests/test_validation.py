@@ -1,0 +1,341 @@
+"""Validation and robustness: the gaps the reliability pass found, one test (or more) each.
+
+Each block names the gap; the fuzz tests (test_fuzz.py) cover the same entry points with random
+inputs, these pin the exact behaviour.
+"""
+import numpy as np
+import pytest
+
+import fastff
+from fastff import nn
+
+
+def _fff_state(layer, **overrides):
+    """FFF state dict with every parameter zero, then `overrides`."""
+    state = {k: np.zeros_like(v) for k, v in layer.state_dict().items()}
+    state.update(overrides)
+    return state
+
+
+# ---- NaN policy ---------------------------------------------------------------------------------
+# NaN propagates through every activation (the kernels' ReLU used to map NaN to 0, unlike
+# np.maximum and torch.relu, so an UltraFFF or FFF with ReLU hid NaN inputs behind finite outputs).
+# Routing: a NaN decision is false, so the row goes left: UltraFFF `z > 0`, FFF inference
+# `z >= 0`, FFF hardened training `sigmoid(z) > 1/2` (also under a region-leak swap).
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_relu_propagates_nan(dtype):
+    x = np.array([[np.nan, 1.0, 2.0], [0.5, 1.0, 2.0]], dtype)
+    for layer in (fastff.UltraFFF(3, 4, 2, activation="relu", dtype=dtype, seed=0),
+                  fastff.FFF(3, 5, 4, 2, activation="relu", dtype=dtype, seed=0),
+                  fastff.FFF(3, 5, 4, 2, activation="relu", train_hardened=True, dtype=dtype,
+                             seed=0)):
+        for y in (layer(x), layer.forward_train(x)[0]):
+            assert np.isnan(y[0]).all(), layer
+            assert np.isfinite(y[1]).all(), layer
+
+
+def test_fff_nan_router_logit_goes_left():
+    """A NaN router weight makes the logit NaN for a finite x. The leaves ignore x (zero
+    weights), so the output is the reached leaf's bias."""
+    x = np.array([[0.5, -2.0]], np.float32)
+    left, right = np.array([1.0, 0.0]), np.array([0.0, 1.0])
+    nan_router = dict(node_weights=np.array([[np.nan, 1.0]]), b2s=np.stack([left, right]))
+    for hardened in (False, True):
+        layer = fastff.FFF(2, 1, 2, 1, activation="identity", train_hardened=hardened)
+        layer.load_state_dict(_fff_state(layer, **nan_router))
+        np.testing.assert_array_equal(layer(x), [left])  # inference: NaN >= 0 is false
+        if hardened:
+            y, backprop = layer.forward_train(x)
+            np.testing.assert_array_equal(y, [left])
+            backprop(np.ones((1, 2), np.float32))
+            assert layer.grads["b2s"][1].sum() == 0 and layer.grads["b2s"][0].sum() == 2
+        else:  # soft training mixes by sigmoid(NaN): the row is NaN
+            assert np.isnan(layer.forward_train(x)[0]).all()
+    layer = fastff.FFF(2, 1, 2, 1, activation="identity", train_hardened=True, region_leak=0.5)
+    layer.load_state_dict(_fff_state(layer, **nan_router))
+    for seed in range(8):  # swapped or not, a NaN decision goes left
+        y, _ = layer.forward_train(x, rng=np.random.default_rng(seed))
+        np.testing.assert_array_equal(y, [left])
+
+
+# ---- sizes the kernels cannot handle, and attributes they trust -------------------------------
+# Setting layer.depth = 30 on a depth-2 UltraFFF made the kernel walk past its weights (a
+# segfault); widths >= 2**31 wrapped around the kernels' C ints; depth=2**63 made Python build a
+# 2**63-bit integer before the memory check; set_num_threads(10**5) crashed OpenMP and 2**40
+# raised OverflowError.
+
+@pytest.mark.parametrize("make, names", [
+    (lambda: fastff.UltraFFF(4, 3, 2), ["input_width", "output_width", "depth", "parallel_size",
+                                        "n_nodes"]),
+    (lambda: fastff.FFF(4, 2, 3, 2), ["input_width", "leaf_width", "output_width", "depth",
+                                      "n_nodes", "n_leaves"]),
+])
+def test_size_attributes_are_read_only(make, names):
+    layer = make()
+    x = np.ones((3, 4), np.float32)
+    y = layer(x)
+    for name in names:
+        value = getattr(layer, name)
+        with pytest.raises(AttributeError, match=f"{name} is fixed"):
+            setattr(layer, name, 30)
+        assert getattr(layer, name) == value
+    np.testing.assert_array_equal(layer(x), y)
+
+
+def _kernel_calls():
+    """(label, call) pairs handing a _cmm kernel arguments that disagree with each other."""
+    from fastff import _cmm
+
+    f, z = np.float32, np.zeros
+    x, y = z((5, 4), f), z((5, 3), f)
+    w_in, b_in, w_out_t = z((7, 4), f), z(7, f), z((7, 3), f)  # one tree of depth 2
+    visited, preact = z((5, 3), np.intp), z((5, 3), f)
+    ultra_grads = (z((7, 4), f), z(7, f), z((7, 3), f))
+    nw, nb, w1t, b1, w2, b2 = z((3, 4), f), z(3, f), z((4, 2, 4), f), z((4, 2), f), \
+        z((4, 2, 3), f), z((4, 3), f)  # depth-2 FFF
+    path, z_path, leaf, hpre, ent = z((5, 2), np.intp), z((5, 2), f), z(5, np.intp), \
+        z((5, 2), f), z(5, f)
+    no_u8, no_f = z((0, 0), np.uint8), z((0, 0), f)
+    fff_grads = (z((3, 4), f), z(3, f), z((4, 2, 4), f), z((4, 2), f), z((4, 2, 3), f),
+                 z((4, 3), f))
+    bad_visit = visited.copy()
+    bad_visit[4, 2] = 7
+    bad_leaf = leaf.copy()
+    bad_leaf[0] = -1
+    bad_path = path.copy()
+    bad_path[3, 1] = 3
+    return [
+        ("ultra depth", lambda: _cmm.ultra_forward(x, w_in, b_in, w_out_t, 5, 1, 0, y, visited,
+                                                   preact, False)),
+        ("ultra trees", lambda: _cmm.ultra_forward(x, w_in, b_in, w_out_t, 2, 2, 0, y, visited,
+                                                   preact, False)),
+        ("ultra width", lambda: _cmm.ultra_forward(z((5, 6), f), w_in, b_in, w_out_t, 2, 1, 0, y,
+                                                   visited, preact, False)),
+        ("ultra y", lambda: _cmm.ultra_forward(x, w_in, b_in, w_out_t, 2, 1, 0, z((4, 3), f),
+                                               visited, preact, False)),
+        ("ultra path", lambda: _cmm.ultra_forward(x, w_in, b_in, w_out_t, 2, 1, 0, y,
+                                                  z((5, 2), np.intp), z((5, 2), f), True)),
+        ("ultra act", lambda: _cmm.ultra_forward(x, w_in, b_in, w_out_t, 2, 1, 9, y, visited,
+                                                 preact, False)),
+        ("ultra visit", lambda: _cmm.ultra_backward(x, y, w_in, w_out_t, bad_visit, preact, 0,
+                                                    z((5, 4), f), *ultra_grads)),
+        ("ultra grad", lambda: _cmm.ultra_backward(x, y, w_in, w_out_t, visited, preact, 0,
+                                                   z((5, 4), f), z((6, 4), f), *ultra_grads[1:])),
+        ("fff depth", lambda: _cmm.fff_infer(x, nw, nb, w1t, b1, w2, b2, 3, 0, y)),
+        ("fff width", lambda: _cmm.fff_infer(z((5, 5), f), nw, nb, w1t, b1, w2, b2, 2, 0, y)),
+        ("fff b2", lambda: _cmm.fff_infer(x, nw, nb, w1t, b1, w2, z((4, 2), f), 2, 0, y)),
+        ("fff swap", lambda: _cmm.fff_hard_train_forward(
+            x, nw, nb, w1t, b1, w2, b2, 2, 0, z((5, 1), np.uint8), True, no_f, False, y, path,
+            z_path, leaf, hpre, ent)),
+        ("fff drop", lambda: _cmm.fff_hard_train_forward(
+            x, nw, nb, w1t, b1, w2, b2, 2, 0, no_u8, False, z((5, 3), f), True, y, path, z_path,
+            leaf, hpre, ent)),
+        ("fff leaf index", lambda: _cmm.fff_hard_train_backward(
+            x, y, nw, w1t, w2, path, z_path, bad_leaf, no_u8, False, no_f, False, hpre, 0, 1.0,
+            z((5, 4), f), *fff_grads)),
+        ("fff path index", lambda: _cmm.fff_hard_train_backward(
+            x, y, nw, w1t, w2, bad_path, z_path, leaf, no_u8, False, no_f, False, hpre, 0, 1.0,
+            z((5, 4), f), *fff_grads)),
+        ("soft reach", lambda: _cmm.fff_soft_mixture(z((5, 3), f), no_u8, False, z((5, 3), f),
+                                                     z((5, 6), f), ent)),
+        ("soft router", lambda: _cmm.fff_soft_router_backward(
+            z((5, 3), f), z((5, 3), f), z((5, 7), f), no_u8, False, 0.0, z((5, 7), f),
+            z((5, 3), f))),
+        ("soft leaves", lambda: _cmm.fff_soft_leaf_activate(
+            z((5, 8), f), b1, z((5, 3), f), no_f, False, 0, z((5, 8), f), z((5, 8), f))),
+        ("soft leaf backward", lambda: _cmm.fff_soft_leaf_backward(
+            z((5, 8), f), z((5, 8), f), z((5, 8), f), z((5, 0), f), no_f, False, 0,
+            z((5, 0), f))),
+    ]
+
+
+@pytest.mark.parametrize("label, call", _kernel_calls(), ids=[c[0] for c in _kernel_calls()])
+def test_kernels_refuse_inconsistent_arguments(label, call):
+    with pytest.raises(ValueError, match="fastff._cmm"):
+        call()
+
+
+def test_kernel_checks_accept_what_the_layers_pass():
+    """The checks above are not too strict: every layer path (depth 0 included) still runs."""
+    x = np.linspace(-1, 1, 30, dtype=np.float32).reshape(5, 6)
+    for layer in (fastff.UltraFFF(6, 3, 0), fastff.UltraFFF(6, 3, 3, 2),
+                  fastff.FFF(6, 2, 3, 0), fastff.FFF(6, 2, 3, 3, region_leak=0.2, dropout=0.2),
+                  fastff.FFF(6, 2, 3, 3, train_hardened=True, region_leak=0.2, dropout=0.2)):
+        assert layer(x).shape == (5, 3)
+        y, backprop = layer.forward_train(x)
+        assert backprop(np.ones_like(y)).shape == x.shape
+
+
+@pytest.mark.parametrize("make, exc, words", [
+    (lambda: fastff.UltraFFF(2**31, 4, 1), ValueError, "input_width must be <= 2147483647"),
+    (lambda: fastff.UltraFFF(4, 2**31, 1), ValueError, "output_width"),
+    (lambda: fastff.FFF(4, 2**31, 3, 1), ValueError, "leaf_width"),
+    (lambda: fastff.UltraFFF(4, 3, 2**63), MemoryError, "bytes"),
+    (lambda: fastff.FFF(4, 2, 3, 10**30), MemoryError, "bytes"),
+    (lambda: fastff.UltraFFF(4, 3, 65), MemoryError, "bytes"),
+    (lambda: fastff.set_num_threads(10**5), ValueError, "n must be <="),
+    (lambda: fastff.set_num_threads(2**70), ValueError, "n must be <="),
+])
+def test_sizes_beyond_the_kernels(make, exc, words):
+    with pytest.raises(exc, match=words):
+        make()
+
+
+def test_bench_cli_refuses_thread_counts_openmp_cannot_create(capsys):
+    from fastff.__main__ import main
+
+    with pytest.raises(SystemExit, match="--threads must be <="):
+        main(["bench", "--threads", "100000"])
+
+
+# ---- memory: refused before allocating, with the byte count ------------------------------------
+# The limit ignored container (cgroup) limits, past which the kernel kills the process instead
+# of failing an allocation; forward passes allocated outputs and saved paths unchecked; an IDX
+# (or gzip) file was read whole whatever its header said.
+
+def test_memory_limit_follows_the_container(monkeypatch, tmp_path):
+    from fastff import _validation
+
+    limit_file = tmp_path / "memory.max"
+    monkeypatch.setattr(_validation, "CGROUP_LIMIT_FILES", (str(limit_file),))
+    try:
+        _validation.physical_memory_bytes.cache_clear()
+        limit_file.write_text("max\n")
+        physical = _validation.physical_memory_bytes()
+        assert physical > 2**20
+        _validation.physical_memory_bytes.cache_clear()
+        limit_file.write_text("1048576\n")
+        assert _validation.physical_memory_bytes() == 2**20
+        with pytest.raises(MemoryError, match=r"needs [\d,]+ bytes .* 1,048,576 bytes"):
+            fastff.UltraFFF(64, 64, 10)  # 2047 * 129 * 4 bytes
+    finally:
+        _validation.physical_memory_bytes.cache_clear()
+
+
+@pytest.mark.parametrize("call, words", [
+    (lambda: fastff.UltraFFF(2, 5000, 1)(np.ones((100, 2))), "inference of UltraFFF"),
+    (lambda: fastff.UltraFFF(2, 1, 1, 400).forward_train(np.ones((100, 2))), "forward_train"),
+    (lambda: fastff.FFF(2, 1, 5000, 1)(np.ones((100, 2))), "inference of FFF"),
+    (lambda: fastff.FFF(2, 1000, 1, 1, train_hardened=True).forward_train(np.ones((100, 2))),
+     "hardened training"),
+])
+def test_forward_passes_refuse_outputs_beyond_memory(monkeypatch, call, words):
+    from fastff import _validation
+
+    monkeypatch.setattr(_validation, "physical_memory_bytes", lambda: 200_000)
+    with pytest.raises(MemoryError, match=rf"{words}.*needs [\d,]+ bytes"):
+        call()
+
+
+def test_idx_reader_reads_no_more_than_the_header_promises(tmp_path):
+    import gzip
+
+    from fastff.data import DatasetError, read_idx
+
+    header = np.array([2049, 10], ">u4").tobytes()
+    bomb = tmp_path / "labels.gz"  # 10 labels, then 8 MB of zeros compressed to a few KB
+    with gzip.open(bomb, "wb") as f:
+        f.write(header + bytes(10) + bytes(8 * 2**20))
+    assert bomb.stat().st_size < 2**16
+    with pytest.raises(DatasetError, match="longer than its header says"):
+        read_idx(bomb, 2049, ())
+    short = tmp_path / "short-labels"  # a 12-byte file whose header claims 2**32 - 1 labels
+    short.write_bytes(np.array([2049, 2**32 - 1], ">u4").tobytes() + bytes(4))
+    with pytest.raises(DatasetError, match="truncated: 12 bytes"):
+        read_idx(short, 2049, ())
+    huge = tmp_path / "huge-images"  # claims 2**31 images of 28 x 28: 1.7 TB
+    huge.write_bytes(np.array([2051, 2**31, 28, 28], ">u4").tobytes())
+    with pytest.raises(MemoryError, match="1,683,627,180,032 bytes"):
+        read_idx(huge, 2051, (28, 28))
+
+
+# ---- inputs that were silently misread ---------------------------------------------------------
+# A masked array's mask was dropped (the hidden values were used); float64 values beyond the
+# float32 range became inf, so a finite input gave an inf/NaN output; dtype=None meant float64
+# (numpy's reading of None); negative or NaN usage counters were loaded and stalled
+# local_batch_size updates for good.
+
+def _masked(shape):
+    return np.ma.masked_array(np.ones(shape), mask=np.eye(*shape, dtype=bool))
+
+
+@pytest.mark.parametrize("call", [
+    lambda: fastff.UltraFFF(3, 2, 1)(_masked((4, 3))),
+    lambda: fastff.FFF(3, 2, 2, 1).forward_train(_masked((4, 3))),
+    lambda: nn.Linear(3, 2)(_masked((4, 3))),
+    lambda: nn.GELU()(_masked((4, 3))),
+    lambda: nn.Dropout(0.5).forward_train(_masked((4, 3))),
+    lambda: nn.mse(_masked((4, 3)), np.ones((4, 3))),
+    lambda: nn.mse(np.ones((4, 3)), _masked((4, 3))),
+    lambda: nn.softmax_cross_entropy(_masked((4, 3)), np.zeros(4, int)),
+    lambda: nn.softmax_cross_entropy(np.ones((4, 3)),
+                                            np.ma.masked_array(np.zeros(4, int), mask=[1, 0, 0, 0])),
+    lambda: fastff.UltraFFF(3, 2, 1).forward_train(np.ones((4, 3)))[1](_masked((4, 2))),
+])
+def test_masked_arrays_are_refused(call):
+    with pytest.raises(TypeError, match="masked array"):
+        call()
+
+
+def test_float64_values_beyond_float32_are_refused_not_made_inf():
+    x = np.array([[1.0, 2.0], [3e38, -1e300]])
+    for layer in (fastff.UltraFFF(2, 3, 1), fastff.FFF(2, 2, 3, 1), nn.Linear(2, 3)):
+        with pytest.raises(ValueError, match=r"x has values beyond the range of float32 .*1e\+300"):
+            layer(x)
+        with pytest.raises(ValueError, match="beyond the range"):
+            layer.forward_train(x)
+        assert np.isfinite(layer(x[:1])).all()
+        with np.errstate(invalid="ignore"):  # inf * 0 in NumPy's matmul warns
+            layer(np.array([[np.inf, 0.0]]))  # an infinite input is data, not an overflow
+    wide = fastff.UltraFFF(2, 3, 1, dtype=np.float64)
+    assert wide(x).shape == (2, 3)  # float64 layers take any float64
+    layer = fastff.UltraFFF(2, 3, 1)
+    _, backprop = layer.forward_train(np.ones((1, 2)))
+    with pytest.raises(ValueError, match="dy has values beyond"):
+        backprop(np.array([[1e39, 0.0, 0.0]]))
+    big_ints = np.array([[2**63 - 1, -2**63]])  # integers always fit float32's range
+    assert np.isfinite(layer(big_ints)).all()
+
+
+def test_non_finite_inputs_pass_through():
+    """Refusing overflow is not refusing non-finite data: inf and NaN inputs are the caller's
+    and propagate (the NaN policy)."""
+    layer = fastff.UltraFFF(2, 3, 1, activation="identity", seed=0)
+    y = layer(np.array([[np.inf, 1.0], [np.nan, 1.0]]))
+    assert not np.isfinite(y).any()
+
+
+@pytest.mark.parametrize("make", [
+    lambda: fastff.UltraFFF(4, 3, 2, dtype=None),
+    lambda: fastff.FFF(4, 2, 3, 2, dtype=None),
+    lambda: nn.Linear(4, 3, dtype=None),
+])
+def test_dtype_none_is_refused(make):
+    with pytest.raises(TypeError, match="dtype must be numpy.float32 or numpy.float64, got None"):
+        make()
+
+
+@pytest.mark.parametrize("bad", [np.array([1.0, -1.0, 0.0]), np.array([np.nan, 0.0, 0.0]),
+                                 np.array([np.inf, 0.0, 0.0])])
+def test_fff_usage_counters_must_be_finite_counts(bad):
+    layer = fastff.FFF(4, 2, 3, 2, usage_mode="hard", seed=0)
+    layer.forward_train(np.ones((5, 4)))
+    before_usage = layer.node_usage.copy()
+    state = {**layer.state_dict(), "node_usage": bad}
+    with pytest.raises(ValueError, match="node_usage.*finite counts >= 0"):
+        layer.load_state_dict(state)
+    np.testing.assert_array_equal(layer.node_usage, before_usage)
+    layer.load_state_dict({**state, "node_usage": np.array([3.0, 1.0, 2.0])})
+    np.testing.assert_array_equal(layer.node_usage, [3, 1, 2])
+
+
+def test_losses_compute_float16_inputs_in_float64():
+    """mse squared float16 differences in float16: a difference of 300 gave an inf loss."""
+    pred = np.array([[300.0, -300.0]], np.float16)
+    loss, grad = nn.mse(pred, np.zeros((1, 2)))
+    assert loss == 90000.0 and grad.dtype == np.float64
+    loss, grad = nn.softmax_cross_entropy(np.array([[300.0, 0.0]], np.float16), [1])
+    assert loss == 300.0 and np.isfinite(grad).all()
+    with pytest.raises(ValueError, match="pred has values beyond the range of float64"):
+        nn.mse(np.array([np.finfo(np.longdouble).max]), np.zeros(1))
