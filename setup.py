@@ -37,6 +37,24 @@ def _compiles_with(compiler_cmd, compile_flags, link_flags):
             return False
 
 
+def _apple_clang_openmp_flags():
+    """Apple clang has no bundled OpenMP runtime: it needs `-Xpreprocessor -fopenmp` and libomp.
+
+    Homebrew installs libomp keg-only (not on the default search paths), so try $LIBOMP_PREFIX
+    (set it to `$(brew --prefix libomp)`), then Homebrew's default prefixes on Apple silicon and
+    Intel, then plain `-lomp` for a libomp already on the compiler's paths.
+    """
+    homebrew = ["/opt/homebrew/opt/libomp", "/usr/local/opt/libomp"]
+    prefixes = [os.environ.get("LIBOMP_PREFIX")] + homebrew
+    flags = [
+        (["-Xpreprocessor", "-fopenmp", f"-I{p}/include"], [f"-L{p}/lib", "-lomp"])
+        for p in prefixes
+        if p and os.path.isdir(os.path.join(p, "include"))
+    ]
+    flags.append((["-Xpreprocessor", "-fopenmp"], ["-lomp"]))
+    return flags
+
+
 class BuildExtWithOpenMP(build_ext):
     def build_extensions(self):
         ctype = self.compiler.compiler_type
@@ -51,7 +69,7 @@ class BuildExtWithOpenMP(build_ext):
                 base += ["-fsanitize=address,undefined", "-fno-omit-frame-pointer", "-O1"]
             candidates = [(["-fopenmp"], ["-fopenmp"])]
             if sys.platform == "darwin":
-                candidates.append((["-Xpreprocessor", "-fopenmp"], ["-lomp"]))
+                candidates += _apple_clang_openmp_flags()
             have_openmp = False
             for c, l in candidates:
                 if _compiles_with(cc, c, l):

@@ -9,8 +9,9 @@ except ImportError as exc:  # a source checkout without its compiled kernels
         "`python -m pip install -e .`; otherwise reinstall fastff."
     ) from exc
 
-from . import reference
-from .layers import UltraFFF
+from . import interop, reference
+from .io import WeightFileError, load, save
+from .layers import FFF, UltraFFF
 from .module import Module
 
 
@@ -26,4 +27,5 @@ def set_num_threads(n: int) -> None:
     _cmm.set_num_threads(check_int(n, "n", 1))
 
 
-__all__ = ["UltraFFF", "Module", "reference", "get_num_threads", "set_num_threads", "__version__"]
+__all__ = ["FFF", "UltraFFF", "Module", "reference", "interop", "save", "load", "WeightFileError",
+           "get_num_threads", "set_num_threads", "__version__"]

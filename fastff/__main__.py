@@ -1,5 +1,6 @@
 """Command line: `python -m fastff bench ...` (and `train`, once available)."""
 import argparse
+import importlib
 import sys
 
 
@@ -9,8 +10,8 @@ def main(argv=None) -> int:
     from . import bench
 
     bench.add_arguments(sub.add_parser("bench", help="time fastff against the dense FF"))
-    try:
-        from . import train
+    try:  # the training command ships with fastff.train, when that module exists
+        train = importlib.import_module(".train", __package__)
     except ImportError:
         train = None
     if train is not None:
@@ -18,6 +19,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.command == "bench":
         return bench.main(args)
+    assert train is not None  # argparse offers "train" only when the module exists
     return train.main(args)
 
 

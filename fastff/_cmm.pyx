@@ -11,9 +11,8 @@ Node g = t * n_nodes + k is node k of tree t; the children of k are 2k+1 (left) 
 cimport cython
 from cython cimport floating
 from cython.parallel cimport prange
-from libc.math cimport erf, erff, exp, expf
-from libc.string cimport memset
-from scipy.linalg.cython_blas cimport ddot, daxpy, sdot, saxpy
+from libc.math cimport erf, erff, exp, expf, log, logf
+from libc.string cimport memcpy, memset
 
 import numpy as np
 
@@ -47,23 +46,27 @@ def set_num_threads(int n):
 
 
 # ---------------------------------------------------------------------------------------------
-# Vector primitives. BLAS level-1 picks the widest SIMD of the running CPU at run time
-# (OpenBLAS DYNAMIC_ARCH), which a portable wheel cannot do with compile flags alone.
+# Vector primitives: fastff/_simd.h, multiversioned for AVX-512 / AVX2 / baseline at load time.
+
+cdef extern from "_simd.h" nogil:
+    float fastff_dot_f32(int n, const float* a, const float* b)
+    double fastff_dot_f64(int n, const double* a, const double* b)
+    void fastff_axpy_f32(int n, float alpha, const float* x, float* y)
+    void fastff_axpy_f64(int n, double alpha, const double* x, double* y)
+
 
 cdef inline floating _dot(int n, const floating* a, const floating* b) noexcept nogil:
-    cdef int one = 1
     if floating is float:
-        return sdot(&n, <float*>a, &one, <float*>b, &one)
+        return fastff_dot_f32(n, a, b)
     else:
-        return ddot(&n, <double*>a, &one, <double*>b, &one)
+        return fastff_dot_f64(n, a, b)
 
 
 cdef inline void _axpy(int n, floating alpha, const floating* x, floating* y) noexcept nogil:
-    cdef int one = 1
     if floating is float:
-        saxpy(&n, &alpha, <float*>x, &one, y, &one)
+        fastff_axpy_f32(n, alpha, x, y)
     else:
-        daxpy(&n, &alpha, <double*>x, &one, y, &one)
+        fastff_axpy_f64(n, alpha, x, y)
 
 
 cdef inline floating _act(floating z, int act) noexcept nogil:
@@ -93,6 +96,103 @@ cdef inline floating _act_grad(floating z, int act) noexcept nogil:
 # ---------------------------------------------------------------------------------------------
 # Neuron-tree FFF (UltraFastBERT)
 
+cdef enum:
+    ROWS_PER_BLOCK = 4  # rows one thread walks in lockstep
+    SUBTREE_BYTES = 1 << 20  # weights of a subtree that rows walk together: fits a core's L2
+    MIN_ROWS_PER_SUBTREE = 16  # below this, grouping rows by subtree saves too little
+    MIN_ROWS_PER_THREAD = 16  # smaller batches run on the calling thread: no thread start-up
+
+
+cdef inline int _threads_for(Py_ssize_t n_rows) noexcept nogil:
+    return 1 if n_rows < 2 * MIN_ROWS_PER_THREAD else omp_get_max_threads()
+
+
+cdef void _walk(const floating[:, ::1] x, const floating[:, ::1] w_in, const floating[::1] b_in,
+                const floating[:, ::1] w_out_t, int act, floating[:, ::1] y,
+                Py_ssize_t[:, ::1] visited, floating[:, ::1] preact, bint save_path,
+                const Py_ssize_t* rows, int n, Py_ssize_t* node, int t, Py_ssize_t n_nodes,
+                int level0, int level1, int path_len) noexcept nogil:
+    """Rows rows[0..n) (n <= ROWS_PER_BLOCK) of tree t walk levels level0..level1 in lockstep
+    from node[i] (index within the tree; updated to the node at level1): while one row waits for
+    its next node's weights, the others compute. Adds into y."""
+    cdef int in_w = <int>x.shape[1], out_w = <int>y.shape[1]
+    cdef int level, i
+    cdef Py_ssize_t g, r
+    cdef floating z[ROWS_PER_BLOCK]
+    cdef floating a
+    for level in range(level0, level1):
+        for i in range(n):
+            g = t * n_nodes + node[i]
+            z[i] = b_in[g] + _dot(in_w, &w_in[g, 0], &x[rows[i], 0])
+        for i in range(n):
+            r = rows[i]
+            g = t * n_nodes + node[i]
+            a = _act(z[i], act)
+            if a != 0:  # relu zeros skip the output row entirely
+                _axpy(out_w, a, &w_out_t[g, 0], &y[r, 0])
+            if save_path:
+                visited[r, t * path_len + level] = g
+                preact[r, t * path_len + level] = z[i]
+            node[i] = 2 * node[i] + 1 + (z[i] > 0)
+
+
+cdef void _walk_top(const floating[:, ::1] x, const floating[:, ::1] w_in,
+                    const floating[::1] b_in, const floating[:, ::1] w_out_t, int act,
+                    floating[:, ::1] y, Py_ssize_t[:, ::1] visited, floating[:, ::1] preact,
+                    bint save_path, Py_ssize_t r0, int n, int t, Py_ssize_t n_nodes, int split,
+                    int path_len, Py_ssize_t* split_node) noexcept nogil:
+    """Rows r0..r0+n walk tree t from its root down to level `split`; with split_node, record
+    where each stopped (index among the split level's nodes)."""
+    cdef Py_ssize_t rows[ROWS_PER_BLOCK]
+    cdef Py_ssize_t node[ROWS_PER_BLOCK]
+    cdef int j
+    for j in range(n):
+        rows[j] = r0 + j
+        node[j] = 0
+    _walk(x, w_in, b_in, w_out_t, act, y, visited, preact, save_path, rows, n, node, t, n_nodes,
+          0, split, path_len)
+    if split_node != NULL:
+        for j in range(n):
+            split_node[rows[j]] = node[j] - ((<Py_ssize_t>1 << split) - 1)
+
+
+cdef void _walk_subtree(const floating[:, ::1] x, const floating[:, ::1] w_in,
+                        const floating[::1] b_in, const floating[:, ::1] w_out_t, int act,
+                        floating[:, ::1] y, Py_ssize_t[:, ::1] visited,
+                        floating[:, ::1] preact, bint save_path, const Py_ssize_t* order,
+                        Py_ssize_t start, Py_ssize_t stop, Py_ssize_t root, int t,
+                        Py_ssize_t n_nodes, int split, int path_len) noexcept nogil:
+    """Rows order[start..stop), which all reached node `root` of tree t at level `split`, walk
+    the rest of the way together, ROWS_PER_BLOCK at a time."""
+    cdef Py_ssize_t rows[ROWS_PER_BLOCK]
+    cdef Py_ssize_t node[ROWS_PER_BLOCK]
+    cdef int j, n
+    while start < stop:
+        n = <int>min(stop - start, ROWS_PER_BLOCK)
+        for j in range(n):
+            rows[j] = order[start + j]
+            node[j] = root
+        _walk(x, w_in, b_in, w_out_t, act, y, visited, preact, save_path, rows, n, node, t,
+              n_nodes, split, path_len, path_len)
+        start = start + n
+
+
+def _subtree_split(Py_ssize_t n_rows, int depth, int in_w, int out_w, int itemsize):
+    """Level at which rows are regrouped by node, or depth + 1 for no regrouping.
+
+    Below the split every subtree's weights fit in SUBTREE_BYTES, and rows that share a subtree
+    walk it together, so each subtree is fetched from L3/DRAM once per batch instead of once per
+    row. The split is no deeper than leaves MIN_ROWS_PER_SUBTREE rows per subtree on average."""
+    cdef Py_ssize_t node_bytes = (<Py_ssize_t>in_w + out_w) * itemsize
+    cdef int levels_below = 0, split
+    while levels_below < depth + 1 and ((<Py_ssize_t>1 << (levels_below + 1)) - 1) * node_bytes <= SUBTREE_BYTES:
+        levels_below += 1
+    split = depth + 1 - levels_below
+    while split > 0 and (n_rows >> split) < MIN_ROWS_PER_SUBTREE:
+        split -= 1
+    return depth + 1 if split == 0 else split
+
+
 def ultra_forward(const floating[:, ::1] x, const floating[:, ::1] w_in, const floating[::1] b_in,
                   const floating[:, ::1] w_out_t, int depth, int n_trees, int act,
                   floating[:, ::1] y, Py_ssize_t[:, ::1] visited, floating[:, ::1] preact,
@@ -102,28 +202,63 @@ def ultra_forward(const floating[:, ::1] x, const floating[:, ::1] w_in, const f
     x (B, in), w_in (T*n, in), b_in (T*n,), w_out_t (T*n, out) -> y (B, out), overwritten.
     With save_path, visited[r, t*(depth+1)+l] gets the global node index of row r's level-l node in
     tree t and preact[r, ...] its pre-activation z; both are (B, T*(depth+1)).
+
+    Per tree: every row walks the top levels (blocks of ROWS_PER_BLOCK rows per task); for large
+    batches of deep trees the rows are then counting-sorted by their node at the split level and
+    each subtree is walked by its rows together (see _subtree_split). Each row still adds its
+    nodes in path order, tree by tree, so the result does not depend on the grouping or threads.
     """
-    cdef Py_ssize_t n_rows = x.shape[0], r, g
-    cdef int in_w = <int>x.shape[1], out_w = <int>y.shape[1]
+    cdef Py_ssize_t n_rows = x.shape[0], block, r0, i, k, n_groups
+    cdef int out_w = <int>y.shape[1], path_len = depth + 1, t
     cdef Py_ssize_t n_nodes = (<Py_ssize_t>1 << (depth + 1)) - 1
-    cdef int t, level, path_len = depth + 1
-    cdef Py_ssize_t node
-    cdef floating z, a
+    cdef Py_ssize_t n_blocks = (n_rows + ROWS_PER_BLOCK - 1) // ROWS_PER_BLOCK
+    cdef int split = _subtree_split(n_rows, depth, <int>x.shape[1], out_w, sizeof(floating))
+    n_groups = (<Py_ssize_t>1 << split) if split < path_len else 0
+    split_node_arr = np.empty(n_rows if n_groups else 1, dtype=np.intp)
+    offsets_arr = np.zeros(n_groups + 1, dtype=np.intp)
+    order_arr = np.empty(n_rows if n_groups else 1, dtype=np.intp)
+    cdef Py_ssize_t[::1] split_node = split_node_arr
+    cdef Py_ssize_t[::1] offsets = offsets_arr
+    cdef Py_ssize_t[::1] order = order_arr
+    cdef Py_ssize_t* split_node_ptr = &split_node[0] if n_groups else NULL
+    cdef int n_threads = _threads_for(n_rows)
     with nogil:
-        for r in prange(n_rows, schedule="static"):
-            memset(&y[r, 0], 0, out_w * sizeof(floating))
+        if not n_groups:
+            # one parallel region: each block of rows walks every tree, top to leaf
+            for block in prange(n_blocks, schedule="static", num_threads=n_threads):
+                r0 = block * ROWS_PER_BLOCK
+                for i in range(r0, min(r0 + ROWS_PER_BLOCK, n_rows)):
+                    memset(&y[i, 0], 0, out_w * sizeof(floating))
+                for t in range(n_trees):
+                    _walk_top(x, w_in, b_in, w_out_t, act, y, visited, preact, save_path, r0,
+                              <int>(min(r0 + ROWS_PER_BLOCK, n_rows) - r0), t, n_nodes,
+                              path_len, path_len, NULL)
+        else:
+            for r0 in prange(n_rows, schedule="static", num_threads=n_threads):
+                memset(&y[r0, 0], 0, out_w * sizeof(floating))
             for t in range(n_trees):
-                node = 0
-                for level in range(path_len):
-                    g = t * n_nodes + node
-                    z = b_in[g] + _dot(in_w, &w_in[g, 0], &x[r, 0])
-                    a = _act(z, act)
-                    if a != 0:  # relu zeros skip the output row entirely
-                        _axpy(out_w, a, &w_out_t[g, 0], &y[r, 0])
-                    if save_path:
-                        visited[r, t * path_len + level] = g
-                        preact[r, t * path_len + level] = z
-                    node = 2 * node + 1 + (z > 0)
+                for block in prange(n_blocks, schedule="static", num_threads=n_threads):
+                    _walk_top(x, w_in, b_in, w_out_t, act, y, visited, preact, save_path,
+                              block * ROWS_PER_BLOCK,
+                              <int>(min((block + 1) * ROWS_PER_BLOCK, n_rows) - block * ROWS_PER_BLOCK),
+                              t, n_nodes, split, path_len, split_node_ptr)
+                # counting sort of rows by subtree (rows stay ascending within one)
+                for k in range(n_groups + 1):
+                    offsets[k] = 0
+                for i in range(n_rows):
+                    offsets[split_node[i] + 1] += 1
+                for k in range(n_groups):
+                    offsets[k + 1] += offsets[k]
+                for i in range(n_rows):
+                    order[offsets[split_node[i]]] = i
+                    offsets[split_node[i]] += 1
+                for k in range(n_groups - 1, -1, -1):  # each cursor ended at the next start
+                    offsets[k + 1] = offsets[k]
+                offsets[0] = 0
+                for k in prange(n_groups, schedule="dynamic", num_threads=n_threads):
+                    _walk_subtree(x, w_in, b_in, w_out_t, act, y, visited, preact, save_path,
+                                  &order[0], offsets[k], offsets[k + 1],
+                                  ((<Py_ssize_t>1 << split) - 1) + k, t, n_nodes, split, path_len)
     return None
 
 
@@ -144,11 +279,12 @@ def ultra_backward(const floating[:, ::1] x, const floating[:, ::1] dy,
     cdef int in_w = <int>x.shape[1], out_w = <int>dy.shape[1]
     cdef Py_ssize_t r, v, g, i, k, start, stop
     cdef floating z, dz
+    cdef int n_threads = _threads_for(n_rows)
 
     dz_arr = np.empty((n_rows, visits_per_row), dtype=np.asarray(preact).dtype)
     cdef floating[:, ::1] dzs = dz_arr
     with nogil:
-        for r in prange(n_rows, schedule="static"):
+        for r in prange(n_rows, schedule="static", num_threads=n_threads):
             memset(&dx[r, 0], 0, in_w * sizeof(floating))
             for v in range(visits_per_row):
                 g = visited[r, v]
@@ -175,14 +311,14 @@ def ultra_backward(const floating[:, ::1] x, const floating[:, ::1] dy,
     active_arr = np.flatnonzero(np.diff(offsets_arr)).astype(np.intp)
     cdef Py_ssize_t[::1] active = active_arr
     n_active = active.shape[0]
-    cursor_arr = offsets_arr[:-1].copy()
+    cursor_arr = offsets_arr[:n_total].copy()
     cdef Py_ssize_t[::1] cursor = cursor_arr
     with nogil:
         for i in range(n_visits):
             g = flat_visited[i]
             order[cursor[g]] = i
             cursor[g] += 1
-        for k in prange(n_active, schedule="dynamic"):
+        for k in prange(n_active, schedule="dynamic", num_threads=n_threads):
             g = active[k]
             start = offsets[g]
             stop = offsets[g + 1]
@@ -196,4 +332,478 @@ def ultra_backward(const floating[:, ::1] x, const floating[:, ::1] dy,
                 z = _act(preact[r, v - r * visits_per_row], act)
                 if z != 0:
                     _axpy(out_w, z, &dy[r, 0], &grad_w_out_t[g, 0])
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Router-leaf FFF (Belcak & Wattenhofer, "Fast Feedforward Networks"; the `fastfeedforward` package)
+#
+# n_nodes = 2**depth - 1 routers in heap order (children of n: 2n+1 left, 2n+2 right) and
+# n_leaves = 2**depth leaf MLPs; leaf l is heap index n_nodes + l. Internal layouts, one
+# contiguous row per visited unit: node_w (n_nodes, in), node_b (n_nodes,), w1t (n_leaves, leaf, in)
+# (the package's w1s transposed), b1 (n_leaves, leaf), w2 (n_leaves, leaf, out), b2 (n_leaves, out).
+# A leaf hidden unit whose activation (after dropout) is 0 skips its output row: relu zeros are
+# common.
+#
+# Row loops hand out chunks of _ROW_CHUNK rows dynamically rather than one static half per
+# thread: on a small shared machine one thread is often descheduled (another process, or BLAS
+# workers still spinning after a NumPy GEMM), and a static split then waits for it. A batch of
+# one chunk runs on one thread.
+#
+# `q` is a router's right-child weight after region leak: sigmoid(z), or 1 - sigmoid(z) where the
+# leak swapped the children for that row; q * (1 - q) = p * (1 - p) either way.
+
+cdef enum:
+    _ROW_CHUNK = 16
+
+
+cdef inline int _n_threads(Py_ssize_t n_rows) noexcept nogil:
+    """One thread for a batch that fits in one chunk: waking the others would only cost."""
+    return 1 if n_rows <= _ROW_CHUNK else omp_get_max_threads()
+
+
+cdef inline floating _sigmoid(floating z) noexcept nogil:
+    if floating is float:
+        return 1 / (1 + expf(-z))
+    else:
+        return 1 / (1 + exp(-z))
+
+
+cdef inline floating _clamp_prob(floating v, bint* inside) noexcept nogil:
+    """v clamped to [eps, 1 - eps], eps = 1e-6 as in the package's compute_entropy_safe; inside
+    is False where the clamp cut (torch passes no gradient there)."""
+    cdef floating eps = <floating>1e-6
+    cdef floating top = 1 - eps
+    inside[0] = True
+    if v < eps:
+        inside[0] = False
+        return eps
+    if v > top:
+        inside[0] = False
+        return top
+    return v
+
+
+cdef inline floating _log(floating v) noexcept nogil:
+    if floating is float:
+        return logf(v)
+    else:
+        return log(v)
+
+
+cdef inline floating _entropy(floating q, floating* dh_dq) noexcept nogil:
+    """The package's clamped Bernoulli entropy -p log p - m log m, p = clamp(q), m = clamp(1 - q),
+    and its derivative in q (written to dh_dq, which may be NULL)."""
+    cdef bint in_p, in_m
+    cdef floating p = _clamp_prob(q, &in_p)
+    cdef floating m = _clamp_prob(1 - q, &in_m)
+    cdef floating lp = _log(p), lm = _log(m), d = 0
+    if dh_dq != NULL:
+        if in_p:
+            d = d - (lp + 1)
+        if in_m:
+            d = d + (lm + 1)
+        dh_dq[0] = d
+    return -p * lp - m * lm
+
+
+cdef inline void _leaf_row(int in_w, int leaf_w, int out_w, const floating* x,
+                           const floating* w1t_l, const floating* b1_l,
+                           const floating* w2_l, const floating* b2_l, int act,
+                           const floating* drop, floating* hpre, floating* y) noexcept nogil:
+    """y = act(w1t_l @ x + b1_l) * drop @ w2_l + b2_l for one row and one leaf; the hidden
+    pre-activations go to hpre unless it is NULL, no dropout where drop is NULL."""
+    cdef int j
+    cdef floating h, a
+    memcpy(y, b2_l, out_w * sizeof(floating))
+    for j in range(leaf_w):
+        h = _dot(in_w, w1t_l + <Py_ssize_t>j * in_w, x) + b1_l[j]
+        if hpre != NULL:
+            hpre[j] = h
+        a = _act(h, act)
+        if drop != NULL:
+            a = a * drop[j]
+        if a != 0:
+            _axpy(out_w, a, w2_l + <Py_ssize_t>j * out_w, y)
+
+
+cdef inline Py_ssize_t _route(int depth, int in_w, const floating* x, const floating* node_w,
+                              const floating* node_b) noexcept nogil:
+    """The leaf one row reaches at inference: right at node n iff its logit is >= 0."""
+    cdef Py_ssize_t node = 0
+    cdef int level
+    cdef floating z
+    for level in range(depth):
+        z = _dot(in_w, node_w + node * in_w, x) + node_b[node]
+        node = 2 * node + 1 + (z >= 0)
+    return node - ((<Py_ssize_t>1 << depth) - 1)
+
+
+def fff_infer(const floating[:, ::1] x, const floating[:, ::1] node_w,
+              const floating[::1] node_b, const floating[:, :, ::1] w1t,
+              const floating[:, ::1] b1, const floating[:, :, ::1] w2, const floating[:, ::1] b2,
+              int depth, int act, floating[:, ::1] y):
+    """Hard inference: each row goes right at node n iff x @ node_w[n] + node_b[n] >= 0 (the
+    package's eval_forward), then evaluates only the reached leaf. y (B, out) is overwritten.
+    O(depth * in + leaf * (in + out)) per row.
+
+    A batch with rows to spare per leaf is done in two passes: route every row, then evaluate
+    the leaves with the rows ordered by leaf, so consecutive rows share a leaf whose weights
+    (leaf * in numbers) come from L1/L2 instead of being streamed again for every row (20% on
+    paper-mnist). Smaller batches route and evaluate each row in one go.
+    """
+    cdef Py_ssize_t n_rows = x.shape[0], n_leaves = w1t.shape[0], r, i, l
+    cdef int in_w = <int>x.shape[1], leaf_w = <int>w1t.shape[1], out_w = <int>y.shape[1]
+    cdef int n_threads = _n_threads(n_rows)
+    cdef const floating* nw = &node_w[0, 0] if depth > 0 else NULL
+    cdef const floating* nb = &node_b[0] if depth > 0 else NULL
+    if depth == 0 or n_rows < 2 * n_leaves:
+        with nogil:
+            for r in prange(n_rows, schedule="dynamic", chunksize=_ROW_CHUNK,
+                            num_threads=n_threads):
+                l = _route(depth, in_w, &x[r, 0], nw, nb)
+                _leaf_row(in_w, leaf_w, out_w, &x[r, 0], &w1t[l, 0, 0], &b1[l, 0],
+                          &w2[l, 0, 0], &b2[l, 0], act, NULL, NULL, &y[r, 0])
+        return None
+    leaf_arr = np.empty(n_rows, dtype=np.intp)
+    cdef Py_ssize_t[::1] leaf = leaf_arr
+    with nogil:
+        for r in prange(n_rows, schedule="dynamic", chunksize=_ROW_CHUNK, num_threads=n_threads):
+            leaf[r] = _route(depth, in_w, &x[r, 0], nw, nb)
+    order_arr = np.argsort(leaf_arr, kind="stable").astype(np.intp, copy=False)
+    cdef Py_ssize_t[::1] order = order_arr
+    with nogil:
+        for i in prange(n_rows, schedule="dynamic", chunksize=_ROW_CHUNK, num_threads=n_threads):
+            r = order[i]
+            l = leaf[r]
+            _leaf_row(in_w, leaf_w, out_w, &x[r, 0], &w1t[l, 0, 0], &b1[l, 0], &w2[l, 0, 0],
+                      &b2[l, 0], act, NULL, NULL, &y[r, 0])
+    return None
+
+
+# ---- soft (mixture) training: the router part; the leaves are GEMMs in fastff/ops.py ---------
+
+cdef inline floating _soft_mixture_row(Py_ssize_t n_nodes, const floating* z,
+                                       const unsigned char* swap, floating* q,
+                                       floating* reach) noexcept nogil:
+    """Right weights q and reach weights (heap order, n_nodes + n_leaves) of one row; returns the
+    row's summed node entropy."""
+    cdef Py_ssize_t n
+    cdef floating p, total = 0
+    reach[0] = 1
+    for n in range(n_nodes):
+        p = _sigmoid(z[n])
+        if swap != NULL and swap[n]:
+            p = 1 - p
+        q[n] = p
+        total = total + _entropy(p, <floating*>NULL)
+        reach[2 * n + 1] = reach[n] * (1 - p)
+        reach[2 * n + 2] = reach[n] * p
+    return total
+
+
+def fff_soft_mixture(const floating[:, ::1] z, const unsigned char[:, ::1] swap, bint has_swap,
+                     floating[:, ::1] q, floating[:, ::1] reach, floating[::1] entropy):
+    """Router logits z (B, n_nodes) -> right weights q (B, n_nodes), reach (B, n_nodes +
+    n_leaves) = product of the branch weights from the root (the last n_leaves columns are the
+    leaf mixture), entropy (B,) = summed node entropies of each row. swap (B, n_nodes) marks
+    the region-leak swaps (has_swap False: none)."""
+    cdef Py_ssize_t n_rows = z.shape[0], n_nodes = z.shape[1], r
+    with nogil:
+        for r in prange(n_rows, schedule="dynamic", chunksize=_ROW_CHUNK,
+                        num_threads=_n_threads(n_rows)):
+            entropy[r] = _soft_mixture_row(
+                n_nodes, &z[r, 0] if n_nodes > 0 else NULL,
+                &swap[r, 0] if has_swap and n_nodes > 0 else NULL,
+                &q[r, 0] if n_nodes > 0 else NULL, &reach[r, 0])
+    return None
+
+
+cdef inline floating _soft_router_row(Py_ssize_t n_nodes, Py_ssize_t n_leaves,
+                                      const floating* dmix, const floating* q,
+                                      const floating* reach, const unsigned char* swap,
+                                      floating entropy_weight, floating* dreach,
+                                      floating* dz) noexcept nogil:
+    """Backward of _soft_mixture_row: from d(objective)/d(mixture) to dz (n_nodes,), bottom up
+    through the products; entropy_weight * d(entropy)/dz is added (the hardening loss)."""
+    cdef Py_ssize_t n
+    cdef floating qn, left, right, g, dh_dq, slope
+    memcpy(dreach + n_nodes, dmix, n_leaves * sizeof(floating))
+    for n in range(n_nodes - 1, -1, -1):
+        qn = q[n]
+        left = dreach[2 * n + 1]
+        right = dreach[2 * n + 2]
+        g = reach[n] * (right - left)
+        if entropy_weight != 0:
+            _entropy(qn, &dh_dq)
+            g = g + entropy_weight * dh_dq
+        slope = qn * (1 - qn)  # dp/dz of the sigmoid; a swap flips the sign of dq/dp
+        if swap != NULL and swap[n]:
+            slope = -slope
+        dz[n] = g * slope
+        dreach[n] = left * (1 - qn) + right * qn
+    return 0
+
+
+def fff_soft_router_backward(const floating[:, ::1] dmix, const floating[:, ::1] q,
+                             const floating[:, ::1] reach, const unsigned char[:, ::1] swap,
+                             bint has_swap, double entropy_weight, floating[:, ::1] dreach,
+                             floating[:, ::1] dz):
+    """dmix (B, n_leaves) -> dz (B, n_nodes), overwritten; dreach (B, n_nodes + n_leaves) is
+    scratch. entropy_weight multiplies each node's entropy gradient (hardening / (B * n_nodes)
+    for a mean-entropy loss)."""
+    cdef Py_ssize_t n_rows = dmix.shape[0], n_leaves = dmix.shape[1], n_nodes = q.shape[1], r
+    cdef floating w = <floating>entropy_weight
+    if n_nodes == 0:
+        return None
+    with nogil:
+        for r in prange(n_rows, schedule="dynamic", chunksize=_ROW_CHUNK,
+                        num_threads=_n_threads(n_rows)):
+            _soft_router_row(n_nodes, n_leaves, &dmix[r, 0], &q[r, 0], &reach[r, 0],
+                             &swap[r, 0] if has_swap else NULL, w, &dreach[r, 0], &dz[r, 0])
+    return None
+
+
+def fff_soft_leaf_activate(floating[:, ::1] hpre, const floating[:, ::1] b1,
+                           const floating[:, ::1] mix, const floating[:, ::1] drop,
+                           bint has_drop, int act, floating[:, ::1] a, floating[:, ::1] mixed):
+    """Leaf hidden units of all leaves, column k = l * leaf + j: hpre (B, n_leaves * leaf) +=
+    b1 (n_leaves, leaf) in place; a = act(hpre) * drop (dropout keep mask with its 1/(1-rate)
+    scale); mixed = a * mix[:, l] (mix (B, n_leaves))."""
+    cdef Py_ssize_t n_rows = hpre.shape[0], n_leaves = b1.shape[0], r, l, k
+    cdef int leaf_w = <int>b1.shape[1], j
+    cdef floating h, v, m
+    with nogil:
+        for r in prange(n_rows, schedule="dynamic", chunksize=_ROW_CHUNK,
+                        num_threads=_n_threads(n_rows)):
+            for l in range(n_leaves):
+                m = mix[r, l]
+                for j in range(leaf_w):
+                    k = l * leaf_w + j
+                    h = hpre[r, k] + b1[l, j]
+                    hpre[r, k] = h
+                    v = _act(h, act)
+                    if has_drop:
+                        v = v * drop[r, k]
+                    a[r, k] = v
+                    mixed[r, k] = v * m
+    return None
+
+
+def fff_soft_leaf_backward(const floating[:, ::1] hpre, const floating[:, ::1] a,
+                           floating[:, ::1] g, const floating[:, ::1] mix,
+                           const floating[:, ::1] drop, bint has_drop, int act,
+                           floating[:, ::1] dmix):
+    """g (B, K) = dy @ w2^T on entry (the gradient of each unmixed hidden unit's output) becomes
+    the pre-activation gradient mix * g * drop * act'(hpre); dmix (B, n_leaves), holding
+    dy @ b2^T on entry, gets each leaf's sum of a * g added (d objective / d mixture weight)."""
+    cdef Py_ssize_t n_rows = hpre.shape[0], n_leaves = mix.shape[1], r, l, k
+    cdef int leaf_w = <int>(hpre.shape[1] // n_leaves), j
+    cdef floating s, m, d
+    with nogil:
+        for r in prange(n_rows, schedule="dynamic", chunksize=_ROW_CHUNK,
+                        num_threads=_n_threads(n_rows)):
+            for l in range(n_leaves):
+                s = 0
+                m = mix[r, l]
+                for j in range(leaf_w):
+                    k = l * leaf_w + j
+                    s = s + a[r, k] * g[r, k]
+                    d = m * g[r, k] * _act_grad(hpre[r, k], act)
+                    if has_drop:
+                        d = d * drop[r, k]
+                    g[r, k] = d
+                dmix[r, l] = dmix[r, l] + s
+    return None
+
+
+# ---- hardened training: one path and one leaf per row -----------------------------------------
+
+cdef inline floating _hard_train_row(int depth, int in_w, int leaf_w, int out_w,
+                                     const floating* x, const floating* node_w,
+                                     const floating* node_b, const floating* w1t,
+                                     const floating* b1, const floating* w2, const floating* b2,
+                                     int act, const unsigned char* swap, const floating* drop,
+                                     Py_ssize_t* path, floating* z_path, Py_ssize_t* leaf,
+                                     floating* hpre, floating* y) noexcept nogil:
+    """Walk one row down its rounded decisions, record the path and logits, evaluate the leaf;
+    returns the summed entropy of the visited nodes. w1t, b1, w2, b2 point at leaf 0."""
+    cdef Py_ssize_t node = 0, n_nodes = (<Py_ssize_t>1 << depth) - 1, l
+    cdef int level
+    cdef floating z, q, total = 0
+    cdef bint swapped
+    for level in range(depth):
+        z = _dot(in_w, node_w + node * in_w, x) + node_b[node]
+        swapped = swap != NULL and swap[level]
+        q = _sigmoid(z)
+        if swapped:
+            q = 1 - q
+        total = total + _entropy(q, <floating*>NULL)
+        path[level] = node
+        z_path[level] = z
+        # torch.round(q) of the package, exactly: right iff q > 1/2 (a tie, z == 0, goes left)
+        node = 2 * node + 1 + ((z < 0) if swapped else (z > 0))
+    l = node - n_nodes
+    leaf[0] = l
+    _leaf_row(in_w, leaf_w, out_w, x, w1t + l * leaf_w * in_w, b1 + l * leaf_w,
+              w2 + l * leaf_w * out_w, b2 + l * out_w, act, drop, hpre, y)
+    return total
+
+
+def fff_hard_train_forward(const floating[:, ::1] x, const floating[:, ::1] node_w,
+                           const floating[::1] node_b, const floating[:, :, ::1] w1t,
+                           const floating[:, ::1] b1, const floating[:, :, ::1] w2,
+                           const floating[:, ::1] b2, int depth, int act,
+                           const unsigned char[:, ::1] swap, bint has_swap,
+                           const floating[:, ::1] drop, bint has_drop,
+                           floating[:, ::1] y, Py_ssize_t[:, ::1] path, floating[:, ::1] z_path,
+                           Py_ssize_t[::1] leaf, floating[:, ::1] hpre, floating[::1] entropy):
+    """Hardened training forward (train_hardened): decisions rounded, right iff the (possibly
+    swapped) right weight q > 1/2. Writes y (B, out), path (B, depth) node ids, z_path
+    (B, depth) their logits, leaf (B,), hpre (B, leaf) and entropy (B,) summed over the
+    visited nodes. swap (B, depth) is per level: one visit per level."""
+    cdef Py_ssize_t n_rows = x.shape[0], r
+    cdef int in_w = <int>x.shape[1], leaf_w = <int>w1t.shape[1], out_w = <int>y.shape[1]
+    cdef const floating* nw = &node_w[0, 0] if depth > 0 else NULL
+    cdef const floating* nb = &node_b[0] if depth > 0 else NULL
+    with nogil:
+        for r in prange(n_rows, schedule="dynamic", chunksize=_ROW_CHUNK,
+                        num_threads=_n_threads(n_rows)):
+            entropy[r] = _hard_train_row(
+                depth, in_w, leaf_w, out_w, &x[r, 0], nw, nb, &w1t[0, 0, 0], &b1[0, 0],
+                &w2[0, 0, 0], &b2[0, 0], act,
+                &swap[r, 0] if has_swap and depth > 0 else NULL,
+                &drop[r, 0] if has_drop else NULL,
+                &path[r, 0] if depth > 0 else NULL, &z_path[r, 0] if depth > 0 else NULL,
+                &leaf[r], &hpre[r, 0], &y[r, 0])
+    return None
+
+
+def _group_rows(keys, Py_ssize_t n_keys):
+    """Counting sort of `keys` (n,) in 0..n_keys-1: (order, offsets, active). order lists the
+    positions key by key, ascending within a key, so per-key sums run in a fixed order whatever
+    the thread count; active lists the keys that occur."""
+    keys = np.asarray(keys).reshape(-1)
+    order = np.argsort(keys, kind="stable").astype(np.intp)
+    offsets = np.zeros(n_keys + 1, dtype=np.intp)
+    np.cumsum(np.bincount(keys, minlength=n_keys), out=offsets[1:])
+    active = np.flatnonzero(np.diff(offsets)).astype(np.intp)
+    return order, offsets, active
+
+
+cdef inline floating _hard_backward_row(int depth, int in_w, int leaf_w, int out_w,
+                                        const floating* dy, const floating* node_w,
+                                        const floating* w1t_l, const floating* w2_l,
+                                        const Py_ssize_t* path, const floating* z_path,
+                                        const unsigned char* swap, const floating* drop,
+                                        const floating* hpre, int act, floating entropy_weight,
+                                        floating* dh, floating* dz, floating* dx) noexcept nogil:
+    """Per-row part of the hardened backward: leaf pre-activation gradients dh (leaf,), router
+    logit gradients dz (depth,) from the entropy term only (rounding passes no gradient), and dx."""
+    cdef int j, level
+    cdef floating d, q, dh_dq, slope
+    cdef bint swapped
+    memset(dx, 0, in_w * sizeof(floating))
+    for j in range(leaf_w):
+        d = _dot(out_w, dy, w2_l + <Py_ssize_t>j * out_w) * _act_grad(hpre[j], act)
+        if drop != NULL:
+            d = d * drop[j]
+        dh[j] = d
+        if d != 0:
+            _axpy(in_w, d, w1t_l + <Py_ssize_t>j * in_w, dx)
+    if entropy_weight != 0:
+        for level in range(depth):
+            swapped = swap != NULL and swap[level]
+            q = _sigmoid(z_path[level])
+            if swapped:
+                q = 1 - q
+            _entropy(q, &dh_dq)
+            slope = q * (1 - q)
+            if swapped:
+                slope = -slope
+            d = entropy_weight * dh_dq * slope
+            dz[level] = d
+            if d != 0:
+                _axpy(in_w, d, node_w + path[level] * in_w, dx)
+    return 0
+
+
+def fff_hard_train_backward(const floating[:, ::1] x, const floating[:, ::1] dy,
+                            const floating[:, ::1] node_w, const floating[:, :, ::1] w1t,
+                            const floating[:, :, ::1] w2, const Py_ssize_t[:, ::1] path,
+                            const floating[:, ::1] z_path, const Py_ssize_t[::1] leaf,
+                            const unsigned char[:, ::1] swap, bint has_swap,
+                            const floating[:, ::1] drop, bint has_drop,
+                            const floating[:, ::1] hpre, int act, double entropy_weight,
+                            floating[:, ::1] dx, floating[:, ::1] grad_node_w,
+                            floating[::1] grad_node_b, floating[:, :, ::1] grad_w1t,
+                            floating[:, ::1] grad_b1, floating[:, :, ::1] grad_w2,
+                            floating[:, ::1] grad_b2):
+    """Hardened backward; adds into the grad_* arrays, dx (B, in) is overwritten.
+
+    Pass 1, parallel over rows: dh, dz and dx. Pass 2, parallel over leaves, and pass 3, over
+    nodes (only with an entropy weight): rows are counting-sorted by leaf / node so each gradient
+    row is summed by one thread in row order: race-free, the same for any thread count.
+    """
+    cdef Py_ssize_t n_rows = x.shape[0], n_leaves = w1t.shape[0], r, i, k, l, node
+    cdef int in_w = <int>x.shape[1], leaf_w = <int>w1t.shape[1], out_w = <int>dy.shape[1]
+    cdef int depth = <int>path.shape[1], j, level
+    cdef floating w = <floating>entropy_weight
+    cdef floating d, a, one = 1
+    cdef const floating* nw = &node_w[0, 0] if depth > 0 else NULL
+    if n_rows == 0:
+        return None
+    dtype = np.asarray(x).dtype
+    dh_arr = np.empty((n_rows, leaf_w), dtype=dtype)
+    dz_arr = np.zeros((n_rows, depth), dtype=dtype)
+    cdef floating[:, ::1] dh = dh_arr
+    cdef floating[:, ::1] dz = dz_arr
+    with nogil:
+        for r in prange(n_rows, schedule="dynamic", chunksize=_ROW_CHUNK,
+                        num_threads=_n_threads(n_rows)):
+            _hard_backward_row(depth, in_w, leaf_w, out_w, &dy[r, 0], nw,
+                               &w1t[leaf[r], 0, 0], &w2[leaf[r], 0, 0],
+                               &path[r, 0] if depth > 0 else NULL,
+                               &z_path[r, 0] if depth > 0 else NULL,
+                               &swap[r, 0] if has_swap and depth > 0 else NULL,
+                               &drop[r, 0] if has_drop else NULL, &hpre[r, 0], act, w,
+                               &dh[r, 0], &dz[r, 0] if depth > 0 else NULL, &dx[r, 0])
+
+    order_arr, offsets_arr, active_arr = _group_rows(leaf, n_leaves)
+    cdef Py_ssize_t[::1] order = order_arr
+    cdef Py_ssize_t[::1] offsets = offsets_arr
+    cdef Py_ssize_t[::1] active = active_arr
+    with nogil:
+        for k in prange(active.shape[0], schedule="dynamic"):
+            l = active[k]
+            for i in range(offsets[l], offsets[l + 1]):
+                r = order[i]
+                for j in range(leaf_w):
+                    d = dh[r, j]
+                    if d != 0:
+                        _axpy(in_w, d, &x[r, 0], &grad_w1t[l, j, 0])
+                        grad_b1[l, j] += d
+                    a = _act(hpre[r, j], act)
+                    if has_drop:
+                        a = a * drop[r, j]
+                    if a != 0:
+                        _axpy(out_w, a, &dy[r, 0], &grad_w2[l, j, 0])
+                _axpy(out_w, one, &dy[r, 0], &grad_b2[l, 0])
+
+    if w == 0 or depth == 0:
+        return None
+    order_arr, offsets_arr, active_arr = _group_rows(path, node_w.shape[0])
+    order = order_arr
+    offsets = offsets_arr
+    active = active_arr
+    with nogil:
+        for k in prange(active.shape[0], schedule="dynamic"):
+            node = active[k]
+            for i in range(offsets[node], offsets[node + 1]):
+                r = order[i] // depth
+                level = <int>(order[i] - r * depth)
+                d = dz[r, level]
+                if d != 0:
+                    _axpy(in_w, d, &x[r, 0], &grad_node_w[node, 0])
+                    grad_node_b[node] += d
     return None

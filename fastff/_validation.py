@@ -35,6 +35,22 @@ def check_probability(value, name: str, *, allow_one: bool = False) -> float:
     return value
 
 
+def check_bool(value, name: str) -> bool:
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be True or False, got {type(value).__name__} {value!r}")
+    return bool(value)
+
+
+def check_nonnegative(value, name: str) -> float:
+    """A finite real number >= 0."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
+    value = float(value)
+    if not (0.0 <= value < float("inf")):
+        raise ValueError(f"{name} must be a finite number >= 0, got {value}")
+    return value
+
+
 def check_choice(value, name: str, choices) -> str:
     if not isinstance(value, str) or value not in choices:
         raise ValueError(f"{name} must be one of {sorted(choices)}, got {value!r}")
@@ -72,26 +88,72 @@ def is_cuda_array(x) -> bool:
     return hasattr(x, "__cuda_array_interface__")
 
 
-def as_rows(x, width: int, dtype: np.dtype, xp=np, name: str = "x"):
-    """View x of shape (..., width) as a C-contiguous (rows, width) array of `dtype`.
+# DLPack device types (dlpack.h, DLDeviceType), named in error messages.
+DLPACK_CPU = 1
+DLPACK_CUDA_TYPES = (2, 13)  # kDLCUDA, kDLCUDAManaged: CuPy can take these without a copy
+DLPACK_DEVICE_NAMES = {1: "CPU", 2: "CUDA", 3: "CUDA pinned host", 4: "OpenCL", 7: "Vulkan",
+                       8: "Metal", 9: "VPI", 10: "ROCm", 11: "ROCm pinned host",
+                       13: "CUDA managed", 14: "oneAPI", 15: "WebGPU", 16: "Hexagon"}
 
-    Returns (rows, leading_shape). Float and integer inputs are cast to `dtype`; bool, complex,
-    object and string inputs are refused.
+
+def dlpack_device_type(x):
+    """The DLPack device type (an int) of a DLPack producer that is not a NumPy array, e.g. a
+    torch tensor or a JAX array; None for anything else."""
+    if isinstance(x, np.ndarray) or not (hasattr(x, "__dlpack__")
+                                         and hasattr(x, "__dlpack_device__")):
+        return None
+    try:
+        return int(x.__dlpack_device__()[0])
+    except Exception:  # a broken or exotic producer: leave it to np.asarray
+        return None
+
+
+def as_device_array(x, xp, name: str, expected: str):
+    """x as an array of `xp` (NumPy for a "cpu" layer, CuPy for a "cuda" one), without a copy
+    where the layout allows, refusing arrays that live on the other device.
+
+    Besides anything np.asarray takes, host DLPack producers (CPU torch tensors, JAX arrays)
+    are viewed through np.from_dlpack; on "cuda", objects with __cuda_array_interface__ or a
+    CUDA DLPack device are taken by CuPy. `expected` completes the message of a ValueError
+    for input that is no array at all ("x must be {expected}: ...").
     """
-    if xp is np and is_cuda_array(x):
+    dl_device = dlpack_device_type(x)
+    on_cuda = is_cuda_array(x) or dl_device in DLPACK_CUDA_TYPES
+    if xp is np and (on_cuda or dl_device not in (None, DLPACK_CPU)):
+        where = ("a CUDA array" if is_cuda_array(x) else
+                 f"an array on a {DLPACK_DEVICE_NAMES.get(dl_device, 'non-CPU')} device "
+                 f"(DLPack device type {dl_device})")
         raise TypeError(
-            f"{name} is a CUDA array but the layer is on 'cpu': move the layer with "
-            f".to('cuda') or copy {name} to the host first"
+            f"{name} is {where} but the layer is on 'cpu': move the layer with .to('cuda') "
+            f"or copy {name} to the host first (e.g. tensor.cpu())"
         )
-    if xp is not np and not is_cuda_array(x):
+    if xp is not np and not on_cuda:
         raise TypeError(
             f"{name} is a host array ({type(x).__name__}) but the layer is on 'cuda': pass a "
             f"CuPy array (cupy.asarray({name})) or move the layer with .to('cpu')"
         )
     try:
-        arr = xp.asarray(x)
+        if dl_device == DLPACK_CPU:
+            try:
+                return np.from_dlpack(x)
+            except (BufferError, TypeError, ValueError, RuntimeError):
+                pass  # e.g. a dtype DLPack cannot describe: np.asarray may still convert it
+        elif xp is not np and not is_cuda_array(x):
+            return xp.from_dlpack(x)
+        return xp.asarray(x)
     except (ValueError, TypeError) as exc:
-        raise ValueError(f"{name} must be an array of shape (..., {width}): {exc}") from exc
+        raise ValueError(f"{name} must be {expected}: {exc}") from exc
+
+
+def as_rows(x, width: int, dtype: np.dtype, xp=np, name: str = "x"):
+    """View x of shape (..., width) as a C-contiguous (rows, width) array of `dtype`.
+
+    Returns (rows, leading_shape). x may be anything np.asarray takes or a DLPack producer on
+    the layer's device (see as_device_array); a C-contiguous input of `dtype` is not copied.
+    Float and integer inputs are cast to `dtype`; bool, complex, object and string inputs are
+    refused.
+    """
+    arr = as_device_array(x, xp, name, f"an array of shape (..., {width})")
     if arr.dtype.kind not in "fiu":
         raise TypeError(
             f"{name} must hold real numbers (float or integer) of shape (..., {width}), "
@@ -109,18 +171,8 @@ def as_rows(x, width: int, dtype: np.dtype, xp=np, name: str = "x"):
 def as_float_array(x, xp=np, name: str = "x"):
     """x as an array of `xp` (NumPy or CuPy) of any shape with ndim >= 1, for layers without
     parameters: float32 and float64 are kept, other real dtypes are cast to float64; bool,
-    complex, object and string inputs are refused."""
-    if xp is np and is_cuda_array(x):
-        raise TypeError(f"{name} is a CUDA array but the layer is on 'cpu': move the layer with "
-                        f".to('cuda') or copy {name} to the host first")
-    if xp is not np and not is_cuda_array(x):
-        raise TypeError(f"{name} is a host array ({type(x).__name__}) but the layer is on 'cuda': "
-                        f"pass a CuPy array (cupy.asarray({name})) or move the layer with "
-                        ".to('cpu')")
-    try:
-        arr = xp.asarray(x)
-    except (ValueError, TypeError) as exc:
-        raise ValueError(f"{name} must be a rectangular array of real numbers: {exc}") from exc
+    complex, object and string inputs are refused. Inputs as for as_rows."""
+    arr = as_device_array(x, xp, name, "a rectangular array of real numbers")
     if arr.dtype.kind not in "fiu":
         raise TypeError(f"{name} must hold real numbers (float or integer), got dtype {arr.dtype}")
     if arr.ndim == 0:

@@ -12,7 +12,7 @@ import platform
 import statistics
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional
+from typing import Callable
 
 import numpy as np
 
@@ -29,16 +29,19 @@ class Case:
     params: dict = field(default_factory=dict)
 
 
-def _time(fn, repeat: int, sync=None):
-    fn()  # warm-up (also triggers lazy allocations and GPU kernel compilation)
-    if sync:
-        sync()
+# Idle time before each timed series. OpenBLAS worker threads spin for about 0.1 s after each
+# call before they sleep; on a 2-core machine they take a core from whatever runs next, which
+# made an OpenMP kernel timed right after the dense GEMMs up to 10x slower than on its own.
+SETTLE_S = 0.3
+
+
+def _time(fn, repeat: int):
+    time.sleep(SETTLE_S)  # let the other side's idle BLAS / OpenMP workers park first
+    fn()  # warm-up (also triggers lazy allocations)
     times = []
     for _ in range(repeat):
         t0 = time.perf_counter()
         fn()
-        if sync:
-            sync()
         times.append(time.perf_counter() - t0)
     return statistics.median(times), min(times), max(times)
 
@@ -65,6 +68,11 @@ def _dense_train_step(x, w1, b1, w2, activation):
     return dz @ w1.T, dw1, db1, dw2
 
 
+# Above this dense width the baseline is not run: its weights alone would take gigabytes and
+# one forward minutes. The fastff side is still timed (the `scaling` series goes to depth 20).
+MAX_DENSE_WIDTH = 1 << 15
+
+
 def make_ultra(in_w, out_w, depth, batch, *, parallel_size=1, activation="gelu", train=False,
                dtype=np.float32, device="cpu"):
     from .layers import UltraFFF
@@ -74,6 +82,12 @@ def make_ultra(in_w, out_w, depth, batch, *, parallel_size=1, activation="gelu",
         layer = UltraFFF(in_w, out_w, depth, parallel_size, activation, dtype=dtype, seed=0)
         width = layer.training_width
         x = rng.standard_normal((batch, in_w)).astype(dtype)
+        if width > MAX_DENSE_WIDTH and device == "cpu" and not train:
+            def fff():
+                layer(x)
+
+            return None, fff, batch, {"dense_width": width,
+                                      "neurons_per_row": layer.neurons_per_inference}
         w1, b1, w2 = _dense_ff(rng, in_w, width, out_w, dtype)
         if device == "cuda":
             return _make_cuda_pair(layer, x, (w1, b1, w2), activation, train)
@@ -97,27 +111,50 @@ def make_ultra(in_w, out_w, depth, batch, *, parallel_size=1, activation="gelu",
     return make
 
 
+def make_fff(in_w, leaf_w, out_w, depth, batch, *, activation="relu", dtype=np.float32):
+    """Router-leaf FFF hard inference against the dense FF of width 2**depth * leaf_width."""
+    from .layers import FFF
+
+    def make():
+        rng = np.random.default_rng(0)
+        layer = FFF(in_w, leaf_w, out_w, depth, activation, dtype=dtype, seed=0)
+        width = layer.training_width
+        x = rng.standard_normal((batch, in_w)).astype(dtype)
+        w1, b1, w2 = _dense_ff(rng, in_w, width, out_w, dtype)
+
+        def fff():
+            layer(x)
+
+        def dense():
+            reference.dense_forward(x, w1, b1, w2, activation)
+
+        return dense, fff, batch, {"dense_width": width, "neurons_per_row": leaf_w + depth}
+
+    return make
+
+
 def _make_cuda_pair(layer, x, dense_weights, activation, train):
     from .gpu.bench import cuda_pair
 
     return cuda_pair(layer, x, dense_weights, activation, train)
 
 
-CONFIGS: Dict[str, List[Case]] = {
+CONFIGS: dict[str, list[Case]] = {
     "ufb": [Case("ufb", "neuron tree", make_ultra(768, 768, 11, 4096))],
     "ufb-b1": [Case("ufb-b1", "neuron tree", make_ultra(768, 768, 11, 1))],
     "ufb-train": [Case("ufb-train", "neuron tree fwd+bwd", make_ultra(768, 768, 11, 4096, train=True))],
+    "paper-mnist": [Case("paper-mnist", "router-leaf", make_fff(784, 8, 10, 8, 1024))],
     "scaling": [Case(f"scaling-d{d}", "neuron tree", make_ultra(768, 768, d, 4096), {"depth": d})
-                for d in (6, 8, 10, 12, 14)],
+                for d in (6, 8, 10, 12, 14, 16, 18, 20)],
 }
-GPU_CONFIGS: Dict[str, List[Case]] = {
+GPU_CONFIGS: dict[str, list[Case]] = {
     "gpu-ufb": [
         Case("gpu-ufb", "neuron tree", make_ultra(768, 768, 11, 8192, device="cuda")),
         Case("gpu-ufb-train", "neuron tree fwd+bwd",
              make_ultra(768, 768, 11, 8192, train=True, device="cuda")),
     ],
 }
-DEFAULT_CPU = ["ufb", "ufb-b1", "ufb-train"]
+DEFAULT_CPU = ["ufb", "ufb-b1", "ufb-train", "paper-mnist"]
 
 
 def _limit_threads(threads: int):
@@ -134,41 +171,54 @@ def _limit_threads(threads: int):
     return threadpool_limits(limits=threads)
 
 
-def run(config_names: List[str], *, threads: int, repeat: int, device: str = "cpu",
-        json_path: Optional[str] = None, out=print) -> List[dict]:
+def run(config_names: list[str], *, threads: int, repeat: int, device: str = "cpu",
+        json_path: str | None = None, out=print) -> list[dict]:
     table = GPU_CONFIGS if device == "cuda" else CONFIGS
     unknown = [c for c in config_names if c not in table]
     if unknown:
         raise SystemExit(f"unknown config(s) {unknown} for device {device!r}; "
                          f"choose from {sorted(table)}")
     limiter = _limit_threads(threads) if device == "cpu" else None
-    sync = None
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cpus, {threads} threads"
     if device == "cuda":
-        from .gpu.bench import device_name, synchronize
+        from .gpu.bench import device_name
 
-        sync, machine = synchronize, device_name()
+        machine = device_name()
     out(f"fastff bench on {machine} (median of {repeat}, dense = NumPy/BLAS"
         f"{' via cuBLAS' if device == 'cuda' else ''})")
     header = (f"{'config':<16}{'kind':<22}{'dense ms':>12}{'fastff ms':>12}{'speedup':>10}"
-              f"{'rows/s':>14}")
+              f"{'rows/s':>12}{'ns/node':>10}")
     out(header)
     results = []
     for name in config_names:
         for case in table[name]:
-            dense, fff, rows, info = case.make()
-            d_med, d_min, d_max = _time(dense, repeat, sync)
-            f_med, f_min, f_max = _time(fff, repeat, sync)
-            ratio = d_med / f_med
-            out(f"{case.name:<16}{case.kind:<22}{d_med * 1e3:>12.3f}{f_med * 1e3:>12.3f}"
-                f"{ratio:>9.1f}x{rows / f_med:>14.3g}")
+            try:
+                dense, fff, rows, info = case.make()
+            except MemoryError as exc:  # depth 20 needs 12.9 GB of weights
+                out(f"{case.name:<16}skipped: {exc}")
+                continue
+            if device == "cuda":
+                from .gpu.bench import time_events as timer
+            else:
+                timer = _time
+            d_med, d_min, d_max = timer(dense, repeat) if dense else (None, None, None)
+            f_med, f_min, f_max = timer(fff, repeat)
+            ratio = d_med / f_med if dense else None
+            # time per row and per visited node (neuron or router/leaf unit on the path)
+            ns_per_node = f_med / max(rows, 1) / info["neurons_per_row"] * 1e9
+            dense_text = f"{d_med * 1e3:>12.3f}" if dense else f"{'n/a':>12}"
+            ratio_text = f"{ratio:>9.1f}x" if dense else f"{'n/a':>10}"
+            out(f"{case.name:<16}{case.kind:<22}{dense_text}{f_med * 1e3:>12.3f}{ratio_text}"
+                f"{rows / f_med:>12.3g}{ns_per_node:>10.1f}")
             results.append({
                 "config": case.name, "kind": case.kind, "device": device, "threads": threads,
                 "dense_s": d_med, "dense_min_s": d_min, "dense_max_s": d_max,
                 "fastff_s": f_med, "fastff_min_s": f_min, "fastff_max_s": f_max,
                 "speedup": ratio, "rows_per_s": rows / f_med, "rows": rows,
+                "ns_per_row": f_med / max(rows, 1) * 1e9, "ns_per_node": ns_per_node,
                 **case.params, **info,
             })
+            del dense, fff  # a depth-20 tree holds 12.9 GB: free it before building the next
     if limiter is not None:
         limiter.unregister() if hasattr(limiter, "unregister") else None
     if json_path:
@@ -179,6 +229,38 @@ def run(config_names: List[str], *, threads: int, repeat: int, device: str = "cp
     return results
 
 
+def plot(results: list[dict], path: str) -> None:
+    """Speedup and fastff time against depth for the results that carry a depth (`scaling`)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as exc:
+        raise SystemExit("--plot needs matplotlib: pip install fastff[plot]") from exc
+    series = sorted((r for r in results if "depth" in r), key=lambda r: r["depth"])
+    if not series:
+        raise SystemExit("--plot draws the `scaling` configuration; include it in the run")
+    depths = [r["depth"] for r in series]
+    fig, (ax_time, ax_speed) = plt.subplots(1, 2, figsize=(10, 4))
+    ax_time.plot(depths, [r["fastff_s"] * 1e3 for r in series], "o-", label="fastff UltraFFF")
+    dense = [(r["depth"], r["dense_s"] * 1e3) for r in series if r["dense_s"]]
+    ax_time.plot([d for d, _ in dense], [t for _, t in dense], "s--", label="dense FF (BLAS)")
+    ax_time.set(yscale="log", xlabel="depth", ylabel="ms per batch of 4096",
+                title="time vs depth (768->768, float32)")
+    ax_time.legend()
+    speed = [(r["depth"], r["speedup"]) for r in series if r["speedup"]]
+    ax_speed.plot([d for d, _ in speed], [v for _, v in speed], "o-")
+    ax_speed.set(yscale="log", xlabel="depth", ylabel="speedup over dense FF",
+                 title="speedup vs depth")
+    for ax in (ax_time, ax_speed):
+        ax.grid(True, which="both", alpha=0.3)
+    fig.suptitle(f"fastff, {series[0]['threads']} threads")
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=120)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("configs", nargs="*", help="configurations to run (default: "
                         f"{' '.join(DEFAULT_CPU)}; cuda: gpu-ufb)")
@@ -187,12 +269,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--json", dest="json_path", default=None,
                         help="write results as JSON (e.g. results/bench.json)")
+    parser.add_argument("--plot", dest="plot_path", default=None,
+                        help="draw speedup and time vs depth of the `scaling` run (PNG)")
 
 
 def main(args: argparse.Namespace) -> int:
     if args.repeat < 1 or args.threads < 1:
         raise SystemExit("--repeat and --threads must be >= 1")
     configs = args.configs or (["gpu-ufb"] if args.device == "cuda" else DEFAULT_CPU)
-    run(configs, threads=args.threads, repeat=args.repeat, device=args.device,
-        json_path=args.json_path)
+    results = run(configs, threads=args.threads, repeat=args.repeat, device=args.device,
+                  json_path=args.json_path)
+    if args.plot_path:
+        plot(results, args.plot_path)
+        print(f"wrote {args.plot_path}")
     return 0

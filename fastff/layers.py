@@ -3,9 +3,19 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._validation import as_rows, check_choice, check_fits_in_memory, check_int
+from ._validation import (
+    as_rows,
+    check_bool,
+    check_choice,
+    check_fits_in_memory,
+    check_int,
+    check_nonnegative,
+    check_probability,
+)
 from .module import Module
-from .ops import ACTIVATIONS
+from .ops import ACTIVATIONS, get_ops
+
+USAGE_MODES = ("none", "soft", "hard")
 
 
 def _uniform(rng, shape, bound, dtype):
@@ -30,6 +40,13 @@ class UltraFFF(Module):
     ``layer(x)``: x of shape (..., input_width) -> (..., output_width), hard inference.
     ``layer.forward_train(x) -> (y, backprop)``; ``backprop(dy) -> dx`` adds into ``layer.grads``.
     Inputs of another float or integer dtype are cast to the layer's dtype.
+
+    Arguments: ``input_width``, ``output_width`` (>= 1); ``depth`` (>= 0; depth 11 is
+    UltraFastBERT's 4095 neurons); ``parallel_size`` T (>= 1); ``activation`` "gelu" (exact,
+    erf-based), "relu" or "identity"; ``dtype`` numpy.float32 or numpy.float64; ``seed`` for
+    the initialisation, U(+-1/sqrt(input_width)) for ``linear_in`` and
+    U(+-1/sqrt(T * (depth+1))) for ``linear_out``. Inputs may be NumPy arrays, anything
+    numpy.asarray takes, or CPU DLPack producers (torch, JAX); on "cuda", CuPy arrays.
     """
 
     def __init__(self, input_width, output_width, depth, parallel_size=1, activation="gelu", *,
@@ -79,6 +96,7 @@ class UltraFFF(Module):
 
     @property
     def neurons_per_inference(self) -> int:
+        """Neurons a row evaluates at inference: parallel_size * (depth + 1)."""
         return self.parallel_size * (self.depth + 1)
 
     def _forward(self, x, save_path):
@@ -104,15 +122,288 @@ class UltraFFF(Module):
         def backprop(dy):
             """dy (..., output_width), the shape of y -> dx (..., input_width); adds the
             parameter gradients into layer.grads."""
-            self._check_fresh(version, device)
-            dy_rows, dy_lead = as_rows(dy, self.output_width, self.dtype, self.ops.xp, name="dy")
-            if dy_lead != lead:
-                raise ValueError(f"dy must have the shape of y, {out_shape}, got "
-                                 f"{dy_lead + (self.output_width,)}")
-            g = self._allocate_grads()
+            dy_rows, g = self._backprop_inputs(dy, version, device, lead)
             p = self._params
             dx = self.ops.ultra_backward(rows, dy_rows, p["w_in"], p["w_out_t"], visited, preact,
                                          self.activation, g["w_in"], g["b_in"], g["w_out_t"])
+            return dx.reshape(lead + (self.input_width,))
+
+        return y.reshape(out_shape), backprop
+
+
+class FFF(Module):
+    """Router-leaf fast feedforward layer (Belcak & Wattenhofer, "Fast Feedforward Networks"),
+    a NumPy twin of the `fastfeedforward` package's ``FFF``.
+
+    A balanced tree of ``n_nodes = 2**depth - 1`` routers (children of node n: 2n+1 left, 2n+2
+    right) over ``n_leaves = 2**depth`` leaf MLPs ``f_l(x) = act(x @ w1s[l] + b1s[l]) @ w2s[l] +
+    b2s[l]`` of width ``leaf_width``.
+
+    ``layer(x)``: hard inference, x (..., input_width) -> (..., output_width): right at node n iff
+    ``x @ node_weights[n] + node_biases[n] >= 0``, then only the reached leaf is evaluated.
+
+    ``layer.forward_train(x, rng=None, hardening=0.0) -> (y, backprop)``: soft training (every
+    leaf, mixed by the products of the router sigmoids along each leaf's path), or, with
+    ``train_hardened``, the rounded path only. ``region_leak`` and ``dropout`` act here only.
+
+    Parameters (state_dict, the package's keys and shapes): ``node_weights`` (n_nodes, in),
+    ``node_biases`` (n_nodes, 1), ``w1s`` (n_leaves, in, leaf), ``b1s`` (n_leaves, leaf),
+    ``w2s`` (n_leaves, leaf, out), ``b2s`` (n_leaves, out). ``load_state_dict`` also takes the
+    package's own state dict, with its ``depth`` entry (checked) and usage counters.
+
+    Usage counters (``usage_mode`` "soft" or "hard"; None for "none"): ``node_usage``
+    (n_nodes,) and ``leaf_usage`` (n_leaves,), float64, added to by every ``forward_train``:
+    "soft" adds each row's probability of reaching the node or leaf (its mixture weight), "hard"
+    counts the rows whose rounded path visits it. ``reset_usage()`` zeroes them. (For a node
+    below the root the package adds its parent's decision weight summed over every row, reaching
+    the parent or not; fastff counts the reach, which is what a per-node optimizer step means
+    by use, and which hardened training can count in O(depth).)
+
+    Arguments: ``input_width``, ``leaf_width``, ``output_width`` (>= 1); ``depth`` (>= 0);
+    ``activation`` of the leaves, "relu" (the package's default), "gelu" or "identity";
+    ``dropout`` rate on leaf activations and ``region_leak`` swap probability, both in [0, 1)
+    and used by ``forward_train`` only; ``train_hardened``; ``usage_mode`` "none", "soft" or
+    "hard"; ``dtype`` numpy.float32 or numpy.float64; ``seed`` for the initialisation (the
+    package's) and the default stream of training masks.
+    """
+
+    def __init__(self, input_width, leaf_width, output_width, depth, activation="relu",
+                 dropout=0.0, train_hardened=False, region_leak=0.0, usage_mode="none", *,
+                 dtype=np.float32, seed=None):
+        super().__init__(dtype)
+        self.input_width = check_int(input_width, "input_width", 1)
+        self.leaf_width = check_int(leaf_width, "leaf_width", 1)
+        self.output_width = check_int(output_width, "output_width", 1)
+        self.depth = check_int(depth, "depth", 0)
+        self.activation = check_choice(activation, "activation", ACTIVATIONS)
+        self.dropout = check_probability(dropout, "dropout")
+        self.train_hardened = check_bool(train_hardened, "train_hardened")
+        self.region_leak = check_probability(region_leak, "region_leak")
+        self.usage_mode = check_choice(usage_mode, "usage_mode", USAGE_MODES)
+        self.n_nodes = 2 ** self.depth - 1
+        self.n_leaves = 2 ** self.depth
+        in_w, leaf_w, out_w = self.input_width, self.leaf_width, self.output_width
+        check_fits_in_memory(
+            (self.n_nodes * (in_w + 1) + self.n_leaves * (leaf_w * (in_w + 1 + out_w) + out_w))
+            * self.dtype.itemsize,
+            f"FFF(depth={self.depth}, {in_w}->{leaf_w}->{out_w}, {self.dtype}) parameters",
+        )
+        rng = np.random.default_rng(seed)
+        # Region-leak and dropout masks come from this stream unless forward_train gets an rng.
+        self._train_rng = rng.spawn(1)[0]
+        # The package's init: U(+-1/sqrt(input_width)) for routers and the leaves' first layer,
+        # U(+-1/sqrt(leaf_width)) for their second layer.
+        k_in, k_leaf = (1.0 / in_w) ** 0.5, (1.0 / leaf_w) ** 0.5
+        self._params = {
+            "node_w": _uniform(rng, (self.n_nodes, in_w), k_in, self.dtype),
+            "node_b": _uniform(rng, (self.n_nodes, 1), k_in, self.dtype),
+            # w1s stored transposed: hidden unit j of leaf l is the contiguous row w1t[l, j].
+            "w1t": _uniform(rng, (self.n_leaves, leaf_w, in_w), k_in, self.dtype),
+            "b1": _uniform(rng, (self.n_leaves, leaf_w), k_in, self.dtype),
+            "w2": _uniform(rng, (self.n_leaves, leaf_w, out_w), k_leaf, self.dtype),
+            "b2": _uniform(rng, (self.n_leaves, out_w), k_leaf, self.dtype),
+        }
+        self._anchor = {
+            "node_weights": ("node_w", None),
+            "node_biases": ("node_b", None),
+            "w1s": ("w1t", (0, 2, 1)),
+            "b1s": ("b1", None),
+            "w2s": ("w2", None),
+            "b2s": ("b2", None),
+        }
+        self.node_usage = self.leaf_usage = None
+        self.reset_usage()
+        self.last_mean_entropy = None  # float after the first forward_train
+        self._pending_usage = {}
+
+    def __repr__(self):
+        return (f"FFF({self.input_width}, {self.leaf_width}, {self.output_width}, "
+                f"depth={self.depth}, activation={self.activation!r}, dropout={self.dropout}, "
+                f"train_hardened={self.train_hardened}, region_leak={self.region_leak}, "
+                f"usage_mode={self.usage_mode!r}, dtype={self.dtype.name}, "
+                f"device={self.device!r})")
+
+    def get_config(self) -> dict:
+        return {"input_width": self.input_width, "leaf_width": self.leaf_width,
+                "output_width": self.output_width, "depth": self.depth,
+                "activation": self.activation, "dropout": self.dropout,
+                "train_hardened": self.train_hardened, "region_leak": self.region_leak,
+                "usage_mode": self.usage_mode, "dtype": self.dtype.name}
+
+    @property
+    def training_width(self) -> int:
+        """Hidden units soft training evaluates per row (the width of the equivalent dense FF)."""
+        return self.n_leaves * self.leaf_width
+
+    # ---- usage counters (what the package's LocalSGD / LocalAdam read) ------------------------
+    def reset_usage(self) -> None:
+        """Zero node_usage and leaf_usage in place (an optimizer may hold them); no-op for
+        usage_mode "none"."""
+        if self.usage_mode == "none":
+            return
+        if self.node_usage is None:
+            xp = self.ops.xp
+            self.node_usage = xp.zeros(self.n_nodes, dtype=np.float64)
+            self.leaf_usage = xp.zeros(self.n_leaves, dtype=np.float64)
+        self.node_usage[...] = 0
+        self.leaf_usage[...] = 0
+
+    def get_node_param_group(self) -> dict:
+        """The routers' state-dict keys and their usage counter (rows: nodes), as the package's
+        method of the same name gives its optimizers."""
+        return {"params": ["node_weights", "node_biases"], "usage": self.node_usage}
+
+    def get_leaf_param_group(self) -> dict:
+        """The leaves' state-dict keys and their usage counter (rows: leaves)."""
+        return {"params": ["w1s", "b1s", "w2s", "b2s"], "usage": self.leaf_usage}
+
+    def _track_usage(self, saved, hardened: bool) -> None:
+        if self.usage_mode == "none":
+            return
+        xp = self.ops.xp
+        if hardened:  # rounded decisions: "soft" and "hard" both count visits
+            self.node_usage += xp.bincount(saved["path"].reshape(-1), minlength=self.n_nodes)
+            self.leaf_usage += xp.bincount(saved["leaf"], minlength=self.n_leaves)
+        elif self.usage_mode == "soft":
+            reach = saved["reach"]
+            self.node_usage += reach[:, :self.n_nodes].sum(axis=0, dtype=np.float64)
+            self.leaf_usage += reach[:, self.n_nodes:].sum(axis=0, dtype=np.float64)
+        else:  # the rounded path of each row (right iff q > 1/2), though training is soft
+            q = saved["q"]
+            rows = xp.arange(q.shape[0])
+            node = xp.zeros(q.shape[0], dtype=np.intp)
+            for _ in range(self.depth):
+                self.node_usage += xp.bincount(node, minlength=self.n_nodes)
+                node = 2 * node + 1 + (q[rows, node] > 0.5)
+            self.leaf_usage += xp.bincount(node - self.n_nodes, minlength=self.n_leaves)
+
+    def to(self, device: str) -> FFF:
+        ops = get_ops(device)
+        if not hasattr(ops, "fff_infer"):
+            raise NotImplementedError(f"FFF has no kernels for device {device!r} yet")
+        return super().to(device)
+
+    def _on_device_change(self, ops) -> None:
+        if self.usage_mode != "none":
+            self.node_usage = ops.asarray(self.node_usage)
+            self.leaf_usage = ops.asarray(self.leaf_usage)
+
+    # ---- state dicts -------------------------------------------------------------------------
+    def _accept_extra_state(self, state: dict) -> dict:
+        """The package's state dict also holds `depth` (a 0-d long tensor; it must equal this
+        layer's) and, with usage tracking, `node_usage` / `leaf_usage` (kept if this layer tracks
+        usage, applied only once the whole dict has been accepted)."""
+        if "depth" in state:
+            value = state.pop("depth")
+            arr = np.asarray(value.get() if hasattr(value, "__cuda_array_interface__") else value)
+            if arr.size != 1 or arr.dtype.kind not in "iuf" or arr.reshape(-1)[0] % 1 != 0:
+                raise ValueError(f"state['depth'] must be one integer, got {value!r}")
+            if int(arr.reshape(-1)[0]) != self.depth:
+                raise ValueError(f"state dict is for an FFF of depth {int(arr.reshape(-1)[0])}, "
+                                 f"this layer has depth {self.depth}")
+        self._pending_usage = {}
+        for key, size in (("node_usage", self.n_nodes), ("leaf_usage", self.n_leaves)):
+            if key in state:
+                value = state.pop(key)
+                arr = np.asarray(value.get() if hasattr(value, "__cuda_array_interface__")
+                                 else value)
+                if arr.dtype.kind not in "iuf" or arr.shape != (size,):
+                    raise ValueError(f"state[{key!r}] must be a real array of shape ({size},), "
+                                     f"got {arr.dtype} {arr.shape}")
+                self._pending_usage[key] = arr.astype(np.float64)
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        try:
+            super().load_state_dict(state)
+            if self.usage_mode != "none":
+                for key, value in self._pending_usage.items():
+                    getattr(self, key)[...] = self.ops.asarray(value)
+        finally:
+            self._pending_usage = {}
+
+    # ---- forward and backward ----------------------------------------------------------------
+    def __call__(self, x):
+        """Hard inference: x (..., input_width) -> y (..., output_width)."""
+        ops = self.ops
+        rows, lead = as_rows(x, self.input_width, self.dtype, ops.xp)
+        y = ops.fff_infer(rows, self._params, self.depth, self.activation)
+        return y.reshape(lead + (self.output_width,))
+
+    def _draw_masks(self, rng, n_rows: int):
+        """(swap, drop) for one training forward, drawn in this order from `rng`: swap (bool;
+        soft (B, n_nodes), hardened (B, depth): one visit per level) where the region leak swaps
+        a node's children, as the package's `uniform < region_leak`; drop (B, n_leaves * leaf)
+        or (B, leaf), the dropout keep mask scaled by 1 / (1 - dropout). None where off."""
+        swap = drop = None
+        if self.region_leak > 0:
+            n_cols = self.depth if self.train_hardened else self.n_nodes
+            swap = rng.random((n_rows, n_cols)) < self.region_leak
+        if self.dropout > 0:
+            n_cols = self.leaf_width if self.train_hardened else self.training_width
+            keep = rng.random((n_rows, n_cols), dtype=self.dtype) >= self.dropout
+            drop = keep.astype(self.dtype)
+            drop *= self.dtype.type(1.0 / (1.0 - self.dropout))
+        return swap, drop
+
+    def forward_train(self, x, *, rng=None, hardening=0.0):
+        """Training forward: returns (y, backprop); ``backprop(dy) -> dx`` adds into
+        ``layer.grads`` the gradients of ``sum(y * dy) + hardening * mean_entropy``.
+
+        Soft (default): every leaf on every row, mixed by path products of the router sigmoids;
+        cost of a dense FF of width n_leaves * leaf_width. ``train_hardened``: decisions rounded
+        (right iff the sigmoid > 1/2, ties left, as torch.round), only the reached leaf is
+        evaluated, O(depth * in + leaf * (in + out)) per row; the rounding passes no gradient to
+        the routers (as in the package), which then learn from the hardening term only.
+
+        mean_entropy (``layer.last_mean_entropy``) is the mean Bernoulli entropy of the router
+        decisions, as the package computes it (after region leak, clamped at 1e-6): over every
+        row and node when soft; over the depth nodes each row visits when hardened (the package
+        averages over all nodes there too, which would cost the dense O(n_nodes * in) per row).
+        0.0 when there are no decisions (depth 0 or no rows).
+
+        rng: NumPy Generator for the region-leak and dropout masks (default: the layer's own
+        stream, seeded from ``seed``). Usage counters are updated here.
+        """
+        hardening = check_nonnegative(hardening, "hardening")
+        if rng is None:
+            rng = self._train_rng
+        elif not isinstance(rng, np.random.Generator):
+            raise TypeError(f"rng must be a numpy.random.Generator or None, got "
+                            f"{type(rng).__name__}")
+        ops = self.ops
+        rows, lead = as_rows(x, self.input_width, self.dtype, ops.xp)
+        n_rows = rows.shape[0]
+        hardened = self.train_hardened
+        if not hardened:  # soft training keeps every leaf's hidden units of every row
+            check_fits_in_memory(
+                n_rows * (4 * self.training_width + 3 * (self.n_nodes + self.n_leaves))
+                * self.dtype.itemsize,
+                f"soft training of FFF(depth={self.depth}) on {n_rows} rows")
+        swap, drop = self._draw_masks(rng, n_rows)
+        if swap is not None:
+            swap = ops.asarray(swap)
+        if drop is not None:
+            drop = ops.asarray(drop)
+        p = self._params
+        if hardened:
+            y, saved = ops.fff_hard_forward(rows, p, self.depth, self.activation, swap, drop)
+            n_decisions = n_rows * self.depth
+        else:
+            y, saved = ops.fff_soft_forward(rows, p, self.activation, swap, drop)
+            n_decisions = n_rows * self.n_nodes
+        self.last_mean_entropy = (float(saved["entropy"].sum(dtype=np.float64)) / n_decisions
+                                  if n_decisions else 0.0)
+        self._track_usage(saved, hardened)
+        entropy_weight = hardening / n_decisions if n_decisions else 0.0
+        version, device, out_shape = self._version, self.device, lead + (self.output_width,)
+
+        def backprop(dy):
+            """dy (..., output_width), the shape of y -> dx (..., input_width); adds the
+            parameter gradients into layer.grads."""
+            dy_rows, g = self._backprop_inputs(dy, version, device, lead)
+            backward = ops.fff_hard_backward if hardened else ops.fff_soft_backward
+            dx = backward(rows, dy_rows, p, saved, self.activation, entropy_weight, g)
             return dx.reshape(lead + (self.input_width,))
 
         return y.reshape(out_shape), backprop

@@ -7,37 +7,73 @@ Optimizers update those views in place.
 """
 from __future__ import annotations
 
-from typing import Dict, Iterator, Optional, Tuple
+from collections.abc import Iterator
+from typing import Any, TypeVar
 
 import numpy as np
 
-from ._validation import check_fits_in_memory, check_float_dtype
+from ._validation import as_rows, check_fits_in_memory, check_float_dtype
 from .ops import get_ops
+
+MODULE_KINDS: dict[str, type[Module]] = {}  # class name -> class, for rebuilding saved modules
+ModuleT = TypeVar("ModuleT", bound="Module")
+
+
+def build_module(kind: str, config: dict) -> Module:
+    """Rebuild a module from its kind (class name) and get_config() output."""
+    if kind not in MODULE_KINDS:
+        raise KeyError(f"unknown module kind {kind!r}; known: {sorted(MODULE_KINDS)}")
+    return MODULE_KINDS[kind].from_config(config)
 
 
 class Module:
-    """Base class. Subclasses fill `_params` and `_anchor` in their constructor."""
+    """Base class of every fastff layer and fastff.nn module.
+
+    The protocol: ``module(x)`` is inference; ``module.forward_train(x) -> (y, backprop)``, and
+    ``backprop(dy) -> dx`` (dy of y's shape, dx of x's) adds parameter gradients into
+    ``module.grads``. ``state_dict()`` / ``load_state_dict()``, ``params`` and ``grads`` use the
+    anchor keys and shapes (for a container, the children's keys prefixed "name.");
+    ``named_parameters()`` yields (name, parameter, gradient) views that optimizers update in
+    place. ``to("cuda")`` / ``to("cpu")`` moves everything; ``get_config()`` and
+    ``from_config()`` rebuild a module for ``fastff.save`` / ``fastff.load``.
+
+    Subclasses fill ``_params`` (arrays in the kernels' layout) and ``_anchor`` (anchor key ->
+    (internal key, axis permutation or None)) in their constructor.
+    """
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        MODULE_KINDS[cls.__name__] = cls
+
+    @classmethod
+    def from_config(cls, config: dict) -> Module:
+        """Inverse of get_config()."""
+        if not isinstance(config, dict):
+            raise TypeError(f"config must be a dict, got {type(config).__name__}")
+        return cls(**config)
 
     def __init__(self, dtype=np.float32):
-        self.dtype = check_float_dtype(dtype)
+        self.dtype: Any = check_float_dtype(dtype)  # a np.dtype; parameterless modules: None
         self.device = "cpu"
-        self._params: Dict[str, object] = {}  # internal key -> array (kernel layout)
-        self._grads: Optional[Dict[str, object]] = None  # allocated on first use
-        self._anchor: Dict[str, Tuple[str, Optional[tuple]]] = {}  # anchor key -> (internal, axes)
+        self._params: dict[str, Any] = {}  # internal key -> array (kernel layout)
+        self._grads: dict[str, Any] | None = None  # allocated on first use
+        self._anchor: dict[str, tuple[str, tuple | None]] = {}  # anchor key -> (internal, axes)
         self._version = 0  # bumped whenever parameters change outside forward/backward
 
     # ---- structure -------------------------------------------------------------------------
-    def children(self) -> Iterator[Tuple[str, "Module"]]:
+    def children(self) -> Iterator[tuple[str, Module]]:
         """(name, module) of direct sub-modules; none for a leaf layer."""
         return iter(())
 
-    def modules(self) -> Iterator["Module"]:
+    def modules(self) -> Iterator[Module]:
+        """This module and every sub-module, depth first."""
         yield self
         for _, child in self.children():
             yield from child.modules()
 
     @property
     def ops(self):
+        """The backend (array module and kernels) of this module's device."""
         return get_ops(self.device)
 
     # ---- parameters and gradients ----------------------------------------------------------
@@ -74,6 +110,7 @@ class Module:
         return {name: g for name, _, g in self.named_parameters()}
 
     def zero_grad(self) -> None:
+        """Set every accumulated gradient to zero (backprop adds into them)."""
         for m in self.modules():
             if m._grads is not None:
                 for g in m._grads.values():
@@ -83,6 +120,16 @@ class Module:
         """Record that parameters changed (optimizers call this): pending backprops go stale."""
         for m in self.modules():
             m._version += 1
+
+    def _backprop_inputs(self, dy, version: int, device: str, lead: tuple):
+        """The checks every backprop starts with: the module is unchanged since its forward, and
+        dy has y's shape lead + (output_width,). Returns dy as rows and the gradient store."""
+        self._check_fresh(version, device)
+        dy_rows, dy_lead = as_rows(dy, self.output_width, self.dtype, self.ops.xp, name="dy")
+        if dy_lead != lead:
+            raise ValueError(f"dy must have the shape of y, {lead + (self.output_width,)}, got "
+                             f"{dy_lead + (self.output_width,)}")
+        return dy_rows, self._allocate_grads()
 
     def _check_fresh(self, version: int, device: str) -> None:
         if version != self._version or device != self.device:
@@ -155,7 +202,7 @@ class Module:
             yield from child._prefixed_modules(prefix + name + ".")
 
     # ---- devices ---------------------------------------------------------------------------
-    def to(self, device: str) -> "Module":
+    def to(self: ModuleT, device: str) -> ModuleT:
         """Move parameters and gradients to "cpu" (NumPy) or "cuda" (CuPy); returns self."""
         ops = get_ops(device)  # raises a clear error for unknown devices or missing CUDA
         for m in self.modules():
@@ -177,4 +224,5 @@ class Module:
         raise NotImplementedError(f"{type(self).__name__} does not define get_config()")
 
     def n_parameters(self) -> int:
+        """Number of parameter values (the sum of the state dict's array sizes)."""
         return sum(int(np.prod(p.shape)) for _, p, _ in self._iter_params_only())

@@ -16,8 +16,7 @@ import math
 
 import numpy as np
 
-from ._validation import (as_float_array, as_rows, check_fits_in_memory, check_int,
-                          check_probability)
+from ._validation import as_float_array, as_rows, check_fits_in_memory, check_int, check_probability
 from .layers import _uniform
 from .module import Module
 from .ops import get_array_module
@@ -88,12 +87,7 @@ class Linear(Module):
 
         def backprop(dy):
             """dy (..., output_width) -> dx (..., input_width); adds into grads."""
-            self._check_fresh(version, device)
-            dy_rows, dy_lead = as_rows(dy, self.output_width, self.dtype, self.ops.xp, name="dy")
-            if dy_lead != lead:
-                raise ValueError(f"dy must have the shape of y, {out_shape}, got "
-                                 f"{dy_lead + (self.output_width,)}")
-            grads = self._allocate_grads()
+            dy_rows, grads = self._backprop_inputs(dy, version, device, lead)
             grads["weight_t"] += rows.T @ dy_rows
             if self.has_bias:
                 grads["bias"] += dy_rows.sum(axis=0)
@@ -225,6 +219,7 @@ class Dropout(Module):
         return {"p": self.p}
 
     def __call__(self, x):
+        """Inference: x (...) returned unchanged (as an array)."""
         return as_float_array(x, self.ops.xp)
 
     def forward_train(self, x, *, rng=None):
@@ -311,6 +306,14 @@ class Sequential(Module):
         return {"modules": [{"kind": type(m).__name__, "config": m.get_config()}
                             for m in self.layers]}
 
+    @classmethod
+    def from_config(cls, config: dict) -> Sequential:
+        from .module import build_module
+
+        if not isinstance(config, dict) or not isinstance(config.get("modules"), list):
+            raise TypeError("a Sequential config is {'modules': [{'kind': ..., 'config': ...}]}")
+        return cls(*[build_module(m["kind"], m["config"]) for m in config["modules"]])
+
     def __call__(self, x):
         """Inference through every module in order."""
         for m in self.layers:
@@ -328,8 +331,8 @@ class Sequential(Module):
         backprops = []
         for m, (names, var_kw) in zip(self.layers, self._options):
             kw = {k: v for k, v in options.items() if var_kw or k in names}
-            x, backprop = m.forward_train(x, **kw)
-            backprops.append(backprop)
+            x, child_backprop = m.forward_train(x, **kw)
+            backprops.append(child_backprop)
 
         def backprop(dy):
             for step in reversed(backprops):

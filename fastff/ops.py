@@ -5,6 +5,8 @@ layer code is the same on every device (thinc's Ops pattern).
 """
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 from . import _cmm
@@ -12,11 +14,128 @@ from . import _cmm
 ACTIVATIONS = dict(_cmm.ACTIVATIONS)
 
 
-class CPUOps:
+class FFFOps:
+    """Router-leaf FFF ops, written once against `self.xp` (NumPy or CuPy) and `self.cmm`
+    (fastff._cmm or its CUDA twin fastff.gpu.cmm, same signatures)."""
+
+    xp: Any
+    cmm: Any
+
+    # ---- router-leaf FFF ---------------------------------------------------------------------
+    # p and g are the layer's internal parameter / gradient dicts: node_w (n_nodes, in),
+    # node_b (n_nodes, 1), w1t (n_leaves, leaf, in), b1 (n_leaves, leaf), w2 (n_leaves, leaf,
+    # out), b2 (n_leaves, out). Optional masks: swap (bool; soft (B, n_nodes), hardened
+    # (B, depth)), drop (scaled keep mask; soft (B, n_leaves * leaf), hardened (B, leaf)).
+
+    def _optional(self, mask, dtype):
+        """(array, present) for a kernel's optional mask argument."""
+        if mask is None:
+            return self.xp.empty((0, 0), dtype=dtype), False
+        return self.xp.ascontiguousarray(mask, dtype=dtype), True
+
+    def fff_infer(self, x, p, depth, act):
+        """Hard inference, x (B, in) -> y (B, out)."""
+        y = self.xp.empty((x.shape[0], p["w2"].shape[2]), dtype=x.dtype)
+        self.cmm.fff_infer(x, p["node_w"], p["node_b"].reshape(-1), p["w1t"], p["b1"], p["w2"],
+                       p["b2"], depth, ACTIVATIONS[act], y)
+        return y
+
+    def fff_soft_forward(self, x, p, act, swap=None, drop=None):
+        """Soft-mixture training forward: x (B, in) -> y (B, out), saved (dict for the backward;
+        "q" right weights (B, n_nodes), "reach" (B, n_nodes + n_leaves) heap-order path
+        products, "entropy" (B,) summed node entropies per row)."""
+        n_rows = x.shape[0]
+        n_nodes, n_leaves, leaf_w = p["node_w"].shape[0], p["w1t"].shape[0], p["w1t"].shape[1]
+        swap_arr, has_swap = self._optional(swap, np.uint8)
+        drop_arr, has_drop = self._optional(drop, x.dtype)
+        z = x @ p["node_w"].T
+        z += p["node_b"].reshape(1, -1)
+        q = self.xp.empty_like(z)
+        reach = self.xp.empty((n_rows, n_nodes + n_leaves), dtype=x.dtype)
+        entropy = self.xp.empty(n_rows, dtype=x.dtype)
+        self.cmm.fff_soft_mixture(z, swap_arr, has_swap, q, reach, entropy)
+        mix = self.xp.ascontiguousarray(reach[:, n_nodes:])
+        # Every leaf's hidden units at once: one GEMM against w1t viewed (n_leaves * leaf, in).
+        hpre = x @ p["w1t"].reshape(n_leaves * leaf_w, -1).T
+        a = self.xp.empty_like(hpre)
+        mixed = self.xp.empty_like(hpre)
+        self.cmm.fff_soft_leaf_activate(hpre, p["b1"], mix, drop_arr, has_drop, ACTIVATIONS[act],
+                                    a, mixed)
+        # sum_l mix_l (a_l @ w2_l + b2_l) is one GEMM over the mixed hidden units plus mix @ b2.
+        y = mixed @ p["w2"].reshape(n_leaves * leaf_w, -1)
+        y += mix @ p["b2"]
+        saved = {"q": q, "reach": reach, "mix": mix, "hpre": hpre, "a": a, "mixed": mixed,
+                 "swap": swap_arr, "has_swap": has_swap, "drop": drop_arr, "has_drop": has_drop,
+                 "entropy": entropy}
+        return y, saved
+
+    def fff_soft_backward(self, x, dy, p, saved, act, entropy_weight, g):
+        """Adds the soft-mixture gradients into g; returns dx (B, in). entropy_weight scales each
+        (row, node) entropy's gradient (hardening / (B * n_nodes))."""
+        n_leaves, leaf_w = p["w1t"].shape[0], p["w1t"].shape[1]
+        w1_flat = p["w1t"].reshape(n_leaves * leaf_w, -1)
+        w2_flat = p["w2"].reshape(n_leaves * leaf_w, -1)
+        mix = saved["mix"]
+        dh = dy @ w2_flat.T  # becomes the hidden pre-activation gradient in place
+        dmix = dy @ p["b2"].T
+        self.cmm.fff_soft_leaf_backward(saved["hpre"], saved["a"], dh, mix, saved["drop"],
+                                    saved["has_drop"], ACTIVATIONS[act], dmix)
+        g["w2"].reshape(n_leaves * leaf_w, -1)[...] += saved["mixed"].T @ dy
+        g["b2"][...] += mix.T @ dy
+        g["w1t"].reshape(n_leaves * leaf_w, -1)[...] += dh.T @ x
+        g["b1"].reshape(-1)[...] += dh.sum(axis=0)
+        dx = dh @ w1_flat
+        q = saved["q"]
+        if q.shape[1] > 0:
+            dz = self.xp.empty_like(q)
+            self.cmm.fff_soft_router_backward(dmix, q, saved["reach"], saved["swap"],
+                                          saved["has_swap"], entropy_weight,
+                                          self.xp.empty_like(saved["reach"]), dz)
+            g["node_w"][...] += dz.T @ x
+            g["node_b"].reshape(-1)[...] += dz.sum(axis=0)
+            dx += dz @ p["node_w"]
+        return dx
+
+    def fff_hard_forward(self, x, p, depth, act, swap=None, drop=None):
+        """Hardened training forward: x (B, in) -> y (B, out), saved ("path" (B, depth) visited
+        nodes, "leaf" (B,), "entropy" (B,) summed over the visited nodes, ...)."""
+        n_rows, leaf_w = x.shape[0], p["w1t"].shape[1]
+        swap_arr, has_swap = self._optional(swap, np.uint8)
+        drop_arr, has_drop = self._optional(drop, x.dtype)
+        y = self.xp.empty((n_rows, p["w2"].shape[2]), dtype=x.dtype)
+        path = self.xp.empty((n_rows, depth), dtype=np.intp)
+        z_path = self.xp.empty((n_rows, depth), dtype=x.dtype)
+        leaf = self.xp.empty(n_rows, dtype=np.intp)
+        hpre = self.xp.empty((n_rows, leaf_w), dtype=x.dtype)
+        entropy = self.xp.empty(n_rows, dtype=x.dtype)
+        self.cmm.fff_hard_train_forward(x, p["node_w"], p["node_b"].reshape(-1), p["w1t"], p["b1"],
+                                    p["w2"], p["b2"], depth, ACTIVATIONS[act], swap_arr,
+                                    has_swap, drop_arr, has_drop, y, path, z_path, leaf, hpre,
+                                    entropy)
+        saved = {"path": path, "z_path": z_path, "leaf": leaf, "hpre": hpre, "swap": swap_arr,
+                 "has_swap": has_swap, "drop": drop_arr, "has_drop": has_drop,
+                 "entropy": entropy}
+        return y, saved
+
+    def fff_hard_backward(self, x, dy, p, saved, act, entropy_weight, g):
+        """Adds the hardened-path gradients into g; returns dx (B, in). entropy_weight scales
+        each visited node's entropy gradient (hardening / (B * depth))."""
+        dx = self.xp.empty_like(x)
+        self.cmm.fff_hard_train_backward(x, dy, p["node_w"], p["w1t"], p["w2"], saved["path"],
+                                     saved["z_path"], saved["leaf"], saved["swap"],
+                                     saved["has_swap"], saved["drop"], saved["has_drop"],
+                                     saved["hpre"], ACTIVATIONS[act], entropy_weight, dx,
+                                     g["node_w"], g["node_b"].reshape(-1), g["w1t"], g["b1"],
+                                     g["w2"], g["b2"])
+        return dx
+
+
+class CPUOps(FFFOps):
     """NumPy arrays, Cython/OpenMP kernels (fastff._cmm)."""
 
     name = "cpu"
     xp = np
+    cmm = _cmm
 
     def asarray(self, a, dtype=None):
         if hasattr(a, "__cuda_array_interface__") and hasattr(a, "get"):

@@ -23,9 +23,9 @@ from __future__ import annotations
 import math
 import numbers
 
+from ._validation import check_int
 from .module import Module
 from .ops import get_array_module
-from ._validation import check_int
 
 
 def _check_real(value, name, minimum=0.0, *, below=None, strict=False):
@@ -42,19 +42,56 @@ def _check_real(value, name, minimum=0.0, *, below=None, strict=False):
 
 
 class Optimizer:
-    """Base class: learning rate, weight decay, per-parameter state, step bookkeeping."""
+    """Base class: learning rate, weight decay, per-parameter state, step bookkeeping.
 
-    def __init__(self, model, lr, weight_decay=0.0):
+    ``local_batch_size`` (every optimizer): the `fastfeedforward` package's LocalSGD/LocalAdam
+    rule for router-leaf FFFs that track usage (``usage_mode`` "soft" or "hard"). A node's or
+    leaf's parameters are updated only once its usage counter reached ``local_batch_size``,
+    with its accumulated gradient scaled by ``local_batch_size / usage``; until then its
+    gradient keeps accumulating across steps and its optimizer state is left as is.
+    ``zero_grad()`` then clears only the updated rows and their usage. Other parameters are
+    updated every step. (Adam's bias correction counts the optimizer's steps, not each row's.)
+    """
+
+    def __init__(self, model, lr, weight_decay=0.0, *, local_batch_size=None):
         if not isinstance(model, Module):
             raise TypeError(f"model must be a fastff Module, got {type(model).__name__}")
         self.model = model
         self.lr = lr
         self.weight_decay = _check_real(weight_decay, "weight_decay")
+        self.local_batch_size = (None if local_batch_size is None
+                                 else check_int(local_batch_size, "local_batch_size", 1))
         self.state = {}  # parameter name -> {buffer name: array shaped like the parameter}
         self.step_count = 0
 
+    def _local_groups(self):
+        """[(param names, usage array)] of the usage-tracking FFF layers (empty without
+        local_batch_size)."""
+        if self.local_batch_size is None:
+            return []
+        groups = []
+        for prefix, m in self.model._prefixed_modules():
+            if getattr(m, "usage_mode", "none") == "none" or not hasattr(m, "get_leaf_param_group"):
+                continue
+            for group in (m.get_node_param_group(), m.get_leaf_param_group()):
+                groups.append(([prefix + key for key in group["params"]], group["usage"]))
+        return groups
+
+    def _local_rows(self):
+        """param name -> (ready rows (bool, axis 0), gradient scale per row)."""
+        rows = {}
+        lbs = self.local_batch_size
+        for names, usage in self._local_groups():
+            xp = get_array_module(usage)
+            ready = usage >= lbs
+            scale = xp.where(ready, lbs / xp.maximum(usage, 1e-30), 0.0)
+            for name in names:
+                rows[name] = (ready, scale)
+        return rows
+
     @property
     def lr(self) -> float:
+        """The learning rate of the next step (schedules set it)."""
         return self._lr
 
     @lr.setter
@@ -62,14 +99,41 @@ class Optimizer:
         self._lr = _check_real(value, "lr")
 
     def zero_grad(self) -> None:
-        """Set every gradient of the model to zero (gradients accumulate otherwise)."""
-        self.model.zero_grad()
+        """Set every gradient of the model to zero (gradients accumulate otherwise). With
+        local_batch_size, only the rows just updated (and their usage counters)."""
+        local = self._local_rows()
+        if not local:
+            self.model.zero_grad()
+            return
+        for name, _, grad in self.model.named_parameters():
+            if name in local:
+                grad[local[name][0]] = 0
+            else:
+                grad.fill(0)
+        for _, usage in self._local_groups():
+            usage[usage >= self.local_batch_size] = 0
 
     def step(self) -> None:
         """Update every parameter in place from its gradient, then mark the model updated."""
         self.step_count += 1
+        local = self._local_rows()
         for name, param, grad in self.model.named_parameters():
-            self._update(name, param, grad, get_array_module(param))
+            xp = get_array_module(param)
+            if name not in local:
+                self._update(name, param, grad, xp)
+                continue
+            ready, scale = local[name]
+            if not bool(ready.any()):
+                continue
+            waiting = ~ready
+            # update every row, then put back the rows (and their optimizer state) not ready yet
+            kept = param[waiting].copy()
+            kept_state = {k: b[waiting].copy() for k, b in self.state.get(name, {}).items()}
+            self._update(name, param, grad * scale.reshape((-1,) + (1,) * (grad.ndim - 1))
+                         .astype(grad.dtype), xp)
+            param[waiting] = kept
+            for k, b in kept_state.items():
+                self.state[name][k][waiting] = b
         self.model.mark_updated()
 
     def _buffers(self, name, param, keys):
@@ -96,8 +160,9 @@ class SGD(Optimizer):
     g = g + momentum * buf if nesterov else buf; then p -= lr * g.
     """
 
-    def __init__(self, model, lr, momentum=0.0, nesterov=False, weight_decay=0.0):
-        super().__init__(model, lr, weight_decay)
+    def __init__(self, model, lr, momentum=0.0, nesterov=False, weight_decay=0.0, *,
+                 local_batch_size=None):
+        super().__init__(model, lr, weight_decay, local_batch_size=local_batch_size)
         self.momentum = _check_real(momentum, "momentum", below=1.0)
         if not isinstance(nesterov, bool):
             raise TypeError(f"nesterov must be True or False, got {nesterov!r}")
@@ -127,8 +192,9 @@ class Adam(Optimizer):
 
     decoupled = False
 
-    def __init__(self, model, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0):
-        super().__init__(model, lr, weight_decay)
+    def __init__(self, model, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, *,
+                 local_batch_size=None):
+        super().__init__(model, lr, weight_decay, local_batch_size=local_batch_size)
         if not isinstance(betas, (tuple, list)) or len(betas) != 2:
             raise TypeError(f"betas must be a pair (beta1, beta2), got {betas!r}")
         self.betas = (_check_real(betas[0], "betas[0]", below=1.0),
@@ -162,8 +228,9 @@ class AdamW(Adam):
 
     decoupled = True
 
-    def __init__(self, model, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01):
-        super().__init__(model, lr, betas, eps, weight_decay)
+    def __init__(self, model, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01, *,
+                 local_batch_size=None):
+        super().__init__(model, lr, betas, eps, weight_decay, local_batch_size=local_batch_size)
 
 
 # ---- learning-rate schedules ---------------------------------------------------------------
@@ -185,9 +252,11 @@ class LRSchedule:
         self.optimizer.lr = self.lr_at(0)
 
     def lr_at(self, step: int) -> float:
+        """The learning rate of the update that follows `step` updates."""
         raise NotImplementedError
 
     def step(self) -> None:
+        """Count one optimizer update and set the optimizer's lr for the next one."""
         self.step_count += 1
         self.optimizer.lr = self.lr_at(self.step_count)
 

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from fastff.data import DatasetError, load_fashion_mnist
+
 from conftest import write_fashion_mnist, write_idx
 
 

@@ -225,3 +225,55 @@ def test_one_cycle_lr_is_crammings_triangle():
 def test_argument_errors(make, exc, words):
     with pytest.raises(exc, match=words):
         make(nn.Linear(2, 2))
+
+
+# ---- the fastfeedforward package's LocalSGD / LocalAdam rule ---------------------------------
+
+def _usage_fff(mode="hard"):
+    layer = fastff.FFF(6, 3, 2, 3, train_hardened=True, usage_mode=mode, dtype=np.float64, seed=0)
+    x = np.random.default_rng(1).standard_normal((40, 6))
+    return layer, x
+
+
+def test_local_sgd_updates_only_leaves_with_enough_usage():
+    layer, x = _usage_fff()
+    opt = fastff.optim.SGD(layer, lr=0.1, local_batch_size=6)
+    before = layer.state_dict()
+    _, backprop = layer.forward_train(x)
+    backprop(np.ones((40, 2)))
+    usage = layer.leaf_usage.copy()
+    grads = {k: v.copy() for k, v in layer.grads.items()}
+    ready = usage >= 6
+    assert ready.any() and (~ready).any()
+    opt.step()
+    after = layer.state_dict()
+    for key in ("w1s", "b1s", "w2s", "b2s"):
+        scale = np.where(ready, 6 / np.maximum(usage, 1), 0).reshape((-1,) + (1,) * (grads[key].ndim - 1))
+        np.testing.assert_allclose(after[key], before[key] - 0.1 * grads[key] * scale, rtol=1e-12)
+        np.testing.assert_array_equal(after[key][~ready], before[key][~ready])
+    # hardened routers get no gradient without a hardening weight: ready or not, they stay
+    np.testing.assert_array_equal(after["node_weights"], before["node_weights"])
+    opt.zero_grad()
+    for key in ("w1s", "b2s"):
+        assert (layer.grads[key][ready] == 0).all()
+        np.testing.assert_array_equal(layer.grads[key][~ready], grads[key][~ready])  # keeps accumulating
+    np.testing.assert_array_equal(layer.leaf_usage[ready], 0)
+    np.testing.assert_array_equal(layer.leaf_usage[~ready], usage[~ready])
+
+
+def test_local_adam_keeps_state_of_waiting_rows_and_plain_params_update_every_step():
+    from fastff import nn
+
+    fff, x = _usage_fff("soft")
+    model = nn.Sequential(nn.Linear(6, 6, dtype=np.float64, seed=2), fff)
+    opt = fastff.optim.Adam(model, lr=0.01, local_batch_size=1000)
+    before = model.state_dict()
+    _, backprop = model.forward_train(x)
+    backprop(np.ones((40, 2)))
+    opt.step()
+    after = model.state_dict()
+    assert not np.array_equal(after["0.weight"], before["0.weight"])
+    for key in ("1.w1s", "1.node_weights"):  # nobody reached 1000 uses
+        np.testing.assert_array_equal(after[key], before[key])
+    with pytest.raises(ValueError):
+        fastff.optim.SGD(model, lr=0.1, local_batch_size=0)

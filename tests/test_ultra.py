@@ -6,6 +6,7 @@ from hypothesis import strategies as st
 
 import fastff
 from fastff import reference as R
+
 from conftest import assert_close, dyadic, dyadic_state
 
 DTYPES = [np.float32, np.float64]
@@ -196,3 +197,131 @@ def test_threads_api():
         fastff.set_num_threads(n)
     with pytest.raises(ValueError):
         fastff.set_num_threads(0)
+
+
+@pytest.mark.parametrize("activation", ACTS)
+def test_large_batches_take_the_subtree_path_with_the_same_bits(activation):
+    """Batches big enough to be regrouped by subtree (fastff._cmm._subtree_split) give bitwise
+    the results of small batches walked row by row, and match the reference."""
+    from fastff import _cmm
+
+    layer = fastff.UltraFFF(300, 200, 9, 2, activation, seed=4)
+    rng = np.random.default_rng(4)
+    state = dyadic_state(layer, rng)
+    x = dyadic(rng, (2000, 300), denom=8)
+    assert _cmm._subtree_split(2000, 9, 300, 200, 4) < 10  # regrouped
+    assert _cmm._subtree_split(4, 9, 300, 200, 4) == 10  # not regrouped
+    y = layer(x)
+    np.testing.assert_array_equal(y, np.concatenate([layer(x[i:i + 4]) for i in range(0, 2000, 4)]))
+    y_train, backprop = layer.forward_train(x)
+    np.testing.assert_array_equal(y_train, y)
+    y_ref, cache = R.ultra_forward(x, state, 9, 2, activation)
+    assert_close(y, y_ref, np.float32, 20 * 300, "y")
+    dy = dyadic(rng, (2000, 200), denom=8)
+    dx = backprop(dy)
+    dx_ref, grads_ref = R.ultra_backward(dy, cache, state, activation)
+    assert_close(dx, dx_ref, np.float32, 20 * 2000, "dx")
+    for key, g in layer.grads.items():
+        assert_close(g, grads_ref[key], np.float32, 20 * 2000, key)
+
+
+# ---- training: hard-path gradients --------------------------------------------------------
+
+@given(in_w=st.integers(1, 120), out_w=st.integers(1, 120), depth=st.integers(0, 8),
+       trees=st.integers(1, 3), batch=st.integers(0, 200), dtype=st.sampled_from(DTYPES),
+       act=st.sampled_from(ACTS), seed=st.integers(0, 2**32 - 1))
+def test_gradients_match_reference(in_w, out_w, depth, trees, batch, dtype, act, seed):
+    rng = np.random.default_rng(seed)
+    layer = fastff.UltraFFF(in_w, out_w, depth, trees, act, dtype=dtype, seed=seed)
+    state = dyadic_state(layer, rng)
+    x = dyadic(rng, (batch, in_w), denom=8)
+    dy = dyadic(rng, (batch, out_w), denom=8)
+    y, backprop = layer.forward_train(x)
+    dx = backprop(dy)
+    y_ref, cache = R.ultra_forward(x, state, depth, trees, act)
+    dx_ref, grads_ref = R.ultra_backward(dy, cache, state, act)
+    terms = max(in_w, out_w, batch) * trees * (depth + 1)
+    assert_close(y, y_ref, dtype, terms, "y")
+    assert dx.dtype == dtype and dx.shape == x.shape
+    assert_close(dx, dx_ref, dtype, terms, "dx")
+    assert set(layer.grads) == set(grads_ref)
+    for key, g in layer.grads.items():
+        assert g.shape == grads_ref[key].shape
+        assert_close(g, grads_ref[key], dtype, terms, key)
+
+
+@pytest.mark.parametrize("act", ACTS)
+def test_reference_gradients_match_finite_differences(act):
+    """The reference backward is the derivative of the reference forward (routing held fixed,
+    which finite steps far smaller than every |z| do not change)."""
+    rng = np.random.default_rng(7)
+    depth, trees, in_w, out_w = 3, 2, 5, 4
+    layer = fastff.UltraFFF(in_w, out_w, depth, trees, act, dtype=np.float64, seed=7)
+    state = {k: v.astype(np.float64) for k, v in layer.state_dict().items()}
+    x = rng.standard_normal((6, in_w))
+    dy = rng.standard_normal((6, out_w))
+    _, cache = R.ultra_forward(x, state, depth, trees, act)
+    assert np.abs(cache[1]).min() > 1e-4  # no decision within reach of the finite step
+    dx, grads = R.ultra_backward(dy, cache, state, act)
+
+    def objective(x_, state_):
+        return float((R.ultra_forward(x_, state_, depth, trees, act)[0] * dy).sum())
+
+    eps = 1e-7
+    numeric_dx = np.zeros_like(x)
+    for idx in np.ndindex(x.shape):
+        xp, xm = x.copy(), x.copy()
+        xp[idx] += eps
+        xm[idx] -= eps
+        numeric_dx[idx] = (objective(xp, state) - objective(xm, state)) / (2 * eps)
+    np.testing.assert_allclose(dx, numeric_dx, rtol=1e-6, atol=1e-7)
+    for key, value in state.items():
+        numeric = np.zeros_like(value)
+        for idx in np.ndindex(value.shape):
+            sp = {**state, key: value.copy()}
+            sm = {**state, key: value.copy()}
+            sp[key][idx] += eps
+            sm[key][idx] -= eps
+            numeric[idx] = (objective(x, sp) - objective(x, sm)) / (2 * eps)
+        np.testing.assert_allclose(grads[key], numeric, rtol=1e-6, atol=1e-7, err_msg=key)
+
+
+def test_gradients_are_bitwise_reproducible_and_thread_count_independent():
+    rng = np.random.default_rng(3)
+    layer = fastff.UltraFFF(96, 80, 7, 2, seed=3)
+    x = rng.standard_normal((1000, 96)).astype(np.float32)
+    dy = rng.standard_normal((1000, 80)).astype(np.float32)
+    n = fastff.get_num_threads()
+    runs = []
+    try:
+        for threads in (n, n, 1, 2):
+            fastff.set_num_threads(threads)
+            layer.zero_grad()
+            _, backprop = layer.forward_train(x)
+            runs.append((backprop(dy), {k: v.copy() for k, v in layer.grads.items()}))
+    finally:
+        fastff.set_num_threads(n)
+    for dx, grads in runs[1:]:
+        np.testing.assert_array_equal(dx, runs[0][0])
+        for k in grads:
+            np.testing.assert_array_equal(grads[k], runs[0][1][k])
+
+
+def test_backprop_errors_and_accumulation(rng):
+    layer = fastff.UltraFFF(6, 4, 2, seed=0)
+    x = rng.standard_normal((5, 6))
+    _, backprop = layer.forward_train(x)
+    with pytest.raises(ValueError, match=r"dy must have shape \(\.\.\., 4\)"):
+        backprop(np.ones((5, 3)))
+    with pytest.raises(ValueError, match="shape of y"):
+        backprop(np.ones((4, 4)))
+    backprop(np.ones((5, 4)))
+    once = {k: v.copy() for k, v in layer.grads.items()}
+    backprop(np.ones((5, 4)))
+    for k, v in layer.grads.items():
+        np.testing.assert_allclose(v, 2 * once[k], rtol=1e-6)
+    layer.zero_grad()
+    assert all((v == 0).all() for v in layer.grads.values())
+    layer.load_state_dict(layer.state_dict())
+    with pytest.raises(RuntimeError, match="stale"):
+        backprop(np.ones((5, 4)))

@@ -1,0 +1,220 @@
+"""CUDA backend against fastff.reference and the CPU kernels. Skipped without CuPy or a GPU."""
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+import fastff
+from fastff import reference as R
+
+from conftest import assert_close, dyadic, dyadic_state
+
+cp = pytest.importorskip("cupy", reason="CuPy is not installed")
+try:
+    HAVE_GPU = cp.cuda.runtime.getDeviceCount() > 0
+except Exception:  # no driver, no device
+    HAVE_GPU = False
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not HAVE_GPU, reason="no CUDA device")]
+
+ACTS = ["gelu", "relu", "identity"]
+DTYPES = [np.float32, np.float64]
+WIDTHS = st.one_of(st.sampled_from([1, 31, 32, 33, 1000]), st.integers(1, 300))
+
+
+def _ultra_case(seed, in_w, out_w, depth, trees, batch, dtype, act):
+    rng = np.random.default_rng(seed)
+    layer = fastff.UltraFFF(in_w, out_w, depth, trees, act, dtype=dtype, seed=seed)
+    state = dyadic_state(layer, rng)
+    x = dyadic(rng, (batch, in_w), denom=8)
+    return layer, state, x, rng
+
+
+@given(in_w=WIDTHS, out_w=WIDTHS, depth=st.integers(0, 10), trees=st.integers(1, 4),
+       batch=st.integers(0, 300), dtype=st.sampled_from(DTYPES), act=st.sampled_from(ACTS),
+       seed=st.integers(0, 2**32 - 1))
+def test_ultra_inference_matches_reference(in_w, out_w, depth, trees, batch, dtype, act, seed):
+    batch = min(batch, max(1, 200_000 // (trees * 2 ** (depth + 1))))
+    layer, state, x, _ = _ultra_case(seed, in_w, out_w, depth, trees, batch, dtype, act)
+    y_cpu = layer(x)
+    layer.to("cuda")
+    y = layer(cp.asarray(x))
+    assert isinstance(y, cp.ndarray) and y.dtype == dtype and y.shape == (batch, out_w)
+    y_ref, _ = R.ultra_forward(x, state, depth, trees, act)
+    assert_close(cp.asnumpy(y), y_ref, dtype, trees * (depth + 1) * in_w, "gpu y")
+    assert_close(cp.asnumpy(y), y_cpu, dtype, trees * (depth + 1) * in_w, "gpu vs cpu")
+
+
+@given(in_w=WIDTHS, out_w=WIDTHS, depth=st.integers(0, 8), trees=st.integers(1, 3),
+       batch=st.integers(0, 200), dtype=st.sampled_from(DTYPES), act=st.sampled_from(ACTS),
+       seed=st.integers(0, 2**32 - 1))
+def test_ultra_gradients_match_reference(in_w, out_w, depth, trees, batch, dtype, act, seed):
+    layer, state, x, rng = _ultra_case(seed, in_w, out_w, depth, trees, batch, dtype, act)
+    dy = dyadic(rng, (batch, out_w), denom=8)
+    layer.to("cuda")
+    _, backprop = layer.forward_train(cp.asarray(x))
+    dx = backprop(cp.asarray(dy))
+    _, cache = R.ultra_forward(x, state, depth, trees, act)
+    dx_ref, grads_ref = R.ultra_backward(dy, cache, state, act)
+    terms = max(in_w, out_w, batch) * trees * (depth + 1)
+    assert_close(cp.asnumpy(dx), dx_ref, dtype, terms, "dx")
+    for key, g in layer.grads.items():
+        assert_close(cp.asnumpy(g), grads_ref[key], dtype, terms, key)
+
+
+def test_ultra_gradients_deterministic_and_accumulate():
+    layer, _, x, rng = _ultra_case(3, 200, 150, 6, 2, 2000, np.float32, "gelu")
+    dy = rng.standard_normal((2000, 150)).astype(np.float32)
+    layer.to("cuda")
+    xg, dyg = cp.asarray(x), cp.asarray(dy)
+    runs = []
+    for _ in range(2):
+        layer.zero_grad()
+        layer.forward_train(xg)[1](dyg)
+        runs.append({k: cp.asnumpy(v) for k, v in layer.grads.items()})
+    for k in runs[0]:
+        np.testing.assert_array_equal(runs[0][k], runs[1][k])
+    layer.forward_train(xg)[1](dyg)  # accumulates on top
+    for k in runs[0]:
+        np.testing.assert_allclose(cp.asnumpy(layer.grads[k]), 2 * runs[0][k], rtol=1e-5, atol=1e-5)
+
+
+def test_device_mismatch_and_round_trip():
+    layer = fastff.UltraFFF(8, 4, 3, seed=0)
+    x = np.random.default_rng(0).standard_normal((5, 8)).astype(np.float32)
+    y_cpu = layer(x)
+    with pytest.raises(TypeError, match="CUDA array"):
+        layer(cp.asarray(x))
+    layer.to("cuda")
+    with pytest.raises(TypeError, match="host array"):
+        layer(x)
+    y_gpu = cp.asnumpy(layer(cp.asarray(x)))
+    np.testing.assert_allclose(y_gpu, y_cpu, rtol=1e-5, atol=1e-6)
+    state = layer.state_dict()
+    assert all(isinstance(v, np.ndarray) for v in state.values())
+    _, backprop = layer.forward_train(cp.asarray(x))
+    layer.to("cpu")
+    with pytest.raises(RuntimeError, match="stale"):
+        backprop(cp.ones((5, 4), dtype=cp.float32))
+    np.testing.assert_array_equal(layer(x), y_cpu)
+
+
+def test_wide_rows_fall_back_to_global_memory():
+    # in + out beyond the 48 KiB shared-memory budget of one warp (float64: > 6144 elements)
+    layer, state, x, _ = _ultra_case(5, 5000, 3000, 2, 1, 40, np.float64, "relu")
+    layer.to("cuda")
+    y_ref, _ = R.ultra_forward(x, state, 2, 1, "relu")
+    assert_close(cp.asnumpy(layer(cp.asarray(x))), y_ref, np.float64, 3 * 5000, "wide")
+
+
+@pytest.mark.parametrize("in_w, out_w", [(768, 768), (4, 1000), (128, 36), (1024, 8), (1028, 4)])
+@pytest.mark.parametrize("act", ACTS)
+def test_float32_register_path_matches_reference(in_w, out_w, act):
+    """float32 with widths divisible by 4 (<= 1024) takes the float4 register kernels;
+    1028 is just past them and takes the general kernels."""
+    layer, state, x, rng = _ultra_case(11, in_w, out_w, 5, 2, 257, np.float32, act)
+    dy = dyadic(rng, (257, out_w), denom=8)
+    layer.to("cuda")
+    y_ref, cache = R.ultra_forward(x, state, 5, 2, act)
+    assert_close(cp.asnumpy(layer(cp.asarray(x))), y_ref, np.float32, 12 * in_w, "y")
+    _, backprop = layer.forward_train(cp.asarray(x))
+    dx = backprop(cp.asarray(dy))
+    dx_ref, grads_ref = R.ultra_backward(dy, cache, state, act)
+    terms = max(in_w, out_w, 257) * 12
+    assert_close(cp.asnumpy(dx), dx_ref, np.float32, terms, "dx")
+    for key, g in layer.grads.items():
+        assert_close(cp.asnumpy(g), grads_ref[key], np.float32, terms, key)
+
+
+# ---- router-leaf FFF: GPU against the CPU kernels (themselves held to the reference) ----------
+
+def _fff_pair(seed, in_w, leaf_w, out_w, depth, dtype, act, **kwargs):
+    rng = np.random.default_rng(seed)
+    cpu = fastff.FFF(in_w, leaf_w, out_w, depth, act, dtype=dtype, seed=seed, **kwargs)
+    state = dyadic_state(cpu, rng)
+    gpu = fastff.FFF(in_w, leaf_w, out_w, depth, act, dtype=dtype, seed=seed, **kwargs)
+    gpu.load_state_dict(state)
+    gpu.to("cuda")
+    return cpu, gpu, state, rng
+
+
+@given(in_w=WIDTHS, leaf_w=st.integers(1, 8), out_w=WIDTHS, depth=st.integers(0, 8),
+       batch=st.integers(0, 300), dtype=st.sampled_from(DTYPES),
+       act=st.sampled_from(["relu", "gelu"]), seed=st.integers(0, 2**32 - 1))
+def test_fff_inference_matches_reference(in_w, leaf_w, out_w, depth, batch, dtype, act, seed):
+    cpu, gpu, state, rng = _fff_pair(seed, in_w, leaf_w, out_w, depth, dtype, act)
+    x = dyadic(rng, (batch, in_w), denom=8)
+    y = gpu(cp.asarray(x))
+    assert isinstance(y, cp.ndarray) and y.shape == (batch, out_w) and y.dtype == dtype
+    y_ref = R.fff_infer(x, state, act)
+    assert_close(cp.asnumpy(y), y_ref, dtype, depth * in_w + leaf_w * (in_w + out_w), "fff y")
+
+
+@given(in_w=WIDTHS, leaf_w=st.integers(1, 8), out_w=WIDTHS, depth=st.integers(0, 6),
+       batch=st.integers(0, 200), dtype=st.sampled_from(DTYPES),
+       act=st.sampled_from(["relu", "gelu"]), hardened=st.booleans(),
+       leak=st.sampled_from([0.0, 0.3]), dropout=st.sampled_from([0.0, 0.25]),
+       hardening=st.sampled_from([0.0, 0.7]), seed=st.integers(0, 2**32 - 1))
+def test_fff_training_matches_cpu(in_w, leaf_w, out_w, depth, batch, dtype, act, hardened, leak,
+                                  dropout, hardening, seed):
+    kwargs = dict(train_hardened=hardened, region_leak=leak, dropout=dropout)
+    cpu, gpu, _, rng = _fff_pair(seed, in_w, leaf_w, out_w, depth, dtype, act, **kwargs)
+    x = dyadic(rng, (batch, in_w), denom=8)
+    dy = dyadic(rng, (batch, out_w), denom=8)
+    y_c, bp_c = cpu.forward_train(x, rng=np.random.default_rng(seed), hardening=hardening)
+    y_g, bp_g = gpu.forward_train(cp.asarray(x), rng=np.random.default_rng(seed),
+                                  hardening=hardening)
+    terms = max(in_w, out_w, batch) * (depth + leaf_w + 1) * (2 ** depth if not hardened else 1)
+    assert_close(cp.asnumpy(y_g), y_c, dtype, terms, "y")
+    np.testing.assert_allclose(gpu.last_mean_entropy, cpu.last_mean_entropy, rtol=1e-4, atol=1e-6)
+    dx_c, dx_g = bp_c(dy), bp_g(cp.asarray(dy))
+    assert_close(cp.asnumpy(dx_g), dx_c, dtype, terms, "dx")
+    for key, g in gpu.grads.items():
+        assert_close(cp.asnumpy(g), cpu.grads[key], dtype, terms, key)
+
+
+def test_fff_device_round_trip_and_usage():
+    cpu, gpu, _, rng = _fff_pair(1, 20, 4, 6, 4, np.float32, "relu", usage_mode="hard")
+    x = rng.standard_normal((64, 20)).astype(np.float32)
+    gpu.forward_train(cp.asarray(x))
+    assert float(cp.asnumpy(gpu.leaf_usage).sum()) == 64
+    gpu.to("cpu")
+    np.testing.assert_allclose(gpu(x), cpu(x), rtol=1e-5, atol=1e-5)
+    with pytest.raises(TypeError, match="CUDA array"):
+        gpu(cp.asarray(x))
+
+
+def test_whole_model_trains_on_cuda_like_on_cpu():
+    from fastff import nn, optim
+
+    def model():
+        return nn.Sequential(nn.Linear(12, 16, seed=1), nn.GELU(),
+                             fastff.UltraFFF(16, 16, 3, 2, seed=2),
+                             fastff.FFF(16, 4, 5, 2, train_hardened=True, seed=3))
+
+    cpu, gpu = model(), model().to("cuda")
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((64, 12)).astype(np.float32)
+    labels = rng.integers(0, 5, 64)
+    opts = optim.Adam(cpu, lr=1e-2), optim.Adam(gpu, lr=1e-2)
+    for _ in range(3):
+        for m, opt, xs, ls in ((cpu, opts[0], x, labels),
+                               (gpu, opts[1], cp.asarray(x), cp.asarray(labels))):
+            opt.zero_grad()
+            logits, backprop = m.forward_train(xs)
+            _, dlogits = nn.softmax_cross_entropy(logits, ls)
+            backprop(dlogits)
+            opt.step()
+    for k, v in cpu.state_dict().items():
+        np.testing.assert_allclose(gpu.state_dict()[k], v, rtol=2e-3, atol=2e-4, err_msg=k)
+
+
+def test_cuda_torch_tensor_goes_in_without_conversion():
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("torch without CUDA")
+    layer = fastff.UltraFFF(16, 8, 3, seed=0).to("cuda")
+    t = torch.randn(5, 16, device="cuda")
+    y = layer(t)
+    assert isinstance(y, cp.ndarray)
+    np.testing.assert_allclose(cp.asnumpy(y), cp.asnumpy(layer(cp.asarray(t.cpu().numpy()))),
+                               rtol=1e-6, atol=1e-6)
