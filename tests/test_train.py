@@ -1,4 +1,5 @@
 """`python -m fastff train` end to end on small synthetic Fashion-MNIST files."""
+
 import json
 import sys
 
@@ -6,10 +7,20 @@ import pytest
 
 import fastff
 from fastff.__main__ import main
+
 from conftest import write_fashion_mnist
 
-TINY = ["--val-size", "40", "--epochs", "3", "--batch-size", "32", "--threads", "1",
-        "--no-progress"]
+TINY = [
+    "--val-size",
+    "40",
+    "--epochs",
+    "3",
+    "--batch-size",
+    "32",
+    "--threads",
+    "1",
+    "--no-progress",
+]
 MODELS = {
     # model: (arguments, neurons per inference, training width, parameter count)
     "ff": (["--width", "32"], 32, 32, 784 * 32 + 32 + 32 * 10 + 10),
@@ -37,8 +48,9 @@ def test_end_to_end(model, data_dir, tmp_path, capsys):
     if model == "fff" and not hasattr(fastff, "FFF"):
         pytest.skip("fastff.FFF is not in this build yet (branch fff)")
     extra, neurons, width, params = MODELS[model]
-    code, result, captured = run(["--model", model, "--data", str(data_dir), *TINY, *extra],
-                                 tmp_path, capsys)
+    code, result, captured = run(
+        ["--model", model, "--data", str(data_dir), *TINY, *extra], tmp_path, capsys
+    )
     assert code == 0, captured.err
     assert "epoch 3/3" in captured.out and "test accuracy" in captured.out
     # the synthetic classes are bright bands: far above chance (0.1) after 3 short epochs
@@ -56,15 +68,21 @@ def test_end_to_end(model, data_dir, tmp_path, capsys):
     assert result["config"]["normalisation"]["std"] > 0
 
 
-@pytest.mark.parametrize("options", [
-    ["--optimizer", "sgd", "--schedule", "step", "--lr", "0.05"],
-    ["--optimizer", "adamw", "--schedule", "onecycle", "--lr", "3e-3"],
-    ["--schedule", "cosine", "--warmup-steps", "5", "--dtype", "float64"],
-    ["--schedule", "constant"],
-])
+@pytest.mark.parametrize(
+    "options",
+    [
+        ["--optimizer", "sgd", "--schedule", "step", "--lr", "0.05"],
+        ["--optimizer", "adamw", "--schedule", "onecycle", "--lr", "3e-3"],
+        ["--schedule", "cosine", "--warmup-steps", "5", "--dtype", "float64"],
+        ["--schedule", "constant"],
+    ],
+)
 def test_optimizers_and_schedules(options, data_dir, tmp_path, capsys):
-    code, result, captured = run(["--model", "ff", "--width", "16", "--data", str(data_dir),
-                                  *TINY, *options], tmp_path, capsys)
+    code, result, captured = run(
+        ["--model", "ff", "--width", "16", "--data", str(data_dir), *TINY, *options],
+        tmp_path,
+        capsys,
+    )
     assert code == 0, captured.err
     assert result["test_accuracy"] > 0.5
     assert result["history"][-1]["train_loss"] < result["history"][0]["train_loss"]
@@ -73,21 +91,28 @@ def test_optimizers_and_schedules(options, data_dir, tmp_path, capsys):
 def test_plain_progress_without_tqdm(data_dir, tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "tqdm", None)  # import tqdm now raises ImportError
     args = [a for a in TINY if a != "--no-progress"]
-    code, _, captured = run(["--model", "ff", "--width", "8", "--data", str(data_dir), *args],
-                            tmp_path, capsys)
+    code, _, captured = run(
+        ["--model", "ff", "--width", "8", "--data", str(data_dir), *args], tmp_path, capsys
+    )
     assert code == 0
-    assert [line.split()[1] for line in captured.out.splitlines() if line.startswith("epoch")] \
-        == ["1/3", "2/3", "3/3"]
+    assert [line.split()[1] for line in captured.out.splitlines() if line.startswith("epoch")] == [
+        "1/3",
+        "2/3",
+        "3/3",
+    ]
 
 
-@pytest.mark.parametrize("args, words", [
-    (["--model", "ultra", "--width", "64"], "--width applies to --model ff"),
-    (["--model", "ff", "--leaf-width", "4"], "--leaf-width applies to --model fff"),
-    (["--model", "ff", "--epochs", "0"], "--epochs must be >= 1"),
-    (["--model", "ff", "--val-size", "400"], "leaves no training images"),
-    (["--model", "ff", "--lr", "-1", "--val-size", "40"], "lr must be"),
-    (["--model", "ultra", "--depth", "-2", "--val-size", "40"], "depth must be"),
-])
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["--model", "ultra", "--width", "64"], "--width applies to --model ff"),
+        (["--model", "ff", "--leaf-width", "4"], "--leaf-width applies to --model fff"),
+        (["--model", "ff", "--epochs", "0"], "--epochs must be >= 1"),
+        (["--model", "ff", "--val-size", "400"], "leaves no training images"),
+        (["--model", "ff", "--lr", "-1", "--val-size", "40"], "lr must be"),
+        (["--model", "ultra", "--depth", "-2", "--val-size", "40"], "depth must be"),
+    ],
+)
 def test_usage_errors(args, words, data_dir, tmp_path, capsys):
     code, result, captured = run([*args, "--data", str(data_dir)], tmp_path, capsys)
     assert code == 2 and result is None
@@ -109,8 +134,9 @@ def test_fff_before_it_exists(data_dir, tmp_path, capsys):
 def test_tqdm_progress_bar(data_dir, tmp_path, capsys):
     pytest.importorskip("tqdm")
     args = [a for a in TINY if a != "--no-progress"]
-    code, _, captured = run(["--model", "ff", "--width", "8", "--data", str(data_dir), *args],
-                            tmp_path, capsys)
+    code, _, captured = run(
+        ["--model", "ff", "--width", "8", "--data", str(data_dir), *args], tmp_path, capsys
+    )
     assert code == 0
     assert "epoch 2/3" in captured.err and "batch" in captured.err  # the bar, on stderr
     assert "epoch 3/3  loss" in captured.out  # the summary lines stay on stdout
