@@ -2,6 +2,7 @@
 
 python benchmarks/gpu_phases.py [--batch 8192] [--depth 11] [--width 768]
 """
+
 import argparse
 
 import cupy as cp

@@ -3,6 +3,7 @@
 Errors are raised before anything is allocated or stored, and their messages name the argument
 and what was expected.
 """
+
 from __future__ import annotations
 
 import functools
@@ -18,7 +19,6 @@ MAX_WIDTH = 2**31 - 1
 # 2**(depth + 1) is computed exactly before the memory check; past this the Python integer
 # itself would be enormous (depth=2**63 would try to build a 2**63-bit number).
 MAX_DEPTH = 64
-
 
 
 def check_int(value, name: str, minimum: int | None = None, maximum: int | None = None) -> int:
@@ -50,9 +50,11 @@ def check_depth(value, what: str) -> int:
     MemoryError like any other too-large layer, without computing 2**depth."""
     depth = check_int(value, "depth", 0)
     if depth > MAX_DEPTH:
-        raise MemoryError(f"{what} with depth={depth} has at least 2**{depth} nodes of 4 or more "
-                          f"bytes: it needs more than 2**{depth + 2} bytes, more than any "
-                          "machine's memory")
+        raise MemoryError(
+            f"{what} with depth={depth} has at least 2**{depth} nodes of 4 or more "
+            f"bytes: it needs more than 2**{depth + 2} bytes, more than any "
+            "machine's memory"
+        )
     return depth
 
 
@@ -102,8 +104,10 @@ def check_float_dtype(dtype, name: str = "dtype") -> np.dtype:
     return dt
 
 
-CGROUP_LIMIT_FILES = ("/sys/fs/cgroup/memory.max",  # cgroup v2
-                      "/sys/fs/cgroup/memory/memory.limit_in_bytes")  # cgroup v1
+CGROUP_LIMIT_FILES = (
+    "/sys/fs/cgroup/memory.max",  # cgroup v2
+    "/sys/fs/cgroup/memory/memory.limit_in_bytes",
+)  # cgroup v1
 
 
 def _cgroup_limit_bytes():
@@ -121,7 +125,7 @@ def _cgroup_limit_bytes():
     return None  # no file, or "max": no limit
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def physical_memory_bytes() -> int:
     """The memory this process may use: physical memory, or the container's limit if lower.
     Read once (forward passes check against it)."""
@@ -150,16 +154,29 @@ def is_cuda_array(x) -> bool:
 # DLPack device types (dlpack.h, DLDeviceType), named in error messages.
 DLPACK_CPU = 1
 DLPACK_CUDA_TYPES = (2, 13)  # kDLCUDA, kDLCUDAManaged: CuPy can take these without a copy
-DLPACK_DEVICE_NAMES = {1: "CPU", 2: "CUDA", 3: "CUDA pinned host", 4: "OpenCL", 7: "Vulkan",
-                       8: "Metal", 9: "VPI", 10: "ROCm", 11: "ROCm pinned host",
-                       13: "CUDA managed", 14: "oneAPI", 15: "WebGPU", 16: "Hexagon"}
+DLPACK_DEVICE_NAMES = {
+    1: "CPU",
+    2: "CUDA",
+    3: "CUDA pinned host",
+    4: "OpenCL",
+    7: "Vulkan",
+    8: "Metal",
+    9: "VPI",
+    10: "ROCm",
+    11: "ROCm pinned host",
+    13: "CUDA managed",
+    14: "oneAPI",
+    15: "WebGPU",
+    16: "Hexagon",
+}
 
 
 def dlpack_device_type(x):
     """The DLPack device type (an int) of a DLPack producer that is not a NumPy array, e.g. a
     torch tensor or a JAX array; None for anything else."""
-    if isinstance(x, np.ndarray) or not (hasattr(x, "__dlpack__")
-                                         and hasattr(x, "__dlpack_device__")):
+    if isinstance(x, np.ndarray) or not (
+        hasattr(x, "__dlpack__") and hasattr(x, "__dlpack_device__")
+    ):
         return None
     try:
         return int(x.__dlpack_device__()[0])
@@ -170,8 +187,10 @@ def dlpack_device_type(x):
 def refuse_masked(x, name: str) -> None:
     """np.asarray drops a masked array's mask, so the hidden values would be used silently."""
     if isinstance(x, np.ma.MaskedArray):
-        raise TypeError(f"{name} is a masked array; fill or drop the masked values first "
-                        f"({name}.filled(value) or {name}.compressed())")
+        raise TypeError(
+            f"{name} is a masked array; fill or drop the masked values first "
+            f"({name}.filled(value) or {name}.compressed())"
+        )
 
 
 def check_cast_in_range(src, converted, dtype, xp, name: str) -> None:
@@ -183,8 +202,10 @@ def check_cast_in_range(src, converted, dtype, xp, name: str) -> None:
     overflow = xp.isfinite(src) & ~xp.isfinite(converted)
     if bool(overflow.any()):
         example = src[overflow].reshape(-1)[0]
-        raise ValueError(f"{name} has values beyond the range of {dtype} (e.g. {float(example)!r})"
-                         f"; scale the input or use a float64 layer")
+        raise ValueError(
+            f"{name} has values beyond the range of {dtype} (e.g. {float(example)!r})"
+            f"; scale the input or use a float64 layer"
+        )
 
 
 def as_device_array(x, xp, name: str, expected: str):
@@ -200,9 +221,12 @@ def as_device_array(x, xp, name: str, expected: str):
     dl_device = dlpack_device_type(x)
     on_cuda = is_cuda_array(x) or dl_device in DLPACK_CUDA_TYPES
     if xp is np and (on_cuda or dl_device not in (None, DLPACK_CPU)):
-        where = ("a CUDA array" if is_cuda_array(x) else
-                 f"an array on a {DLPACK_DEVICE_NAMES.get(dl_device, 'non-CPU')} device "
-                 f"(DLPack device type {dl_device})")
+        where = (
+            "a CUDA array"
+            if is_cuda_array(x)
+            else f"an array on a {DLPACK_DEVICE_NAMES.get(dl_device, 'non-CPU')} device "
+            f"(DLPack device type {dl_device})"
+        )
         raise TypeError(
             f"{name} is {where} but the layer is on 'cpu': move the layer with .to('cuda') "
             f"or copy {name} to the host first (e.g. tensor.cpu())"

@@ -3,6 +3,7 @@
 Protocol (../shared/BENCHMARKS.md): same dtype and thread count on both sides, one warm-up, the
 median and min-max of >= 5 timed repetitions, ratio = dense time / fastff time.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -73,8 +74,18 @@ def _dense_train_step(x, w1, b1, w2, activation):
 MAX_DENSE_WIDTH = 1 << 15
 
 
-def make_ultra(in_w, out_w, depth, batch, *, parallel_size=1, activation="gelu", train=False,
-               dtype=np.float32, device="cpu"):
+def make_ultra(
+    in_w,
+    out_w,
+    depth,
+    batch,
+    *,
+    parallel_size=1,
+    activation="gelu",
+    train=False,
+    dtype=np.float32,
+    device="cpu",
+):
     from .layers import UltraFFF
 
     def make():
@@ -83,11 +94,16 @@ def make_ultra(in_w, out_w, depth, batch, *, parallel_size=1, activation="gelu",
         width = layer.training_width
         x = rng.standard_normal((batch, in_w)).astype(dtype)
         if width > MAX_DENSE_WIDTH and device == "cpu" and not train:
+
             def fff():
                 layer(x)
 
-            return None, fff, batch, {"dense_width": width,
-                                      "neurons_per_row": layer.neurons_per_inference}
+            return (
+                None,
+                fff,
+                batch,
+                {"dense_width": width, "neurons_per_row": layer.neurons_per_inference},
+            )
         w1, b1, w2 = _dense_ff(rng, in_w, width, out_w, dtype)
         if device == "cuda":
             return _make_cuda_pair(layer, x, (w1, b1, w2), activation, train)
@@ -101,12 +117,19 @@ def make_ultra(in_w, out_w, depth, batch, *, parallel_size=1, activation="gelu",
             def dense():
                 _dense_train_step(x, w1, b1, w2, activation)
         else:
+
             def fff():
                 layer(x)
 
             def dense():
                 reference.dense_forward(x, w1, b1, w2, activation)
-        return dense, fff, batch, {"dense_width": width, "neurons_per_row": layer.neurons_per_inference}
+
+        return (
+            dense,
+            fff,
+            batch,
+            {"dense_width": width, "neurons_per_row": layer.neurons_per_inference},
+        )
 
     return make
 
@@ -142,16 +165,23 @@ def _make_cuda_pair(layer, x, dense_weights, activation, train):
 CONFIGS: dict[str, list[Case]] = {
     "ufb": [Case("ufb", "neuron tree", make_ultra(768, 768, 11, 4096))],
     "ufb-b1": [Case("ufb-b1", "neuron tree", make_ultra(768, 768, 11, 1))],
-    "ufb-train": [Case("ufb-train", "neuron tree fwd+bwd", make_ultra(768, 768, 11, 4096, train=True))],
+    "ufb-train": [
+        Case("ufb-train", "neuron tree fwd+bwd", make_ultra(768, 768, 11, 4096, train=True))
+    ],
     "paper-mnist": [Case("paper-mnist", "router-leaf", make_fff(784, 8, 10, 8, 1024))],
-    "scaling": [Case(f"scaling-d{d}", "neuron tree", make_ultra(768, 768, d, 4096), {"depth": d})
-                for d in (6, 8, 10, 12, 14, 16, 18, 20)],
+    "scaling": [
+        Case(f"scaling-d{d}", "neuron tree", make_ultra(768, 768, d, 4096), {"depth": d})
+        for d in (6, 8, 10, 12, 14, 16, 18, 20)
+    ],
 }
 GPU_CONFIGS: dict[str, list[Case]] = {
     "gpu-ufb": [
         Case("gpu-ufb", "neuron tree", make_ultra(768, 768, 11, 8192, device="cuda")),
-        Case("gpu-ufb-train", "neuron tree fwd+bwd",
-             make_ultra(768, 768, 11, 8192, train=True, device="cuda")),
+        Case(
+            "gpu-ufb-train",
+            "neuron tree fwd+bwd",
+            make_ultra(768, 768, 11, 8192, train=True, device="cuda"),
+        ),
     ],
 }
 DEFAULT_CPU = ["ufb", "ufb-b1", "ufb-train", "paper-mnist"]
@@ -165,29 +195,45 @@ def _limit_threads(threads: int):
     try:
         from threadpoolctl import threadpool_limits
     except ImportError:
-        print("note: threadpoolctl is not installed; BLAS threads follow OPENBLAS_NUM_THREADS / "
-              "OMP_NUM_THREADS (pip install fastff[bench])")
+        print(
+            "note: threadpoolctl is not installed; BLAS threads follow OPENBLAS_NUM_THREADS / "
+            "OMP_NUM_THREADS (pip install fastff[bench])"
+        )
         return None
     return threadpool_limits(limits=threads)
 
 
-def run(config_names: list[str], *, threads: int, repeat: int, device: str = "cpu",
-        json_path: str | None = None, out=print) -> list[dict]:
+def run(
+    config_names: list[str],
+    *,
+    threads: int,
+    repeat: int,
+    device: str = "cpu",
+    json_path: str | None = None,
+    out=print,
+) -> list[dict]:
     table = GPU_CONFIGS if device == "cuda" else CONFIGS
     unknown = [c for c in config_names if c not in table]
     if unknown:
-        raise SystemExit(f"unknown config(s) {unknown} for device {device!r}; "
-                         f"choose from {sorted(table)}")
+        raise SystemExit(
+            f"unknown config(s) {unknown} for device {device!r}; choose from {sorted(table)}"
+        )
     limiter = _limit_threads(threads) if device == "cpu" else None
-    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cpus, {threads} threads"
+    machine = (
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cpus, {threads} threads"
+    )
     if device == "cuda":
         from .gpu.bench import device_name
 
         machine = device_name()
-    out(f"fastff bench on {machine} (median of {repeat}, dense = NumPy/BLAS"
-        f"{' via cuBLAS' if device == 'cuda' else ''})")
-    header = (f"{'config':<16}{'kind':<22}{'dense ms':>12}{'fastff ms':>12}{'speedup':>10}"
-              f"{'rows/s':>12}{'ns/node':>10}")
+    out(
+        f"fastff bench on {machine} (median of {repeat}, dense = NumPy/BLAS"
+        f"{' via cuBLAS' if device == 'cuda' else ''})"
+    )
+    header = (
+        f"{'config':<16}{'kind':<22}{'dense ms':>12}{'fastff ms':>12}{'speedup':>10}"
+        f"{'rows/s':>12}{'ns/node':>10}"
+    )
     out(header)
     results = []
     for name in config_names:
@@ -201,23 +247,40 @@ def run(config_names: list[str], *, threads: int, repeat: int, device: str = "cp
                 from .gpu.bench import time_events as timer
             else:
                 timer = _time
-            d_med, d_min, d_max = timer(dense, repeat) if dense else (None, None, None)
             f_med, f_min, f_max = timer(fff, repeat)
-            ratio = d_med / f_med if dense else None
+            d_med = d_min = d_max = ratio = None
+            dense_text, ratio_text = f"{'n/a':>12}", f"{'n/a':>10}"
+            if dense is not None:
+                d_med, d_min, d_max = timer(dense, repeat)
+                ratio = d_med / f_med
+                dense_text, ratio_text = f"{d_med * 1e3:>12.3f}", f"{ratio:>9.1f}x"
             # time per row and per visited node (neuron or router/leaf unit on the path)
             ns_per_node = f_med / max(rows, 1) / info["neurons_per_row"] * 1e9
-            dense_text = f"{d_med * 1e3:>12.3f}" if dense else f"{'n/a':>12}"
-            ratio_text = f"{ratio:>9.1f}x" if dense else f"{'n/a':>10}"
-            out(f"{case.name:<16}{case.kind:<22}{dense_text}{f_med * 1e3:>12.3f}{ratio_text}"
-                f"{rows / f_med:>12.3g}{ns_per_node:>10.1f}")
-            results.append({
-                "config": case.name, "kind": case.kind, "device": device, "threads": threads,
-                "dense_s": d_med, "dense_min_s": d_min, "dense_max_s": d_max,
-                "fastff_s": f_med, "fastff_min_s": f_min, "fastff_max_s": f_max,
-                "speedup": ratio, "rows_per_s": rows / f_med, "rows": rows,
-                "ns_per_row": f_med / max(rows, 1) * 1e9, "ns_per_node": ns_per_node,
-                **case.params, **info,
-            })
+            out(
+                f"{case.name:<16}{case.kind:<22}{dense_text}{f_med * 1e3:>12.3f}{ratio_text}"
+                f"{rows / f_med:>12.3g}{ns_per_node:>10.1f}"
+            )
+            results.append(
+                {
+                    "config": case.name,
+                    "kind": case.kind,
+                    "device": device,
+                    "threads": threads,
+                    "dense_s": d_med,
+                    "dense_min_s": d_min,
+                    "dense_max_s": d_max,
+                    "fastff_s": f_med,
+                    "fastff_min_s": f_min,
+                    "fastff_max_s": f_max,
+                    "speedup": ratio,
+                    "rows_per_s": rows / f_med,
+                    "rows": rows,
+                    "ns_per_row": f_med / max(rows, 1) * 1e9,
+                    "ns_per_node": ns_per_node,
+                    **case.params,
+                    **info,
+                }
+            )
             del dense, fff  # a depth-20 tree holds 12.9 GB: free it before building the next
     if limiter is not None:
         limiter.unregister() if hasattr(limiter, "unregister") else None
@@ -246,13 +309,18 @@ def plot(results: list[dict], path: str) -> None:
     ax_time.plot(depths, [r["fastff_s"] * 1e3 for r in series], "o-", label="fastff UltraFFF")
     dense = [(r["depth"], r["dense_s"] * 1e3) for r in series if r["dense_s"]]
     ax_time.plot([d for d, _ in dense], [t for _, t in dense], "s--", label="dense FF (BLAS)")
-    ax_time.set(yscale="log", xlabel="depth", ylabel="ms per batch of 4096",
-                title="time vs depth (768->768, float32)")
+    ax_time.set(
+        yscale="log",
+        xlabel="depth",
+        ylabel="ms per batch of 4096",
+        title="time vs depth (768->768, float32)",
+    )
     ax_time.legend()
     speed = [(r["depth"], r["speedup"]) for r in series if r["speedup"]]
     ax_speed.plot([d for d, _ in speed], [v for _, v in speed], "o-")
-    ax_speed.set(yscale="log", xlabel="depth", ylabel="speedup over dense FF",
-                 title="speedup vs depth")
+    ax_speed.set(
+        yscale="log", xlabel="depth", ylabel="speedup over dense FF", title="speedup vs depth"
+    )
     for ax in (ax_time, ax_speed):
         ax.grid(True, which="both", alpha=0.3)
     fig.suptitle(f"fastff, {series[0]['threads']} threads")
@@ -262,15 +330,26 @@ def plot(results: list[dict], path: str) -> None:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("configs", nargs="*", help="configurations to run (default: "
-                        f"{' '.join(DEFAULT_CPU)}; cuda: gpu-ufb)")
+    parser.add_argument(
+        "configs",
+        nargs="*",
+        help=f"configurations to run (default: {' '.join(DEFAULT_CPU)}; cuda: gpu-ufb)",
+    )
     parser.add_argument("--threads", type=int, default=2, help="OpenMP and BLAS threads (2)")
     parser.add_argument("--repeat", type=int, default=5, help="timed repetitions (>= 5)")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    parser.add_argument("--json", dest="json_path", default=None,
-                        help="write results as JSON (e.g. results/bench.json)")
-    parser.add_argument("--plot", dest="plot_path", default=None,
-                        help="draw speedup and time vs depth of the `scaling` run (PNG)")
+    parser.add_argument(
+        "--json",
+        dest="json_path",
+        default=None,
+        help="write results as JSON (e.g. results/bench.json)",
+    )
+    parser.add_argument(
+        "--plot",
+        dest="plot_path",
+        default=None,
+        help="draw speedup and time vs depth of the `scaling` run (PNG)",
+    )
 
 
 def main(args: argparse.Namespace) -> int:
@@ -279,11 +358,17 @@ def main(args: argparse.Namespace) -> int:
     if args.repeat < 1 or args.threads < 1:
         raise SystemExit("--repeat and --threads must be >= 1")
     if args.threads > max_threads():
-        raise SystemExit(f"--threads must be <= {max_threads()} (8 per CPU, at least 64), got "
-                         f"{args.threads}")
+        raise SystemExit(
+            f"--threads must be <= {max_threads()} (8 per CPU, at least 64), got {args.threads}"
+        )
     configs = args.configs or (["gpu-ufb"] if args.device == "cuda" else DEFAULT_CPU)
-    results = run(configs, threads=args.threads, repeat=args.repeat, device=args.device,
-                  json_path=args.json_path)
+    results = run(
+        configs,
+        threads=args.threads,
+        repeat=args.repeat,
+        device=args.device,
+        json_path=args.json_path,
+    )
     if args.plot_path:
         plot(results, args.plot_path)
         print(f"wrote {args.plot_path}")

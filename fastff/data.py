@@ -1,5 +1,6 @@
 """Dataset loaders. Fashion-MNIST from its four standard IDX files (no download: fastff never
 touches the network)."""
+
 from __future__ import annotations
 
 import gzip
@@ -16,10 +17,12 @@ SYSTEM_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"  # Debian's dataset-f
 IMAGES_MAGIC = 2051  # 0x00000803: unsigned bytes, 3 dimensions
 LABELS_MAGIC = 2049  # 0x00000801: unsigned bytes, 1 dimension
 N_CLASSES = 10
-HOW_TO_GET = ("Install it with `apt-get install dataset-fashion-mnist` (Debian/Ubuntu, into "
-              f"{SYSTEM_FASHION_MNIST}), or put the four files (optionally .gz) from "
-              "https://github.com/zalandoresearch/fashion-mnist in $FASTFF_DATA/fashion-mnist "
-              "or in a folder passed as path.")
+HOW_TO_GET = (
+    "Install it with `apt-get install dataset-fashion-mnist` (Debian/Ubuntu, into "
+    f"{SYSTEM_FASHION_MNIST}), or put the four files (optionally .gz) from "
+    "https://github.com/zalandoresearch/fashion-mnist in $FASTFF_DATA/fashion-mnist "
+    "or in a folder passed as path."
+)
 
 
 class DatasetError(ValueError):
@@ -42,7 +45,8 @@ def _find(folder: Path, stem: str) -> Path:
             return folder / name
     raise FileNotFoundError(
         f"Fashion-MNIST file {stem}[.gz] not found in {folder} (looked for {stem}, {stem}.gz, "
-        f"{dotted}, {dotted}.gz). {HOW_TO_GET}")
+        f"{dotted}, {dotted}.gz). {HOW_TO_GET}"
+    )
 
 
 def _read_at_most(f, n: int) -> bytearray:
@@ -73,29 +77,34 @@ def read_idx(path, magic: int, item_shape: tuple) -> np.ndarray:
         with opener(path, "rb") as f:
             head = _read_at_most(f, header_len)
             if len(head) < header_len:
-                raise DatasetError(f"{path} is too short ({len(head)} bytes) to hold an IDX "
-                                   f"header. {HOW_TO_GET}")
+                raise DatasetError(
+                    f"{path} is too short ({len(head)} bytes) to hold an IDX header. {HOW_TO_GET}"
+                )
             header = np.frombuffer(bytes(head), dtype=">u4")
             if int(header[0]) != magic:
-                raise DatasetError(f"{path} has magic number {int(header[0])}, expected {magic} "
-                                   f"(ubyte IDX with {n_dims} dimensions). {HOW_TO_GET}")
+                raise DatasetError(
+                    f"{path} has magic number {int(header[0])}, expected {magic} "
+                    f"(ubyte IDX with {n_dims} dimensions). {HOW_TO_GET}"
+                )
             dims = tuple(int(d) for d in header[1:])
             if dims[1:] != item_shape:
-                raise DatasetError(f"{path} holds items of shape {dims[1:]}, expected "
-                                   f"{item_shape}")
+                raise DatasetError(f"{path} holds items of shape {dims[1:]}, expected {item_shape}")
             n_data = math.prod(dims)  # Python ints: no overflow for any header
             check_fits_in_memory(n_data, f"{path} (header dimensions {dims})")
             data = _read_at_most(f, n_data + 1)  # one byte more tells a padded file
     except (OSError, EOFError, zlib.error) as exc:  # corrupt or truncated gzip stream
-        raise DatasetError(f"cannot read {path}: {exc}. The file is damaged; {HOW_TO_GET}") \
-            from exc
+        raise DatasetError(f"cannot read {path}: {exc}. The file is damaged; {HOW_TO_GET}") from exc
     if len(data) != n_data:
         expected = header_len + n_data
         if len(data) < n_data:
-            raise DatasetError(f"{path} is truncated: {header_len + len(data)} bytes, header "
-                               f"{dims} needs {expected}. {HOW_TO_GET}")
-        raise DatasetError(f"{path} is longer than its header says: header {dims} needs "
-                           f"{expected} bytes. {HOW_TO_GET}")
+            raise DatasetError(
+                f"{path} is truncated: {header_len + len(data)} bytes, header "
+                f"{dims} needs {expected}. {HOW_TO_GET}"
+            )
+        raise DatasetError(
+            f"{path} is longer than its header says: header {dims} needs "
+            f"{expected} bytes. {HOW_TO_GET}"
+        )
     # bytearray: a writable array, not a read-only view of a bytes object
     return np.frombuffer(data, dtype=np.uint8).reshape(dims)
 
@@ -105,11 +114,12 @@ def _load_split(folder: Path, prefix: str):
     labels_path = _find(folder, f"{prefix}-labels-idx1-ubyte")
     labels = read_idx(labels_path, LABELS_MAGIC, ())
     if len(labels) != len(images):
-        raise DatasetError(f"{folder}: {prefix} has {len(images)} images but {len(labels)} "
-                           "labels")
+        raise DatasetError(f"{folder}: {prefix} has {len(images)} images but {len(labels)} labels")
     if len(labels) and labels.max() >= N_CLASSES:
-        raise DatasetError(f"{labels_path} has label {int(labels.max())}; Fashion-MNIST "
-                           f"labels are 0..{N_CLASSES - 1}")
+        raise DatasetError(
+            f"{labels_path} has label {int(labels.max())}; Fashion-MNIST "
+            f"labels are 0..{N_CLASSES - 1}"
+        )
     return images, labels.astype(np.int64)
 
 
@@ -124,8 +134,12 @@ def load_fashion_mnist(path=None):
     """
     folder = Path(path) if path is not None else _default_dir()
     if not folder.is_dir():
-        source = "path" if path is not None else (
-            "$FASTFF_DATA/fashion-mnist" if os.environ.get("FASTFF_DATA") else "the default")
-        raise FileNotFoundError(f"Fashion-MNIST folder {folder} ({source}) does not exist. "
-                                f"{HOW_TO_GET}")
+        source = (
+            "path"
+            if path is not None
+            else ("$FASTFF_DATA/fashion-mnist" if os.environ.get("FASTFF_DATA") else "the default")
+        )
+        raise FileNotFoundError(
+            f"Fashion-MNIST folder {folder} ({source}) does not exist. {HOW_TO_GET}"
+        )
     return _load_split(folder, "train"), _load_split(folder, "t10k")

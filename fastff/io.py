@@ -9,6 +9,7 @@ with the module the metadata describes, and only then are the arrays read, so a 
 `load` allocate more than that module's parameters. Writes go to a temporary file that is
 renamed over the target, so a failed save never destroys an existing file.
 """
+
 from __future__ import annotations
 
 import json
@@ -24,8 +25,14 @@ import numpy as np
 FORMAT = "fastff"
 FORMAT_VERSION = 1
 META_KEY = "__fastff_meta__"
-_ST_DTYPES: dict[str, np.dtype] = {"F32": np.dtype("<f4"), "F64": np.dtype("<f8"), "F16": np.dtype("<f2"),
-              "I64": np.dtype("<i8"), "I32": np.dtype("<i4"), "U8": np.dtype("u1")}
+_ST_DTYPES: dict[str, np.dtype] = {
+    "F32": np.dtype("<f4"),
+    "F64": np.dtype("<f8"),
+    "F16": np.dtype("<f2"),
+    "I64": np.dtype("<i8"),
+    "I32": np.dtype("<i4"),
+    "U8": np.dtype("u1"),
+}
 _ST_NAMES = {v: k for k, v in _ST_DTYPES.items()}
 MAX_HEADER = 100 * 2**20  # a safetensors header larger than this is not a weight file
 
@@ -68,8 +75,12 @@ def save(obj, path, *, format=None) -> None:
         raise TypeError(f"save() takes a fastff module, got {type(obj).__name__}")
     path = _check_path(path, writing=True)
     fmt = _kind_of(path, format)
-    meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "kind": type(obj).__name__,
-            "config": obj.get_config()}
+    meta = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "kind": type(obj).__name__,
+        "config": obj.get_config(),
+    }
     state = obj.state_dict()
     if META_KEY in state:
         raise ValueError(f"parameter name {META_KEY!r} is reserved")
@@ -90,8 +101,11 @@ def _write_safetensors(f, state: dict, metadata: dict) -> None:
         arr = arr.astype(arr.dtype.newbyteorder("<"), copy=False)
         if arr.dtype not in _ST_NAMES:
             raise TypeError(f"cannot store {name!r} of dtype {arr.dtype} in safetensors")
-        header[name] = {"dtype": _ST_NAMES[arr.dtype], "shape": list(arr.shape),
-                        "data_offsets": [offset, offset + arr.nbytes]}
+        header[name] = {
+            "dtype": _ST_NAMES[arr.dtype],
+            "shape": list(arr.shape),
+            "data_offsets": [offset, offset + arr.nbytes],
+        }
         offset += arr.nbytes
         arrays.append(arr)
     blob = json.dumps(header, separators=(",", ":")).encode()
@@ -141,8 +155,10 @@ class _SafetensorsFile:
                 raise WeightFileError(f"{path}: truncated safetensors file (no header length)")
             (n_header,) = struct.unpack("<Q", head)
             if n_header > min(MAX_HEADER, size - 8):
-                raise WeightFileError(f"{path}: not a safetensors file or truncated (header "
-                                      f"length {n_header} for a {size}-byte file)")
+                raise WeightFileError(
+                    f"{path}: not a safetensors file or truncated (header "
+                    f"length {n_header} for a {size}-byte file)"
+                )
             try:
                 header = json.loads(f.read(n_header))
             except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
@@ -160,9 +176,13 @@ class _SafetensorsFile:
             try:
                 dtype = _ST_DTYPES[info["dtype"]]
                 shape, offsets = info["shape"], info["data_offsets"]
-                valid = (isinstance(shape, list) and all(_is_count(n) for n in shape)
-                         and isinstance(offsets, list) and len(offsets) == 2
-                         and all(_is_count(v) for v in offsets))
+                valid = (
+                    isinstance(shape, list)
+                    and all(_is_count(n) for n in shape)
+                    and isinstance(offsets, list)
+                    and len(offsets) == 2
+                    and all(_is_count(v) for v in offsets)
+                )
             except (KeyError, TypeError) as exc:
                 raise WeightFileError(f"{path}: bad header entry for {name!r}: {info!r}") from exc
             if not valid:
@@ -192,8 +212,15 @@ class _SafetensorsFile:
 
 # Everything that reading a damaged zip or .npy member can raise (NotImplementedError: a zip
 # compression method or version that Python does not support).
-_NPZ_ERRORS = (OSError, EOFError, KeyError, ValueError, zipfile.BadZipFile, zlib.error,
-               NotImplementedError)
+_NPZ_ERRORS = (
+    OSError,
+    EOFError,
+    KeyError,
+    ValueError,
+    zipfile.BadZipFile,
+    zlib.error,
+    NotImplementedError,
+)
 
 
 class _NpzFile:
@@ -216,8 +243,10 @@ class _NpzFile:
                 name = info.filename[:-4]
                 dtype, shape = self._read_npy_header(info.filename)
                 if dtype.hasobject:
-                    raise WeightFileError(f"{path}: refused: {name!r} holds Python objects (a "
-                                          "pickle); fastff never unpickles")
+                    raise WeightFileError(
+                        f"{path}: refused: {name!r} holds Python objects (a "
+                        "pickle); fastff never unpickles"
+                    )
                 self.entries[name] = (info.filename, dtype, shape)
             self.meta_text = self._read_meta()
         except BaseException:
@@ -233,13 +262,15 @@ class _NpzFile:
                 elif version == (2, 0):
                     shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
                 else:
-                    raise WeightFileError(f"{self.path}: {member!r} has unsupported .npy "
-                                          f"version {version}")
+                    raise WeightFileError(
+                        f"{self.path}: {member!r} has unsupported .npy version {version}"
+                    )
         except WeightFileError:
             raise
         except _NPZ_ERRORS as exc:
-            raise WeightFileError(f"{self.path}: {member!r} is not a readable .npy array "
-                                  f"({exc})") from exc
+            raise WeightFileError(
+                f"{self.path}: {member!r} is not a readable .npy array ({exc})"
+            ) from exc
         return np.dtype(dtype), tuple(shape)
 
     def _read_meta(self):
@@ -273,8 +304,9 @@ def _rebuild(path: str, meta_text):
     from .module import build_module
 
     if meta_text is None:
-        raise WeightFileError(f"{path}: no fastff metadata; load foreign state dicts with "
-                              "layer.load_state_dict()")
+        raise WeightFileError(
+            f"{path}: no fastff metadata; load foreign state dicts with layer.load_state_dict()"
+        )
     try:
         meta = json.loads(meta_text)
     except (json.JSONDecodeError, RecursionError) as exc:
@@ -283,8 +315,9 @@ def _rebuild(path: str, meta_text):
         raise WeightFileError(f"{path}: corrupt fastff metadata (not a fastff weight file)")
     kind, config, version = meta.get("kind"), meta.get("config"), meta.get("format_version", 0)
     if not isinstance(kind, str) or not isinstance(config, dict):
-        raise WeightFileError(f"{path}: corrupt fastff metadata (kind {kind!r}, config "
-                              f"{type(config).__name__})")
+        raise WeightFileError(
+            f"{path}: corrupt fastff metadata (kind {kind!r}, config {type(config).__name__})"
+        )
     if not isinstance(version, int) or isinstance(version, bool):
         raise WeightFileError(f"{path}: corrupt fastff metadata (format_version {version!r})")
     if version > FORMAT_VERSION:
@@ -314,16 +347,20 @@ def load(path, *, format=None):
         missing = sorted(set(expected) - set(contents.entries))
         unexpected = sorted(set(contents.entries) - set(expected))
         if missing or unexpected:
-            raise WeightFileError(f"{path}: does not match the {kind} it describes: missing "
-                                  f"arrays {missing}, unexpected arrays {unexpected}")
+            raise WeightFileError(
+                f"{path}: does not match the {kind} it describes: missing "
+                f"arrays {missing}, unexpected arrays {unexpected}"
+            )
         for name, want in expected.items():
             dtype, shape = contents.header(name)
             if dtype != want.dtype:
-                raise WeightFileError(f"{path}: {name!r} is {dtype}, the {kind} stores "
-                                      f"{want.dtype}")
+                raise WeightFileError(
+                    f"{path}: {name!r} is {dtype}, the {kind} stores {want.dtype}"
+                )
             if shape != want.shape:
-                raise WeightFileError(f"{path}: {name!r} has shape {shape}, the {kind} expects "
-                                      f"{want.shape}")
+                raise WeightFileError(
+                    f"{path}: {name!r} has shape {shape}, the {kind} expects {want.shape}"
+                )
         state = {name: contents.read(name) for name in expected}
     finally:
         contents.close()

@@ -5,6 +5,7 @@ shows them to users in the anchor layout of the state dict: each anchor key maps
 array and an optional axis permutation, so the anchor arrays are writable views, never copies.
 Optimizers update those views in place.
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterator
@@ -122,14 +123,15 @@ class Module:
         for m in self.modules():
             m._version += 1
 
-    def _backprop_inputs(self, dy, version: int, device: str, lead: tuple):
+    def _backprop_inputs(self, dy, version: int, device: str, lead: tuple, width: int):
         """The checks every backprop starts with: the module is unchanged since its forward, and
-        dy has y's shape lead + (output_width,). Returns dy as rows and the gradient store."""
+        dy has y's shape lead + (width,). Returns dy as rows and the gradient store."""
         self._check_fresh(version, device)
-        dy_rows, dy_lead = as_rows(dy, self.output_width, self.dtype, self.ops.xp, name="dy")
+        dy_rows, dy_lead = as_rows(dy, width, self.dtype, self.ops.xp, name="dy")
         if dy_lead != lead:
-            raise ValueError(f"dy must have the shape of y, {lead + (self.output_width,)}, got "
-                             f"{dy_lead + (self.output_width,)}")
+            raise ValueError(
+                f"dy must have the shape of y, {lead + (width,)}, got {dy_lead + (width,)}"
+            )
         return dy_rows, self._allocate_grads()
 
     def _check_fresh(self, version: int, device: str) -> None:
@@ -142,8 +144,10 @@ class Module:
     # ---- state dicts -----------------------------------------------------------------------
     def state_dict(self) -> dict:
         """Copies of the parameters as C-contiguous NumPy arrays, anchor keys and shapes."""
-        return {name: np.array(self.ops.to_numpy(p), order="C") for name, p, _ in
-                self._iter_params_only()}
+        return {
+            name: np.array(self.ops.to_numpy(p), order="C")
+            for name, p, _ in self._iter_params_only()
+        }
 
     def _iter_params_only(self, prefix: str = ""):
         for key in self._anchor:
@@ -171,10 +175,15 @@ class Module:
         staged = {}
         for name, target in targets.items():
             value = state[name]
-            src = np.asarray(value.get() if hasattr(value, "get") and hasattr(
-                value, "__cuda_array_interface__") else value)
+            src = np.asarray(
+                value.get()
+                if hasattr(value, "get") and hasattr(value, "__cuda_array_interface__")
+                else value
+            )
             if src.dtype.kind not in "fiu":
-                raise TypeError(f"state[{name!r}] must be a real numeric array, got dtype {src.dtype}")
+                raise TypeError(
+                    f"state[{name!r}] must be a real numeric array, got dtype {src.dtype}"
+                )
             if tuple(src.shape) != tuple(target.shape):
                 raise ValueError(
                     f"state[{name!r}] has shape {tuple(src.shape)}, expected {tuple(target.shape)}"

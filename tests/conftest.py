@@ -1,5 +1,6 @@
 """Shared test helpers: hypothesis profiles, tolerances, data whose routing is exact, the
 --runslow option and the fuzz case counter."""
+
 import collections
 import json
 import os
@@ -9,11 +10,18 @@ import pytest
 from hypothesis import HealthCheck, settings
 
 settings.register_profile(
-    "ci", max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow],
-    derandomize=True, print_blob=True,
+    "ci",
+    max_examples=25,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+    derandomize=True,
+    print_blob=True,
 )
 settings.register_profile(
-    "thorough", max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow],
+    "thorough",
+    max_examples=400,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
 )
 settings.load_profile(os.environ.get("FASTFF_HYPOTHESIS_PROFILE", "ci"))
 
@@ -56,6 +64,7 @@ def rng():
 
 # ---- small IDX datasets (the format of MNIST / Fashion-MNIST) --------------------------------
 
+
 def write_idx(path, array, magic, gz=False):
     """Write a uint8 array as an IDX file: big-endian magic, dimensions, then the bytes."""
     import gzip
@@ -77,7 +86,7 @@ def synthetic_fashion_mnist(n_train, n_test, seed=0):
         labels = rng.integers(0, 10, n)
         images = rng.integers(0, 60, (n, 28, 28))
         for c in range(10):
-            images[labels == c, 2 * c:2 * c + 3, :] = 220
+            images[labels == c, 2 * c : 2 * c + 3, :] = 220
         return images.astype(np.uint8), labels
 
     return split(n_train), split(n_test)
@@ -99,9 +108,14 @@ def write_fashion_mnist(folder, n_train=300, n_test=100, gz=False, seed=0):
 # sanitizer-sized tests carry @pytest.mark.slow and run with `python -m pytest --runslow`
 # (or only them: `python -m pytest --runslow -m slow`).
 
+
 def pytest_addoption(parser):
-    parser.addoption("--runslow", action="store_true", default=False,
-                     help="also run the tests marked slow (thorough fuzzing, memory soak)")
+    parser.addoption(
+        "--runslow",
+        action="store_true",
+        default=False,
+        help="also run the tests marked slow (thorough fuzzing, memory soak)",
+    )
 
 
 def pytest_collection_modifyitems(config, items):
@@ -129,12 +143,14 @@ def pytest_terminal_summary(terminalreporter):
     if not FUZZ_CASES:
         return
     total = sum(FUZZ_CASES.values())
-    terminalreporter.write_sep("-", f"fuzz: {total:,} calls to {len(FUZZ_CASES)} public entry "
-                                    "points")
+    terminalreporter.write_sep(
+        "-", f"fuzz: {total:,} calls to {len(FUZZ_CASES)} public entry points"
+    )
     for name, count in sorted(FUZZ_CASES.items()):
         terminalreporter.write_line(f"  {name:<44}{count:>8,}")
     report = os.environ.get("FASTFF_FUZZ_REPORT")
     if report:
         with open(report, "w") as f:
-            json.dump({"total": total, "by_entry_point": dict(sorted(FUZZ_CASES.items()))}, f,
-                      indent=2)
+            json.dump(
+                {"total": total, "by_entry_point": dict(sorted(FUZZ_CASES.items()))}, f, indent=2
+            )

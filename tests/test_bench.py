@@ -1,4 +1,5 @@
 """The benchmark command runs and reports what it measured (it never asserts a time)."""
+
 import json
 
 import pytest
@@ -23,8 +24,16 @@ def test_unknown_config_is_refused():
 
 def test_plot_draws_the_scaling_series(tmp_path):
     pytest.importorskip("matplotlib")
-    results = [{"depth": d, "fastff_s": 1e-3 * d, "dense_s": 1e-2 * 2**d if d < 12 else None,
-                "speedup": 10.0 * d if d < 12 else None, "threads": 2} for d in (6, 8, 10, 12)]
+    results = [
+        {
+            "depth": d,
+            "fastff_s": 1e-3 * d,
+            "dense_s": 1e-2 * 2**d if d < 12 else None,
+            "speedup": 10.0 * d if d < 12 else None,
+            "threads": 2,
+        }
+        for d in (6, 8, 10, 12)
+    ]
     path = tmp_path / "scaling.png"
     bench.plot(results, str(path))
     assert path.stat().st_size > 1000

@@ -16,6 +16,7 @@ Each test exists twice: a fast version in the default run (FAST_EXAMPLES example
 one (`--runslow`, FASTFF_FUZZ_EXAMPLES examples, 1000 by default). Every call counts towards
 the totals printed at the end of the run (tests/conftest.py).
 """
+
 import os
 import tempfile
 
@@ -71,8 +72,23 @@ def attempt(count, name, call, allowed=DOCUMENTED):
 
 # ---- random inputs -------------------------------------------------------------------------------
 
-DTYPES = [np.float32, np.float64, np.float16, np.longdouble, np.int8, np.int64, np.uint8,
-          np.uint64, np.bool_, np.complex64, np.complex128, object, "U3", "S2", "datetime64[s]"]
+DTYPES = [
+    np.float32,
+    np.float64,
+    np.float16,
+    np.longdouble,
+    np.int8,
+    np.int64,
+    np.uint8,
+    np.uint64,
+    np.bool_,
+    np.complex64,
+    np.complex128,
+    object,
+    "U3",
+    "S2",
+    "datetime64[s]",
+]
 LAYOUTS = ["C", "F", "strided", "reversed", "readonly", "list"]
 SPECIALS = [None, np.nan, np.inf, -np.inf]
 
@@ -140,78 +156,140 @@ def moderate_rows(*arrays_):
 def junk_ints(lo, hi):
     """Integers in [lo, hi] (the valid ones small enough to build quickly) and non-integers."""
     return st.one_of(
-        st.integers(lo, hi), st.integers(lo, hi),
-        st.sampled_from([2**31, 2**40, 2**63, 10**30, -2**40]),
-        st.floats(allow_nan=True, allow_infinity=True), st.booleans(), st.none(),
-        st.text(max_size=3), st.sampled_from([np.int64(3), np.uint8(2), np.float32(2.0),
-                                              np.array(3), np.array([2]), 2 + 0j]))
+        st.integers(lo, hi),
+        st.integers(lo, hi),
+        st.sampled_from([2**31, 2**40, 2**63, 10**30, -(2**40)]),
+        st.floats(allow_nan=True, allow_infinity=True),
+        st.booleans(),
+        st.none(),
+        st.text(max_size=3),
+        st.sampled_from(
+            [np.int64(3), np.uint8(2), np.float32(2.0), np.array(3), np.array([2]), 2 + 0j]
+        ),
+    )
 
 
 def junk_reals(lo, hi):
     """Floats in [lo, hi] and things that are not: NaN, Inf, huge, negative, bools, strings."""
     return st.one_of(
-        st.floats(lo, hi), st.floats(lo, hi),
-        st.floats(allow_nan=True, allow_infinity=True), st.integers(-10, 10),
-        st.booleans(), st.none(), st.text(max_size=3),
-        st.sampled_from([np.float32(0.5), np.float64(1e300), np.array(0.1), 1j]))
+        st.floats(lo, hi),
+        st.floats(lo, hi),
+        st.floats(allow_nan=True, allow_infinity=True),
+        st.integers(-10, 10),
+        st.booleans(),
+        st.none(),
+        st.text(max_size=3),
+        st.sampled_from([np.float32(0.5), np.float64(1e300), np.array(0.1), 1j]),
+    )
 
 
 def junk_choices(valid):
-    return st.one_of(st.sampled_from(valid), st.text(max_size=5), st.none(), st.integers(),
-                     st.sampled_from([v.upper() for v in valid]))
+    return st.one_of(
+        st.sampled_from(valid),
+        st.text(max_size=5),
+        st.none(),
+        st.integers(),
+        st.sampled_from([v.upper() for v in valid]),
+    )
 
 
-DTYPE_ARGS = st.sampled_from([np.float32, np.float64, "float32", "f8", np.float16, np.int32,
-                              np.complex64, object, None, "nope", np.dtype(">f4"), 3.5])
+DTYPE_ARGS = st.sampled_from(
+    [
+        np.float32,
+        np.float64,
+        "float32",
+        "f8",
+        np.float16,
+        np.int32,
+        np.complex64,
+        object,
+        None,
+        "nope",
+        np.dtype(">f4"),
+        3.5,
+    ]
+)
 
 
-# ---- layer constructors ----------------------------------------------------------------------------
+# ---- layer constructors --------------------------------------------------------------------------
+
 
 def check_ultra_constructor(data, count):
-    args = dict(input_width=data.draw(junk_ints(-2, 40)), output_width=data.draw(junk_ints(-2, 40)),
-                depth=data.draw(junk_ints(-2, 7)), parallel_size=data.draw(junk_ints(-1, 3)),
-                activation=data.draw(junk_choices(["gelu", "relu", "identity"])),
-                dtype=data.draw(DTYPE_ARGS), seed=data.draw(st.one_of(st.none(), st.integers(0, 9))))
+    args = dict(
+        input_width=data.draw(junk_ints(-2, 40)),
+        output_width=data.draw(junk_ints(-2, 40)),
+        depth=data.draw(junk_ints(-2, 7)),
+        parallel_size=data.draw(junk_ints(-1, 3)),
+        activation=data.draw(junk_choices(["gelu", "relu", "identity"])),
+        dtype=data.draw(DTYPE_ARGS),
+        seed=data.draw(st.one_of(st.none(), st.integers(0, 9))),
+    )
     ok, layer = attempt(count, "UltraFFF()", lambda: fastff.UltraFFF(**args))
     if ok:
         n = layer.parallel_size * (2 ** (layer.depth + 1) - 1)
         shapes = {k: v.shape for k, v in layer.state_dict().items()}
-        assert shapes == {"linear_in.weight": (n, layer.input_width), "linear_in.bias": (n,),
-                          "linear_out.weight": (layer.output_width, n)}
+        assert shapes == {
+            "linear_in.weight": (n, layer.input_width),
+            "linear_in.bias": (n,),
+            "linear_out.weight": (layer.output_width, n),
+        }
         assert all(np.isfinite(v).all() for v in layer.state_dict().values())
 
 
 def check_fff_constructor(data, count):
-    args = dict(input_width=data.draw(junk_ints(-2, 30)), leaf_width=data.draw(junk_ints(-2, 8)),
-                output_width=data.draw(junk_ints(-2, 30)), depth=data.draw(junk_ints(-2, 6)),
-                activation=data.draw(junk_choices(["gelu", "relu", "identity"])),
-                dropout=data.draw(junk_reals(0, 0.99)),
-                train_hardened=data.draw(st.one_of(st.booleans(), st.integers(0, 1), st.none())),
-                region_leak=data.draw(junk_reals(0, 0.99)),
-                usage_mode=data.draw(junk_choices(["none", "soft", "hard"])),
-                dtype=data.draw(DTYPE_ARGS))
+    args = dict(
+        input_width=data.draw(junk_ints(-2, 30)),
+        leaf_width=data.draw(junk_ints(-2, 8)),
+        output_width=data.draw(junk_ints(-2, 30)),
+        depth=data.draw(junk_ints(-2, 6)),
+        activation=data.draw(junk_choices(["gelu", "relu", "identity"])),
+        dropout=data.draw(junk_reals(0, 0.99)),
+        train_hardened=data.draw(st.one_of(st.booleans(), st.integers(0, 1), st.none())),
+        region_leak=data.draw(junk_reals(0, 0.99)),
+        usage_mode=data.draw(junk_choices(["none", "soft", "hard"])),
+        dtype=data.draw(DTYPE_ARGS),
+    )
     ok, layer = attempt(count, "FFF()", lambda: fastff.FFF(**args))
     if ok:
-        n_leaves = 2 ** layer.depth
+        n_leaves = 2**layer.depth
         shapes = {k: v.shape for k, v in layer.state_dict().items()}
         i, h, o = layer.input_width, layer.leaf_width, layer.output_width
-        assert shapes == {"node_weights": (n_leaves - 1, i), "node_biases": (n_leaves - 1, 1),
-                          "w1s": (n_leaves, i, h), "b1s": (n_leaves, h),
-                          "w2s": (n_leaves, h, o), "b2s": (n_leaves, o)}
+        assert shapes == {
+            "node_weights": (n_leaves - 1, i),
+            "node_biases": (n_leaves - 1, 1),
+            "w1s": (n_leaves, i, h),
+            "b1s": (n_leaves, h),
+            "w2s": (n_leaves, h, o),
+            "b2s": (n_leaves, o),
+        }
 
 
 def check_nn_constructors(data, count):
-    attempt(count, "nn.Linear()", lambda: nn.Linear(
-        data.draw(junk_ints(-2, 30)), data.draw(junk_ints(-2, 30)),
-        bias=data.draw(st.one_of(st.booleans(), st.integers(0, 1), st.none())),
-        dtype=data.draw(DTYPE_ARGS)))
+    attempt(
+        count,
+        "nn.Linear()",
+        lambda: nn.Linear(
+            data.draw(junk_ints(-2, 30)),
+            data.draw(junk_ints(-2, 30)),
+            bias=data.draw(st.one_of(st.booleans(), st.integers(0, 1), st.none())),
+            dtype=data.draw(DTYPE_ARGS),
+        ),
+    )
     attempt(count, "nn.Dropout()", lambda: nn.Dropout(data.draw(junk_reals(0, 0.99))))
-    parts = data.draw(st.lists(st.sampled_from(["linear", "gelu", "ultra", "float64", "junk",
-                                                "same"]), max_size=4))
+    parts = data.draw(
+        st.lists(
+            st.sampled_from(["linear", "gelu", "ultra", "float64", "junk", "same"]), max_size=4
+        )
+    )
     shared = nn.ReLU()
-    made = {"linear": lambda: nn.Linear(3, 3), "gelu": nn.GELU, "ultra": lambda: fastff.UltraFFF(
-        3, 3, 1), "float64": lambda: nn.Linear(3, 3, dtype=np.float64), "junk": lambda: "junk",
-        "same": lambda: shared}
+    made = {
+        "linear": lambda: nn.Linear(3, 3),
+        "gelu": nn.GELU,
+        "ultra": lambda: fastff.UltraFFF(3, 3, 1),
+        "float64": lambda: nn.Linear(3, 3, dtype=np.float64),
+        "junk": lambda: "junk",
+        "same": lambda: shared,
+    }
     attempt(count, "nn.Sequential()", lambda: nn.Sequential(*[made[p]() for p in parts]))
 
 
@@ -233,22 +311,53 @@ def layer_named(name):
         _LAYERS[name] = {
             "ultra32": lambda: fastff.UltraFFF(IN, OUT, 3, 2, "gelu", dtype=dt, seed=0),
             "ultra-relu64": lambda: fastff.UltraFFF(IN, OUT, 2, 1, "relu", dtype=dt, seed=0),
-            "fff-soft32": lambda: fastff.FFF(IN, 2, OUT, 2, "gelu", dropout=0.2, region_leak=0.1,
-                                             usage_mode="soft", dtype=dt, seed=0),
-            "fff-hard64": lambda: fastff.FFF(IN, 3, OUT, 3, "relu", dropout=0.2, region_leak=0.1,
-                                             train_hardened=True, usage_mode="hard", dtype=dt,
-                                             seed=0),
+            "fff-soft32": lambda: fastff.FFF(
+                IN,
+                2,
+                OUT,
+                2,
+                "gelu",
+                dropout=0.2,
+                region_leak=0.1,
+                usage_mode="soft",
+                dtype=dt,
+                seed=0,
+            ),
+            "fff-hard64": lambda: fastff.FFF(
+                IN,
+                3,
+                OUT,
+                3,
+                "relu",
+                dropout=0.2,
+                region_leak=0.1,
+                train_hardened=True,
+                usage_mode="hard",
+                dtype=dt,
+                seed=0,
+            ),
             "fff-depth0-32": lambda: fastff.FFF(IN, 2, OUT, 0, "identity", dtype=dt, seed=0),
             "linear32": lambda: nn.Linear(IN, OUT, dtype=dt, seed=0),
             "sequential32": lambda: nn.Sequential(
-                nn.Linear(IN, 4, seed=0), nn.GELU(), fastff.UltraFFF(4, 4, 1, seed=0),
-                nn.Dropout(0.2, seed=0), fastff.FFF(4, 2, OUT, 1, seed=0)),
+                nn.Linear(IN, 4, seed=0),
+                nn.GELU(),
+                fastff.UltraFFF(4, 4, 1, seed=0),
+                nn.Dropout(0.2, seed=0),
+                fastff.FFF(4, 2, OUT, 1, seed=0),
+            ),
         }[name]()
     return _LAYERS[name]
 
 
-LAYER_NAMES = ["ultra32", "ultra-relu64", "fff-soft32", "fff-hard64", "fff-depth0-32",
-               "linear32", "sequential32"]
+LAYER_NAMES = [
+    "ultra32",
+    "ultra-relu64",
+    "fff-soft32",
+    "fff-hard64",
+    "fff-depth0-32",
+    "linear32",
+    "sequential32",
+]
 
 
 def train_options(data, layer):
@@ -259,8 +368,9 @@ def train_options(data, layer):
     if data.draw(st.booleans()):
         options["hardening"] = data.draw(junk_reals(0, 2))
     if data.draw(st.booleans()):
-        options["rng"] = data.draw(st.sampled_from(
-            [None, np.random.default_rng(1), 42, "rng", np.random.RandomState(0)]))
+        options["rng"] = data.draw(
+            st.sampled_from([None, np.random.default_rng(1), 42, "rng", np.random.RandomState(0)])
+        )
     return options
 
 
@@ -274,8 +384,9 @@ def check_layer_calls(data, count):
         assert y.shape == xa.shape[:-1] + (OUT,) and y.dtype == layer.dtype
         assert np.isfinite(y[moderate_rows(xa)]).all(), (name, x)
     options = train_options(data, layer)
-    ok, out = attempt(count, f"{type(layer).__name__}.forward_train",
-                      lambda: layer.forward_train(x, **options))
+    ok, out = attempt(
+        count, f"{type(layer).__name__}.forward_train", lambda: layer.forward_train(x, **options)
+    )
     if not ok:
         return
     y, backprop = out
@@ -301,8 +412,7 @@ def check_layer_calls(data, count):
 test_layer_calls, test_layer_calls_slow = fuzz_tests(check_layer_calls)
 
 
-ELEMENTWISE = [nn.Identity, nn.ReLU, nn.GELU, nn.Tanh, nn.Sigmoid,
-               lambda: nn.Dropout(0.3, seed=0)]
+ELEMENTWISE = [nn.Identity, nn.ReLU, nn.GELU, nn.Tanh, nn.Sigmoid, lambda: nn.Dropout(0.3, seed=0)]
 
 
 def check_elementwise(data, count):
@@ -329,16 +439,21 @@ def check_elementwise(data, count):
 test_elementwise, test_elementwise_slow = fuzz_tests(check_elementwise)
 
 
-# ---- losses ------------------------------------------------------------------------------------
+# ---- losses --------------------------------------------------------------------------------------
+
 
 def check_losses(data, count):
     n_classes = data.draw(st.integers(1, 4))
     logits = data.draw(arrays(n_classes, ndim_range=(0, 3)))
-    labels = data.draw(st.one_of(
-        arrays(None, ndim_range=(0, 2)),
-        st.lists(st.integers(-1, n_classes), max_size=4).map(np.array)))
-    ok, out = attempt(count, "nn.softmax_cross_entropy",
-                      lambda: nn.softmax_cross_entropy(logits, labels))
+    labels = data.draw(
+        st.one_of(
+            arrays(None, ndim_range=(0, 2)),
+            st.lists(st.integers(-1, n_classes), max_size=4).map(np.array),
+        )
+    )
+    ok, out = attempt(
+        count, "nn.softmax_cross_entropy", lambda: nn.softmax_cross_entropy(logits, labels)
+    )
     if ok:
         loss, grad = out
         la = np.asarray(logits)
@@ -352,28 +467,40 @@ def check_losses(data, count):
         loss, grad = out
         assert isinstance(loss, float) and grad.shape == np.shape(pred)
         pa, ta = np.asarray(pred, np.float64), np.asarray(target, np.float64)
-        if (np.isfinite(pa) & np.isfinite(ta) & (abs(pa) <= MODERATE) & (abs(ta) <= MODERATE)).all():
+        if (
+            np.isfinite(pa) & np.isfinite(ta) & (abs(pa) <= MODERATE) & (abs(ta) <= MODERATE)
+        ).all():
             assert np.isfinite(loss) and np.isfinite(grad).all()
 
 
 test_losses, test_losses_slow = fuzz_tests(check_losses)
 
 
-# ---- optimizers and schedules ------------------------------------------------------------------------
+# ---- optimizers and schedules --------------------------------------------------------------------
+
 
 def check_optimizers(data, count):
-    model = nn.Sequential(nn.Linear(3, 4, seed=1), nn.GELU(), fastff.UltraFFF(4, 2, 1, seed=2),
-                          fastff.FFF(2, 2, 2, 1, usage_mode="hard", seed=3))
+    model = nn.Sequential(
+        nn.Linear(3, 4, seed=1),
+        nn.GELU(),
+        fastff.UltraFFF(4, 2, 1, seed=2),
+        fastff.FFF(2, 2, 2, 1, usage_mode="hard", seed=3),
+    )
     kind = data.draw(st.sampled_from(["SGD", "Adam", "AdamW"]))
-    kwargs = {"lr": data.draw(junk_reals(0, 1)),
-              "weight_decay": data.draw(junk_reals(0, 0.1)),
-              "local_batch_size": data.draw(st.one_of(st.none(), junk_ints(-1, 8)))}
+    kwargs = {
+        "lr": data.draw(junk_reals(0, 1)),
+        "weight_decay": data.draw(junk_reals(0, 0.1)),
+        "local_batch_size": data.draw(st.one_of(st.none(), junk_ints(-1, 8))),
+    }
     if kind == "SGD":
         kwargs["momentum"] = data.draw(junk_reals(0, 0.99))
         kwargs["nesterov"] = data.draw(st.one_of(st.booleans(), st.integers(0, 1)))
     else:
-        kwargs["betas"] = data.draw(st.one_of(
-            st.tuples(junk_reals(0, 0.99), junk_reals(0, 0.999)), st.just((0.9,)), st.none()))
+        kwargs["betas"] = data.draw(
+            st.one_of(
+                st.tuples(junk_reals(0, 0.99), junk_reals(0, 0.999)), st.just((0.9,)), st.none()
+            )
+        )
         kwargs["eps"] = data.draw(junk_reals(1e-12, 1e-3))
     target = data.draw(st.sampled_from([model, "not a model", nn.ReLU()]))
     ok, opt = attempt(count, f"optim.{kind}()", lambda: getattr(optim, kind)(target, **kwargs))
@@ -388,17 +515,24 @@ def check_optimizers(data, count):
     if opt.lr <= 1 and opt.weight_decay <= 1:  # huge rates may overflow: that is arithmetic
         for name, p in model.params.items():
             assert np.isfinite(p).all(), (kind, kwargs, name)
-    ok, _ = attempt(count, "stale backprop", lambda: backprop(np.ones(y.shape)),
-                    allowed=(RuntimeError,))
+    ok, _ = attempt(
+        count, "stale backprop", lambda: backprop(np.ones(y.shape)), allowed=(RuntimeError,)
+    )
     assert not ok, "a backprop from before optimizer.step must raise"
     schedule = data.draw(st.sampled_from(["StepLR", "CosineLR", "OneCycleLR"]))
-    args = {"StepLR": lambda: (data.draw(junk_ints(-1, 5)), data.draw(junk_reals(0, 1))),
-            "CosineLR": lambda: (data.draw(junk_ints(-1, 10)), data.draw(junk_ints(-1, 5)),
-                                 data.draw(junk_reals(0, 1e-3))),
-            "OneCycleLR": lambda: (data.draw(junk_ints(-1, 10)), data.draw(junk_reals(0, 1)))}
+    args = {
+        "StepLR": lambda: (data.draw(junk_ints(-1, 5)), data.draw(junk_reals(0, 1))),
+        "CosineLR": lambda: (
+            data.draw(junk_ints(-1, 10)),
+            data.draw(junk_ints(-1, 5)),
+            data.draw(junk_reals(0, 1e-3)),
+        ),
+        "OneCycleLR": lambda: (data.draw(junk_ints(-1, 10)), data.draw(junk_reals(0, 1))),
+    }
     schedule_args = args[schedule]()
-    ok, sched = attempt(count, f"optim.{schedule}()",
-                        lambda: getattr(optim, schedule)(opt, *schedule_args))
+    ok, sched = attempt(
+        count, f"optim.{schedule}()", lambda: getattr(optim, schedule)(opt, *schedule_args)
+    )
     for _ in range(12 if ok else 0):  # a growing StepLR may overflow lr: a ValueError
         stepped, _ = attempt(count, f"optim.{schedule}.step", sched.step)
         if not stepped:
@@ -411,25 +545,37 @@ test_optimizers, test_optimizers_slow = fuzz_tests(check_optimizers)
 
 # ---- load_state_dict: all or nothing -------------------------------------------------------------
 
+
 def _state_equal(a, b):
     return a.keys() == b.keys() and all(np.array_equal(a[k], b[k], equal_nan=True) for k in a)
 
 
 def check_load_state_dict(data, count):
-    layer = data.draw(st.sampled_from([
-        lambda: fastff.UltraFFF(3, 2, 1, seed=0), lambda: fastff.FFF(3, 2, 2, 2, seed=0),
-        lambda: fastff.FFF(3, 2, 2, 1, usage_mode="soft", seed=0),
-        lambda: nn.Sequential(nn.Linear(3, 3, seed=0), fastff.UltraFFF(3, 2, 1, seed=0))]))()
+    layer = data.draw(
+        st.sampled_from(
+            [
+                lambda: fastff.UltraFFF(3, 2, 1, seed=0),
+                lambda: fastff.FFF(3, 2, 2, 2, seed=0),
+                lambda: fastff.FFF(3, 2, 2, 1, usage_mode="soft", seed=0),
+                lambda: nn.Sequential(nn.Linear(3, 3, seed=0), fastff.UltraFFF(3, 2, 1, seed=0)),
+            ]
+        )
+    )()
     before = layer.state_dict()
     state = dict(before)
     for _ in range(data.draw(st.integers(0, 3))):
         action = data.draw(st.sampled_from(["replace", "drop", "add", "depth", "usage"]))
         key = data.draw(st.sampled_from(sorted(state) or ["x"]))
         if action == "replace" and key in state:
-            state[key] = data.draw(st.one_of(
-                arrays(None), st.just(np.full(np.shape(state[key]), np.nan)),
-                st.just(np.ones(np.shape(state[key]), np.int64)),
-                st.just(np.full(np.shape(state[key]), 1e300)), st.none()))
+            state[key] = data.draw(
+                st.one_of(
+                    arrays(None),
+                    st.just(np.full(np.shape(state[key]), np.nan)),
+                    st.just(np.ones(np.shape(state[key]), np.int64)),
+                    st.just(np.full(np.shape(state[key]), 1e300)),
+                    st.none(),
+                )
+            )
         elif action == "drop":
             state.pop(key, None)
         elif action == "add":
@@ -438,10 +584,12 @@ def check_load_state_dict(data, count):
             state["depth"] = data.draw(st.one_of(junk_ints(0, 3), arrays(None)))
         else:
             state[data.draw(st.sampled_from(["node_usage", "leaf_usage"]))] = data.draw(
-                arrays(data.draw(st.sampled_from([2, 3, 4]))))
+                arrays(data.draw(st.sampled_from([2, 3, 4])))
+            )
     target = data.draw(st.sampled_from([state, state, "junk", None, list(state.items())]))
-    ok, _ = attempt(count, f"{type(layer).__name__}.load_state_dict",
-                    lambda: layer.load_state_dict(target))
+    ok, _ = attempt(
+        count, f"{type(layer).__name__}.load_state_dict", lambda: layer.load_state_dict(target)
+    )
     after = layer.state_dict()
     if not ok:
         assert _state_equal(after, before), "a failed load_state_dict changed the parameters"
@@ -454,7 +602,7 @@ def check_load_state_dict(data, count):
 test_load_state_dict, test_load_state_dict_slow = fuzz_tests(check_load_state_dict)
 
 
-# ---- weight files and datasets from random or damaged bytes ----------------------------------------
+# ---- weight files and datasets from random or damaged bytes --------------------------------------
 
 _FILES = tempfile.mkdtemp(prefix="fastff-fuzz-")
 _VALID = {}
@@ -464,18 +612,26 @@ def valid_file(suffix):
     """The bytes of a real weight file (a small Sequential), written once."""
     if suffix not in _VALID:
         path = os.path.join(_FILES, "valid" + suffix)
-        fastff.save(nn.Sequential(nn.Linear(3, 4, seed=0), fastff.UltraFFF(4, 2, 1, seed=0),
-                                  fastff.FFF(2, 2, 2, 1, seed=0)), path)
+        fastff.save(
+            nn.Sequential(
+                nn.Linear(3, 4, seed=0),
+                fastff.UltraFFF(4, 2, 1, seed=0),
+                fastff.FFF(2, 2, 2, 1, seed=0),
+            ),
+            path,
+        )
         with open(path, "rb") as f:
             _VALID[suffix] = f.read()
     return _VALID[suffix]
 
 
 JSON = st.recursive(
-    st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats() | st.text(max_size=5),
-    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner,
-                                                                 max_size=3),
-    max_leaves=6)
+    st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats() | st.text(max_size=5),
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3)
+    ),
+    max_leaves=6,
+)
 
 
 def mutate_json(data, value):
@@ -485,7 +641,7 @@ def mutate_json(data, value):
         return {**value, key: mutate_json(data, value[key])}
     if isinstance(value, list) and value and data.draw(st.integers(0, 3)) > 0:
         i = data.draw(st.integers(0, len(value) - 1))
-        return value[:i] + [mutate_json(data, value[i])] + value[i + 1:]
+        return value[:i] + [mutate_json(data, value[i])] + value[i + 1 :]
     return data.draw(JSON)
 
 
@@ -498,14 +654,14 @@ def file_with_mutated_headers(data, suffix) -> bytes:
     blob = valid_file(suffix)
     if suffix == ".safetensors":
         (n,) = struct.unpack("<Q", blob[:8])
-        header = json.loads(blob[8:8 + n])
+        header = json.loads(blob[8 : 8 + n])
         meta = json.loads(header["__metadata__"]["__fastff_meta__"])
         if data.draw(st.booleans()):
             header["__metadata__"]["__fastff_meta__"] = json.dumps(mutate_json(data, meta))
         else:
             header = mutate_json(data, header)
         text = json.dumps(header).encode()
-        return struct.pack("<Q", len(text)) + text + blob[8 + n:]
+        return struct.pack("<Q", len(text)) + text + blob[8 + n :]
     path = os.path.join(_FILES, "valid.npz")
     with np.load(path) as z:
         arrays_ = {k: z[k] for k in z.files}
@@ -530,7 +686,7 @@ def check_load_bytes(data, count):
             if edit == "flip" and pos < len(blob):
                 blob[pos] ^= 1 << data.draw(st.integers(0, 7))
             elif edit == "cut":
-                del blob[pos:pos + data.draw(st.integers(1, 64))]
+                del blob[pos : pos + data.draw(st.integers(1, 64))]
             elif edit == "insert":
                 blob[pos:pos] = data.draw(st.binary(min_size=1, max_size=16))
             else:
@@ -555,8 +711,9 @@ def check_idx_bytes(data, count):
     magic, item_shape = data.draw(st.sampled_from([(2049, ()), (2051, (28, 28)), (2051, (2, 3))]))
     n_dims = magic & 0xFF
     if data.draw(st.booleans()):  # a plausible header, then random data
-        dims = [data.draw(st.integers(0, 5))] + list(data.draw(st.sampled_from(
-            [item_shape, (2, 3), (28, 28), ()])))
+        dims = [data.draw(st.integers(0, 5))] + list(
+            data.draw(st.sampled_from([item_shape, (2, 3), (28, 28), ()]))
+        )
         head = np.array([data.draw(st.sampled_from([magic, 2049, 2051, 0])), *dims], ">u4")
         blob = head.tobytes() + data.draw(st.binary(max_size=200))
     else:
@@ -564,8 +721,12 @@ def check_idx_bytes(data, count):
     path = os.path.join(_FILES, "fuzzed-idx")
     with open(path, "wb") as f:
         f.write(blob)
-    ok, arr = attempt(count, "fastff.data.read_idx", lambda: read_idx(path, magic, item_shape),
-                      allowed=(DatasetError, MemoryError))
+    ok, arr = attempt(
+        count,
+        "fastff.data.read_idx",
+        lambda: read_idx(path, magic, item_shape),
+        allowed=(DatasetError, MemoryError),
+    )
     if ok:
         assert arr.dtype == np.uint8 and arr.ndim == n_dims and arr.shape[1:] == item_shape
 
@@ -574,7 +735,8 @@ test_load_bytes, test_load_bytes_slow = fuzz_tests(check_load_bytes)
 test_idx_bytes, test_idx_bytes_slow = fuzz_tests(check_idx_bytes)
 
 
-# ---- process-wide settings -------------------------------------------------------------------
+# ---- process-wide settings -----------------------------------------------------------------------
+
 
 def check_set_num_threads(data, count):
     n = data.draw(junk_ints(-2, 70))

@@ -1,4 +1,5 @@
 """fastff.save / fastff.load: round trips, refusal of pickles and corrupt files, atomic writes."""
+
 import os
 import pickle
 
@@ -15,8 +16,14 @@ def _layers():
     yield fastff.FFF(5, 2, 2, 0, dtype=np.float64, seed=4)
     from fastff import nn
 
-    yield nn.Sequential(nn.Linear(6, 8, seed=5), nn.GELU(), fastff.UltraFFF(8, 8, 2, seed=6),
-                        nn.Dropout(0.1), fastff.FFF(8, 2, 3, 2, seed=7), nn.Linear(3, 2, seed=8))
+    yield nn.Sequential(
+        nn.Linear(6, 8, seed=5),
+        nn.GELU(),
+        fastff.UltraFFF(8, 8, 2, seed=6),
+        nn.Dropout(0.1),
+        fastff.FFF(8, 2, 3, 2, seed=7),
+        nn.Linear(3, 2, seed=8),
+    )
 
 
 @pytest.mark.parametrize("suffix", [".npz", ".safetensors"])
@@ -84,8 +91,10 @@ def test_corrupt_and_foreign_files(tmp_path, suffix):
 def test_mismatched_contents_are_refused(tmp_path):
     layer = fastff.UltraFFF(6, 4, 2, seed=0)
     state = layer.state_dict()
-    meta = ('{"format": "fastff", "format_version": 1, "kind": "UltraFFF", "config": '
-            '{"input_width": 6, "output_width": 4, "depth": 3}}')
+    meta = (
+        '{"format": "fastff", "format_version": 1, "kind": "UltraFFF", "config": '
+        '{"input_width": 6, "output_width": 4, "depth": 3}}'
+    )
     path = str(tmp_path / "wrong.npz")
     np.savez(path, **state, __fastff_meta__=np.frombuffer(meta.encode(), np.uint8))
     with pytest.raises(fastff.WeightFileError, match="shape"):
@@ -94,8 +103,11 @@ def test_mismatched_contents_are_refused(tmp_path):
     with pytest.raises(fastff.WeightFileError, match="metadata"):
         fastff.load(path)
     meta64 = meta.replace('"depth": 3', '"depth": 2')
-    np.savez(path, **{k: v.astype(np.float64) for k, v in state.items()},
-             __fastff_meta__=np.frombuffer(meta64.encode(), np.uint8))
+    np.savez(
+        path,
+        **{k: v.astype(np.float64) for k, v in state.items()},
+        __fastff_meta__=np.frombuffer(meta64.encode(), np.uint8),
+    )
     with pytest.raises(fastff.WeightFileError, match="float64"):
         fastff.load(path)
 
@@ -120,6 +132,7 @@ def test_failed_save_keeps_the_existing_file(tmp_path, monkeypatch):
 
 # ---- untrusted files: headers are checked, and compared with the module, before data is read ----
 
+
 def _safetensors(header: dict, data: bytes = b"") -> bytes:
     import json
     import struct
@@ -131,33 +144,74 @@ def _safetensors(header: dict, data: bytes = b"") -> bytes:
 def _meta(kind="Linear", config=None, **extra):
     import json
 
-    meta = {"format": "fastff", "format_version": 1, "kind": kind,
-            "config": {"input_width": 1, "output_width": 1, "bias": False}
-            if config is None else config}
+    meta = {
+        "format": "fastff",
+        "format_version": 1,
+        "kind": kind,
+        "config": {"input_width": 1, "output_width": 1, "bias": False}
+        if config is None
+        else config,
+    }
     meta.update(extra)
     return {"__fastff_meta__": json.dumps(meta)}
 
 
-@pytest.mark.parametrize("header, words", [
-    ({"__metadata__": _meta(), "weight": {"dtype": "F32", "shape": [2**40, 2**40],
-                                          "data_offsets": [0, 0]}}, "inconsistent"),
-    ({"__metadata__": _meta(), "weight": {"dtype": "F32", "shape": [-1, -4],
-                                          "data_offsets": [0, 16]}}, "bad header entry"),
-    ({"__metadata__": _meta(), "weight": {"dtype": "F32", "shape": [1.5, 1],
-                                          "data_offsets": [0, 4]}}, "bad header entry"),
-    ({"__metadata__": _meta(), "weight": {"dtype": "F32", "shape": [True, True],
-                                          "data_offsets": [0, 4]}}, "bad header entry"),
-    ({"__metadata__": _meta(), "weight": {"dtype": "F32", "shape": [1, 1],
-                                          "data_offsets": [0, 8]}}, "inconsistent"),
-    ({"__metadata__": _meta(), "weight": {"dtype": "F32", "shape": [1, 1],
-                                          "data_offsets": [16, 20]}}, "inconsistent"),
-    ({"__metadata__": [1, 2]}, "__metadata__"),
-    ({"__metadata__": {"__fastff_meta__": {"kind": "Linear"}}}, "__metadata__"),
-    ({"__metadata__": _meta(format_version="9")}, "format_version"),
-    ({"__metadata__": {"__fastff_meta__": "[" * 100000 + "]" * 100000}}, "corrupt fastff metadata"),
-    ({"__metadata__": _meta(kind="_Elementwise", config={})}, "unknown module kind"),
-    ({"__metadata__": _meta(kind=["Linear"])}, "corrupt fastff metadata"),
-])
+@pytest.mark.parametrize(
+    "header, words",
+    [
+        (
+            {
+                "__metadata__": _meta(),
+                "weight": {"dtype": "F32", "shape": [2**40, 2**40], "data_offsets": [0, 0]},
+            },
+            "inconsistent",
+        ),
+        (
+            {
+                "__metadata__": _meta(),
+                "weight": {"dtype": "F32", "shape": [-1, -4], "data_offsets": [0, 16]},
+            },
+            "bad header entry",
+        ),
+        (
+            {
+                "__metadata__": _meta(),
+                "weight": {"dtype": "F32", "shape": [1.5, 1], "data_offsets": [0, 4]},
+            },
+            "bad header entry",
+        ),
+        (
+            {
+                "__metadata__": _meta(),
+                "weight": {"dtype": "F32", "shape": [True, True], "data_offsets": [0, 4]},
+            },
+            "bad header entry",
+        ),
+        (
+            {
+                "__metadata__": _meta(),
+                "weight": {"dtype": "F32", "shape": [1, 1], "data_offsets": [0, 8]},
+            },
+            "inconsistent",
+        ),
+        (
+            {
+                "__metadata__": _meta(),
+                "weight": {"dtype": "F32", "shape": [1, 1], "data_offsets": [16, 20]},
+            },
+            "inconsistent",
+        ),
+        ({"__metadata__": [1, 2]}, "__metadata__"),
+        ({"__metadata__": {"__fastff_meta__": {"kind": "Linear"}}}, "__metadata__"),
+        ({"__metadata__": _meta(format_version="9")}, "format_version"),
+        (
+            {"__metadata__": {"__fastff_meta__": "[" * 100000 + "]" * 100000}},
+            "corrupt fastff metadata",
+        ),
+        ({"__metadata__": _meta(kind="_Elementwise", config={})}, "unknown module kind"),
+        ({"__metadata__": _meta(kind=["Linear"])}, "corrupt fastff metadata"),
+    ],
+)
 def test_hostile_safetensors_headers(tmp_path, header, words):
     path = tmp_path / "m.safetensors"
     path.write_bytes(_safetensors(header, bytes(16)))
@@ -169,8 +223,11 @@ def test_deeply_nested_config_is_refused(tmp_path):
     """Sequential inside Sequential 3000 deep: Python's JSON parser recurses, and so would
     rebuilding the modules; either way a WeightFileError, not a RecursionError."""
     depth = 3000
-    config = ('{"modules": [{"kind": "Sequential", "config": ' * depth
-              + '{"modules": [{"kind": "Identity", "config": {}}]}' + "}]}" * depth)
+    config = (
+        '{"modules": [{"kind": "Sequential", "config": ' * depth
+        + '{"modules": [{"kind": "Identity", "config": {}}]}'
+        + "}]}" * depth
+    )
     text = '{"format": "fastff", "kind": "Sequential", "config": ' + config + "}"
     path = tmp_path / "deep.safetensors"
     path.write_bytes(_safetensors({"__metadata__": {"__fastff_meta__": text}}))
@@ -192,8 +249,9 @@ def test_npz_arrays_are_checked_before_they_are_decompressed(tmp_path, monkeypat
     assert os.path.getsize(bomb) < 2**17
     reads = []
     real_read_array = np.lib.format.read_array
-    monkeypatch.setattr(np.lib.format, "read_array",
-                        lambda f, **kw: reads.append(1) or real_read_array(f, **kw))
+    monkeypatch.setattr(
+        np.lib.format, "read_array", lambda f, **kw: reads.append(1) or real_read_array(f, **kw)
+    )
     with pytest.raises(fastff.WeightFileError, match=r"'weight' has shape \(10000000, 1\)"):
         fastff.load(bomb)
     assert len(reads) == 1  # the metadata
@@ -217,8 +275,8 @@ def test_npz_with_foreign_members_or_compression(tmp_path):
     data = bytearray(open(path, "rb").read())
     local = data.find(b"PK\x03\x04")
     central = data.find(b"PK\x01\x02")
-    data[local + 8:local + 10] = (99).to_bytes(2, "little")
-    data[central + 10:central + 12] = (99).to_bytes(2, "little")
+    data[local + 8 : local + 10] = (99).to_bytes(2, "little")
+    data[central + 10 : central + 12] = (99).to_bytes(2, "little")
     odd = str(tmp_path / "odd.npz")
     open(odd, "wb").write(bytes(data))
     with pytest.raises(fastff.WeightFileError):
@@ -242,6 +300,7 @@ def test_paths_are_checked_and_named(tmp_path):
         fastff.save(layer, "")
     fastff.save(layer, tmp_path / "m.safetensors")  # a pathlib.Path works
     back = fastff.load(tmp_path / "m.safetensors")
-    np.testing.assert_array_equal(back.state_dict()["linear_in.weight"],
-                                  layer.state_dict()["linear_in.weight"])
+    np.testing.assert_array_equal(
+        back.state_dict()["linear_in.weight"], layer.state_dict()["linear_in.weight"]
+    )
     assert os.listdir(tmp_path) == ["m.safetensors"]

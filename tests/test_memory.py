@@ -8,6 +8,7 @@ per call would show in both: 10,000 calls of 100 bytes is 1 MB.
 
 Run: python -m pytest --runslow tests/test_memory.py -s   (prints the figures)
 """
+
 import gc
 import os
 import tracemalloc
@@ -24,9 +25,12 @@ CHECKPOINTS = 10
 RSS_TOLERANCE = 4 * 2**20  # allocator noise: freed pages are not always returned at once
 TRACED_TOLERANCE = 256 * 2**10  # bytes still held by the loop after CALLS calls
 
-pytestmark = [pytest.mark.slow,
-              pytest.mark.skipif(not os.path.exists("/proc/self/statm"),
-                                 reason="reads RSS from /proc/self/statm (Linux)")]
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        not os.path.exists("/proc/self/statm"), reason="reads RSS from /proc/self/statm (Linux)"
+    ),
+]
 
 
 def rss_bytes() -> int:
@@ -53,10 +57,12 @@ def soak(step, label):
     finally:
         tracemalloc.stop()
     mib = [r / 2**20 for r in rss]
-    print(f"\n{label}: {CALLS} calls; RSS after warm-up {mib[0]:.1f} MiB, then "
-          f"{', '.join(f'{m:.1f}' for m in mib[1:])} MiB (max growth "
-          f"{(max(rss) - rss[0]) / 2**20:+.2f} MiB); tracemalloc growth "
-          f"{(traced[-1] - traced[0]) / 2**10:+.1f} KiB")
+    print(
+        f"\n{label}: {CALLS} calls; RSS after warm-up {mib[0]:.1f} MiB, then "
+        f"{', '.join(f'{m:.1f}' for m in mib[1:])} MiB (max growth "
+        f"{(max(rss) - rss[0]) / 2**20:+.2f} MiB); tracemalloc growth "
+        f"{(traced[-1] - traced[0]) / 2**10:+.1f} KiB"
+    )
     assert max(rss) - rss[0] <= RSS_TOLERANCE, (label, mib)
     assert traced[-1] - traced[0] <= TRACED_TOLERANCE, (label, traced)
 
@@ -73,9 +79,13 @@ def test_inference_memory_is_flat():
 def test_training_memory_is_flat():
     rng = np.random.default_rng(1)
     model = nn.Sequential(
-        nn.Linear(64, 64, seed=0), nn.GELU(), fastff.UltraFFF(64, 64, 6, seed=1),
-        nn.Dropout(0.1, seed=2), fastff.FFF(64, 8, 64, 3, "gelu", region_leak=0.1, seed=3),
-        fastff.FFF(64, 8, 10, 4, train_hardened=True, usage_mode="hard", seed=4))
+        nn.Linear(64, 64, seed=0),
+        nn.GELU(),
+        fastff.UltraFFF(64, 64, 6, seed=1),
+        nn.Dropout(0.1, seed=2),
+        fastff.FFF(64, 8, 64, 3, "gelu", region_leak=0.1, seed=3),
+        fastff.FFF(64, 8, 10, 4, train_hardened=True, usage_mode="hard", seed=4),
+    )
     opt = optim.Adam(model, lr=1e-3)
     x = rng.standard_normal((32, 64)).astype(np.float32)
     labels = rng.integers(0, 10, 32)

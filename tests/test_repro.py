@@ -7,6 +7,7 @@
   Linear and soft FFF training use are BLAS's business: with its thread count held fixed, a
   whole model trains bitwise the same whatever fastff's thread count.
 """
+
 import numpy as np
 import pytest
 from threadpoolctl import threadpool_limits
@@ -19,10 +20,12 @@ THREAD_COUNTS = (1, 2, 3)
 
 def _model(seed):
     return nn.Sequential(
-        nn.Linear(12, 16, seed=seed), nn.GELU(),
+        nn.Linear(12, 16, seed=seed),
+        nn.GELU(),
         fastff.UltraFFF(16, 16, 3, 2, seed=seed + 1),
         nn.Dropout(0.1, seed=seed + 2),
-        fastff.FFF(16, 4, 5, 2, "gelu", dropout=0.1, region_leak=0.1, seed=seed + 3))
+        fastff.FFF(16, 4, 5, 2, "gelu", dropout=0.1, region_leak=0.1, seed=seed + 3),
+    )
 
 
 def _train(seed, steps=6):
@@ -68,13 +71,18 @@ def test_training_is_bitwise_the_same_for_any_kernel_thread_count(restore_thread
             assert np.array_equal(state[key], results[0][key]), (threads, key)
 
 
-@pytest.mark.parametrize("make", [
-    lambda: fastff.UltraFFF(33, 17, 6, 3, "gelu", seed=1),
-    lambda: fastff.UltraFFF(33, 17, 4, 1, "relu", dtype=np.float64, seed=2),
-    lambda: fastff.FFF(33, 5, 17, 4, "gelu", train_hardened=True, region_leak=0.2, dropout=0.2,
-                       seed=3),
-    lambda: fastff.FFF(33, 5, 17, 3, "relu", region_leak=0.2, dropout=0.2, seed=4),
-], ids=["ultra32", "ultra64", "fff-hardened", "fff-soft"])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: fastff.UltraFFF(33, 17, 6, 3, "gelu", seed=1),
+        lambda: fastff.UltraFFF(33, 17, 4, 1, "relu", dtype=np.float64, seed=2),
+        lambda: fastff.FFF(
+            33, 5, 17, 4, "gelu", train_hardened=True, region_leak=0.2, dropout=0.2, seed=3
+        ),
+        lambda: fastff.FFF(33, 5, 17, 3, "relu", region_leak=0.2, dropout=0.2, seed=4),
+    ],
+    ids=["ultra32", "ultra64", "fff-hardened", "fff-soft"],
+)
 def test_layers_are_thread_count_independent(make, restore_threads):
     rng = np.random.default_rng(5)
     x = rng.standard_normal((1000, 33)).astype(np.float32)
@@ -85,8 +93,11 @@ def test_layers_are_thread_count_independent(make, restore_threads):
         for threads in THREAD_COUNTS:
             fastff.set_num_threads(threads)
             layer.zero_grad()
-            options = {"rng": np.random.default_rng(6), "hardening": 0.3} \
-                if isinstance(layer, fastff.FFF) else {}
+            options = (
+                {"rng": np.random.default_rng(6), "hardening": 0.3}
+                if isinstance(layer, fastff.FFF)
+                else {}
+            )
             y, backprop = layer.forward_train(x, **options)
             dx = backprop(dy)
             results.append((layer(x), y, dx, {k: g.copy() for k, g in layer.grads.items()}))

@@ -5,6 +5,7 @@ bitwise the results of serial calls, and training different layers in different 
 once gives bitwise the gradients of training them one after the other. Training one layer from
 several threads at once is not supported (its gradients are shared accumulators).
 """
+
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -28,15 +29,13 @@ def two_kernel_threads():
 
 
 def _inference_layers():
-    return [fastff.UltraFFF(48, 32, 6, 2, "gelu", seed=1),
-            fastff.FFF(48, 8, 32, 5, "relu", seed=2)]
+    return [fastff.UltraFFF(48, 32, 6, 2, "gelu", seed=1), fastff.FFF(48, 8, 32, 5, "relu", seed=2)]
 
 
 @pytest.mark.parametrize("layer", _inference_layers(), ids=["UltraFFF", "FFF"])
 def test_one_layer_from_eight_threads_matches_serial_calls(layer, two_kernel_threads):
     rng = np.random.default_rng(0)
-    inputs = [rng.standard_normal((200 + 17 * i, 48)).astype(np.float32)
-              for i in range(N_THREADS)]
+    inputs = [rng.standard_normal((200 + 17 * i, 48)).astype(np.float32) for i in range(N_THREADS)]
     expected = [layer(x) for x in inputs]
     start = threading.Barrier(N_THREADS)
 
@@ -67,10 +66,16 @@ def _train(layer, batches, rng_seed):
 def test_two_layers_trained_in_two_threads_match_serial_training(two_kernel_threads):
     rng = np.random.default_rng(1)
     ultra = fastff.UltraFFF(40, 24, 5, 2, "gelu", seed=3)
-    fff = fastff.FFF(40, 6, 24, 4, "gelu", train_hardened=True, region_leak=0.1, dropout=0.1,
-                     seed=4)
-    batches = [(rng.standard_normal((300, 40)).astype(np.float32),
-                rng.standard_normal((300, 24)).astype(np.float32)) for _ in range(8)]
+    fff = fastff.FFF(
+        40, 6, 24, 4, "gelu", train_hardened=True, region_leak=0.1, dropout=0.1, seed=4
+    )
+    batches = [
+        (
+            rng.standard_normal((300, 40)).astype(np.float32),
+            rng.standard_normal((300, 24)).astype(np.float32),
+        )
+        for _ in range(8)
+    ]
     serial = [_train(ultra, batches, 10), _train(fff, batches, 11)]
     start = threading.Barrier(2)
 
@@ -79,10 +84,10 @@ def test_two_layers_trained_in_two_threads_match_serial_training(two_kernel_thre
         return _train(layer, batches, seed)
 
     with ThreadPoolExecutor(2) as pool:
-        concurrent = [f.result() for f in [pool.submit(worker, ultra, 10),
-                                           pool.submit(worker, fff, 11)]]
-    for name, (ys, dxs, grads), (ys0, dxs0, grads0) in zip(["UltraFFF", "FFF"], concurrent,
-                                                           serial):
+        concurrent = [
+            f.result() for f in [pool.submit(worker, ultra, 10), pool.submit(worker, fff, 11)]
+        ]
+    for name, (ys, dxs, grads), (ys0, dxs0, grads0) in zip(["UltraFFF", "FFF"], concurrent, serial):
         for y, y0 in zip(ys, ys0):
             assert np.array_equal(y, y0), name
         for dx, dx0 in zip(dxs, dxs0):
@@ -116,7 +121,7 @@ def test_kernels_release_the_gil(kernel):
             done = threading.Event()
             times = []
 
-            def worker():
+            def worker(done=done):
                 call()
                 done.set()
 
@@ -131,7 +136,9 @@ def test_kernels_release_the_gil(kernel):
             # With the GIL released the pauses are switch intervals (5 ms) and scheduling
             if gaps.max() < duration / 3:
                 return
-        pytest.fail(f"{kernel}: the main thread paused {gaps.max() * 1e3:.0f} ms during a "
-                    f"{duration * 1e3:.0f} ms kernel call: the GIL seems held")
+        pytest.fail(
+            f"{kernel}: the main thread paused {gaps.max() * 1e3:.0f} ms during a "
+            f"{duration * 1e3:.0f} ms kernel call: the GIL seems held"
+        )
     finally:
         fastff.set_num_threads(before)

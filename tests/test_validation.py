@@ -3,6 +3,7 @@
 Each block names the gap; the fuzz tests (test_fuzz.py) cover the same entry points with random
 inputs, these pin the exact behaviour.
 """
+
 import numpy as np
 import pytest
 
@@ -23,13 +24,15 @@ def _fff_state(layer, **overrides):
 # Routing: a NaN decision is false, so the row goes left: UltraFFF `z > 0`, FFF inference
 # `z >= 0`, FFF hardened training `sigmoid(z) > 1/2` (also under a region-leak swap).
 
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_relu_propagates_nan(dtype):
     x = np.array([[np.nan, 1.0, 2.0], [0.5, 1.0, 2.0]], dtype)
-    for layer in (fastff.UltraFFF(3, 4, 2, activation="relu", dtype=dtype, seed=0),
-                  fastff.FFF(3, 5, 4, 2, activation="relu", dtype=dtype, seed=0),
-                  fastff.FFF(3, 5, 4, 2, activation="relu", train_hardened=True, dtype=dtype,
-                             seed=0)):
+    for layer in (
+        fastff.UltraFFF(3, 4, 2, activation="relu", dtype=dtype, seed=0),
+        fastff.FFF(3, 5, 4, 2, activation="relu", dtype=dtype, seed=0),
+        fastff.FFF(3, 5, 4, 2, activation="relu", train_hardened=True, dtype=dtype, seed=0),
+    ):
         for y in (layer(x), layer.forward_train(x)[0]):
             assert np.isnan(y[0]).all(), layer
             assert np.isfinite(y[1]).all(), layer
@@ -65,12 +68,20 @@ def test_fff_nan_router_logit_goes_left():
 # 2**63-bit integer before the memory check; set_num_threads(10**5) crashed OpenMP and 2**40
 # raised OverflowError.
 
-@pytest.mark.parametrize("make, names", [
-    (lambda: fastff.UltraFFF(4, 3, 2), ["input_width", "output_width", "depth", "parallel_size",
-                                        "n_nodes"]),
-    (lambda: fastff.FFF(4, 2, 3, 2), ["input_width", "leaf_width", "output_width", "depth",
-                                      "n_nodes", "n_leaves"]),
-])
+
+@pytest.mark.parametrize(
+    "make, names",
+    [
+        (
+            lambda: fastff.UltraFFF(4, 3, 2),
+            ["input_width", "output_width", "depth", "parallel_size", "n_nodes"],
+        ),
+        (
+            lambda: fastff.FFF(4, 2, 3, 2),
+            ["input_width", "leaf_width", "output_width", "depth", "n_nodes", "n_leaves"],
+        ),
+    ],
+)
 def test_size_attributes_are_read_only(make, names):
     layer = make()
     x = np.ones((3, 4), np.float32)
@@ -92,13 +103,30 @@ def _kernel_calls():
     w_in, b_in, w_out_t = z((7, 4), f), z(7, f), z((7, 3), f)  # one tree of depth 2
     visited, preact = z((5, 3), np.intp), z((5, 3), f)
     ultra_grads = (z((7, 4), f), z(7, f), z((7, 3), f))
-    nw, nb, w1t, b1, w2, b2 = z((3, 4), f), z(3, f), z((4, 2, 4), f), z((4, 2), f), \
-        z((4, 2, 3), f), z((4, 3), f)  # depth-2 FFF
-    path, z_path, leaf, hpre, ent = z((5, 2), np.intp), z((5, 2), f), z(5, np.intp), \
-        z((5, 2), f), z(5, f)
+    nw, nb, w1t, b1, w2, b2 = (
+        z((3, 4), f),
+        z(3, f),
+        z((4, 2, 4), f),
+        z((4, 2), f),
+        z((4, 2, 3), f),
+        z((4, 3), f),
+    )  # depth-2 FFF
+    path, z_path, leaf, hpre, ent = (
+        z((5, 2), np.intp),
+        z((5, 2), f),
+        z(5, np.intp),
+        z((5, 2), f),
+        z(5, f),
+    )
     no_u8, no_f = z((0, 0), np.uint8), z((0, 0), f)
-    fff_grads = (z((3, 4), f), z(3, f), z((4, 2, 4), f), z((4, 2), f), z((4, 2, 3), f),
-                 z((4, 3), f))
+    fff_grads = (
+        z((3, 4), f),
+        z(3, f),
+        z((4, 2, 4), f),
+        z((4, 2), f),
+        z((4, 2, 3), f),
+        z((4, 3), f),
+    )
     bad_visit = visited.copy()
     bad_visit[4, 2] = 7
     bad_leaf = leaf.copy()
@@ -106,47 +134,183 @@ def _kernel_calls():
     bad_path = path.copy()
     bad_path[3, 1] = 3
     return [
-        ("ultra depth", lambda: _cmm.ultra_forward(x, w_in, b_in, w_out_t, 5, 1, 0, y, visited,
-                                                   preact, False)),
-        ("ultra trees", lambda: _cmm.ultra_forward(x, w_in, b_in, w_out_t, 2, 2, 0, y, visited,
-                                                   preact, False)),
-        ("ultra width", lambda: _cmm.ultra_forward(z((5, 6), f), w_in, b_in, w_out_t, 2, 1, 0, y,
-                                                   visited, preact, False)),
-        ("ultra y", lambda: _cmm.ultra_forward(x, w_in, b_in, w_out_t, 2, 1, 0, z((4, 3), f),
-                                               visited, preact, False)),
-        ("ultra path", lambda: _cmm.ultra_forward(x, w_in, b_in, w_out_t, 2, 1, 0, y,
-                                                  z((5, 2), np.intp), z((5, 2), f), True)),
-        ("ultra act", lambda: _cmm.ultra_forward(x, w_in, b_in, w_out_t, 2, 1, 9, y, visited,
-                                                 preact, False)),
-        ("ultra visit", lambda: _cmm.ultra_backward(x, y, w_in, w_out_t, bad_visit, preact, 0,
-                                                    z((5, 4), f), *ultra_grads)),
-        ("ultra grad", lambda: _cmm.ultra_backward(x, y, w_in, w_out_t, visited, preact, 0,
-                                                   z((5, 4), f), z((6, 4), f), *ultra_grads[1:])),
+        (
+            "ultra depth",
+            lambda: _cmm.ultra_forward(x, w_in, b_in, w_out_t, 5, 1, 0, y, visited, preact, False),
+        ),
+        (
+            "ultra trees",
+            lambda: _cmm.ultra_forward(x, w_in, b_in, w_out_t, 2, 2, 0, y, visited, preact, False),
+        ),
+        (
+            "ultra width",
+            lambda: _cmm.ultra_forward(
+                z((5, 6), f), w_in, b_in, w_out_t, 2, 1, 0, y, visited, preact, False
+            ),
+        ),
+        (
+            "ultra y",
+            lambda: _cmm.ultra_forward(
+                x, w_in, b_in, w_out_t, 2, 1, 0, z((4, 3), f), visited, preact, False
+            ),
+        ),
+        (
+            "ultra path",
+            lambda: _cmm.ultra_forward(
+                x, w_in, b_in, w_out_t, 2, 1, 0, y, z((5, 2), np.intp), z((5, 2), f), True
+            ),
+        ),
+        (
+            "ultra act",
+            lambda: _cmm.ultra_forward(x, w_in, b_in, w_out_t, 2, 1, 9, y, visited, preact, False),
+        ),
+        (
+            "ultra visit",
+            lambda: _cmm.ultra_backward(
+                x, y, w_in, w_out_t, bad_visit, preact, 0, z((5, 4), f), *ultra_grads
+            ),
+        ),
+        (
+            "ultra grad",
+            lambda: _cmm.ultra_backward(
+                x,
+                y,
+                w_in,
+                w_out_t,
+                visited,
+                preact,
+                0,
+                z((5, 4), f),
+                z((6, 4), f),
+                *ultra_grads[1:],
+            ),
+        ),
         ("fff depth", lambda: _cmm.fff_infer(x, nw, nb, w1t, b1, w2, b2, 3, 0, y)),
         ("fff width", lambda: _cmm.fff_infer(z((5, 5), f), nw, nb, w1t, b1, w2, b2, 2, 0, y)),
         ("fff b2", lambda: _cmm.fff_infer(x, nw, nb, w1t, b1, w2, z((4, 2), f), 2, 0, y)),
-        ("fff swap", lambda: _cmm.fff_hard_train_forward(
-            x, nw, nb, w1t, b1, w2, b2, 2, 0, z((5, 1), np.uint8), True, no_f, False, y, path,
-            z_path, leaf, hpre, ent)),
-        ("fff drop", lambda: _cmm.fff_hard_train_forward(
-            x, nw, nb, w1t, b1, w2, b2, 2, 0, no_u8, False, z((5, 3), f), True, y, path, z_path,
-            leaf, hpre, ent)),
-        ("fff leaf index", lambda: _cmm.fff_hard_train_backward(
-            x, y, nw, w1t, w2, path, z_path, bad_leaf, no_u8, False, no_f, False, hpre, 0, 1.0,
-            z((5, 4), f), *fff_grads)),
-        ("fff path index", lambda: _cmm.fff_hard_train_backward(
-            x, y, nw, w1t, w2, bad_path, z_path, leaf, no_u8, False, no_f, False, hpre, 0, 1.0,
-            z((5, 4), f), *fff_grads)),
-        ("soft reach", lambda: _cmm.fff_soft_mixture(z((5, 3), f), no_u8, False, z((5, 3), f),
-                                                     z((5, 6), f), ent)),
-        ("soft router", lambda: _cmm.fff_soft_router_backward(
-            z((5, 3), f), z((5, 3), f), z((5, 7), f), no_u8, False, 0.0, z((5, 7), f),
-            z((5, 3), f))),
-        ("soft leaves", lambda: _cmm.fff_soft_leaf_activate(
-            z((5, 8), f), b1, z((5, 3), f), no_f, False, 0, z((5, 8), f), z((5, 8), f))),
-        ("soft leaf backward", lambda: _cmm.fff_soft_leaf_backward(
-            z((5, 8), f), z((5, 8), f), z((5, 8), f), z((5, 0), f), no_f, False, 0,
-            z((5, 0), f))),
+        (
+            "fff swap",
+            lambda: _cmm.fff_hard_train_forward(
+                x,
+                nw,
+                nb,
+                w1t,
+                b1,
+                w2,
+                b2,
+                2,
+                0,
+                z((5, 1), np.uint8),
+                True,
+                no_f,
+                False,
+                y,
+                path,
+                z_path,
+                leaf,
+                hpre,
+                ent,
+            ),
+        ),
+        (
+            "fff drop",
+            lambda: _cmm.fff_hard_train_forward(
+                x,
+                nw,
+                nb,
+                w1t,
+                b1,
+                w2,
+                b2,
+                2,
+                0,
+                no_u8,
+                False,
+                z((5, 3), f),
+                True,
+                y,
+                path,
+                z_path,
+                leaf,
+                hpre,
+                ent,
+            ),
+        ),
+        (
+            "fff leaf index",
+            lambda: _cmm.fff_hard_train_backward(
+                x,
+                y,
+                nw,
+                w1t,
+                w2,
+                path,
+                z_path,
+                bad_leaf,
+                no_u8,
+                False,
+                no_f,
+                False,
+                hpre,
+                0,
+                1.0,
+                z((5, 4), f),
+                *fff_grads,
+            ),
+        ),
+        (
+            "fff path index",
+            lambda: _cmm.fff_hard_train_backward(
+                x,
+                y,
+                nw,
+                w1t,
+                w2,
+                bad_path,
+                z_path,
+                leaf,
+                no_u8,
+                False,
+                no_f,
+                False,
+                hpre,
+                0,
+                1.0,
+                z((5, 4), f),
+                *fff_grads,
+            ),
+        ),
+        (
+            "soft reach",
+            lambda: _cmm.fff_soft_mixture(
+                z((5, 3), f), no_u8, False, z((5, 3), f), z((5, 6), f), ent
+            ),
+        ),
+        (
+            "soft router",
+            lambda: _cmm.fff_soft_router_backward(
+                z((5, 3), f),
+                z((5, 3), f),
+                z((5, 7), f),
+                no_u8,
+                False,
+                0.0,
+                z((5, 7), f),
+                z((5, 3), f),
+            ),
+        ),
+        (
+            "soft leaves",
+            lambda: _cmm.fff_soft_leaf_activate(
+                z((5, 8), f), b1, z((5, 3), f), no_f, False, 0, z((5, 8), f), z((5, 8), f)
+            ),
+        ),
+        (
+            "soft leaf backward",
+            lambda: _cmm.fff_soft_leaf_backward(
+                z((5, 8), f), z((5, 8), f), z((5, 8), f), z((5, 0), f), no_f, False, 0, z((5, 0), f)
+            ),
+        ),
     ]
 
 
@@ -159,24 +323,31 @@ def test_kernels_refuse_inconsistent_arguments(label, call):
 def test_kernel_checks_accept_what_the_layers_pass():
     """The checks above are not too strict: every layer path (depth 0 included) still runs."""
     x = np.linspace(-1, 1, 30, dtype=np.float32).reshape(5, 6)
-    for layer in (fastff.UltraFFF(6, 3, 0), fastff.UltraFFF(6, 3, 3, 2),
-                  fastff.FFF(6, 2, 3, 0), fastff.FFF(6, 2, 3, 3, region_leak=0.2, dropout=0.2),
-                  fastff.FFF(6, 2, 3, 3, train_hardened=True, region_leak=0.2, dropout=0.2)):
+    for layer in (
+        fastff.UltraFFF(6, 3, 0),
+        fastff.UltraFFF(6, 3, 3, 2),
+        fastff.FFF(6, 2, 3, 0),
+        fastff.FFF(6, 2, 3, 3, region_leak=0.2, dropout=0.2),
+        fastff.FFF(6, 2, 3, 3, train_hardened=True, region_leak=0.2, dropout=0.2),
+    ):
         assert layer(x).shape == (5, 3)
         y, backprop = layer.forward_train(x)
         assert backprop(np.ones_like(y)).shape == x.shape
 
 
-@pytest.mark.parametrize("make, exc, words", [
-    (lambda: fastff.UltraFFF(2**31, 4, 1), ValueError, "input_width must be <= 2147483647"),
-    (lambda: fastff.UltraFFF(4, 2**31, 1), ValueError, "output_width"),
-    (lambda: fastff.FFF(4, 2**31, 3, 1), ValueError, "leaf_width"),
-    (lambda: fastff.UltraFFF(4, 3, 2**63), MemoryError, "bytes"),
-    (lambda: fastff.FFF(4, 2, 3, 10**30), MemoryError, "bytes"),
-    (lambda: fastff.UltraFFF(4, 3, 65), MemoryError, "bytes"),
-    (lambda: fastff.set_num_threads(10**5), ValueError, "n must be <="),
-    (lambda: fastff.set_num_threads(2**70), ValueError, "n must be <="),
-])
+@pytest.mark.parametrize(
+    "make, exc, words",
+    [
+        (lambda: fastff.UltraFFF(2**31, 4, 1), ValueError, "input_width must be <= 2147483647"),
+        (lambda: fastff.UltraFFF(4, 2**31, 1), ValueError, "output_width"),
+        (lambda: fastff.FFF(4, 2**31, 3, 1), ValueError, "leaf_width"),
+        (lambda: fastff.UltraFFF(4, 3, 2**63), MemoryError, "bytes"),
+        (lambda: fastff.FFF(4, 2, 3, 10**30), MemoryError, "bytes"),
+        (lambda: fastff.UltraFFF(4, 3, 65), MemoryError, "bytes"),
+        (lambda: fastff.set_num_threads(10**5), ValueError, "n must be <="),
+        (lambda: fastff.set_num_threads(2**70), ValueError, "n must be <="),
+    ],
+)
 def test_sizes_beyond_the_kernels(make, exc, words):
     with pytest.raises(exc, match=words):
         make()
@@ -193,6 +364,7 @@ def test_bench_cli_refuses_thread_counts_openmp_cannot_create(capsys):
 # The limit ignored container (cgroup) limits, past which the kernel kills the process instead
 # of failing an allocation; forward passes allocated outputs and saved paths unchecked; an IDX
 # (or gzip) file was read whole whatever its header said.
+
 
 def test_memory_limit_follows_the_container(monkeypatch, tmp_path):
     from fastff import _validation
@@ -213,13 +385,18 @@ def test_memory_limit_follows_the_container(monkeypatch, tmp_path):
         _validation.physical_memory_bytes.cache_clear()
 
 
-@pytest.mark.parametrize("call, words", [
-    (lambda: fastff.UltraFFF(2, 5000, 1)(np.ones((100, 2))), "inference of UltraFFF"),
-    (lambda: fastff.UltraFFF(2, 1, 1, 400).forward_train(np.ones((100, 2))), "forward_train"),
-    (lambda: fastff.FFF(2, 1, 5000, 1)(np.ones((100, 2))), "inference of FFF"),
-    (lambda: fastff.FFF(2, 1000, 1, 1, train_hardened=True).forward_train(np.ones((100, 2))),
-     "hardened training"),
-])
+@pytest.mark.parametrize(
+    "call, words",
+    [
+        (lambda: fastff.UltraFFF(2, 5000, 1)(np.ones((100, 2))), "inference of UltraFFF"),
+        (lambda: fastff.UltraFFF(2, 1, 1, 400).forward_train(np.ones((100, 2))), "forward_train"),
+        (lambda: fastff.FFF(2, 1, 5000, 1)(np.ones((100, 2))), "inference of FFF"),
+        (
+            lambda: fastff.FFF(2, 1000, 1, 1, train_hardened=True).forward_train(np.ones((100, 2))),
+            "hardened training",
+        ),
+    ],
+)
 def test_forward_passes_refuse_outputs_beyond_memory(monkeypatch, call, words):
     from fastff import _validation
 
@@ -256,23 +433,28 @@ def test_idx_reader_reads_no_more_than_the_header_promises(tmp_path):
 # (numpy's reading of None); negative or NaN usage counters were loaded and stalled
 # local_batch_size updates for good.
 
+
 def _masked(shape):
     return np.ma.masked_array(np.ones(shape), mask=np.eye(*shape, dtype=bool))
 
 
-@pytest.mark.parametrize("call", [
-    lambda: fastff.UltraFFF(3, 2, 1)(_masked((4, 3))),
-    lambda: fastff.FFF(3, 2, 2, 1).forward_train(_masked((4, 3))),
-    lambda: nn.Linear(3, 2)(_masked((4, 3))),
-    lambda: nn.GELU()(_masked((4, 3))),
-    lambda: nn.Dropout(0.5).forward_train(_masked((4, 3))),
-    lambda: nn.mse(_masked((4, 3)), np.ones((4, 3))),
-    lambda: nn.mse(np.ones((4, 3)), _masked((4, 3))),
-    lambda: nn.softmax_cross_entropy(_masked((4, 3)), np.zeros(4, int)),
-    lambda: nn.softmax_cross_entropy(np.ones((4, 3)),
-                                            np.ma.masked_array(np.zeros(4, int), mask=[1, 0, 0, 0])),
-    lambda: fastff.UltraFFF(3, 2, 1).forward_train(np.ones((4, 3)))[1](_masked((4, 2))),
-])
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda: fastff.UltraFFF(3, 2, 1)(_masked((4, 3))),
+        lambda: fastff.FFF(3, 2, 2, 1).forward_train(_masked((4, 3))),
+        lambda: nn.Linear(3, 2)(_masked((4, 3))),
+        lambda: nn.GELU()(_masked((4, 3))),
+        lambda: nn.Dropout(0.5).forward_train(_masked((4, 3))),
+        lambda: nn.mse(_masked((4, 3)), np.ones((4, 3))),
+        lambda: nn.mse(np.ones((4, 3)), _masked((4, 3))),
+        lambda: nn.softmax_cross_entropy(_masked((4, 3)), np.zeros(4, int)),
+        lambda: nn.softmax_cross_entropy(
+            np.ones((4, 3)), np.ma.masked_array(np.zeros(4, int), mask=[1, 0, 0, 0])
+        ),
+        lambda: fastff.UltraFFF(3, 2, 1).forward_train(np.ones((4, 3)))[1](_masked((4, 2))),
+    ],
+)
 def test_masked_arrays_are_refused(call):
     with pytest.raises(TypeError, match="masked array"):
         call()
@@ -294,7 +476,7 @@ def test_float64_values_beyond_float32_are_refused_not_made_inf():
     _, backprop = layer.forward_train(np.ones((1, 2)))
     with pytest.raises(ValueError, match="dy has values beyond"):
         backprop(np.array([[1e39, 0.0, 0.0]]))
-    big_ints = np.array([[2**63 - 1, -2**63]])  # integers always fit float32's range
+    big_ints = np.array([[2**63 - 1, -(2**63)]])  # integers always fit float32's range
     assert np.isfinite(layer(big_ints)).all()
 
 
@@ -306,18 +488,22 @@ def test_non_finite_inputs_pass_through():
     assert not np.isfinite(y).any()
 
 
-@pytest.mark.parametrize("make", [
-    lambda: fastff.UltraFFF(4, 3, 2, dtype=None),
-    lambda: fastff.FFF(4, 2, 3, 2, dtype=None),
-    lambda: nn.Linear(4, 3, dtype=None),
-])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: fastff.UltraFFF(4, 3, 2, dtype=None),
+        lambda: fastff.FFF(4, 2, 3, 2, dtype=None),
+        lambda: nn.Linear(4, 3, dtype=None),
+    ],
+)
 def test_dtype_none_is_refused(make):
     with pytest.raises(TypeError, match="dtype must be numpy.float32 or numpy.float64, got None"):
         make()
 
 
-@pytest.mark.parametrize("bad", [np.array([1.0, -1.0, 0.0]), np.array([np.nan, 0.0, 0.0]),
-                                 np.array([np.inf, 0.0, 0.0])])
+@pytest.mark.parametrize(
+    "bad", [np.array([1.0, -1.0, 0.0]), np.array([np.nan, 0.0, 0.0]), np.array([np.inf, 0.0, 0.0])]
+)
 def test_fff_usage_counters_must_be_finite_counts(bad):
     layer = fastff.FFF(4, 2, 3, 2, usage_mode="hard", seed=0)
     layer.forward_train(np.ones((5, 4)))
