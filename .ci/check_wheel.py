@@ -21,8 +21,11 @@ expected, _ = reference.ultra_forward(x, tree.state_dict(), 2, 2, "gelu")
 np.testing.assert_allclose(tree(x), expected, rtol=1e-10, atol=1e-12)
 
 fff = fastff.FFF(8, 3, 4, depth=2, dtype=np.float64, seed=0)
-np.testing.assert_allclose(fff(x), reference.fff_infer(x, fff.state_dict(), "relu"),
-                           rtol=1e-10, atol=1e-12)
+np.testing.assert_allclose(
+    fff(x), reference.fff_infer(x, fff.state_dict(), "relu"), rtol=1e-10, atol=1e-12
+)
 
-print(f"fastff {fastff.__version__} from {fastff.__file__}: OpenMP, "
-      f"{fastff.get_num_threads()} threads, UltraFFF and FFF match the reference")
+print(
+    f"fastff {fastff.__version__} from {fastff.__file__}: OpenMP, "
+    f"{fastff.get_num_threads()} threads, UltraFFF and FFF match the reference"
+)

@@ -9,6 +9,7 @@ Sequential(Linear(2 -> 32), GELU, UltraFFF(32 -> classes, depth 4, 4 trees)). Ea
 evaluates 4 * 5 = 20 of the trees' 124 neurons. Prints the mean training loss per epoch and the
 accuracy on held-out points.
 """
+
 import argparse
 import json
 import time
@@ -30,15 +31,19 @@ def spirals(n_points, n_classes, noise, rng):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--quick", action="store_true", help="fewer points and epochs (CI)")
     parser.add_argument("--epochs", type=int, default=None)
     parser.add_argument("--classes", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=1,
-                        help="kernel threads (default 1: batches of 64 rows are too small to "
-                             "gain from more)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="kernel threads (default 1: batches of 64 rows are too small to gain from more)",
+    )
     parser.add_argument("--json", default=None, help="write losses and accuracy here")
     args = parser.parse_args(argv)
     n_points = 3000 if args.quick else 6000
@@ -63,7 +68,7 @@ def main(argv=None):
         order = rng.permutation(n_points)
         total = 0.0
         for i in range(0, n_points, batch):
-            idx = order[i:i + batch]
+            idx = order[i : i + batch]
             opt.zero_grad()
             logits, backprop = model.forward_train(x[idx])
             loss, dlogits = nn.softmax_cross_entropy(logits, labels[idx])

@@ -1,4 +1,5 @@
 """fastff: fast feedforward (FFF) layers for NumPy, with log-time CMM kernels."""
+
 __version__ = "0.1.0"
 
 try:
@@ -27,5 +28,16 @@ def set_num_threads(n: int) -> None:
     _cmm.set_num_threads(check_int(n, "n", 1))
 
 
-__all__ = ["FFF", "UltraFFF", "Module", "reference", "interop", "save", "load", "WeightFileError",
-           "get_num_threads", "set_num_threads", "__version__"]
+__all__ = [
+    "FFF",
+    "UltraFFF",
+    "Module",
+    "reference",
+    "interop",
+    "save",
+    "load",
+    "WeightFileError",
+    "get_num_threads",
+    "set_num_threads",
+    "__version__",
+]

@@ -1,4 +1,5 @@
 """Command line: `python -m fastff bench ...` (and `train`, once available)."""
+
 import argparse
 import importlib
 import sys

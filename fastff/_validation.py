@@ -3,6 +3,7 @@
 Errors are raised before anything is allocated or stored, and their messages name the argument
 and what was expected.
 """
+
 from __future__ import annotations
 
 import numbers
@@ -91,16 +92,29 @@ def is_cuda_array(x) -> bool:
 # DLPack device types (dlpack.h, DLDeviceType), named in error messages.
 DLPACK_CPU = 1
 DLPACK_CUDA_TYPES = (2, 13)  # kDLCUDA, kDLCUDAManaged: CuPy can take these without a copy
-DLPACK_DEVICE_NAMES = {1: "CPU", 2: "CUDA", 3: "CUDA pinned host", 4: "OpenCL", 7: "Vulkan",
-                       8: "Metal", 9: "VPI", 10: "ROCm", 11: "ROCm pinned host",
-                       13: "CUDA managed", 14: "oneAPI", 15: "WebGPU", 16: "Hexagon"}
+DLPACK_DEVICE_NAMES = {
+    1: "CPU",
+    2: "CUDA",
+    3: "CUDA pinned host",
+    4: "OpenCL",
+    7: "Vulkan",
+    8: "Metal",
+    9: "VPI",
+    10: "ROCm",
+    11: "ROCm pinned host",
+    13: "CUDA managed",
+    14: "oneAPI",
+    15: "WebGPU",
+    16: "Hexagon",
+}
 
 
 def dlpack_device_type(x):
     """The DLPack device type (an int) of a DLPack producer that is not a NumPy array, e.g. a
     torch tensor or a JAX array; None for anything else."""
-    if isinstance(x, np.ndarray) or not (hasattr(x, "__dlpack__")
-                                         and hasattr(x, "__dlpack_device__")):
+    if isinstance(x, np.ndarray) or not (
+        hasattr(x, "__dlpack__") and hasattr(x, "__dlpack_device__")
+    ):
         return None
     try:
         return int(x.__dlpack_device__()[0])
@@ -120,9 +134,12 @@ def as_device_array(x, xp, name: str, expected: str):
     dl_device = dlpack_device_type(x)
     on_cuda = is_cuda_array(x) or dl_device in DLPACK_CUDA_TYPES
     if xp is np and (on_cuda or dl_device not in (None, DLPACK_CPU)):
-        where = ("a CUDA array" if is_cuda_array(x) else
-                 f"an array on a {DLPACK_DEVICE_NAMES.get(dl_device, 'non-CPU')} device "
-                 f"(DLPack device type {dl_device})")
+        where = (
+            "a CUDA array"
+            if is_cuda_array(x)
+            else f"an array on a {DLPACK_DEVICE_NAMES.get(dl_device, 'non-CPU')} device "
+            f"(DLPack device type {dl_device})"
+        )
         raise TypeError(
             f"{name} is {where} but the layer is on 'cpu': move the layer with .to('cuda') "
             f"or copy {name} to the host first (e.g. tensor.cpu())"

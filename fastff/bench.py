@@ -3,6 +3,7 @@
 Protocol (../shared/BENCHMARKS.md): same dtype and thread count on both sides, one warm-up, the
 median and min-max of >= 5 timed repetitions, ratio = dense time / fastff time.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -61,8 +62,18 @@ def _dense_train_step(x, w1, b1, w2, activation):
     return dz @ w1.T, dw1, db1, dw2
 
 
-def make_ultra(in_w, out_w, depth, batch, *, parallel_size=1, activation="gelu", train=False,
-               dtype=np.float32, device="cpu"):
+def make_ultra(
+    in_w,
+    out_w,
+    depth,
+    batch,
+    *,
+    parallel_size=1,
+    activation="gelu",
+    train=False,
+    dtype=np.float32,
+    device="cpu",
+):
     from .layers import UltraFFF
 
     def make():
@@ -83,12 +94,19 @@ def make_ultra(in_w, out_w, depth, batch, *, parallel_size=1, activation="gelu",
             def dense():
                 _dense_train_step(x, w1, b1, w2, activation)
         else:
+
             def fff():
                 layer(x)
 
             def dense():
                 reference.dense_forward(x, w1, b1, w2, activation)
-        return dense, fff, batch, {"dense_width": width, "neurons_per_row": layer.neurons_per_inference}
+
+        return (
+            dense,
+            fff,
+            batch,
+            {"dense_width": width, "neurons_per_row": layer.neurons_per_inference},
+        )
 
     return make
 
@@ -102,15 +120,22 @@ def _make_cuda_pair(layer, x, dense_weights, activation, train):
 CONFIGS: dict[str, list[Case]] = {
     "ufb": [Case("ufb", "neuron tree", make_ultra(768, 768, 11, 4096))],
     "ufb-b1": [Case("ufb-b1", "neuron tree", make_ultra(768, 768, 11, 1))],
-    "ufb-train": [Case("ufb-train", "neuron tree fwd+bwd", make_ultra(768, 768, 11, 4096, train=True))],
-    "scaling": [Case(f"scaling-d{d}", "neuron tree", make_ultra(768, 768, d, 4096), {"depth": d})
-                for d in (6, 8, 10, 12, 14)],
+    "ufb-train": [
+        Case("ufb-train", "neuron tree fwd+bwd", make_ultra(768, 768, 11, 4096, train=True))
+    ],
+    "scaling": [
+        Case(f"scaling-d{d}", "neuron tree", make_ultra(768, 768, d, 4096), {"depth": d})
+        for d in (6, 8, 10, 12, 14)
+    ],
 }
 GPU_CONFIGS: dict[str, list[Case]] = {
     "gpu-ufb": [
         Case("gpu-ufb", "neuron tree", make_ultra(768, 768, 11, 8192, device="cuda")),
-        Case("gpu-ufb-train", "neuron tree fwd+bwd",
-             make_ultra(768, 768, 11, 8192, train=True, device="cuda")),
+        Case(
+            "gpu-ufb-train",
+            "neuron tree fwd+bwd",
+            make_ultra(768, 768, 11, 8192, train=True, device="cuda"),
+        ),
     ],
 }
 DEFAULT_CPU = ["ufb", "ufb-b1", "ufb-train"]
@@ -124,29 +149,44 @@ def _limit_threads(threads: int):
     try:
         from threadpoolctl import threadpool_limits
     except ImportError:
-        print("note: threadpoolctl is not installed; BLAS threads follow OPENBLAS_NUM_THREADS / "
-              "OMP_NUM_THREADS (pip install fastff[bench])")
+        print(
+            "note: threadpoolctl is not installed; BLAS threads follow OPENBLAS_NUM_THREADS / "
+            "OMP_NUM_THREADS (pip install fastff[bench])"
+        )
         return None
     return threadpool_limits(limits=threads)
 
 
-def run(config_names: list[str], *, threads: int, repeat: int, device: str = "cpu",
-        json_path: str | None = None, out=print) -> list[dict]:
+def run(
+    config_names: list[str],
+    *,
+    threads: int,
+    repeat: int,
+    device: str = "cpu",
+    json_path: str | None = None,
+    out=print,
+) -> list[dict]:
     table = GPU_CONFIGS if device == "cuda" else CONFIGS
     unknown = [c for c in config_names if c not in table]
     if unknown:
-        raise SystemExit(f"unknown config(s) {unknown} for device {device!r}; "
-                         f"choose from {sorted(table)}")
+        raise SystemExit(
+            f"unknown config(s) {unknown} for device {device!r}; choose from {sorted(table)}"
+        )
     limiter = _limit_threads(threads) if device == "cpu" else None
-    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cpus, {threads} threads"
+    machine = (
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cpus, {threads} threads"
+    )
     if device == "cuda":
         from .gpu.bench import device_name
 
         machine = device_name()
-    out(f"fastff bench on {machine} (median of {repeat}, dense = NumPy/BLAS"
-        f"{' via cuBLAS' if device == 'cuda' else ''})")
-    header = (f"{'config':<16}{'kind':<22}{'dense ms':>12}{'fastff ms':>12}{'speedup':>10}"
-              f"{'rows/s':>14}")
+    out(
+        f"fastff bench on {machine} (median of {repeat}, dense = NumPy/BLAS"
+        f"{' via cuBLAS' if device == 'cuda' else ''})"
+    )
+    header = (
+        f"{'config':<16}{'kind':<22}{'dense ms':>12}{'fastff ms':>12}{'speedup':>10}{'rows/s':>14}"
+    )
     out(header)
     results = []
     for name in config_names:
@@ -159,15 +199,29 @@ def run(config_names: list[str], *, threads: int, repeat: int, device: str = "cp
             d_med, d_min, d_max = timer(dense, repeat)
             f_med, f_min, f_max = timer(fff, repeat)
             ratio = d_med / f_med
-            out(f"{case.name:<16}{case.kind:<22}{d_med * 1e3:>12.3f}{f_med * 1e3:>12.3f}"
-                f"{ratio:>9.1f}x{rows / f_med:>14.3g}")
-            results.append({
-                "config": case.name, "kind": case.kind, "device": device, "threads": threads,
-                "dense_s": d_med, "dense_min_s": d_min, "dense_max_s": d_max,
-                "fastff_s": f_med, "fastff_min_s": f_min, "fastff_max_s": f_max,
-                "speedup": ratio, "rows_per_s": rows / f_med, "rows": rows,
-                **case.params, **info,
-            })
+            out(
+                f"{case.name:<16}{case.kind:<22}{d_med * 1e3:>12.3f}{f_med * 1e3:>12.3f}"
+                f"{ratio:>9.1f}x{rows / f_med:>14.3g}"
+            )
+            results.append(
+                {
+                    "config": case.name,
+                    "kind": case.kind,
+                    "device": device,
+                    "threads": threads,
+                    "dense_s": d_med,
+                    "dense_min_s": d_min,
+                    "dense_max_s": d_max,
+                    "fastff_s": f_med,
+                    "fastff_min_s": f_min,
+                    "fastff_max_s": f_max,
+                    "speedup": ratio,
+                    "rows_per_s": rows / f_med,
+                    "rows": rows,
+                    **case.params,
+                    **info,
+                }
+            )
     if limiter is not None:
         limiter.unregister() if hasattr(limiter, "unregister") else None
     if json_path:
@@ -179,19 +233,31 @@ def run(config_names: list[str], *, threads: int, repeat: int, device: str = "cp
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("configs", nargs="*", help="configurations to run (default: "
-                        f"{' '.join(DEFAULT_CPU)}; cuda: gpu-ufb)")
+    parser.add_argument(
+        "configs",
+        nargs="*",
+        help=f"configurations to run (default: {' '.join(DEFAULT_CPU)}; cuda: gpu-ufb)",
+    )
     parser.add_argument("--threads", type=int, default=2, help="OpenMP and BLAS threads (2)")
     parser.add_argument("--repeat", type=int, default=5, help="timed repetitions (>= 5)")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    parser.add_argument("--json", dest="json_path", default=None,
-                        help="write results as JSON (e.g. results/bench.json)")
+    parser.add_argument(
+        "--json",
+        dest="json_path",
+        default=None,
+        help="write results as JSON (e.g. results/bench.json)",
+    )
 
 
 def main(args: argparse.Namespace) -> int:
     if args.repeat < 1 or args.threads < 1:
         raise SystemExit("--repeat and --threads must be >= 1")
     configs = args.configs or (["gpu-ufb"] if args.device == "cuda" else DEFAULT_CPU)
-    run(configs, threads=args.threads, repeat=args.repeat, device=args.device,
-        json_path=args.json_path)
+    run(
+        configs,
+        threads=args.threads,
+        repeat=args.repeat,
+        device=args.device,
+        json_path=args.json_path,
+    )
     return 0

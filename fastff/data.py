@@ -1,5 +1,6 @@
 """Dataset loaders. Fashion-MNIST from its four standard IDX files (no download: fastff never
 touches the network)."""
+
 from __future__ import annotations
 
 import gzip
@@ -13,10 +14,12 @@ SYSTEM_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"  # Debian's dataset-f
 IMAGES_MAGIC = 2051  # 0x00000803: unsigned bytes, 3 dimensions
 LABELS_MAGIC = 2049  # 0x00000801: unsigned bytes, 1 dimension
 N_CLASSES = 10
-HOW_TO_GET = ("Install it with `apt-get install dataset-fashion-mnist` (Debian/Ubuntu, into "
-              f"{SYSTEM_FASHION_MNIST}), or put the four files (optionally .gz) from "
-              "https://github.com/zalandoresearch/fashion-mnist in $FASTFF_DATA/fashion-mnist "
-              "or in a folder passed as path.")
+HOW_TO_GET = (
+    "Install it with `apt-get install dataset-fashion-mnist` (Debian/Ubuntu, into "
+    f"{SYSTEM_FASHION_MNIST}), or put the four files (optionally .gz) from "
+    "https://github.com/zalandoresearch/fashion-mnist in $FASTFF_DATA/fashion-mnist "
+    "or in a folder passed as path."
+)
 
 
 class DatasetError(ValueError):
@@ -39,7 +42,8 @@ def _find(folder: Path, stem: str) -> Path:
             return folder / name
     raise FileNotFoundError(
         f"Fashion-MNIST file {stem}[.gz] not found in {folder} (looked for {stem}, {stem}.gz, "
-        f"{dotted}, {dotted}.gz). {HOW_TO_GET}")
+        f"{dotted}, {dotted}.gz). {HOW_TO_GET}"
+    )
 
 
 def _read_bytes(path: Path) -> bytes:
@@ -49,8 +53,7 @@ def _read_bytes(path: Path) -> bytes:
                 return f.read()
         return path.read_bytes()
     except (OSError, EOFError, zlib.error) as exc:  # corrupt or truncated gzip stream
-        raise DatasetError(f"cannot read {path}: {exc}. The file is damaged; {HOW_TO_GET}") \
-            from exc
+        raise DatasetError(f"cannot read {path}: {exc}. The file is damaged; {HOW_TO_GET}") from exc
 
 
 def read_idx(path, magic: int, item_shape: tuple) -> np.ndarray:
@@ -64,20 +67,24 @@ def read_idx(path, magic: int, item_shape: tuple) -> np.ndarray:
     n_dims = magic & 0xFF
     header_len = 4 * (1 + n_dims)
     if len(data) < header_len:
-        raise DatasetError(f"{path} is too short ({len(data)} bytes) to hold an IDX header. "
-                           f"{HOW_TO_GET}")
+        raise DatasetError(
+            f"{path} is too short ({len(data)} bytes) to hold an IDX header. {HOW_TO_GET}"
+        )
     header = np.frombuffer(data, dtype=">u4", count=1 + n_dims)
     if int(header[0]) != magic:
-        raise DatasetError(f"{path} has magic number {int(header[0])}, expected {magic} "
-                           f"(ubyte IDX with {n_dims} dimensions). {HOW_TO_GET}")
+        raise DatasetError(
+            f"{path} has magic number {int(header[0])}, expected {magic} "
+            f"(ubyte IDX with {n_dims} dimensions). {HOW_TO_GET}"
+        )
     dims = tuple(int(d) for d in header[1:])
     if dims[1:] != item_shape:
         raise DatasetError(f"{path} holds items of shape {dims[1:]}, expected {item_shape}")
     expected = header_len + int(np.prod(dims))
     if len(data) != expected:
         what = "truncated" if len(data) < expected else "longer than its header says"
-        raise DatasetError(f"{path} is {what}: {len(data)} bytes, header {dims} needs "
-                           f"{expected}. {HOW_TO_GET}")
+        raise DatasetError(
+            f"{path} is {what}: {len(data)} bytes, header {dims} needs {expected}. {HOW_TO_GET}"
+        )
     # bytearray: a writable array, not a read-only view of the bytes object
     return np.frombuffer(bytearray(data), dtype=np.uint8, offset=header_len).reshape(dims)
 
@@ -87,11 +94,12 @@ def _load_split(folder: Path, prefix: str):
     labels_path = _find(folder, f"{prefix}-labels-idx1-ubyte")
     labels = read_idx(labels_path, LABELS_MAGIC, ())
     if len(labels) != len(images):
-        raise DatasetError(f"{folder}: {prefix} has {len(images)} images but {len(labels)} "
-                           "labels")
+        raise DatasetError(f"{folder}: {prefix} has {len(images)} images but {len(labels)} labels")
     if len(labels) and labels.max() >= N_CLASSES:
-        raise DatasetError(f"{labels_path} has label {int(labels.max())}; Fashion-MNIST "
-                           f"labels are 0..{N_CLASSES - 1}")
+        raise DatasetError(
+            f"{labels_path} has label {int(labels.max())}; Fashion-MNIST "
+            f"labels are 0..{N_CLASSES - 1}"
+        )
     return images, labels.astype(np.int64)
 
 
@@ -106,8 +114,12 @@ def load_fashion_mnist(path=None):
     """
     folder = Path(path) if path is not None else _default_dir()
     if not folder.is_dir():
-        source = "path" if path is not None else (
-            "$FASTFF_DATA/fashion-mnist" if os.environ.get("FASTFF_DATA") else "the default")
-        raise FileNotFoundError(f"Fashion-MNIST folder {folder} ({source}) does not exist. "
-                                f"{HOW_TO_GET}")
+        source = (
+            "path"
+            if path is not None
+            else ("$FASTFF_DATA/fashion-mnist" if os.environ.get("FASTFF_DATA") else "the default")
+        )
+        raise FileNotFoundError(
+            f"Fashion-MNIST folder {folder} ({source}) does not exist. {HOW_TO_GET}"
+        )
     return _load_split(folder, "train"), _load_split(folder, "t10k")

@@ -59,24 +59,29 @@ def _read_state(source, prefix: str, keys, caller: str) -> dict:
     elif isinstance(source, Mapping):
         state = source
     else:
-        raise TypeError(f"{caller} takes a torch module or a state dict (a mapping of tensors or "
-                        f"arrays), got {type(source).__name__}")
-    state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        raise TypeError(
+            f"{caller} takes a torch module or a state dict (a mapping of tensors or "
+            f"arrays), got {type(source).__name__}"
+        )
+    state = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
     missing = [k for k in keys if k not in state]
     if missing:
         found = sorted(state)
         shown = ", ".join(found[:12]) + (", ..." if len(found) > 12 else "")
-        raise ValueError(f"{caller}: the state dict has no {', '.join(prefix + k for k in missing)}"
-                         f" (keys found under prefix {prefix!r}: {shown or 'none'}); pass prefix= "
-                         "to pick one layer out of a larger model")
+        raise ValueError(
+            f"{caller}: the state dict has no {', '.join(prefix + k for k in missing)}"
+            f" (keys found under prefix {prefix!r}: {shown or 'none'}); pass prefix= "
+            "to pick one layer out of a larger model"
+        )
     return {k: _to_numpy(v) for k, v in state.items()}
 
 
 def _check_ndim(state: dict, expected: dict) -> None:
     for key, ndim in expected.items():
         if state[key].ndim != ndim:
-            raise ValueError(f"{key} must have {ndim} dimensions, got shape "
-                             f"{tuple(state[key].shape)}")
+            raise ValueError(
+                f"{key} must have {ndim} dimensions, got shape {tuple(state[key].shape)}"
+            )
 
 
 def _torch_activation(module, default: str) -> str:
@@ -88,8 +93,10 @@ def _torch_activation(module, default: str) -> str:
     cls = act if isinstance(act, type) else type(act)
     name = TORCH_ACTIVATIONS.get(cls.__name__)
     if name is None or getattr(act, "approximate", "none") != "none":
-        raise ValueError(f"the module's activation {act!r} has no fastff equivalent (fastff has "
-                         f"ReLU, exact GELU and Identity); pass activation= to choose one")
+        raise ValueError(
+            f"the module's activation {act!r} has no fastff equivalent (fastff has "
+            f"ReLU, exact GELU and Identity); pass activation= to choose one"
+        )
     return name
 
 
@@ -123,16 +130,21 @@ def tree_shape(total_nodes: int, parallel_size=None, depth=None) -> tuple:
     if len(candidates) == 1:
         return candidates[0]
     if not candidates:
-        raise ValueError(f"linear_in.weight has {total_nodes} rows, which is not parallel_size * "
-                         f"(2**(depth+1) - 1) with {' and '.join(given)}")
+        raise ValueError(
+            f"linear_in.weight has {total_nodes} rows, which is not parallel_size * "
+            f"(2**(depth+1) - 1) with {' and '.join(given)}"
+        )
     options = "; ".join(f"parallel_size={t}, depth={d}" for t, d in candidates)
-    raise ValueError(f"linear_in.weight has {total_nodes} rows = parallel_size * "
-                     f"(2**(depth+1) - 1) in {len(candidates)} ways ({options}): pass "
-                     "parallel_size= or depth=")
+    raise ValueError(
+        f"linear_in.weight has {total_nodes} rows = parallel_size * "
+        f"(2**(depth+1) - 1) in {len(candidates)} ways ({options}): pass "
+        "parallel_size= or depth="
+    )
 
 
-def ultra_from_torch(source, *, parallel_size=None, depth=None, prefix: str = "",
-                     **options: Any) -> UltraFFF:
+def ultra_from_torch(
+    source, *, parallel_size=None, depth=None, prefix: str = "", **options: Any
+) -> UltraFFF:
     """An UltraFFF holding the weights of an UltraFastBERT intermediate FFF.
 
     source: the torch module (its ``parallel_size``, ``depth`` and ``activation`` attributes are
@@ -180,8 +192,9 @@ def fff_from_torch(source, *, prefix: str = "", **options: Any) -> FFF:
     """
     module = source if _is_module(source) else None
     state = _read_state(source, prefix, FFF_KEYS, "fff_from_torch")
-    _check_ndim(state, {"node_weights": 2, "node_biases": 2, "w1s": 3, "b1s": 2, "w2s": 3,
-                        "b2s": 2})
+    _check_ndim(
+        state, {"node_weights": 2, "node_biases": 2, "w1s": 3, "b1s": 2, "w2s": 3, "b2s": 2}
+    )
     n_leaves, input_width, leaf_width = state["w1s"].shape
     output_width = state["w2s"].shape[2]
     if n_leaves < 1 or n_leaves & (n_leaves - 1):

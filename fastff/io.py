@@ -7,6 +7,7 @@ buffers, read here with NumPy alone). Every key, shape and dtype is checked agai
 metadata describes before any value is used. Writes go to a temporary file that is renamed over
 the target, so a failed save never destroys an existing file.
 """
+
 from __future__ import annotations
 
 import json
@@ -21,8 +22,14 @@ import numpy as np
 FORMAT = "fastff"
 FORMAT_VERSION = 1
 META_KEY = "__fastff_meta__"
-_ST_DTYPES: dict[str, np.dtype] = {"F32": np.dtype("<f4"), "F64": np.dtype("<f8"), "F16": np.dtype("<f2"),
-              "I64": np.dtype("<i8"), "I32": np.dtype("<i4"), "U8": np.dtype("u1")}
+_ST_DTYPES: dict[str, np.dtype] = {
+    "F32": np.dtype("<f4"),
+    "F64": np.dtype("<f8"),
+    "F16": np.dtype("<f2"),
+    "I64": np.dtype("<i8"),
+    "I32": np.dtype("<i4"),
+    "U8": np.dtype("u1"),
+}
 _ST_NAMES = {v: k for k, v in _ST_DTYPES.items()}
 MAX_HEADER = 100 * 2**20  # a safetensors header larger than this is not a weight file
 
@@ -67,8 +74,12 @@ def save(obj, path, *, format=None) -> None:
     if not isinstance(obj, Module):
         raise TypeError(f"save() takes a fastff module, got {type(obj).__name__}")
     fmt = _kind_of(path, format)
-    meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "kind": type(obj).__name__,
-            "config": obj.get_config()}
+    meta = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "kind": type(obj).__name__,
+        "config": obj.get_config(),
+    }
     state = obj.state_dict()
     if META_KEY in state:
         raise ValueError(f"parameter name {META_KEY!r} is reserved")
@@ -89,8 +100,11 @@ def _write_safetensors(f, state: dict, metadata: dict) -> None:
         arr = arr.astype(arr.dtype.newbyteorder("<"), copy=False)
         if arr.dtype not in _ST_NAMES:
             raise TypeError(f"cannot store {name!r} of dtype {arr.dtype} in safetensors")
-        header[name] = {"dtype": _ST_NAMES[arr.dtype], "shape": list(arr.shape),
-                        "data_offsets": [offset, offset + arr.nbytes]}
+        header[name] = {
+            "dtype": _ST_NAMES[arr.dtype],
+            "shape": list(arr.shape),
+            "data_offsets": [offset, offset + arr.nbytes],
+        }
         offset += arr.nbytes
         arrays.append(arr)
     blob = json.dumps(header, separators=(",", ":")).encode()
@@ -109,8 +123,10 @@ def _read_safetensors(path: str):
             raise WeightFileError(f"{path}: truncated safetensors file (no header length)")
         (n_header,) = struct.unpack("<Q", head)
         if n_header > min(MAX_HEADER, size - 8):
-            raise WeightFileError(f"{path}: not a safetensors file or truncated (header length "
-                                  f"{n_header} for a {size}-byte file)")
+            raise WeightFileError(
+                f"{path}: not a safetensors file or truncated (header length "
+                f"{n_header} for a {size}-byte file)"
+            )
         try:
             header = json.loads(f.read(n_header))
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -165,8 +181,9 @@ def load(path, *, format=None):
         raise FileNotFoundError(f"no weight file at {path}")
     state, meta_text = _read_safetensors(path) if fmt == "safetensors" else _read_npz(path)
     if meta_text is None:
-        raise WeightFileError(f"{path}: no fastff metadata; load foreign state dicts with "
-                              "layer.load_state_dict()")
+        raise WeightFileError(
+            f"{path}: no fastff metadata; load foreign state dicts with layer.load_state_dict()"
+        )
     try:
         meta = json.loads(meta_text)
         kind, config = meta["kind"], meta["config"]
@@ -175,8 +192,9 @@ def load(path, *, format=None):
     except (json.JSONDecodeError, KeyError, TypeError) as exc:
         raise WeightFileError(f"{path}: corrupt fastff metadata ({exc})") from exc
     if meta.get("format_version", 0) > FORMAT_VERSION:
-        raise WeightFileError(f"{path}: written by a newer fastff (format version "
-                              f"{meta['format_version']})")
+        raise WeightFileError(
+            f"{path}: written by a newer fastff (format version {meta['format_version']})"
+        )
     try:
         module = build_module(kind, config)
     except (TypeError, ValueError, KeyError, MemoryError) as exc:
@@ -184,8 +202,9 @@ def load(path, *, format=None):
     expected = module.state_dict()
     for name, arr in state.items():
         if name in expected and arr.dtype != expected[name].dtype:
-            raise WeightFileError(f"{path}: {name!r} is {arr.dtype}, the {kind} stores "
-                                  f"{expected[name].dtype}")
+            raise WeightFileError(
+                f"{path}: {name!r} is {arr.dtype}, the {kind} stores {expected[name].dtype}"
+            )
     try:
         module.load_state_dict(state)
     except (ValueError, TypeError) as exc:

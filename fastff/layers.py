@@ -1,4 +1,5 @@
 """The FFF layers: parameters, validation and dispatch to a backend's kernels."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -49,8 +50,17 @@ class UltraFFF(Module):
     numpy.asarray takes, or CPU DLPack producers (torch, JAX); on "cuda", CuPy arrays.
     """
 
-    def __init__(self, input_width, output_width, depth, parallel_size=1, activation="gelu", *,
-                 dtype=np.float32, seed=None):
+    def __init__(
+        self,
+        input_width,
+        output_width,
+        depth,
+        parallel_size=1,
+        activation="gelu",
+        *,
+        dtype=np.float32,
+        seed=None,
+    ):
         super().__init__(dtype)
         self.input_width = check_int(input_width, "input_width", 1)
         self.output_width = check_int(output_width, "output_width", 1)
@@ -80,14 +90,21 @@ class UltraFFF(Module):
         }
 
     def __repr__(self):
-        return (f"UltraFFF({self.input_width}, {self.output_width}, depth={self.depth}, "
-                f"parallel_size={self.parallel_size}, activation={self.activation!r}, "
-                f"dtype={self.dtype.name}, device={self.device!r})")
+        return (
+            f"UltraFFF({self.input_width}, {self.output_width}, depth={self.depth}, "
+            f"parallel_size={self.parallel_size}, activation={self.activation!r}, "
+            f"dtype={self.dtype.name}, device={self.device!r})"
+        )
 
     def get_config(self) -> dict:
-        return {"input_width": self.input_width, "output_width": self.output_width,
-                "depth": self.depth, "parallel_size": self.parallel_size,
-                "activation": self.activation, "dtype": self.dtype.name}
+        return {
+            "input_width": self.input_width,
+            "output_width": self.output_width,
+            "depth": self.depth,
+            "parallel_size": self.parallel_size,
+            "activation": self.activation,
+            "dtype": self.dtype.name,
+        }
 
     @property
     def training_width(self) -> int:
@@ -103,9 +120,16 @@ class UltraFFF(Module):
         ops = self.ops
         rows, lead = as_rows(x, self.input_width, self.dtype, ops.xp)
         p = self._params
-        y, visited, preact = ops.ultra_forward(rows, p["w_in"], p["b_in"], p["w_out_t"],
-                                               self.depth, self.parallel_size, self.activation,
-                                               save_path)
+        y, visited, preact = ops.ultra_forward(
+            rows,
+            p["w_in"],
+            p["b_in"],
+            p["w_out_t"],
+            self.depth,
+            self.parallel_size,
+            self.activation,
+            save_path,
+        )
         return rows, lead, y, visited, preact
 
     def __call__(self, x):
@@ -125,12 +149,24 @@ class UltraFFF(Module):
             self._check_fresh(version, device)
             dy_rows, dy_lead = as_rows(dy, self.output_width, self.dtype, self.ops.xp, name="dy")
             if dy_lead != lead:
-                raise ValueError(f"dy must have the shape of y, {out_shape}, got "
-                                 f"{dy_lead + (self.output_width,)}")
+                raise ValueError(
+                    f"dy must have the shape of y, {out_shape}, got "
+                    f"{dy_lead + (self.output_width,)}"
+                )
             g = self._allocate_grads()
             p = self._params
-            dx = self.ops.ultra_backward(rows, dy_rows, p["w_in"], p["w_out_t"], visited, preact,
-                                         self.activation, g["w_in"], g["b_in"], g["w_out_t"])
+            dx = self.ops.ultra_backward(
+                rows,
+                dy_rows,
+                p["w_in"],
+                p["w_out_t"],
+                visited,
+                preact,
+                self.activation,
+                g["w_in"],
+                g["b_in"],
+                g["w_out_t"],
+            )
             return dx.reshape(lead + (self.input_width,))
 
         return y.reshape(out_shape), backprop
@@ -169,9 +205,21 @@ class FFF(Module):
     package's) and the default stream of training masks.
     """
 
-    def __init__(self, input_width, leaf_width, output_width, depth, activation="relu",
-                 dropout=0.0, train_hardened=False, region_leak=0.0, usage_mode="none", *,
-                 dtype=np.float32, seed=None):
+    def __init__(
+        self,
+        input_width,
+        leaf_width,
+        output_width,
+        depth,
+        activation="relu",
+        dropout=0.0,
+        train_hardened=False,
+        region_leak=0.0,
+        usage_mode="none",
+        *,
+        dtype=np.float32,
+        seed=None,
+    ):
         super().__init__(dtype)
         self.input_width = check_int(input_width, "input_width", 1)
         self.leaf_width = check_int(leaf_width, "leaf_width", 1)
@@ -182,8 +230,8 @@ class FFF(Module):
         self.train_hardened = check_bool(train_hardened, "train_hardened")
         self.region_leak = check_probability(region_leak, "region_leak")
         self.usage_mode = check_choice(usage_mode, "usage_mode", USAGE_MODES)
-        self.n_nodes = 2 ** self.depth - 1
-        self.n_leaves = 2 ** self.depth
+        self.n_nodes = 2**self.depth - 1
+        self.n_leaves = 2**self.depth
         in_w, leaf_w, out_w = self.input_width, self.leaf_width, self.output_width
         check_fits_in_memory(
             (self.n_nodes * (in_w + 1) + self.n_leaves * (leaf_w * (in_w + 1 + out_w) + out_w))
@@ -219,18 +267,27 @@ class FFF(Module):
         self._pending_usage = {}
 
     def __repr__(self):
-        return (f"FFF({self.input_width}, {self.leaf_width}, {self.output_width}, "
-                f"depth={self.depth}, activation={self.activation!r}, dropout={self.dropout}, "
-                f"train_hardened={self.train_hardened}, region_leak={self.region_leak}, "
-                f"usage_mode={self.usage_mode!r}, dtype={self.dtype.name}, "
-                f"device={self.device!r})")
+        return (
+            f"FFF({self.input_width}, {self.leaf_width}, {self.output_width}, "
+            f"depth={self.depth}, activation={self.activation!r}, dropout={self.dropout}, "
+            f"train_hardened={self.train_hardened}, region_leak={self.region_leak}, "
+            f"usage_mode={self.usage_mode!r}, dtype={self.dtype.name}, "
+            f"device={self.device!r})"
+        )
 
     def get_config(self) -> dict:
-        return {"input_width": self.input_width, "leaf_width": self.leaf_width,
-                "output_width": self.output_width, "depth": self.depth,
-                "activation": self.activation, "dropout": self.dropout,
-                "train_hardened": self.train_hardened, "region_leak": self.region_leak,
-                "usage_mode": self.usage_mode, "dtype": self.dtype.name}
+        return {
+            "input_width": self.input_width,
+            "leaf_width": self.leaf_width,
+            "output_width": self.output_width,
+            "depth": self.depth,
+            "activation": self.activation,
+            "dropout": self.dropout,
+            "train_hardened": self.train_hardened,
+            "region_leak": self.region_leak,
+            "usage_mode": self.usage_mode,
+            "dtype": self.dtype.name,
+        }
 
     @property
     def training_width(self) -> int:
@@ -264,8 +321,8 @@ class FFF(Module):
             self.leaf_usage += xp.bincount(saved["leaf"], minlength=self.n_leaves)
         elif self.usage_mode == "soft":
             reach = saved["reach"]
-            self.node_usage += reach[:, :self.n_nodes].sum(axis=0, dtype=np.float64)
-            self.leaf_usage += reach[:, self.n_nodes:].sum(axis=0, dtype=np.float64)
+            self.node_usage += reach[:, : self.n_nodes].sum(axis=0, dtype=np.float64)
+            self.leaf_usage += reach[:, self.n_nodes :].sum(axis=0, dtype=np.float64)
         else:  # the rounded path of each row (right iff q > 1/2), though training is soft
             q = saved["q"]
             rows = xp.arange(q.shape[0])
@@ -297,17 +354,22 @@ class FFF(Module):
             if arr.size != 1 or arr.dtype.kind not in "iuf" or arr.reshape(-1)[0] % 1 != 0:
                 raise ValueError(f"state['depth'] must be one integer, got {value!r}")
             if int(arr.reshape(-1)[0]) != self.depth:
-                raise ValueError(f"state dict is for an FFF of depth {int(arr.reshape(-1)[0])}, "
-                                 f"this layer has depth {self.depth}")
+                raise ValueError(
+                    f"state dict is for an FFF of depth {int(arr.reshape(-1)[0])}, "
+                    f"this layer has depth {self.depth}"
+                )
         self._pending_usage = {}
         for key, size in (("node_usage", self.n_nodes), ("leaf_usage", self.n_leaves)):
             if key in state:
                 value = state.pop(key)
-                arr = np.asarray(value.get() if hasattr(value, "__cuda_array_interface__")
-                                 else value)
+                arr = np.asarray(
+                    value.get() if hasattr(value, "__cuda_array_interface__") else value
+                )
                 if arr.dtype.kind not in "iuf" or arr.shape != (size,):
-                    raise ValueError(f"state[{key!r}] must be a real array of shape ({size},), "
-                                     f"got {arr.dtype} {arr.shape}")
+                    raise ValueError(
+                        f"state[{key!r}] must be a real array of shape ({size},), "
+                        f"got {arr.dtype} {arr.shape}"
+                    )
                 self._pending_usage[key] = arr.astype(np.float64)
         return state
 
@@ -367,17 +429,20 @@ class FFF(Module):
         if rng is None:
             rng = self._train_rng
         elif not isinstance(rng, np.random.Generator):
-            raise TypeError(f"rng must be a numpy.random.Generator or None, got "
-                            f"{type(rng).__name__}")
+            raise TypeError(
+                f"rng must be a numpy.random.Generator or None, got {type(rng).__name__}"
+            )
         ops = self.ops
         rows, lead = as_rows(x, self.input_width, self.dtype, ops.xp)
         n_rows = rows.shape[0]
         hardened = self.train_hardened
         if not hardened:  # soft training keeps every leaf's hidden units of every row
             check_fits_in_memory(
-                n_rows * (4 * self.training_width + 3 * (self.n_nodes + self.n_leaves))
+                n_rows
+                * (4 * self.training_width + 3 * (self.n_nodes + self.n_leaves))
                 * self.dtype.itemsize,
-                f"soft training of FFF(depth={self.depth}) on {n_rows} rows")
+                f"soft training of FFF(depth={self.depth}) on {n_rows} rows",
+            )
         swap, drop = self._draw_masks(rng, n_rows)
         if swap is not None:
             swap = ops.asarray(swap)
@@ -390,8 +455,9 @@ class FFF(Module):
         else:
             y, saved = ops.fff_soft_forward(rows, p, self.activation, swap, drop)
             n_decisions = n_rows * self.n_nodes
-        self.last_mean_entropy = (float(saved["entropy"].sum(dtype=np.float64)) / n_decisions
-                                  if n_decisions else 0.0)
+        self.last_mean_entropy = (
+            float(saved["entropy"].sum(dtype=np.float64)) / n_decisions if n_decisions else 0.0
+        )
         self._track_usage(saved, hardened)
         entropy_weight = hardening / n_decisions if n_decisions else 0.0
         version, device, out_shape = self._version, self.device, lead + (self.output_width,)
@@ -402,8 +468,10 @@ class FFF(Module):
             self._check_fresh(version, device)
             dy_rows, dy_lead = as_rows(dy, self.output_width, self.dtype, self.ops.xp, name="dy")
             if dy_lead != lead:
-                raise ValueError(f"dy must have the shape of y, {out_shape}, got "
-                                 f"{dy_lead + (self.output_width,)}")
+                raise ValueError(
+                    f"dy must have the shape of y, {out_shape}, got "
+                    f"{dy_lead + (self.output_width,)}"
+                )
             g = self._allocate_grads()
             backward = ops.fff_hard_backward if hardened else ops.fff_soft_backward
             dx = backward(rows, dy_rows, p, saved, self.activation, entropy_weight, g)

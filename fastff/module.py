@@ -5,6 +5,7 @@ shows them to users in the anchor layout of the state dict: each anchor key maps
 array and an optional axis permutation, so the anchor arrays are writable views, never copies.
 Optimizers update those views in place.
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterator
@@ -131,8 +132,10 @@ class Module:
     # ---- state dicts -----------------------------------------------------------------------
     def state_dict(self) -> dict:
         """Copies of the parameters as C-contiguous NumPy arrays, anchor keys and shapes."""
-        return {name: np.array(self.ops.to_numpy(p), order="C") for name, p, _ in
-                self._iter_params_only()}
+        return {
+            name: np.array(self.ops.to_numpy(p), order="C")
+            for name, p, _ in self._iter_params_only()
+        }
 
     def _iter_params_only(self, prefix: str = ""):
         for key in self._anchor:
@@ -160,10 +163,15 @@ class Module:
         staged = {}
         for name, target in targets.items():
             value = state[name]
-            src = np.asarray(value.get() if hasattr(value, "get") and hasattr(
-                value, "__cuda_array_interface__") else value)
+            src = np.asarray(
+                value.get()
+                if hasattr(value, "get") and hasattr(value, "__cuda_array_interface__")
+                else value
+            )
             if src.dtype.kind not in "fiu":
-                raise TypeError(f"state[{name!r}] must be a real numeric array, got dtype {src.dtype}")
+                raise TypeError(
+                    f"state[{name!r}] must be a real numeric array, got dtype {src.dtype}"
+                )
             if tuple(src.shape) != tuple(target.shape):
                 raise ValueError(
                     f"state[{name!r}] has shape {tuple(src.shape)}, expected {tuple(target.shape)}"

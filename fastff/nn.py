@@ -9,6 +9,7 @@ Every module follows the protocol of the fastff layers:
 The code only uses ``self.ops.xp`` (NumPy on "cpu", CuPy on "cuda"), so the same modules run on
 either device once moved with ``.to()``.
 """
+
 from __future__ import annotations
 
 import inspect
@@ -32,6 +33,7 @@ def _check_grad_shape(dy, like, xp):
 
 # ---- Linear --------------------------------------------------------------------------------
 
+
 class Linear(Module):
     """y = x @ weight.T + bias, with x (..., input_width) -> y (..., output_width).
 
@@ -47,8 +49,10 @@ class Linear(Module):
         if not isinstance(bias, (bool, np.bool_)):
             raise TypeError(f"bias must be True or False, got {type(bias).__name__} {bias!r}")
         self.has_bias = bool(bias)
-        check_fits_in_memory((self.input_width + 1) * self.output_width * self.dtype.itemsize,
-                             f"Linear({self.input_width}, {self.output_width}) parameters")
+        check_fits_in_memory(
+            (self.input_width + 1) * self.output_width * self.dtype.itemsize,
+            f"Linear({self.input_width}, {self.output_width}) parameters",
+        )
         rng = np.random.default_rng(seed)
         bound = 1.0 / math.sqrt(self.input_width)
         weight = _uniform(rng, (self.output_width, self.input_width), bound, self.dtype)
@@ -61,12 +65,18 @@ class Linear(Module):
             self._anchor["bias"] = ("bias", None)
 
     def __repr__(self):
-        return (f"Linear({self.input_width}, {self.output_width}, bias={self.has_bias}, "
-                f"dtype={self.dtype.name}, device={self.device!r})")
+        return (
+            f"Linear({self.input_width}, {self.output_width}, bias={self.has_bias}, "
+            f"dtype={self.dtype.name}, device={self.device!r})"
+        )
 
     def get_config(self) -> dict:
-        return {"input_width": self.input_width, "output_width": self.output_width,
-                "bias": self.has_bias, "dtype": self.dtype.name}
+        return {
+            "input_width": self.input_width,
+            "output_width": self.output_width,
+            "bias": self.has_bias,
+            "dtype": self.dtype.name,
+        }
 
     def _forward(self, x):
         rows, lead = as_rows(x, self.input_width, self.dtype, self.ops.xp)
@@ -90,8 +100,10 @@ class Linear(Module):
             self._check_fresh(version, device)
             dy_rows, dy_lead = as_rows(dy, self.output_width, self.dtype, self.ops.xp, name="dy")
             if dy_lead != lead:
-                raise ValueError(f"dy must have the shape of y, {out_shape}, got "
-                                 f"{dy_lead + (self.output_width,)}")
+                raise ValueError(
+                    f"dy must have the shape of y, {out_shape}, got "
+                    f"{dy_lead + (self.output_width,)}"
+                )
             grads = self._allocate_grads()
             grads["weight_t"] += rows.T @ dy_rows
             if self.has_bias:
@@ -103,6 +115,7 @@ class Linear(Module):
 
 
 # ---- parameterless modules -----------------------------------------------------------------
+
 
 class _Elementwise(Module):
     """A parameterless elementwise function. It computes in the input's dtype (float32 and
@@ -234,8 +247,9 @@ class Dropout(Module):
         if rng is None:
             rng = self._rng
         elif not isinstance(rng, np.random.Generator):
-            raise TypeError(f"rng must be a numpy.random.Generator or None, got "
-                            f"{type(rng).__name__}")
+            raise TypeError(
+                f"rng must be a numpy.random.Generator or None, got {type(rng).__name__}"
+            )
         if self.p == 0.0:
             return x, lambda dy: _check_grad_shape(dy, x, xp)
         keep = rng.random(x.shape, dtype=x.dtype) >= self.p
@@ -250,11 +264,11 @@ class Dropout(Module):
 
 # ---- containers ----------------------------------------------------------------------------
 
+
 def _keyword_options(module):
     """(names of the keyword options module.forward_train takes, whether it takes **kwargs)."""
     params = list(inspect.signature(module.forward_train).parameters.values())[1:]  # skip x
-    names = {p.name for p in params
-             if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)}
+    names = {p.name for p in params if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)}
     return names, any(p.kind is p.VAR_KEYWORD for p in params)
 
 
@@ -273,19 +287,26 @@ class Sequential(Module):
             raise ValueError("Sequential needs at least one module")
         for i, m in enumerate(modules):
             if not isinstance(m, Module):
-                raise TypeError(f"Sequential argument {i} must be a fastff Module, got "
-                                f"{type(m).__name__}")
+                raise TypeError(
+                    f"Sequential argument {i} must be a fastff Module, got {type(m).__name__}"
+                )
         if len({id(m) for m in modules}) != len(modules):
-            raise ValueError("the same module instance appears twice in Sequential; its "
-                             "parameters would be updated twice per step: pass distinct modules")
+            raise ValueError(
+                "the same module instance appears twice in Sequential; its "
+                "parameters would be updated twice per step: pass distinct modules"
+            )
         dtypes = {m.dtype for m in modules if m.dtype is not None}
         if len(dtypes) > 1:
-            raise ValueError(f"Sequential mixes parameter dtypes {sorted(d.name for d in dtypes)}"
-                             "; build every module with the same dtype")
+            raise ValueError(
+                f"Sequential mixes parameter dtypes {sorted(d.name for d in dtypes)}"
+                "; build every module with the same dtype"
+            )
         devices = {m.device for m in modules}
         if len(devices) > 1:
-            raise ValueError(f"Sequential mixes devices {sorted(devices)}; move the modules to "
-                             "one device first (or move the Sequential afterwards with .to())")
+            raise ValueError(
+                f"Sequential mixes devices {sorted(devices)}; move the modules to "
+                "one device first (or move the Sequential afterwards with .to())"
+            )
         self.dtype = dtypes.pop() if dtypes else None
         self.device = devices.pop()
         self.layers = list(modules)
@@ -308,8 +329,9 @@ class Sequential(Module):
         return f"Sequential(\n{inner}\n)"
 
     def get_config(self) -> dict:
-        return {"modules": [{"kind": type(m).__name__, "config": m.get_config()}
-                            for m in self.layers]}
+        return {
+            "modules": [{"kind": type(m).__name__, "config": m.get_config()} for m in self.layers]
+        }
 
     @classmethod
     def from_config(cls, config: dict) -> Sequential:
@@ -331,8 +353,10 @@ class Sequential(Module):
         accepted = set().union(*(names for names, _ in self._options))
         unknown = sorted(set(options) - accepted)
         if unknown and not takes_any:
-            raise TypeError(f"no module of this Sequential accepts the option(s) {unknown}; "
-                            f"accepted: {sorted(accepted)}")
+            raise TypeError(
+                f"no module of this Sequential accepts the option(s) {unknown}; "
+                f"accepted: {sorted(accepted)}"
+            )
         backprops = []
         for m, (names, var_kw) in zip(self.layers, self._options):
             kw = {k: v for k, v in options.items() if var_kw or k in names}
@@ -348,6 +372,7 @@ class Sequential(Module):
 
 
 # ---- losses --------------------------------------------------------------------------------
+
 
 def _float_array(a, name):
     xp = get_array_module(a)
@@ -368,8 +393,9 @@ def softmax_cross_entropy(logits, labels):
     """
     logits, xp = _float_array(logits, "logits")
     if logits.ndim != 2 or logits.shape[0] == 0 or logits.shape[1] == 0:
-        raise ValueError(f"logits must have shape (rows, classes) with both >= 1, got "
-                         f"{tuple(logits.shape)}")
+        raise ValueError(
+            f"logits must have shape (rows, classes) with both >= 1, got {tuple(logits.shape)}"
+        )
     if xp is np and hasattr(labels, "__cuda_array_interface__"):
         raise TypeError("labels is a CUDA array but logits is a host array; use one device")
     labels = xp.asarray(labels)
@@ -377,8 +403,10 @@ def softmax_cross_entropy(logits, labels):
         raise TypeError(f"labels must be integers, got dtype {labels.dtype}")
     n_rows, n_classes = logits.shape
     if labels.shape != (n_rows,):
-        raise ValueError(f"labels must have shape ({n_rows},) to match logits "
-                         f"{tuple(logits.shape)}, got {tuple(labels.shape)}")
+        raise ValueError(
+            f"labels must have shape ({n_rows},) to match logits "
+            f"{tuple(logits.shape)}, got {tuple(labels.shape)}"
+        )
     low, high = int(labels.min()), int(labels.max())
     if low < 0 or high >= n_classes:
         bad = low if low < 0 else high
@@ -407,8 +435,10 @@ def mse(pred, target):
     if target.dtype.kind not in "fiu":
         raise TypeError(f"target must hold real numbers, got dtype {target.dtype}")
     if pred.shape != target.shape:
-        raise ValueError(f"pred and target must have the same shape, got {tuple(pred.shape)} "
-                         f"and {tuple(target.shape)}")
+        raise ValueError(
+            f"pred and target must have the same shape, got {tuple(pred.shape)} "
+            f"and {tuple(target.shape)}"
+        )
     if pred.size == 0:
         raise ValueError("mse of empty arrays is undefined")
     diff = pred - target.astype(pred.dtype, copy=False)

@@ -3,6 +3,7 @@
 Layers hold their parameters in the backend's array type and call only these methods, so the
 layer code is the same on every device (thinc's Ops pattern).
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -36,8 +37,18 @@ class FFFOps:
     def fff_infer(self, x, p, depth, act):
         """Hard inference, x (B, in) -> y (B, out)."""
         y = self.xp.empty((x.shape[0], p["w2"].shape[2]), dtype=x.dtype)
-        self.cmm.fff_infer(x, p["node_w"], p["node_b"].reshape(-1), p["w1t"], p["b1"], p["w2"],
-                       p["b2"], depth, ACTIVATIONS[act], y)
+        self.cmm.fff_infer(
+            x,
+            p["node_w"],
+            p["node_b"].reshape(-1),
+            p["w1t"],
+            p["b1"],
+            p["w2"],
+            p["b2"],
+            depth,
+            ACTIVATIONS[act],
+            y,
+        )
         return y
 
     def fff_soft_forward(self, x, p, act, swap=None, drop=None):
@@ -59,14 +70,25 @@ class FFFOps:
         hpre = x @ p["w1t"].reshape(n_leaves * leaf_w, -1).T
         a = self.xp.empty_like(hpre)
         mixed = self.xp.empty_like(hpre)
-        self.cmm.fff_soft_leaf_activate(hpre, p["b1"], mix, drop_arr, has_drop, ACTIVATIONS[act],
-                                    a, mixed)
+        self.cmm.fff_soft_leaf_activate(
+            hpre, p["b1"], mix, drop_arr, has_drop, ACTIVATIONS[act], a, mixed
+        )
         # sum_l mix_l (a_l @ w2_l + b2_l) is one GEMM over the mixed hidden units plus mix @ b2.
         y = mixed @ p["w2"].reshape(n_leaves * leaf_w, -1)
         y += mix @ p["b2"]
-        saved = {"q": q, "reach": reach, "mix": mix, "hpre": hpre, "a": a, "mixed": mixed,
-                 "swap": swap_arr, "has_swap": has_swap, "drop": drop_arr, "has_drop": has_drop,
-                 "entropy": entropy}
+        saved = {
+            "q": q,
+            "reach": reach,
+            "mix": mix,
+            "hpre": hpre,
+            "a": a,
+            "mixed": mixed,
+            "swap": swap_arr,
+            "has_swap": has_swap,
+            "drop": drop_arr,
+            "has_drop": has_drop,
+            "entropy": entropy,
+        }
         return y, saved
 
     def fff_soft_backward(self, x, dy, p, saved, act, entropy_weight, g):
@@ -78,8 +100,16 @@ class FFFOps:
         mix = saved["mix"]
         dh = dy @ w2_flat.T  # becomes the hidden pre-activation gradient in place
         dmix = dy @ p["b2"].T
-        self.cmm.fff_soft_leaf_backward(saved["hpre"], saved["a"], dh, mix, saved["drop"],
-                                    saved["has_drop"], ACTIVATIONS[act], dmix)
+        self.cmm.fff_soft_leaf_backward(
+            saved["hpre"],
+            saved["a"],
+            dh,
+            mix,
+            saved["drop"],
+            saved["has_drop"],
+            ACTIVATIONS[act],
+            dmix,
+        )
         g["w2"].reshape(n_leaves * leaf_w, -1)[...] += saved["mixed"].T @ dy
         g["b2"][...] += mix.T @ dy
         g["w1t"].reshape(n_leaves * leaf_w, -1)[...] += dh.T @ x
@@ -88,9 +118,16 @@ class FFFOps:
         q = saved["q"]
         if q.shape[1] > 0:
             dz = self.xp.empty_like(q)
-            self.cmm.fff_soft_router_backward(dmix, q, saved["reach"], saved["swap"],
-                                          saved["has_swap"], entropy_weight,
-                                          self.xp.empty_like(saved["reach"]), dz)
+            self.cmm.fff_soft_router_backward(
+                dmix,
+                q,
+                saved["reach"],
+                saved["swap"],
+                saved["has_swap"],
+                entropy_weight,
+                self.xp.empty_like(saved["reach"]),
+                dz,
+            )
             g["node_w"][...] += dz.T @ x
             g["node_b"].reshape(-1)[...] += dz.sum(axis=0)
             dx += dz @ p["node_w"]
@@ -108,25 +145,68 @@ class FFFOps:
         leaf = self.xp.empty(n_rows, dtype=np.intp)
         hpre = self.xp.empty((n_rows, leaf_w), dtype=x.dtype)
         entropy = self.xp.empty(n_rows, dtype=x.dtype)
-        self.cmm.fff_hard_train_forward(x, p["node_w"], p["node_b"].reshape(-1), p["w1t"], p["b1"],
-                                    p["w2"], p["b2"], depth, ACTIVATIONS[act], swap_arr,
-                                    has_swap, drop_arr, has_drop, y, path, z_path, leaf, hpre,
-                                    entropy)
-        saved = {"path": path, "z_path": z_path, "leaf": leaf, "hpre": hpre, "swap": swap_arr,
-                 "has_swap": has_swap, "drop": drop_arr, "has_drop": has_drop,
-                 "entropy": entropy}
+        self.cmm.fff_hard_train_forward(
+            x,
+            p["node_w"],
+            p["node_b"].reshape(-1),
+            p["w1t"],
+            p["b1"],
+            p["w2"],
+            p["b2"],
+            depth,
+            ACTIVATIONS[act],
+            swap_arr,
+            has_swap,
+            drop_arr,
+            has_drop,
+            y,
+            path,
+            z_path,
+            leaf,
+            hpre,
+            entropy,
+        )
+        saved = {
+            "path": path,
+            "z_path": z_path,
+            "leaf": leaf,
+            "hpre": hpre,
+            "swap": swap_arr,
+            "has_swap": has_swap,
+            "drop": drop_arr,
+            "has_drop": has_drop,
+            "entropy": entropy,
+        }
         return y, saved
 
     def fff_hard_backward(self, x, dy, p, saved, act, entropy_weight, g):
         """Adds the hardened-path gradients into g; returns dx (B, in). entropy_weight scales
         each visited node's entropy gradient (hardening / (B * depth))."""
         dx = self.xp.empty_like(x)
-        self.cmm.fff_hard_train_backward(x, dy, p["node_w"], p["w1t"], p["w2"], saved["path"],
-                                     saved["z_path"], saved["leaf"], saved["swap"],
-                                     saved["has_swap"], saved["drop"], saved["has_drop"],
-                                     saved["hpre"], ACTIVATIONS[act], entropy_weight, dx,
-                                     g["node_w"], g["node_b"].reshape(-1), g["w1t"], g["b1"],
-                                     g["w2"], g["b2"])
+        self.cmm.fff_hard_train_backward(
+            x,
+            dy,
+            p["node_w"],
+            p["w1t"],
+            p["w2"],
+            saved["path"],
+            saved["z_path"],
+            saved["leaf"],
+            saved["swap"],
+            saved["has_swap"],
+            saved["drop"],
+            saved["has_drop"],
+            saved["hpre"],
+            ACTIVATIONS[act],
+            entropy_weight,
+            dx,
+            g["node_w"],
+            g["node_b"].reshape(-1),
+            g["w1t"],
+            g["b1"],
+            g["w2"],
+            g["b2"],
+        )
         return dx
 
 
@@ -153,16 +233,29 @@ class CPUOps(FFFOps):
         path = n_trees * (depth + 1) if save_path else 0
         visited = np.empty((n_rows if save_path else 0, path), dtype=np.intp)
         preact = np.empty((n_rows if save_path else 0, path), dtype=x.dtype)
-        _cmm.ultra_forward(x, w_in, b_in, w_out_t, depth, n_trees, ACTIVATIONS[act], y,
-                           visited, preact, save_path)
+        _cmm.ultra_forward(
+            x, w_in, b_in, w_out_t, depth, n_trees, ACTIVATIONS[act], y, visited, preact, save_path
+        )
         return y, visited, preact
 
-    def ultra_backward(self, x, dy, w_in, w_out_t, visited, preact, act, grad_w_in, grad_b_in,
-                       grad_w_out_t):
+    def ultra_backward(
+        self, x, dy, w_in, w_out_t, visited, preact, act, grad_w_in, grad_b_in, grad_w_out_t
+    ):
         """Adds the hard-path parameter gradients into grad_*; returns dx (B, in)."""
         dx = np.empty_like(x)
-        _cmm.ultra_backward(x, dy, w_in, w_out_t, visited, preact, ACTIVATIONS[act], dx,
-                            grad_w_in, grad_b_in, grad_w_out_t)
+        _cmm.ultra_backward(
+            x,
+            dy,
+            w_in,
+            w_out_t,
+            visited,
+            preact,
+            ACTIVATIONS[act],
+            dx,
+            grad_w_in,
+            grad_b_in,
+            grad_w_out_t,
+        )
         return dx
 
 

@@ -18,6 +18,7 @@ Typical loop::
         opt.step()
         sched.step()
 """
+
 from __future__ import annotations
 
 import math
@@ -34,8 +35,9 @@ def _check_real(value, name, minimum=0.0, *, below=None, strict=False):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
     value = float(value)
     if not math.isfinite(value) or value < minimum or (strict and value == minimum):
-        raise ValueError(f"{name} must be a finite number {'>' if strict else '>='} {minimum}, "
-                         f"got {value}")
+        raise ValueError(
+            f"{name} must be a finite number {'>' if strict else '>='} {minimum}, got {value}"
+        )
     if below is not None and value >= below:
         raise ValueError(f"{name} must be < {below}, got {value}")
     return value
@@ -59,8 +61,9 @@ class Optimizer:
         self.model = model
         self.lr = lr
         self.weight_decay = _check_real(weight_decay, "weight_decay")
-        self.local_batch_size = (None if local_batch_size is None
-                                 else check_int(local_batch_size, "local_batch_size", 1))
+        self.local_batch_size = (
+            None if local_batch_size is None else check_int(local_batch_size, "local_batch_size", 1)
+        )
         self.state = {}  # parameter name -> {buffer name: array shaped like the parameter}
         self.step_count = 0
 
@@ -129,8 +132,12 @@ class Optimizer:
             # update every row, then put back the rows (and their optimizer state) not ready yet
             kept = param[waiting].copy()
             kept_state = {k: b[waiting].copy() for k, b in self.state.get(name, {}).items()}
-            self._update(name, param, grad * scale.reshape((-1,) + (1,) * (grad.ndim - 1))
-                         .astype(grad.dtype), xp)
+            self._update(
+                name,
+                param,
+                grad * scale.reshape((-1,) + (1,) * (grad.ndim - 1)).astype(grad.dtype),
+                xp,
+            )
             param[waiting] = kept
             for k, b in kept_state.items():
                 self.state[name][k][waiting] = b
@@ -160,8 +167,9 @@ class SGD(Optimizer):
     g = g + momentum * buf if nesterov else buf; then p -= lr * g.
     """
 
-    def __init__(self, model, lr, momentum=0.0, nesterov=False, weight_decay=0.0, *,
-                 local_batch_size=None):
+    def __init__(
+        self, model, lr, momentum=0.0, nesterov=False, weight_decay=0.0, *, local_batch_size=None
+    ):
         super().__init__(model, lr, weight_decay, local_batch_size=local_batch_size)
         self.momentum = _check_real(momentum, "momentum", below=1.0)
         if not isinstance(nesterov, bool):
@@ -192,13 +200,23 @@ class Adam(Optimizer):
 
     decoupled = False
 
-    def __init__(self, model, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, *,
-                 local_batch_size=None):
+    def __init__(
+        self,
+        model,
+        lr=1e-3,
+        betas=(0.9, 0.999),
+        eps=1e-8,
+        weight_decay=0.0,
+        *,
+        local_batch_size=None,
+    ):
         super().__init__(model, lr, weight_decay, local_batch_size=local_batch_size)
         if not isinstance(betas, (tuple, list)) or len(betas) != 2:
             raise TypeError(f"betas must be a pair (beta1, beta2), got {betas!r}")
-        self.betas = (_check_real(betas[0], "betas[0]", below=1.0),
-                      _check_real(betas[1], "betas[1]", below=1.0))
+        self.betas = (
+            _check_real(betas[0], "betas[0]", below=1.0),
+            _check_real(betas[1], "betas[1]", below=1.0),
+        )
         self.eps = _check_real(eps, "eps", strict=True)
 
     def _update(self, name, param, grad, xp):
@@ -216,9 +234,9 @@ class Adam(Optimizer):
         v += (1 - beta2) * (g * g)
         t = self.step_count
         denom = xp.sqrt(v)
-        denom *= 1 / math.sqrt(1 - beta2 ** t)
+        denom *= 1 / math.sqrt(1 - beta2**t)
         denom += self.eps
-        param -= (self.lr / (1 - beta1 ** t)) * (m / denom)
+        param -= (self.lr / (1 - beta1**t)) * (m / denom)
 
 
 class AdamW(Adam):
@@ -228,12 +246,21 @@ class AdamW(Adam):
 
     decoupled = True
 
-    def __init__(self, model, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01, *,
-                 local_batch_size=None):
+    def __init__(
+        self,
+        model,
+        lr=1e-3,
+        betas=(0.9, 0.999),
+        eps=1e-8,
+        weight_decay=0.01,
+        *,
+        local_batch_size=None,
+    ):
         super().__init__(model, lr, betas, eps, weight_decay, local_batch_size=local_batch_size)
 
 
 # ---- learning-rate schedules ---------------------------------------------------------------
+
 
 class LRSchedule:
     """Sets ``optimizer.lr`` from the number of updates done. The optimizer's lr when the
@@ -242,8 +269,9 @@ class LRSchedule:
 
     def __init__(self, optimizer):
         if not isinstance(optimizer, Optimizer):
-            raise TypeError(f"optimizer must be a fastff.optim Optimizer, got "
-                            f"{type(optimizer).__name__}")
+            raise TypeError(
+                f"optimizer must be a fastff.optim Optimizer, got {type(optimizer).__name__}"
+            )
         self.optimizer = optimizer
         self.base_lr = optimizer.lr
         self.step_count = 0
@@ -287,12 +315,14 @@ class CosineLR(LRSchedule):
         self.total_steps = check_int(total_steps, "total_steps", 1)
         self.warmup_steps = check_int(warmup_steps, "warmup_steps", 0)
         if self.warmup_steps >= self.total_steps:
-            raise ValueError(f"warmup_steps ({self.warmup_steps}) must be < total_steps "
-                             f"({self.total_steps})")
+            raise ValueError(
+                f"warmup_steps ({self.warmup_steps}) must be < total_steps ({self.total_steps})"
+            )
         self.min_lr = _check_real(min_lr, "min_lr")
         if self.min_lr > self.base_lr:
-            raise ValueError(f"min_lr ({self.min_lr}) must not exceed the optimizer's lr "
-                             f"({self.base_lr})")
+            raise ValueError(
+                f"min_lr ({self.min_lr}) must not exceed the optimizer's lr ({self.base_lr})"
+            )
         self._start()
 
     def lr_at(self, step):

@@ -3,6 +3,7 @@
 This is the specification the tests hold both backends to. Parameters are in the anchor
 (state-dict) layout; nothing here is optimised.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -32,6 +33,7 @@ def act_grad(name, z):
 
 
 # ---- neuron-tree FFF (UltraFastBERT) ---------------------------------------------------------
+
 
 def ultra_visit_mask(z, depth, parallel_size):
     """M (B, T*n): 1 on the depth+1 nodes each row visits in each tree (right iff z > 0)."""
@@ -69,6 +71,7 @@ def ultra_backward(dy, cache, params, activation):
 
 
 # ---- dense feedforward baseline (benchmarks) -------------------------------------------------
+
 
 def dense_forward(x, w1, b1, w2, activation):
     """act(x @ w1 + b1) @ w2 with w1 (in, width), w2 (width, out): the FF an FFF replaces."""
@@ -154,8 +157,22 @@ def fff_train_forward(x, params, activation, *, hardened=False, swap=None, drop=
     counted = reach[:, :n_nodes] if hardened else np.ones(z.shape)  # 0/1 visited when hardened
     n_counted = counted.sum()
     mean_entropy = float((h * counted).sum() / n_counted) if n_counted else 0.0
-    cache = dict(x=x, z=z, p=p, q=q, d=d, swap=swap, reach=reach, hpre=hpre, a=a, f=f, drop=drop,
-                 counted=counted, n_counted=n_counted, hardened=hardened)
+    cache = dict(
+        x=x,
+        z=z,
+        p=p,
+        q=q,
+        d=d,
+        swap=swap,
+        reach=reach,
+        hpre=hpre,
+        a=a,
+        f=f,
+        drop=drop,
+        counted=counted,
+        n_counted=n_counted,
+        hardened=hardened,
+    )
     return y, mean_entropy, cache
 
 

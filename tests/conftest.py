@@ -1,4 +1,5 @@
 """Shared test helpers: hypothesis profiles, tolerances, and data whose routing is exact."""
+
 import os
 
 import numpy as np
@@ -6,11 +7,18 @@ import pytest
 from hypothesis import HealthCheck, settings
 
 settings.register_profile(
-    "ci", max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow],
-    derandomize=True, print_blob=True,
+    "ci",
+    max_examples=25,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+    derandomize=True,
+    print_blob=True,
 )
 settings.register_profile(
-    "thorough", max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow],
+    "thorough",
+    max_examples=400,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
 )
 settings.load_profile(os.environ.get("FASTFF_HYPOTHESIS_PROFILE", "ci"))
 
@@ -53,6 +61,7 @@ def rng():
 
 # ---- small IDX datasets (the format of MNIST / Fashion-MNIST) --------------------------------
 
+
 def write_idx(path, array, magic, gz=False):
     """Write a uint8 array as an IDX file: big-endian magic, dimensions, then the bytes."""
     import gzip
@@ -74,7 +83,7 @@ def synthetic_fashion_mnist(n_train, n_test, seed=0):
         labels = rng.integers(0, 10, n)
         images = rng.integers(0, 60, (n, 28, 28))
         for c in range(10):
-            images[labels == c, 2 * c:2 * c + 3, :] = 220
+            images[labels == c, 2 * c : 2 * c + 3, :] = 220
         return images.astype(np.uint8), labels
 
     return split(n_train), split(n_test)

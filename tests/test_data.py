@@ -1,4 +1,5 @@
 """fastff.data: the Fashion-MNIST IDX loader on small files written here."""
+
 import gzip
 import os
 
@@ -59,13 +60,16 @@ def corrupt(folder, name, data=None, magic=None, shape=None, gz=False):
     write_idx(folder / name, array, magic or (2051 if images else 2049), gz)
 
 
-@pytest.mark.parametrize("name, kwargs, words", [
-    ("train-images-idx3-ubyte", dict(magic=2049), "magic number 2049, expected 2051"),
-    ("train-labels-idx1-ubyte", dict(magic=2051), "magic number 2051, expected 2049"),
-    ("t10k-images-idx3-ubyte", dict(shape=(5, 27, 28)), r"shape \(27, 28\)"),
-    ("train-labels-idx1-ubyte", dict(shape=(9,)), "10 images but 9 labels"),
-    ("train-labels-idx1-ubyte", dict(data=np.full(10, 10)), "label 10"),
-])
+@pytest.mark.parametrize(
+    "name, kwargs, words",
+    [
+        ("train-images-idx3-ubyte", dict(magic=2049), "magic number 2049, expected 2051"),
+        ("train-labels-idx1-ubyte", dict(magic=2051), "magic number 2051, expected 2049"),
+        ("t10k-images-idx3-ubyte", dict(shape=(5, 27, 28)), r"shape \(27, 28\)"),
+        ("train-labels-idx1-ubyte", dict(shape=(9,)), "10 images but 9 labels"),
+        ("train-labels-idx1-ubyte", dict(data=np.full(10, 10)), "label 10"),
+    ],
+)
 def test_bad_contents(tmp_path, name, kwargs, words):
     write_fashion_mnist(tmp_path, 10, 5)
     corrupt(tmp_path, name, **kwargs)
@@ -73,12 +77,15 @@ def test_bad_contents(tmp_path, name, kwargs, words):
         load_fashion_mnist(tmp_path)
 
 
-@pytest.mark.parametrize("edit, words", [
-    (lambda data: data[:-1], "truncated"),
-    (lambda data: data[:-790], "truncated"),
-    (lambda data: data[:3], "too short"),
-    (lambda data: data + b"\0", "longer than its header"),
-])
+@pytest.mark.parametrize(
+    "edit, words",
+    [
+        (lambda data: data[:-1], "truncated"),
+        (lambda data: data[:-790], "truncated"),
+        (lambda data: data[:3], "too short"),
+        (lambda data: data + b"\0", "longer than its header"),
+    ],
+)
 def test_truncated_or_padded_file(tmp_path, edit, words):
     write_fashion_mnist(tmp_path, 10, 5)
     path = tmp_path / "train-images-idx3-ubyte"
@@ -99,8 +106,10 @@ def test_damaged_gzip(tmp_path):
         load_fashion_mnist(tmp_path)
 
 
-@pytest.mark.skipif(not os.path.isdir("/usr/share/datasets/fashion-mnist"),
-                    reason="the real Fashion-MNIST (apt-get install dataset-fashion-mnist)")
+@pytest.mark.skipif(
+    not os.path.isdir("/usr/share/datasets/fashion-mnist"),
+    reason="the real Fashion-MNIST (apt-get install dataset-fashion-mnist)",
+)
 def test_real_dataset(monkeypatch):
     monkeypatch.delenv("FASTFF_DATA", raising=False)
     (x_train, y_train), (x_test, y_test) = load_fashion_mnist()

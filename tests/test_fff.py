@@ -1,4 +1,5 @@
 """FFF (router-leaf): CPU kernels against fastff.reference, masks, usage, state dicts, errors."""
+
 import numpy as np
 import pytest
 from hypothesis import given
@@ -16,7 +17,7 @@ PARAM_KEYS = ["node_weights", "node_biases", "w1s", "b1s", "w2s", "b2s"]
 
 def node_levels(depth):
     """Level (0..depth-1) of each node in heap order."""
-    return np.array([(n + 1).bit_length() - 1 for n in range(2 ** depth - 1)], dtype=np.intp)
+    return np.array([(n + 1).bit_length() - 1 for n in range(2**depth - 1)], dtype=np.intp)
 
 
 def reference_masks(layer, swap, drop, n_rows):
@@ -41,10 +42,16 @@ def check_training(layer, state, x, dy, hardening, *, rng=None, masks=(None, Non
     dx = backprop(dy)
     swap, drop = reference_masks(layer, *masks, x.shape[0])
     y_ref, entropy_ref, cache = R.fff_train_forward(
-        np.asarray(x, np.float64), state, layer.activation, hardened=layer.train_hardened,
-        swap=swap, drop=drop)
-    dx_ref, grads_ref = R.fff_train_backward(np.asarray(dy, np.float64), cache, state,
-                                             layer.activation, hardening)
+        np.asarray(x, np.float64),
+        state,
+        layer.activation,
+        hardened=layer.train_hardened,
+        swap=swap,
+        drop=drop,
+    )
+    dx_ref, grads_ref = R.fff_train_backward(
+        np.asarray(dy, np.float64), cache, state, layer.activation, hardening
+    )
     n_rows, width = x.shape[0], layer.training_width + layer.input_width
     assert y.dtype == dtype and dx.dtype == dtype
     assert_close(y, y_ref, dtype, width, "y")
@@ -66,9 +73,14 @@ def training_case(seed, in_w, leaf_w, out_w, depth, batch, act, dtype, **kwargs)
 
 
 shapes = dict(
-    in_w=st.integers(1, 40), leaf_w=st.integers(1, 8), out_w=st.integers(1, 12),
-    depth=st.integers(0, 6), batch=st.integers(0, 40), act=st.sampled_from(ACTS),
-    dtype=st.sampled_from(DTYPES), seed=st.integers(0, 2**32 - 1),
+    in_w=st.integers(1, 40),
+    leaf_w=st.integers(1, 8),
+    out_w=st.integers(1, 12),
+    depth=st.integers(0, 6),
+    batch=st.integers(0, 40),
+    act=st.sampled_from(ACTS),
+    dtype=st.sampled_from(DTYPES),
+    seed=st.integers(0, 2**32 - 1),
 )
 
 
@@ -84,36 +96,57 @@ def test_inference_matches_reference(in_w, leaf_w, out_w, depth, batch, act, dty
 
 
 @given(hardening=st.sampled_from([0.0, 0.75]), **shapes)
-def test_soft_training_matches_reference(hardening, in_w, leaf_w, out_w, depth, batch, act,
-                                         dtype, seed):
+def test_soft_training_matches_reference(
+    hardening, in_w, leaf_w, out_w, depth, batch, act, dtype, seed
+):
     layer, state, x, dy = training_case(seed, in_w, leaf_w, out_w, depth, batch, act, dtype)
     check_training(layer, state, x, dy, hardening)
 
 
 @given(hardening=st.sampled_from([0.0, 0.75]), **shapes)
-def test_hardened_training_matches_reference(hardening, in_w, leaf_w, out_w, depth, batch, act,
-                                             dtype, seed):
-    layer, state, x, dy = training_case(seed, in_w, leaf_w, out_w, depth, batch, act, dtype,
-                                        train_hardened=True)
+def test_hardened_training_matches_reference(
+    hardening, in_w, leaf_w, out_w, depth, batch, act, dtype, seed
+):
+    layer, state, x, dy = training_case(
+        seed, in_w, leaf_w, out_w, depth, batch, act, dtype, train_hardened=True
+    )
     check_training(layer, state, x, dy, hardening)
 
 
-@given(hardened=st.booleans(), leak=st.sampled_from([0.2, 0.6]),
-       dropout=st.sampled_from([0.0, 0.3]), depth=st.integers(0, 5), batch=st.integers(1, 30),
-       dtype=st.sampled_from(DTYPES), seed=st.integers(0, 2**32 - 1))
-def test_region_leak_and_dropout_match_reference(hardened, leak, dropout, depth, batch, dtype,
-                                                 seed):
-    layer, state, x, dy = training_case(seed, 9, 3, 4, depth, batch, "gelu", dtype,
-                                        train_hardened=hardened, region_leak=leak,
-                                        dropout=dropout)
+@given(
+    hardened=st.booleans(),
+    leak=st.sampled_from([0.2, 0.6]),
+    dropout=st.sampled_from([0.0, 0.3]),
+    depth=st.integers(0, 5),
+    batch=st.integers(1, 30),
+    dtype=st.sampled_from(DTYPES),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_region_leak_and_dropout_match_reference(
+    hardened, leak, dropout, depth, batch, dtype, seed
+):
+    layer, state, x, dy = training_case(
+        seed,
+        9,
+        3,
+        4,
+        depth,
+        batch,
+        "gelu",
+        dtype,
+        train_hardened=hardened,
+        region_leak=leak,
+        dropout=dropout,
+    )
     masks = layer._draw_masks(np.random.default_rng(seed), batch)
     check_training(layer, state, x, dy, 0.5, rng=np.random.default_rng(seed), masks=masks)
 
 
 @pytest.mark.parametrize("hardened", [False, True])
 def test_same_rng_same_result_and_masks_take_effect(hardened, rng):
-    layer = fastff.FFF(12, 4, 3, 3, region_leak=0.4, dropout=0.3, train_hardened=hardened,
-                       dtype=np.float64, seed=5)
+    layer = fastff.FFF(
+        12, 4, 3, 3, region_leak=0.4, dropout=0.3, train_hardened=hardened, dtype=np.float64, seed=5
+    )
     x = rng.standard_normal((50, 12))
     dy = rng.standard_normal((50, 3))
 
@@ -161,9 +194,12 @@ def test_reference_gradients_match_finite_differences(hardened):
     rng = np.random.default_rng(3)
     in_w, leaf_w, out_w, batch, hardening = 5, 3, 2, 7, 0.8  # depth 2: 3 nodes, 4 leaves
     params = {
-        "node_weights": rng.standard_normal((3, in_w)), "node_biases": rng.standard_normal((3, 1)),
-        "w1s": rng.standard_normal((4, in_w, leaf_w)), "b1s": rng.standard_normal((4, leaf_w)),
-        "w2s": rng.standard_normal((4, leaf_w, out_w)), "b2s": rng.standard_normal((4, out_w)),
+        "node_weights": rng.standard_normal((3, in_w)),
+        "node_biases": rng.standard_normal((3, 1)),
+        "w1s": rng.standard_normal((4, in_w, leaf_w)),
+        "b1s": rng.standard_normal((4, leaf_w)),
+        "w2s": rng.standard_normal((4, leaf_w, out_w)),
+        "b2s": rng.standard_normal((4, out_w)),
     }
     x, dy = rng.standard_normal((batch, in_w)), rng.standard_normal((batch, out_w))
     swap = rng.random((batch, 3)) < 0.3
@@ -192,8 +228,9 @@ def test_reference_gradients_match_finite_differences(hardened):
 
     np.testing.assert_allclose(dx, numeric(lambda: x), rtol=1e-6, atol=1e-7)
     for key in PARAM_KEYS:
-        np.testing.assert_allclose(grads[key], numeric(lambda key=key: params[key]), rtol=1e-6,
-                                   atol=1e-7, err_msg=key)
+        np.testing.assert_allclose(
+            grads[key], numeric(lambda key=key: params[key]), rtol=1e-6, atol=1e-7, err_msg=key
+        )
     if hardened:  # the rounding passes nothing: routers learn from the entropy term alone
         _, grads0 = R.fff_train_backward(dy, cache, params, "gelu", 0.0)
         assert not grads0["node_weights"].any() and not grads0["node_biases"].any()
@@ -201,11 +238,16 @@ def test_reference_gradients_match_finite_differences(hardened):
 
 def test_hand_computed_routing_and_ties():
     layer = fastff.FFF(2, 1, 1, 1, activation="identity", dtype=np.float64)
-    layer.load_state_dict({
-        "node_weights": np.array([[1.0, 0.0]]), "node_biases": np.array([[0.0]]),
-        "w1s": np.array([[[1.0], [0.0]], [[0.0], [1.0]]]), "b1s": np.array([[0.0], [0.5]]),
-        "w2s": np.array([[[2.0]], [[3.0]]]), "b2s": np.array([[1.0], [-1.0]]),
-    })
+    layer.load_state_dict(
+        {
+            "node_weights": np.array([[1.0, 0.0]]),
+            "node_biases": np.array([[0.0]]),
+            "w1s": np.array([[[1.0], [0.0]], [[0.0], [1.0]]]),
+            "b1s": np.array([[0.0], [0.5]]),
+            "w2s": np.array([[[2.0]], [[3.0]]]),
+            "b2s": np.array([[1.0], [-1.0]]),
+        }
+    )
     # x=(1,2): z=1 >= 0 -> right leaf: (2 + 0.5) * 3 - 1 = 6.5
     # x=(-1,2): z=-1 -> left leaf: -1 * 2 + 1 = -1
     # x=(0,7): z=0 >= 0 -> right in inference: 7.5 * 3 - 1 = 21.5
@@ -223,8 +265,7 @@ def test_hand_computed_routing_and_ties():
 
 
 def test_hardened_gradients_only_touch_the_reached_leaf(rng):
-    layer, state, x, dy = training_case(4, 6, 3, 2, 3, 10, "relu", np.float64,
-                                        train_hardened=True)
+    layer, state, x, dy = training_case(4, 6, 3, 2, 3, 10, "relu", np.float64, train_hardened=True)
     y, backprop = layer.forward_train(x)
     backprop(dy)
     z = x @ state["node_weights"].T + state["node_biases"].T
@@ -274,6 +315,7 @@ def test_gradients_accumulate_and_zero(rng):
 
 # ---- usage tracking ---------------------------------------------------------------------------
 
+
 def _reference_reach(layer, state, x, hardened_decisions):
     z = x @ state["node_weights"].T + state["node_biases"].T
     q = 1 / (1 + np.exp(-z))
@@ -285,11 +327,13 @@ def _reference_reach(layer, state, x, hardened_decisions):
     return reach
 
 
-@pytest.mark.parametrize("mode, hardened", [("soft", False), ("hard", False), ("soft", True),
-                                            ("hard", True)])
+@pytest.mark.parametrize(
+    "mode, hardened", [("soft", False), ("hard", False), ("soft", True), ("hard", True)]
+)
 def test_usage_counters(mode, hardened):
-    layer, state, x, _ = training_case(8, 7, 2, 3, 3, 25, "relu", np.float64, usage_mode=mode,
-                                       train_hardened=hardened)
+    layer, state, x, _ = training_case(
+        8, 7, 2, 3, 3, 25, "relu", np.float64, usage_mode=mode, train_hardened=hardened
+    )
     assert layer.node_usage.shape == (7,) and layer.leaf_usage.shape == (8,)
     assert not layer.node_usage.any()
     for _ in range(2):
@@ -316,15 +360,27 @@ def test_no_usage_tracking_by_default(rng):
 
 # ---- shapes, inputs, depth 0 ------------------------------------------------------------------
 
+
 def test_state_dict_keys_shapes_and_init_bounds():
     layer = fastff.FFF(16, 4, 9, 3, seed=7)
     state = layer.state_dict()
     assert {k: v.shape for k, v in state.items()} == {
-        "node_weights": (7, 16), "node_biases": (7, 1), "w1s": (8, 16, 4), "b1s": (8, 4),
-        "w2s": (8, 4, 9), "b2s": (8, 9)}
+        "node_weights": (7, 16),
+        "node_biases": (7, 1),
+        "w1s": (8, 16, 4),
+        "b1s": (8, 4),
+        "w2s": (8, 4, 9),
+        "b2s": (8, 9),
+    }
     assert all(v.flags.c_contiguous and v.dtype == np.float32 for v in state.values())
-    for key, bound in [("node_weights", 1 / 4), ("node_biases", 1 / 4), ("w1s", 1 / 4),
-                       ("b1s", 1 / 4), ("w2s", 1 / 2), ("b2s", 1 / 2)]:
+    for key, bound in [
+        ("node_weights", 1 / 4),
+        ("node_biases", 1 / 4),
+        ("w1s", 1 / 4),
+        ("b1s", 1 / 4),
+        ("w2s", 1 / 2),
+        ("b2s", 1 / 2),
+    ]:
         assert np.abs(state[key]).max() <= bound
         assert np.abs(state[key]).max() > 0.7 * bound, key  # really spans the range
     again = fastff.FFF(16, 4, 9, 3, seed=7).state_dict()
@@ -395,23 +451,27 @@ def test_input_casts_and_layouts(rng):
 
 # ---- errors -------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("kwargs, exc, words", [
-    (dict(input_width=0), ValueError, "input_width"),
-    (dict(leaf_width=0), ValueError, "leaf_width"),
-    (dict(output_width=-2), ValueError, "output_width"),
-    (dict(depth=-1), ValueError, "depth"),
-    (dict(depth=2.0), TypeError, "depth"),
-    (dict(leaf_width=True), TypeError, "leaf_width"),
-    (dict(dropout=1.0), ValueError, "dropout"),
-    (dict(dropout=-0.1), ValueError, "dropout"),
-    (dict(dropout="0.1"), TypeError, "dropout"),
-    (dict(region_leak=1.0), ValueError, "region_leak"),
-    (dict(usage_mode="always"), ValueError, "usage_mode"),
-    (dict(activation="tanh"), ValueError, "activation"),
-    (dict(train_hardened=1), TypeError, "train_hardened"),
-    (dict(dtype=np.int64), ValueError, "dtype"),
-    (dict(depth=45), MemoryError, "bytes"),
-])
+
+@pytest.mark.parametrize(
+    "kwargs, exc, words",
+    [
+        (dict(input_width=0), ValueError, "input_width"),
+        (dict(leaf_width=0), ValueError, "leaf_width"),
+        (dict(output_width=-2), ValueError, "output_width"),
+        (dict(depth=-1), ValueError, "depth"),
+        (dict(depth=2.0), TypeError, "depth"),
+        (dict(leaf_width=True), TypeError, "leaf_width"),
+        (dict(dropout=1.0), ValueError, "dropout"),
+        (dict(dropout=-0.1), ValueError, "dropout"),
+        (dict(dropout="0.1"), TypeError, "dropout"),
+        (dict(region_leak=1.0), ValueError, "region_leak"),
+        (dict(usage_mode="always"), ValueError, "usage_mode"),
+        (dict(activation="tanh"), ValueError, "activation"),
+        (dict(train_hardened=1), TypeError, "train_hardened"),
+        (dict(dtype=np.int64), ValueError, "dtype"),
+        (dict(depth=45), MemoryError, "bytes"),
+    ],
+)
 def test_constructor_errors(kwargs, exc, words):
     args = dict(input_width=8, leaf_width=4, output_width=3, depth=3)
     args.update(kwargs)
@@ -443,6 +503,7 @@ def test_training_call_errors(rng):
 
 # ---- state dicts ------------------------------------------------------------------------------
 
+
 def test_state_dict_round_trip_and_atomic_errors(rng):
     layer = fastff.FFF(4, 3, 2, 2, seed=0)
     other = fastff.FFF(4, 3, 2, 2, seed=1)
@@ -472,9 +533,12 @@ def test_loads_a_package_state_dict(depth_entry, rng):
     """The fastfeedforward module's state_dict(): float32 tensors, `depth`, usage counters."""
     source = fastff.FFF(6, 3, 2, 2, usage_mode="soft", seed=3)
     source.forward_train(rng.standard_normal((10, 6)))
-    package_state = {"depth": depth_entry, **source.state_dict(),
-                     "node_usage": source.node_usage.astype(np.float32),
-                     "leaf_usage": source.leaf_usage.astype(np.float32)}
+    package_state = {
+        "depth": depth_entry,
+        **source.state_dict(),
+        "node_usage": source.node_usage.astype(np.float32),
+        "leaf_usage": source.leaf_usage.astype(np.float32),
+    }
     tracking = fastff.FFF(6, 3, 2, 2, usage_mode="soft", dtype=np.float64, seed=4)
     tracking.load_state_dict(package_state)
     x = rng.standard_normal((5, 6))
@@ -489,15 +553,25 @@ def test_loads_a_package_state_dict(depth_entry, rng):
 def test_get_config_rebuilds_the_layer():
     layer = fastff.FFF(7, 3, 2, 4, "gelu", 0.1, True, 0.05, "hard", dtype=np.float64, seed=0)
     config = layer.get_config()
-    assert config == {"input_width": 7, "leaf_width": 3, "output_width": 2, "depth": 4,
-                      "activation": "gelu", "dropout": 0.1, "train_hardened": True,
-                      "region_leak": 0.05, "usage_mode": "hard", "dtype": "float64"}
+    assert config == {
+        "input_width": 7,
+        "leaf_width": 3,
+        "output_width": 2,
+        "depth": 4,
+        "activation": "gelu",
+        "dropout": 0.1,
+        "train_hardened": True,
+        "region_leak": 0.05,
+        "usage_mode": "hard",
+        "dtype": "float64",
+    }
     rebuilt = fastff.FFF(**config)
     assert rebuilt.get_config() == config
     assert "FFF(7, 3, 2, depth=4" in repr(layer)
 
 
 # ---- the real package, where installed ---------------------------------------------------------
+
 
 @pytest.mark.parametrize("hardened", [False, True])
 def test_matches_the_fastfeedforward_package(hardened):
@@ -525,8 +599,9 @@ def test_matches_the_fastfeedforward_package(hardened):
     np.testing.assert_allclose(dx, xt.grad.numpy(), rtol=1e-3, atol=1e-5)
     for name, param in theirs.named_parameters():
         if param.grad is not None:
-            np.testing.assert_allclose(ours.grads[name], param.grad.numpy(), rtol=1e-3,
-                                       atol=1e-5, err_msg=name)
+            np.testing.assert_allclose(
+                ours.grads[name], param.grad.numpy(), rtol=1e-3, atol=1e-5, err_msg=name
+            )
     # Inference. PyPI's 0.2.1 eval_forward leaves out b2s (the repository's later 'sparse'
     # implementation adds it, as fastff does), so compare with b2s zeroed on both sides.
     with torch.no_grad():

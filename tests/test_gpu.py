@@ -1,4 +1,5 @@
 """CUDA backend against fastff.reference and the CPU kernels. Skipped without CuPy or a GPU."""
+
 import numpy as np
 import pytest
 from hypothesis import given
@@ -29,9 +30,16 @@ def _ultra_case(seed, in_w, out_w, depth, trees, batch, dtype, act):
     return layer, state, x, rng
 
 
-@given(in_w=WIDTHS, out_w=WIDTHS, depth=st.integers(0, 10), trees=st.integers(1, 4),
-       batch=st.integers(0, 300), dtype=st.sampled_from(DTYPES), act=st.sampled_from(ACTS),
-       seed=st.integers(0, 2**32 - 1))
+@given(
+    in_w=WIDTHS,
+    out_w=WIDTHS,
+    depth=st.integers(0, 10),
+    trees=st.integers(1, 4),
+    batch=st.integers(0, 300),
+    dtype=st.sampled_from(DTYPES),
+    act=st.sampled_from(ACTS),
+    seed=st.integers(0, 2**32 - 1),
+)
 def test_ultra_inference_matches_reference(in_w, out_w, depth, trees, batch, dtype, act, seed):
     batch = min(batch, max(1, 200_000 // (trees * 2 ** (depth + 1))))
     layer, state, x, _ = _ultra_case(seed, in_w, out_w, depth, trees, batch, dtype, act)
@@ -44,9 +52,16 @@ def test_ultra_inference_matches_reference(in_w, out_w, depth, trees, batch, dty
     assert_close(cp.asnumpy(y), y_cpu, dtype, trees * (depth + 1) * in_w, "gpu vs cpu")
 
 
-@given(in_w=WIDTHS, out_w=WIDTHS, depth=st.integers(0, 8), trees=st.integers(1, 3),
-       batch=st.integers(0, 200), dtype=st.sampled_from(DTYPES), act=st.sampled_from(ACTS),
-       seed=st.integers(0, 2**32 - 1))
+@given(
+    in_w=WIDTHS,
+    out_w=WIDTHS,
+    depth=st.integers(0, 8),
+    trees=st.integers(1, 3),
+    batch=st.integers(0, 200),
+    dtype=st.sampled_from(DTYPES),
+    act=st.sampled_from(ACTS),
+    seed=st.integers(0, 2**32 - 1),
+)
 def test_ultra_gradients_match_reference(in_w, out_w, depth, trees, batch, dtype, act, seed):
     layer, state, x, rng = _ultra_case(seed, in_w, out_w, depth, trees, batch, dtype, act)
     dy = dyadic(rng, (batch, out_w), denom=8)
@@ -127,6 +142,7 @@ def test_float32_register_path_matches_reference(in_w, out_w, act):
 
 # ---- router-leaf FFF: GPU against the CPU kernels (themselves held to the reference) ----------
 
+
 def _fff_pair(seed, in_w, leaf_w, out_w, depth, dtype, act, **kwargs):
     rng = np.random.default_rng(seed)
     cpu = fastff.FFF(in_w, leaf_w, out_w, depth, act, dtype=dtype, seed=seed, **kwargs)
@@ -137,9 +153,16 @@ def _fff_pair(seed, in_w, leaf_w, out_w, depth, dtype, act, **kwargs):
     return cpu, gpu, state, rng
 
 
-@given(in_w=WIDTHS, leaf_w=st.integers(1, 8), out_w=WIDTHS, depth=st.integers(0, 8),
-       batch=st.integers(0, 300), dtype=st.sampled_from(DTYPES),
-       act=st.sampled_from(["relu", "gelu"]), seed=st.integers(0, 2**32 - 1))
+@given(
+    in_w=WIDTHS,
+    leaf_w=st.integers(1, 8),
+    out_w=WIDTHS,
+    depth=st.integers(0, 8),
+    batch=st.integers(0, 300),
+    dtype=st.sampled_from(DTYPES),
+    act=st.sampled_from(["relu", "gelu"]),
+    seed=st.integers(0, 2**32 - 1),
+)
 def test_fff_inference_matches_reference(in_w, leaf_w, out_w, depth, batch, dtype, act, seed):
     cpu, gpu, state, rng = _fff_pair(seed, in_w, leaf_w, out_w, depth, dtype, act)
     x = dyadic(rng, (batch, in_w), denom=8)
@@ -149,21 +172,32 @@ def test_fff_inference_matches_reference(in_w, leaf_w, out_w, depth, batch, dtyp
     assert_close(cp.asnumpy(y), y_ref, dtype, depth * in_w + leaf_w * (in_w + out_w), "fff y")
 
 
-@given(in_w=WIDTHS, leaf_w=st.integers(1, 8), out_w=WIDTHS, depth=st.integers(0, 6),
-       batch=st.integers(0, 200), dtype=st.sampled_from(DTYPES),
-       act=st.sampled_from(["relu", "gelu"]), hardened=st.booleans(),
-       leak=st.sampled_from([0.0, 0.3]), dropout=st.sampled_from([0.0, 0.25]),
-       hardening=st.sampled_from([0.0, 0.7]), seed=st.integers(0, 2**32 - 1))
-def test_fff_training_matches_cpu(in_w, leaf_w, out_w, depth, batch, dtype, act, hardened, leak,
-                                  dropout, hardening, seed):
+@given(
+    in_w=WIDTHS,
+    leaf_w=st.integers(1, 8),
+    out_w=WIDTHS,
+    depth=st.integers(0, 6),
+    batch=st.integers(0, 200),
+    dtype=st.sampled_from(DTYPES),
+    act=st.sampled_from(["relu", "gelu"]),
+    hardened=st.booleans(),
+    leak=st.sampled_from([0.0, 0.3]),
+    dropout=st.sampled_from([0.0, 0.25]),
+    hardening=st.sampled_from([0.0, 0.7]),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_fff_training_matches_cpu(
+    in_w, leaf_w, out_w, depth, batch, dtype, act, hardened, leak, dropout, hardening, seed
+):
     kwargs = dict(train_hardened=hardened, region_leak=leak, dropout=dropout)
     cpu, gpu, _, rng = _fff_pair(seed, in_w, leaf_w, out_w, depth, dtype, act, **kwargs)
     x = dyadic(rng, (batch, in_w), denom=8)
     dy = dyadic(rng, (batch, out_w), denom=8)
     y_c, bp_c = cpu.forward_train(x, rng=np.random.default_rng(seed), hardening=hardening)
-    y_g, bp_g = gpu.forward_train(cp.asarray(x), rng=np.random.default_rng(seed),
-                                  hardening=hardening)
-    terms = max(in_w, out_w, batch) * (depth + leaf_w + 1) * (2 ** depth if not hardened else 1)
+    y_g, bp_g = gpu.forward_train(
+        cp.asarray(x), rng=np.random.default_rng(seed), hardening=hardening
+    )
+    terms = max(in_w, out_w, batch) * (depth + leaf_w + 1) * (2**depth if not hardened else 1)
     assert_close(cp.asnumpy(y_g), y_c, dtype, terms, "y")
     np.testing.assert_allclose(gpu.last_mean_entropy, cpu.last_mean_entropy, rtol=1e-4, atol=1e-6)
     dx_c, dx_g = bp_c(dy), bp_g(cp.asarray(dy))

@@ -15,8 +15,11 @@ def test_tree_shape_needs_a_hint_when_ambiguous():
     assert tree_shape(15, parallel_size=5) == (5, 1)
     assert tree_shape(15, depth=3) == (1, 3)
     assert tree_shape(4 * 4095, parallel_size=4) == (4, 11)
-    with pytest.raises(ValueError, match=r"in 3 ways \(parallel_size=15, depth=0; "
-                                         r"parallel_size=5, depth=1; parallel_size=1, depth=3\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"in 3 ways \(parallel_size=15, depth=0; "
+        r"parallel_size=5, depth=1; parallel_size=1, depth=3\)",
+    ):
         tree_shape(15)
     with pytest.raises(ValueError, match="not parallel_size"):
         tree_shape(15, parallel_size=4)
@@ -28,8 +31,9 @@ def test_ultra_from_a_numpy_state_dict_under_a_prefix():
     source = fastff.UltraFFF(6, 4, depth=2, parallel_size=3, activation="relu", seed=0)
     state = {f"encoder.layer.1.ffn.{k}": v for k, v in source.state_dict().items()}
     state["encoder.layer.1.attention.weight"] = np.zeros((6, 6))  # another layer's weights
-    layer = ultra_from_torch(state, prefix="encoder.layer.1.ffn.", parallel_size=3,
-                             activation="relu")
+    layer = ultra_from_torch(
+        state, prefix="encoder.layer.1.ffn.", parallel_size=3, activation="relu"
+    )
     assert (layer.input_width, layer.output_width, layer.depth, layer.parallel_size) == (6, 4, 2, 3)
     x = np.random.default_rng(0).standard_normal((5, 6)).astype(np.float32)
     np.testing.assert_array_equal(layer(x), source(x))
@@ -49,8 +53,9 @@ def test_fff_from_a_numpy_state_dict_checks_the_tree():
     with pytest.raises(ValueError, match="depth 3, this layer has depth 2"):
         fff_from_torch(dict(state, depth=np.int64(3)))
     with pytest.raises(ValueError, match="2\\*\\*depth leaves, got 3"):
-        fff_from_torch({k: v[:3] if k in ("w1s", "b1s", "w2s", "b2s") else v
-                        for k, v in state.items()})
+        fff_from_torch(
+            {k: v[:3] if k in ("w1s", "b1s", "w2s", "b2s") else v for k, v in state.items()}
+        )
     with pytest.raises(ValueError, match="no b2s"):
         fff_from_torch({k: v for k, v in state.items() if k != "b2s"})
     with pytest.raises(TypeError, match="torch module or a state dict"):

@@ -20,8 +20,7 @@ class TorchUltraFFF(torch.nn.Module):
     forward `(act(Z) * M) W_out^T`. Autograd through it is the hard-path backward, since the
     mask M is a constant."""
 
-    def __init__(self, input_width, output_width, depth, parallel_size,
-                 activation=torch.nn.GELU):
+    def __init__(self, input_width, output_width, depth, parallel_size, activation=torch.nn.GELU):
         super().__init__()
         self.input_width, self.output_width = input_width, output_width
         self.depth, self.parallel_size = depth, parallel_size
@@ -102,8 +101,9 @@ def test_activation_and_dtype_of_torch_modules():
     half = module.to(torch.bfloat16)  # NumPy has no bfloat16: read as float32
     layer = ultra_from_torch(half)
     assert layer.dtype == np.float32
-    np.testing.assert_array_equal(layer.state_dict()["linear_in.weight"],
-                                  half.linear_in.weight.float().detach().numpy())
+    np.testing.assert_array_equal(
+        layer.state_dict()["linear_in.weight"], half.linear_in.weight.float().detach().numpy()
+    )
 
 
 def test_fff_from_a_torch_state_dict_matches_the_reference():
@@ -133,8 +133,17 @@ def test_fff_from_a_torch_state_dict_matches_the_reference():
 def test_nn_modules_give_torch_keys():
     model = nn.Sequential(nn.Linear(4, 3, seed=0), nn.ReLU(), fastff.FFF(3, 2, 2, depth=1))
     state = to_torch_state_dict(model)
-    assert sorted(state) == ["0.bias", "0.weight", "2.b1s", "2.b2s", "2.depth", "2.node_biases",
-                             "2.node_weights", "2.w1s", "2.w2s"]
+    assert sorted(state) == [
+        "0.bias",
+        "0.weight",
+        "2.b1s",
+        "2.b2s",
+        "2.depth",
+        "2.node_biases",
+        "2.node_weights",
+        "2.w1s",
+        "2.w2s",
+    ]
     torch_linear = torch.nn.Linear(4, 3)
     torch_linear.load_state_dict({"weight": state["0.weight"], "bias": state["0.bias"]})
     x = torch.randn(2, 4, generator=_torch_rng(7))

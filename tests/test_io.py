@@ -1,4 +1,5 @@
 """fastff.save / fastff.load: round trips, refusal of pickles and corrupt files, atomic writes."""
+
 import os
 import pickle
 
@@ -15,8 +16,14 @@ def _layers():
     yield fastff.FFF(5, 2, 2, 0, dtype=np.float64, seed=4)
     from fastff import nn
 
-    yield nn.Sequential(nn.Linear(6, 8, seed=5), nn.GELU(), fastff.UltraFFF(8, 8, 2, seed=6),
-                        nn.Dropout(0.1), fastff.FFF(8, 2, 3, 2, seed=7), nn.Linear(3, 2, seed=8))
+    yield nn.Sequential(
+        nn.Linear(6, 8, seed=5),
+        nn.GELU(),
+        fastff.UltraFFF(8, 8, 2, seed=6),
+        nn.Dropout(0.1),
+        fastff.FFF(8, 2, 3, 2, seed=7),
+        nn.Linear(3, 2, seed=8),
+    )
 
 
 @pytest.mark.parametrize("suffix", [".npz", ".safetensors"])
@@ -84,8 +91,10 @@ def test_corrupt_and_foreign_files(tmp_path, suffix):
 def test_mismatched_contents_are_refused(tmp_path):
     layer = fastff.UltraFFF(6, 4, 2, seed=0)
     state = layer.state_dict()
-    meta = ('{"format": "fastff", "format_version": 1, "kind": "UltraFFF", "config": '
-            '{"input_width": 6, "output_width": 4, "depth": 3}}')
+    meta = (
+        '{"format": "fastff", "format_version": 1, "kind": "UltraFFF", "config": '
+        '{"input_width": 6, "output_width": 4, "depth": 3}}'
+    )
     path = str(tmp_path / "wrong.npz")
     np.savez(path, **state, __fastff_meta__=np.frombuffer(meta.encode(), np.uint8))
     with pytest.raises(fastff.WeightFileError, match="shape"):
@@ -94,8 +103,11 @@ def test_mismatched_contents_are_refused(tmp_path):
     with pytest.raises(fastff.WeightFileError, match="metadata"):
         fastff.load(path)
     meta64 = meta.replace('"depth": 3', '"depth": 2')
-    np.savez(path, **{k: v.astype(np.float64) for k, v in state.items()},
-             __fastff_meta__=np.frombuffer(meta64.encode(), np.uint8))
+    np.savez(
+        path,
+        **{k: v.astype(np.float64) for k, v in state.items()},
+        __fastff_meta__=np.frombuffer(meta64.encode(), np.uint8),
+    )
     with pytest.raises(fastff.WeightFileError, match="float64"):
         fastff.load(path)
 

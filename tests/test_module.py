@@ -1,4 +1,5 @@
 """Module base class behaviour shared by every layer."""
+
 import numpy as np
 
 import fastff

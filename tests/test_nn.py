@@ -1,4 +1,5 @@
 """fastff.nn: layers against dense formulas and central finite differences, Sequential, losses."""
+
 import math
 
 import numpy as np
@@ -37,8 +38,9 @@ def check_gradients(module, x, rng, tol=1e-6):
     np.testing.assert_allclose(dx, numeric_grad(loss, x), rtol=tol, atol=tol)
     grads = module.grads
     for name, param in module.params.items():
-        np.testing.assert_allclose(grads[name], numeric_grad(loss, param), rtol=tol, atol=tol,
-                                   err_msg=name)
+        np.testing.assert_allclose(
+            grads[name], numeric_grad(loss, param), rtol=tol, atol=tol, err_msg=name
+        )
     return grads
 
 
@@ -50,10 +52,16 @@ GRADIENT_CASES = {
     "gelu": nn.GELU,
     "tanh": nn.Tanh,
     "sigmoid": nn.Sigmoid,
-    "mlp": lambda: nn.Sequential(nn.Linear(5, 7, dtype=np.float64, seed=1), nn.Tanh(),
-                                 nn.Linear(7, 4, dtype=np.float64, seed=2), nn.Sigmoid()),
-    "linear-ultra": lambda: nn.Sequential(nn.Linear(5, 6, dtype=np.float64, seed=3),
-                                          fastff.UltraFFF(6, 4, 2, 2, dtype=np.float64, seed=4)),
+    "mlp": lambda: nn.Sequential(
+        nn.Linear(5, 7, dtype=np.float64, seed=1),
+        nn.Tanh(),
+        nn.Linear(7, 4, dtype=np.float64, seed=2),
+        nn.Sigmoid(),
+    ),
+    "linear-ultra": lambda: nn.Sequential(
+        nn.Linear(5, 6, dtype=np.float64, seed=3),
+        fastff.UltraFFF(6, 4, 2, 2, dtype=np.float64, seed=4),
+    ),
 }
 
 
@@ -77,8 +85,12 @@ def test_linear_matches_dense_formula(dtype):
     expected = x @ state["weight"].T.astype(np.float64) + state["bias"]
     y = layer(x)
     assert y.dtype == dtype and y.shape == (2, 4, 3)
-    np.testing.assert_allclose(y, expected, rtol=1e-5 if dtype == np.float32 else 1e-12,
-                               atol=1e-5 if dtype == np.float32 else 1e-12)
+    np.testing.assert_allclose(
+        y,
+        expected,
+        rtol=1e-5 if dtype == np.float32 else 1e-12,
+        atol=1e-5 if dtype == np.float32 else 1e-12,
+    )
     y_train, backprop = layer.forward_train(x)
     np.testing.assert_array_equal(y_train, y)
     dy = rng.standard_normal(y.shape)
@@ -131,10 +143,15 @@ def test_activation_values():
     z = np.array([-800.0, -30.0, -3.0, -0.5, 0.0, 0.5, 3.0, 800.0])
     erf = np.vectorize(math.erf)
     with np.errstate(all="raise"):  # sigmoid of +-800 must not overflow
-        np.testing.assert_allclose(nn.Sigmoid()(z), [1 / (1 + math.exp(-v)) if v > -700 else 0.0
-                                                     for v in z], rtol=1e-12, atol=1e-300)
-        np.testing.assert_allclose(nn.GELU()(z), z * 0.5 * (1 + erf(z / math.sqrt(2))),
-                                   rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(
+            nn.Sigmoid()(z),
+            [1 / (1 + math.exp(-v)) if v > -700 else 0.0 for v in z],
+            rtol=1e-12,
+            atol=1e-300,
+        )
+        np.testing.assert_allclose(
+            nn.GELU()(z), z * 0.5 * (1 + erf(z / math.sqrt(2))), rtol=1e-12, atol=1e-12
+        )
     np.testing.assert_array_equal(nn.ReLU()(z), np.maximum(z, 0))
     np.testing.assert_allclose(nn.Tanh()(z), np.tanh(z))
     np.testing.assert_array_equal(nn.Identity()(z), z)
@@ -181,21 +198,37 @@ def test_dropout():
 
 
 def make_model(dtype=np.float64):
-    return nn.Sequential(nn.Linear(5, 6, dtype=dtype, seed=0), nn.Dropout(0.5, seed=1),
-                         fastff.UltraFFF(6, 4, 2, dtype=dtype, seed=2), nn.ReLU(),
-                         nn.Linear(4, 3, dtype=dtype, seed=3))
+    return nn.Sequential(
+        nn.Linear(5, 6, dtype=dtype, seed=0),
+        nn.Dropout(0.5, seed=1),
+        fastff.UltraFFF(6, 4, 2, dtype=dtype, seed=2),
+        nn.ReLU(),
+        nn.Linear(4, 3, dtype=dtype, seed=3),
+    )
 
 
 def test_sequential_names_config_and_state():
     model = make_model()
     names = [name for name, _, _ in model.named_parameters()]
-    assert names == ["0.weight", "0.bias", "2.linear_in.weight", "2.linear_in.bias",
-                     "2.linear_out.weight", "4.weight", "4.bias"]
+    assert names == [
+        "0.weight",
+        "0.bias",
+        "2.linear_in.weight",
+        "2.linear_in.bias",
+        "2.linear_out.weight",
+        "4.weight",
+        "4.bias",
+    ]
     assert list(model.state_dict()) == names
     assert model.grads["2.linear_out.weight"].shape == (4, 7)
     config = model.get_config()
-    assert [m["kind"] for m in config["modules"]] == ["Linear", "Dropout", "UltraFFF", "ReLU",
-                                                      "Linear"]
+    assert [m["kind"] for m in config["modules"]] == [
+        "Linear",
+        "Dropout",
+        "UltraFFF",
+        "ReLU",
+        "Linear",
+    ]
     assert config["modules"][2]["config"]["depth"] == 2
     other = make_model()
     for p in other.params.values():
@@ -262,12 +295,15 @@ def test_stale_backprop_raises_after_optimizer_step(rng):
         backprop(np.ones_like(y))
 
 
-@pytest.mark.parametrize("kwargs, exc, words", [
-    (dict(input_width=0), ValueError, "input_width"),
-    (dict(output_width=2.0), TypeError, "output_width"),
-    (dict(bias="yes"), TypeError, "bias"),
-    (dict(dtype=np.int64), ValueError, "dtype"),
-])
+@pytest.mark.parametrize(
+    "kwargs, exc, words",
+    [
+        (dict(input_width=0), ValueError, "input_width"),
+        (dict(output_width=2.0), TypeError, "output_width"),
+        (dict(bias="yes"), TypeError, "bias"),
+        (dict(dtype=np.int64), ValueError, "dtype"),
+    ],
+)
 def test_linear_constructor_errors(kwargs, exc, words):
     args = dict(input_width=3, output_width=2)
     args.update(kwargs)
@@ -315,23 +351,28 @@ def test_softmax_cross_entropy_gradient_and_stability():
     labels = np.array([4, 0, 2], dtype=np.uint8)
     _, dlogits = nn.softmax_cross_entropy(logits, labels)
     np.testing.assert_allclose(
-        dlogits, numeric_grad(lambda: nn.softmax_cross_entropy(logits, labels)[0], logits),
-        atol=1e-8)
+        dlogits,
+        numeric_grad(lambda: nn.softmax_cross_entropy(logits, labels)[0], logits),
+        atol=1e-8,
+    )
     with np.errstate(over="raise", invalid="raise", divide="raise"):  # underflow to 0 is fine
         loss, d = nn.softmax_cross_entropy(np.array([[1000.0, 0.0], [0.0, -1000.0]]), [1, 0])
     assert loss == pytest.approx(500.0) and np.isfinite(d).all()
 
 
-@pytest.mark.parametrize("logits, labels, exc, words", [
-    (np.zeros((2, 3)), np.array([0.0, 1.0]), TypeError, "integers"),
-    (np.zeros((2, 3)), np.array([True, False]), TypeError, "integers"),
-    (np.zeros((2, 3)), np.array([0, 3]), ValueError, r"\[0, 3\), found 3"),
-    (np.zeros((2, 3)), np.array([-1, 0]), ValueError, "found -1"),
-    (np.zeros((2, 3)), np.array([0, 1, 2]), ValueError, r"shape \(2,\)"),
-    (np.zeros(3), np.array([0]), ValueError, "rows, classes"),
-    (np.zeros((0, 3)), np.zeros(0, int), ValueError, "rows, classes"),
-    (np.zeros((2, 3), complex), np.array([0, 1]), TypeError, "real"),
-])
+@pytest.mark.parametrize(
+    "logits, labels, exc, words",
+    [
+        (np.zeros((2, 3)), np.array([0.0, 1.0]), TypeError, "integers"),
+        (np.zeros((2, 3)), np.array([True, False]), TypeError, "integers"),
+        (np.zeros((2, 3)), np.array([0, 3]), ValueError, r"\[0, 3\), found 3"),
+        (np.zeros((2, 3)), np.array([-1, 0]), ValueError, "found -1"),
+        (np.zeros((2, 3)), np.array([0, 1, 2]), ValueError, r"shape \(2,\)"),
+        (np.zeros(3), np.array([0]), ValueError, "rows, classes"),
+        (np.zeros((0, 3)), np.zeros(0, int), ValueError, "rows, classes"),
+        (np.zeros((2, 3), complex), np.array([0, 1]), TypeError, "real"),
+    ],
+)
 def test_softmax_cross_entropy_errors(logits, labels, exc, words):
     with pytest.raises(exc, match=words):
         nn.softmax_cross_entropy(logits, labels)
@@ -342,8 +383,9 @@ def test_mse():
     pred, target = rng.standard_normal((4, 3)), rng.standard_normal((4, 3))
     loss, dpred = nn.mse(pred, target)
     assert loss == pytest.approx(sum((p - t) ** 2 for p, t in zip(pred.flat, target.flat)) / 12)
-    np.testing.assert_allclose(dpred, numeric_grad(lambda: nn.mse(pred, target)[0], pred),
-                               atol=1e-8)
+    np.testing.assert_allclose(
+        dpred, numeric_grad(lambda: nn.mse(pred, target)[0], pred), atol=1e-8
+    )
     loss32, d32 = nn.mse(pred.astype(np.float32), target)
     assert d32.dtype == np.float32 and loss32 == pytest.approx(loss, rel=1e-6)
     with pytest.raises(ValueError, match="same shape"):

@@ -1,4 +1,5 @@
 """fastff.optim: updates against hand-written formulas, in-place write-through, schedules."""
+
 import math
 
 import numpy as np
@@ -10,8 +11,10 @@ from fastff import nn, optim
 
 def make_model():
     """A Linear (weight stored transposed) and an UltraFFF (linear_out stored transposed)."""
-    return nn.Sequential(nn.Linear(3, 4, dtype=np.float64, seed=0),
-                         fastff.UltraFFF(4, 2, 1, dtype=np.float64, seed=1))
+    return nn.Sequential(
+        nn.Linear(3, 4, dtype=np.float64, seed=0),
+        fastff.UltraFFF(4, 2, 1, dtype=np.float64, seed=1),
+    )
 
 
 def run_steps(opt, model, grads_per_step):
@@ -27,8 +30,10 @@ def run_steps(opt, model, grads_per_step):
 
 def random_grads(model, n_steps, seed=0):
     rng = np.random.default_rng(seed)
-    return [{k: rng.standard_normal(v.shape) for k, v in model.state_dict().items()}
-            for _ in range(n_steps)]
+    return [
+        {k: rng.standard_normal(v.shape) for k, v in model.state_dict().items()}
+        for _ in range(n_steps)
+    ]
 
 
 def expected_sgd(p0, grads, lr, momentum=0.0, nesterov=False, weight_decay=0.0):
@@ -52,7 +57,7 @@ def expected_adam(p0, grads, lr, b1, b2, eps, weight_decay=0.0, decoupled=False)
             g = g + weight_decay * p
         m = b1 * m + (1 - b1) * g
         v = b2 * v + (1 - b2) * g * g
-        m_hat, v_hat = m / (1 - b1 ** t), v / (1 - b2 ** t)
+        m_hat, v_hat = m / (1 - b1**t), v / (1 - b2**t)
         p = p - lr * m_hat / (np.sqrt(v_hat) + eps)
         out.append(p)
     return out
@@ -62,17 +67,21 @@ def assert_states(model, start, states, grads, expected_fn):
     for name in start:
         expected = expected_fn(start[name], [g[name] for g in grads])
         for step, (state, exp) in enumerate(zip(states, expected)):
-            np.testing.assert_allclose(state[name], exp, rtol=1e-12, atol=1e-14,
-                                       err_msg=f"{name} after step {step + 1}")
+            np.testing.assert_allclose(
+                state[name], exp, rtol=1e-12, atol=1e-14, err_msg=f"{name} after step {step + 1}"
+            )
 
 
-@pytest.mark.parametrize("kwargs", [
-    dict(lr=0.1),
-    dict(lr=0.05, momentum=0.9),
-    dict(lr=0.05, momentum=0.8, nesterov=True),
-    dict(lr=0.1, momentum=0.5, weight_decay=0.01),
-    dict(lr=0.1, weight_decay=0.3),
-])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(lr=0.1),
+        dict(lr=0.05, momentum=0.9),
+        dict(lr=0.05, momentum=0.8, nesterov=True),
+        dict(lr=0.1, momentum=0.5, weight_decay=0.01),
+        dict(lr=0.1, weight_decay=0.3),
+    ],
+)
 def test_sgd_matches_formula(kwargs):
     model = make_model()
     start, grads = model.state_dict(), random_grads(model, 3)
@@ -80,18 +89,26 @@ def test_sgd_matches_formula(kwargs):
     assert_states(model, start, states, grads, lambda p, g: expected_sgd(p, g, **kwargs))
 
 
-@pytest.mark.parametrize("cls, kwargs, decoupled", [
-    (optim.Adam, dict(lr=1e-2), False),
-    (optim.Adam, dict(lr=1e-2, betas=(0.8, 0.99), eps=1e-6, weight_decay=0.1), False),
-    (optim.AdamW, dict(lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1), True),
-])
+@pytest.mark.parametrize(
+    "cls, kwargs, decoupled",
+    [
+        (optim.Adam, dict(lr=1e-2), False),
+        (optim.Adam, dict(lr=1e-2, betas=(0.8, 0.99), eps=1e-6, weight_decay=0.1), False),
+        (optim.AdamW, dict(lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1), True),
+    ],
+)
 def test_adam_matches_formula(cls, kwargs, decoupled):
     model = make_model()
     start, grads = model.state_dict(), random_grads(model, 3, seed=1)
     states = run_steps(cls(model, **kwargs), model, grads)
-    args = dict(lr=kwargs["lr"], b1=kwargs.get("betas", (0.9, 0.999))[0],
-                b2=kwargs.get("betas", (0.9, 0.999))[1], eps=kwargs.get("eps", 1e-8),
-                weight_decay=kwargs.get("weight_decay", 0.0), decoupled=decoupled)
+    args = dict(
+        lr=kwargs["lr"],
+        b1=kwargs.get("betas", (0.9, 0.999))[0],
+        b2=kwargs.get("betas", (0.9, 0.999))[1],
+        eps=kwargs.get("eps", 1e-8),
+        weight_decay=kwargs.get("weight_decay", 0.0),
+        decoupled=decoupled,
+    )
     assert_states(model, start, states, grads, lambda p, g: expected_adam(p, g, **args))
 
 
@@ -102,8 +119,9 @@ def test_adam_first_step_is_lr_times_sign():
     grads = random_grads(model, 1, seed=2)
     (state,) = run_steps(optim.Adam(model, lr=0.01, eps=1e-12), model, grads)
     for name in start:
-        np.testing.assert_allclose(state[name] - start[name], -0.01 * np.sign(grads[0][name]),
-                                   rtol=1e-9)
+        np.testing.assert_allclose(
+            state[name] - start[name], -0.01 * np.sign(grads[0][name]), rtol=1e-9
+        )
 
 
 def test_adamw_decay_is_decoupled():
@@ -114,12 +132,14 @@ def test_adamw_decay_is_decoupled():
     start = model_w.state_dict()
     (after_w,) = run_steps(optim.AdamW(model_w, lr=0.1, weight_decay=0.5), model_w, [zeros])
     model_l2 = make_model()
-    (after_l2,) = run_steps(optim.Adam(model_l2, lr=0.1, weight_decay=0.5, eps=1e-12), model_l2,
-                            [zeros])
+    (after_l2,) = run_steps(
+        optim.Adam(model_l2, lr=0.1, weight_decay=0.5, eps=1e-12), model_l2, [zeros]
+    )
     for name in start:
         np.testing.assert_allclose(after_w[name], start[name] * 0.95, rtol=1e-12)
-        np.testing.assert_allclose(after_l2[name], start[name] - 0.1 * np.sign(start[name]),
-                                   rtol=1e-9)
+        np.testing.assert_allclose(
+            after_l2[name], start[name] - 0.1 * np.sign(start[name]), rtol=1e-9
+        )
 
 
 def test_updates_reach_the_kernels(rng):
@@ -175,8 +195,9 @@ def lrs(schedule, n):
 
 def test_step_lr():
     opt = optim.SGD(nn.Linear(2, 2), lr=1.0)
-    np.testing.assert_allclose(lrs(optim.StepLR(opt, 2, gamma=0.5), 5),
-                               [1.0, 1.0, 0.5, 0.5, 0.25, 0.25])
+    np.testing.assert_allclose(
+        lrs(optim.StepLR(opt, 2, gamma=0.5), 5), [1.0, 1.0, 0.5, 0.5, 0.25, 0.25]
+    )
 
 
 def test_cosine_lr_with_warmup():
@@ -187,8 +208,11 @@ def test_cosine_lr_with_warmup():
     np.testing.assert_allclose(values, [0.2, 0.4] + cos + [0.1, 0.1])
     assert sched.lr_at(2) == pytest.approx(0.4)
     no_warmup = optim.CosineLR(optim.SGD(nn.Linear(2, 2), lr=1.0), total_steps=4)
-    np.testing.assert_allclose(lrs(no_warmup, 4), [1.0, 0.5 + 0.5 / math.sqrt(2), 0.5,
-                                                   0.5 - 0.5 / math.sqrt(2), 0.0], atol=1e-15)
+    np.testing.assert_allclose(
+        lrs(no_warmup, 4),
+        [1.0, 0.5 + 0.5 / math.sqrt(2), 0.5, 0.5 - 0.5 / math.sqrt(2), 0.0],
+        atol=1e-15,
+    )
 
 
 def test_one_cycle_lr_is_crammings_triangle():
@@ -198,36 +222,42 @@ def test_one_cycle_lr_is_crammings_triangle():
     expected = [2.0 * (s / 4 if s < 4 else max(0.0, 2 - s / 4)) for s in range(11)]
     np.testing.assert_allclose(values, expected)
     assert values[4] == 2.0 and values[0] == 0.0 and values[8] == 0.0
-    early = optim.OneCycleLR(optim.SGD(nn.Linear(2, 2), lr=1.0), total_steps=10,
-                             peak_fraction=0.2)
+    early = optim.OneCycleLR(optim.SGD(nn.Linear(2, 2), lr=1.0), total_steps=10, peak_fraction=0.2)
     np.testing.assert_allclose(lrs(early, 4), [0.0, 0.5, 1.0, 0.875, 0.75])
 
 
-@pytest.mark.parametrize("make, exc, words", [
-    (lambda m: optim.SGD(m, lr=-1.0), ValueError, "lr"),
-    (lambda m: optim.SGD(m, lr="0.1"), TypeError, "lr"),
-    (lambda m: optim.SGD(m, lr=float("nan")), ValueError, "lr"),
-    (lambda m: optim.SGD(m, lr=0.1, momentum=1.0), ValueError, "momentum"),
-    (lambda m: optim.SGD(m, lr=0.1, nesterov=True), ValueError, "nesterov"),
-    (lambda m: optim.SGD(m, lr=0.1, weight_decay=-0.1), ValueError, "weight_decay"),
-    (lambda m: optim.SGD([m], lr=0.1), TypeError, "Module"),
-    (lambda m: optim.Adam(m, betas=(0.9,)), TypeError, "betas"),
-    (lambda m: optim.Adam(m, betas=(0.9, 1.0)), ValueError, r"betas\[1\]"),
-    (lambda m: optim.Adam(m, eps=0.0), ValueError, "eps"),
-    (lambda m: optim.StepLR(optim.SGD(m, lr=1.0), 0), ValueError, "step_size"),
-    (lambda m: optim.StepLR("opt", 1), TypeError, "Optimizer"),
-    (lambda m: optim.CosineLR(optim.SGD(m, lr=1.0), 5, warmup_steps=5), ValueError, "warmup"),
-    (lambda m: optim.CosineLR(optim.SGD(m, lr=1.0), 5, min_lr=2.0), ValueError, "min_lr"),
-    (lambda m: optim.OneCycleLR(optim.SGD(m, lr=1.0), 5, peak_fraction=1.0), ValueError,
-     "peak_fraction"),
-    (lambda m: optim.OneCycleLR(optim.SGD(m, lr=1.0), 0), ValueError, "total_steps"),
-])
+@pytest.mark.parametrize(
+    "make, exc, words",
+    [
+        (lambda m: optim.SGD(m, lr=-1.0), ValueError, "lr"),
+        (lambda m: optim.SGD(m, lr="0.1"), TypeError, "lr"),
+        (lambda m: optim.SGD(m, lr=float("nan")), ValueError, "lr"),
+        (lambda m: optim.SGD(m, lr=0.1, momentum=1.0), ValueError, "momentum"),
+        (lambda m: optim.SGD(m, lr=0.1, nesterov=True), ValueError, "nesterov"),
+        (lambda m: optim.SGD(m, lr=0.1, weight_decay=-0.1), ValueError, "weight_decay"),
+        (lambda m: optim.SGD([m], lr=0.1), TypeError, "Module"),
+        (lambda m: optim.Adam(m, betas=(0.9,)), TypeError, "betas"),
+        (lambda m: optim.Adam(m, betas=(0.9, 1.0)), ValueError, r"betas\[1\]"),
+        (lambda m: optim.Adam(m, eps=0.0), ValueError, "eps"),
+        (lambda m: optim.StepLR(optim.SGD(m, lr=1.0), 0), ValueError, "step_size"),
+        (lambda m: optim.StepLR("opt", 1), TypeError, "Optimizer"),
+        (lambda m: optim.CosineLR(optim.SGD(m, lr=1.0), 5, warmup_steps=5), ValueError, "warmup"),
+        (lambda m: optim.CosineLR(optim.SGD(m, lr=1.0), 5, min_lr=2.0), ValueError, "min_lr"),
+        (
+            lambda m: optim.OneCycleLR(optim.SGD(m, lr=1.0), 5, peak_fraction=1.0),
+            ValueError,
+            "peak_fraction",
+        ),
+        (lambda m: optim.OneCycleLR(optim.SGD(m, lr=1.0), 0), ValueError, "total_steps"),
+    ],
+)
 def test_argument_errors(make, exc, words):
     with pytest.raises(exc, match=words):
         make(nn.Linear(2, 2))
 
 
 # ---- the fastfeedforward package's LocalSGD / LocalAdam rule ---------------------------------
+
 
 def _usage_fff(mode="hard"):
     layer = fastff.FFF(6, 3, 2, 3, train_hardened=True, usage_mode=mode, dtype=np.float64, seed=0)
@@ -248,7 +278,9 @@ def test_local_sgd_updates_only_leaves_with_enough_usage():
     opt.step()
     after = layer.state_dict()
     for key in ("w1s", "b1s", "w2s", "b2s"):
-        scale = np.where(ready, 6 / np.maximum(usage, 1), 0).reshape((-1,) + (1,) * (grads[key].ndim - 1))
+        scale = np.where(ready, 6 / np.maximum(usage, 1), 0).reshape(
+            (-1,) + (1,) * (grads[key].ndim - 1)
+        )
         np.testing.assert_allclose(after[key], before[key] - 0.1 * grads[key] * scale, rtol=1e-12)
         np.testing.assert_array_equal(after[key][~ready], before[key][~ready])
     # hardened routers get no gradient without a hardening weight: ready or not, they stay
@@ -256,7 +288,9 @@ def test_local_sgd_updates_only_leaves_with_enough_usage():
     opt.zero_grad()
     for key in ("w1s", "b2s"):
         assert (layer.grads[key][ready] == 0).all()
-        np.testing.assert_array_equal(layer.grads[key][~ready], grads[key][~ready])  # keeps accumulating
+        np.testing.assert_array_equal(
+            layer.grads[key][~ready], grads[key][~ready]
+        )  # keeps accumulating
     np.testing.assert_array_equal(layer.leaf_usage[ready], 0)
     np.testing.assert_array_equal(layer.leaf_usage[~ready], usage[~ready])
 

@@ -1,4 +1,5 @@
 """UltraFFF (neuron tree): CPU kernels against fastff.reference, inputs, state dicts, errors."""
+
 import numpy as np
 import pytest
 from hypothesis import given
@@ -14,14 +15,20 @@ ACTS = ["gelu", "relu", "identity"]
 
 
 def ref_forward(layer, x, state):
-    return R.ultra_forward(np.asarray(x, np.float64), state, layer.depth, layer.parallel_size,
-                           layer.activation)
+    return R.ultra_forward(
+        np.asarray(x, np.float64), state, layer.depth, layer.parallel_size, layer.activation
+    )
 
 
 @given(
-    in_w=st.integers(1, 300), out_w=st.integers(1, 300), depth=st.integers(0, 10),
-    trees=st.integers(1, 4), batch=st.integers(0, 300), dtype=st.sampled_from(DTYPES),
-    act=st.sampled_from(ACTS), seed=st.integers(0, 2**32 - 1),
+    in_w=st.integers(1, 300),
+    out_w=st.integers(1, 300),
+    depth=st.integers(0, 10),
+    trees=st.integers(1, 4),
+    batch=st.integers(0, 300),
+    dtype=st.sampled_from(DTYPES),
+    act=st.sampled_from(ACTS),
+    seed=st.integers(0, 2**32 - 1),
 )
 def test_inference_matches_reference(in_w, out_w, depth, trees, batch, dtype, act, seed):
     # keep the O(width) reference affordable: depth 10 only with small batches/trees
@@ -54,11 +61,13 @@ def test_continuous_data_relative_error(dtype):
 
 def test_hand_computed_case():
     layer = fastff.UltraFFF(2, 1, 1, activation="identity", dtype=np.float64)
-    layer.load_state_dict({
-        "linear_in.weight": np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]]),
-        "linear_in.bias": np.array([0.0, 0.5, -1.0]),
-        "linear_out.weight": np.array([[2.0, 3.0, 5.0]]),
-    })
+    layer.load_state_dict(
+        {
+            "linear_in.weight": np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]]),
+            "linear_in.bias": np.array([0.0, 0.5, -1.0]),
+            "linear_out.weight": np.array([[2.0, 3.0, 5.0]]),
+        }
+    )
     # x=(1,2): root z=1>0 -> right child 2: z=1+2-1=2. y = 2*1 + 5*2 = 12
     # x=(-1,2): root z=-1 -> left child 1: z=2.5. y = 2*(-1) + 3*2.5 = 5.5
     # x=(0,7): root z=0 is not > 0 -> left: z=7.5. y = 0 + 22.5
@@ -68,11 +77,19 @@ def test_hand_computed_case():
 @pytest.mark.parametrize("act", ACTS)
 def test_relu_gelu_identity_hand_values(act):
     layer = fastff.UltraFFF(1, 1, 0, activation=act, dtype=np.float64)
-    layer.load_state_dict({"linear_in.weight": np.array([[1.0]]), "linear_in.bias": np.array([0.0]),
-                           "linear_out.weight": np.array([[1.0]])})
+    layer.load_state_dict(
+        {
+            "linear_in.weight": np.array([[1.0]]),
+            "linear_in.bias": np.array([0.0]),
+            "linear_out.weight": np.array([[1.0]]),
+        }
+    )
     z = np.array([[-1.5], [0.0], [0.7]])
-    expected = {"identity": z, "relu": np.maximum(z, 0),
-                "gelu": z * 0.5 * (1 + np.vectorize(__import__("math").erf)(z / np.sqrt(2)))}[act]
+    expected = {
+        "identity": z,
+        "relu": np.maximum(z, 0),
+        "gelu": z * 0.5 * (1 + np.vectorize(__import__("math").erf)(z / np.sqrt(2))),
+    }[act]
     np.testing.assert_allclose(layer(z), expected, rtol=1e-15, atol=1e-15)
 
 
@@ -107,15 +124,18 @@ def test_layouts_lists_and_casts(rng):
     np.testing.assert_array_equal(layer(ro), y)
 
 
-@pytest.mark.parametrize("bad, exc, words", [
-    (np.zeros((3, 5)), ValueError, "(..., 6)"),
-    (np.float32(1.0), ValueError, "0-d"),
-    (np.zeros((3, 6), complex), TypeError, "complex"),
-    (np.array([["a"] * 6]), TypeError, "dtype"),
-    (np.zeros((3, 6), bool), TypeError, "bool"),
-    ([[1, 2], [3]], ValueError, "(..., 6)"),
-    ({"x": 1}, TypeError, "dtype"),
-])
+@pytest.mark.parametrize(
+    "bad, exc, words",
+    [
+        (np.zeros((3, 5)), ValueError, "(..., 6)"),
+        (np.float32(1.0), ValueError, "0-d"),
+        (np.zeros((3, 6), complex), TypeError, "complex"),
+        (np.array([["a"] * 6]), TypeError, "dtype"),
+        (np.zeros((3, 6), bool), TypeError, "bool"),
+        ([[1, 2], [3]], ValueError, "(..., 6)"),
+        ({"x": 1}, TypeError, "dtype"),
+    ],
+)
 def test_bad_inputs(bad, exc, words):
     layer = fastff.UltraFFF(6, 4, 2)
     with pytest.raises(exc) as info:
@@ -123,17 +143,20 @@ def test_bad_inputs(bad, exc, words):
     assert words in str(info.value)
 
 
-@pytest.mark.parametrize("kwargs, exc, words", [
-    (dict(input_width=0), ValueError, "input_width"),
-    (dict(output_width=-3), ValueError, "output_width"),
-    (dict(depth=-1), ValueError, "depth"),
-    (dict(parallel_size=0), ValueError, "parallel_size"),
-    (dict(depth=2.5), TypeError, "depth"),
-    (dict(input_width=True), TypeError, "input_width"),
-    (dict(activation="tanh"), ValueError, "activation"),
-    (dict(dtype=np.int32), ValueError, "dtype"),
-    (dict(depth=40), MemoryError, "bytes"),
-])
+@pytest.mark.parametrize(
+    "kwargs, exc, words",
+    [
+        (dict(input_width=0), ValueError, "input_width"),
+        (dict(output_width=-3), ValueError, "output_width"),
+        (dict(depth=-1), ValueError, "depth"),
+        (dict(parallel_size=0), ValueError, "parallel_size"),
+        (dict(depth=2.5), TypeError, "depth"),
+        (dict(input_width=True), TypeError, "input_width"),
+        (dict(activation="tanh"), ValueError, "activation"),
+        (dict(dtype=np.int32), ValueError, "dtype"),
+        (dict(depth=40), MemoryError, "bytes"),
+    ],
+)
 def test_constructor_errors(kwargs, exc, words):
     args = dict(input_width=8, output_width=8, depth=3)
     args.update(kwargs)
@@ -179,8 +202,13 @@ def test_state_dict_round_trip_and_atomic_errors(rng):
 
 def test_nan_propagates_and_routes_left():
     layer = fastff.UltraFFF(2, 1, 1, activation="identity", dtype=np.float64)
-    layer.load_state_dict({"linear_in.weight": np.array([[1.0, 0.0], [0.0, 1.0], [0.0, 2.0]]),
-                           "linear_in.bias": np.zeros(3), "linear_out.weight": np.ones((1, 3))})
+    layer.load_state_dict(
+        {
+            "linear_in.weight": np.array([[1.0, 0.0], [0.0, 1.0], [0.0, 2.0]]),
+            "linear_in.bias": np.zeros(3),
+            "linear_out.weight": np.ones((1, 3)),
+        }
+    )
     y, backprop = layer.forward_train(np.array([[np.nan, 1.0]]))
     assert np.isnan(y).all()
     backprop(np.ones((1, 1)))

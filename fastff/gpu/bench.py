@@ -1,4 +1,5 @@
 """GPU side of `python -m fastff bench --device cuda`: the dense FF through cuBLAS, CUDA events."""
+
 from __future__ import annotations
 
 import cupy as cp
@@ -43,7 +44,9 @@ def _act_grad(name, z):
     if name == "relu":
         return (z > 0).astype(z.dtype)
     if name == "gelu":
-        return 0.5 * (1 + erf(z * 0.7071067811865476)) + z * cp.exp(-0.5 * z * z) * 0.3989422804014327
+        return (
+            0.5 * (1 + erf(z * 0.7071067811865476)) + z * cp.exp(-0.5 * z * z) * 0.3989422804014327
+        )
     return cp.ones_like(z)
 
 
@@ -55,6 +58,7 @@ def cuda_pair(layer, x, dense_weights, activation, train):
     w1, b1, w2 = (cp.asarray(w) for w in dense_weights)
     dy = cp.ones((x.shape[0], w2.shape[1]), dtype=xg.dtype)
     if train:
+
         def fff():
             _, backprop = layer.forward_train(xg)
             backprop(dy)
@@ -69,11 +73,16 @@ def cuda_pair(layer, x, dense_weights, activation, train):
             db1 = dz.sum(axis=0)
             return dz @ w1.T, dw1, db1, dw2
     else:
+
         def fff():
             layer(xg)
 
         def dense():
             return _act(activation, xg @ w1 + b1) @ w2
-    info = {"dense_width": layer.training_width, "neurons_per_row": layer.neurons_per_inference,
-            "gpu": device_name()}
+
+    info = {
+        "dense_width": layer.training_width,
+        "neurons_per_row": layer.neurons_per_inference,
+        "gpu": device_name(),
+    }
     return dense, fff, x.shape[0], info

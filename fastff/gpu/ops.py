@@ -1,4 +1,5 @@
 """CUDA twin of fastff.ops.CPUOps: CuPy arrays, RawKernels from kernels.cu."""
+
 from __future__ import annotations
 
 import os
@@ -8,10 +9,22 @@ import cupy as cp
 from ..ops import ACTIVATIONS, FFFOps
 
 _SOURCE = os.path.join(os.path.dirname(__file__), "kernels.cu")
-_KERNELS = ("ultra_forward", "ultra_backward_rows", "ultra_sorted_visits", "ultra_grad_chunks",
-            "ultra_grad_reduce", "fff_hard_forward", "fff_hard_backward", "fff_soft_mixture",
-            "fff_soft_router_backward", "fff_soft_leaf_activate", "fff_soft_leaf_backward")
-F4_KS = tuple(range(1, 9))  # float4s per lane of the register path (exact, to spare registers): widths <= 1024
+_KERNELS = (
+    "ultra_forward",
+    "ultra_backward_rows",
+    "ultra_sorted_visits",
+    "ultra_grad_chunks",
+    "ultra_grad_reduce",
+    "fff_hard_forward",
+    "fff_hard_backward",
+    "fff_soft_mixture",
+    "fff_soft_router_backward",
+    "fff_soft_leaf_activate",
+    "fff_soft_leaf_backward",
+)
+F4_KS = tuple(
+    range(1, 9)
+)  # float4s per lane of the register path (exact, to spare registers): widths <= 1024
 _CTYPE = {"float32": "float", "float64": "double"}
 WARPS_PER_BLOCK = 8
 SMEM_LIMIT = 48 * 1024  # default dynamic shared memory without an opt-in
@@ -30,7 +43,9 @@ class GPUOps(FFFOps):
         with open(_SOURCE) as f:
             code = f.read()
         names = [f"{k}<{t}>" for k in _KERNELS for t in _CTYPE.values()]
-        names += [f"{k}<{n}>" for k in ("ultra_forward_f4", "ultra_backward_rows_f4") for n in F4_KS]
+        names += [
+            f"{k}<{n}>" for k in ("ultra_forward_f4", "ultra_backward_rows_f4") for n in F4_KS
+        ]
         names += ["ultra_chunk_table"]
         self._module = cp.RawModule(code=code, options=("-std=c++17",), name_expressions=names)
         self._cache = {}
@@ -101,22 +116,56 @@ class GPUOps(FFFOps):
         if n_rows and k is not None:
             grid = ((n_rows + WARPS_PER_BLOCK - 1) // WARPS_PER_BLOCK,)
             self._kernel("ultra_forward_f4", k=k)(
-                grid, (32 * WARPS_PER_BLOCK,),
-                (x, w_in, b_in, w_out_t, y, visited, preact, cp.int64(n_rows), cp.int32(in_w),
-                 cp.int32(out_w), cp.int32(depth), cp.int32(n_trees), cp.int64(n_nodes),
-                 cp.int32(ACTIVATIONS[act]), cp.int32(save_path)))
+                grid,
+                (32 * WARPS_PER_BLOCK,),
+                (
+                    x,
+                    w_in,
+                    b_in,
+                    w_out_t,
+                    y,
+                    visited,
+                    preact,
+                    cp.int64(n_rows),
+                    cp.int32(in_w),
+                    cp.int32(out_w),
+                    cp.int32(depth),
+                    cp.int32(n_trees),
+                    cp.int64(n_nodes),
+                    cp.int32(ACTIVATIONS[act]),
+                    cp.int32(save_path),
+                ),
+            )
         elif n_rows:
             grid, block, smem, use_smem = self._row_launch(n_rows, in_w + out_w, x.dtype.itemsize)
             self._kernel("ultra_forward", x.dtype)(
-                grid, block,
-                (x, w_in, b_in, w_out_t, y, visited, preact, cp.int64(n_rows), cp.int32(in_w),
-                 cp.int32(out_w), cp.int32(depth), cp.int32(n_trees), cp.int64(n_nodes),
-                 cp.int32(ACTIVATIONS[act]), cp.int32(save_path), cp.int32(use_smem)),
-                shared_mem=smem)
+                grid,
+                block,
+                (
+                    x,
+                    w_in,
+                    b_in,
+                    w_out_t,
+                    y,
+                    visited,
+                    preact,
+                    cp.int64(n_rows),
+                    cp.int32(in_w),
+                    cp.int32(out_w),
+                    cp.int32(depth),
+                    cp.int32(n_trees),
+                    cp.int64(n_nodes),
+                    cp.int32(ACTIVATIONS[act]),
+                    cp.int32(save_path),
+                    cp.int32(use_smem),
+                ),
+                shared_mem=smem,
+            )
         return y, visited, preact
 
-    def ultra_backward(self, x, dy, w_in, w_out_t, visited, preact, act, grad_w_in, grad_b_in,
-                       grad_w_out_t):
+    def ultra_backward(
+        self, x, dy, w_in, w_out_t, visited, preact, act, grad_w_in, grad_b_in, grad_w_out_t
+    ):
         n_rows, in_w = x.shape
         out_w = dy.shape[1]
         visits_per_row = visited.shape[1]
@@ -129,24 +178,56 @@ class GPUOps(FFFOps):
         if k is not None:
             grid = ((n_rows + WARPS_PER_BLOCK - 1) // WARPS_PER_BLOCK,)
             self._kernel("ultra_backward_rows_f4", k=k)(
-                grid, (32 * WARPS_PER_BLOCK,),
-                (dy, w_in, w_out_t, visited, preact, dz, a, dx, cp.int64(n_rows), cp.int32(in_w),
-                 cp.int32(out_w), cp.int32(visits_per_row), cp.int32(ACTIVATIONS[act])))
+                grid,
+                (32 * WARPS_PER_BLOCK,),
+                (
+                    dy,
+                    w_in,
+                    w_out_t,
+                    visited,
+                    preact,
+                    dz,
+                    a,
+                    dx,
+                    cp.int64(n_rows),
+                    cp.int32(in_w),
+                    cp.int32(out_w),
+                    cp.int32(visits_per_row),
+                    cp.int32(ACTIVATIONS[act]),
+                ),
+            )
         else:
             grid, block, smem, use_smem = self._row_launch(n_rows, in_w + out_w, x.dtype.itemsize)
             self._kernel("ultra_backward_rows", x.dtype)(
-                grid, block,
-                (dy, w_in, w_out_t, visited, preact, dz, a, dx, cp.int64(n_rows), cp.int32(in_w),
-                 cp.int32(out_w), cp.int32(visits_per_row), cp.int32(ACTIVATIONS[act]),
-                 cp.int32(use_smem)),
-                shared_mem=smem)
+                grid,
+                block,
+                (
+                    dy,
+                    w_in,
+                    w_out_t,
+                    visited,
+                    preact,
+                    dz,
+                    a,
+                    dx,
+                    cp.int64(n_rows),
+                    cp.int32(in_w),
+                    cp.int32(out_w),
+                    cp.int32(visits_per_row),
+                    cp.int32(ACTIVATIONS[act]),
+                    cp.int32(use_smem),
+                ),
+                shared_mem=smem,
+            )
 
         # Weight gradients: visits sorted by node, cut into chunks (see kernels.cu). int32 keys
         # halve the radix-sort passes; the chunk count never leaves the device.
         n_visits = visited.size
         if n_visits >= 2**31 or w_in.shape[0] >= 2**31:
-            raise MemoryError("the CUDA gradient pass indexes visits with int32: "
-                              f"{n_visits:,} visits is too many; use smaller batches")
+            raise MemoryError(
+                "the CUDA gradient pass indexes visits with int32: "
+                f"{n_visits:,} visits is too many; use smaller batches"
+            )
         visited_flat = visited.ravel()
         order = cp.argsort(visited_flat.astype(cp.int32)).astype(cp.int32)
         row_sorted = cp.empty(n_visits, dtype=cp.int32)
@@ -156,27 +237,65 @@ class GPUOps(FFFOps):
         threads = 256
         visit_grid = ((n_visits + threads - 1) // threads,)
         self._kernel("ultra_sorted_visits", x.dtype)(
-            visit_grid, (threads,),
-            (order, visited_flat, dz, a, cp.int64(n_visits), cp.int32(visits_per_row),
-             cp.int32(CHUNK_VISITS), row_sorted, dz_sorted, a_sorted, flags))
+            visit_grid,
+            (threads,),
+            (
+                order,
+                visited_flat,
+                dz,
+                a,
+                cp.int64(n_visits),
+                cp.int32(visits_per_row),
+                cp.int32(CHUNK_VISITS),
+                row_sorted,
+                dz_sorted,
+                a_sorted,
+                flags,
+            ),
+        )
         scan = cp.cumsum(flags, dtype=cp.int32)
         max_chunks = -(-n_visits // CHUNK_VISITS) + min(n_visits, w_in.shape[0])
         chunk_start = cp.empty(max_chunks, dtype=cp.int32)
         chunk_node = cp.empty(max_chunks, dtype=cp.int64)
         self._kernel("ultra_chunk_table")(
-            visit_grid, (threads,),
-            (flags, scan, order, visited_flat, cp.int64(n_visits), chunk_start, chunk_node))
+            visit_grid,
+            (threads,),
+            (flags, scan, order, visited_flat, cp.int64(n_visits), chunk_start, chunk_node),
+        )
         n_chunks = scan[-1:]  # device scalar read by the kernels
 
         width = in_w + out_w + 1
         col_blocks = (width + COL_BLOCK - 1) // COL_BLOCK
         partial = cp.empty((max_chunks, width), dtype=x.dtype)
         self._kernel("ultra_grad_chunks", x.dtype)(
-            (max_chunks, col_blocks), (COL_BLOCK,),
-            (x, dy, row_sorted, dz_sorted, a_sorted, chunk_start, n_chunks, cp.int64(n_visits),
-             cp.int32(in_w), cp.int32(out_w), partial))
+            (max_chunks, col_blocks),
+            (COL_BLOCK,),
+            (
+                x,
+                dy,
+                row_sorted,
+                dz_sorted,
+                a_sorted,
+                chunk_start,
+                n_chunks,
+                cp.int64(n_visits),
+                cp.int32(in_w),
+                cp.int32(out_w),
+                partial,
+            ),
+        )
         self._kernel("ultra_grad_reduce", x.dtype)(
-            (max_chunks, col_blocks), (COL_BLOCK,),
-            (partial, chunk_node, n_chunks, cp.int32(in_w), cp.int32(out_w), grad_w_in,
-             grad_b_in, grad_w_out_t))
+            (max_chunks, col_blocks),
+            (COL_BLOCK,),
+            (
+                partial,
+                chunk_node,
+                n_chunks,
+                cp.int32(in_w),
+                cp.int32(out_w),
+                grad_w_in,
+                grad_b_in,
+                grad_w_out_t,
+            ),
+        )
         return dx
