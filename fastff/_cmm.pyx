@@ -271,7 +271,7 @@ def ultra_backward(const floating[:, ::1] x, const floating[:, ::1] dy,
     active_arr = np.flatnonzero(np.diff(offsets_arr)).astype(np.intp)
     cdef Py_ssize_t[::1] active = active_arr
     n_active = active.shape[0]
-    cursor_arr = offsets_arr[:-1].copy()
+    cursor_arr = offsets_arr[:n_total].copy()  # [:-1] is undefined under wraparound=False
     cdef Py_ssize_t[::1] cursor = cursor_arr
     with nogil:
         for i in range(n_visits):
