@@ -66,7 +66,10 @@ class BuildExtWithOpenMP(build_ext):
             # -fopenmp-simd honours `#pragma omp simd` even in a serial build.
             base = ["-O3", "-fopenmp-simd", "-fno-math-errno"]
             if os.environ.get("FASTFF_SANITIZE"):
-                base += ["-fsanitize=address,undefined", "-fno-omit-frame-pointer", "-O1"]
+                # -fno-sanitize-recover: UBSan aborts on the first finding instead of printing
+                # it and carrying on, so a test run cannot pass with undefined behaviour in it.
+                base += ["-fsanitize=address,undefined", "-fno-sanitize-recover=all",
+                         "-fno-omit-frame-pointer", "-O1", "-g"]
             candidates = [(["-fopenmp"], ["-fopenmp"])]
             if sys.platform == "darwin":
                 candidates += _apple_clang_openmp_flags()
@@ -83,7 +86,7 @@ class BuildExtWithOpenMP(build_ext):
                     "for multi-threaded kernels."
                 )
             if os.environ.get("FASTFF_SANITIZE"):
-                lflags = lflags + ["-fsanitize=address,undefined"]
+                lflags = lflags + ["-fsanitize=address,undefined", "-fno-sanitize-recover=all"]
         for ext in self.extensions:
             ext.extra_compile_args = cflags
             ext.extra_link_args = lflags
@@ -91,7 +94,34 @@ class BuildExtWithOpenMP(build_ext):
                 ("FASTFF_HAVE_OPENMP", "1" if have_openmp else "0"),
                 ("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION"),
             ]
+        self._rebuild_if_flavour_changed()
         super().build_extensions()
+        self._write_flavour()
+
+    # A sanitized and a plain build write the same object and library paths. setuptools skips
+    # an extension whose output is newer than its sources, so switching FASTFF_SANITIZE on or
+    # off could reuse the other flavour's build: a plain library in an ASan run (which would
+    # then find nothing), or an ASan library in a wheel. The flavour of the last build is
+    # recorded next to its objects, and a change forces a full rebuild.
+    def _flavour_marker(self):
+        return os.path.join(self.build_temp, "fastff-build-flavour")
+
+    def _flavour(self):
+        return "sanitize" if os.environ.get("FASTFF_SANITIZE") else "plain"
+
+    def _rebuild_if_flavour_changed(self):
+        try:
+            with open(self._flavour_marker()) as f:
+                previous = f.read()
+        except OSError:
+            previous = None
+        if previous != self._flavour():
+            self.force = True
+
+    def _write_flavour(self):
+        os.makedirs(self.build_temp, exist_ok=True)
+        with open(self._flavour_marker(), "w") as f:
+            f.write(self._flavour())
 
 
 extensions = [

@@ -6,6 +6,8 @@ and what was expected.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import numbers
 import os
@@ -138,13 +140,40 @@ def physical_memory_bytes() -> int:
 
 
 def check_fits_in_memory(n_bytes: int, what: str) -> None:
-    """Refuse, before allocating, an array set larger than the memory this process may use."""
+    """Refuse, before allocating, an array set larger than the memory this process may use,
+    or than what is left of an allocation_budget in force."""
     limit = physical_memory_bytes()
     if n_bytes > limit:
         raise MemoryError(
             f"{what} needs {n_bytes:,} bytes ({n_bytes / 2**30:,.1f} GiB), more than this "
             f"machine's {limit:,} bytes of memory"
         )
+    budget = _ALLOCATION_BUDGET.get()
+    if budget is not None:
+        if n_bytes > budget["left"]:
+            raise MemoryError(
+                f"{what} needs {n_bytes:,} bytes, more than the {budget['left']:,} "
+                f"bytes left of {budget['why']}"
+            )
+        budget["left"] -= n_bytes
+
+
+# In force while fastff.load rebuilds a module from a file's metadata: the parameters may not
+# exceed the bytes of arrays the file holds (a few bytes of JSON must not be able to make load
+# allocate gigabytes). A context variable, so other threads are unaffected.
+_ALLOCATION_BUDGET: contextvars.ContextVar[dict | None] = contextvars.ContextVar(
+    "fastff_allocation_budget", default=None
+)
+
+
+@contextlib.contextmanager
+def allocation_budget(n_bytes: int, why: str):
+    """Within the block, the checked allocations (parameters) may add up to n_bytes at most."""
+    token = _ALLOCATION_BUDGET.set({"left": n_bytes, "why": why})
+    try:
+        yield
+    finally:
+        _ALLOCATION_BUDGET.reset(token)
 
 
 def is_cuda_array(x) -> bool:

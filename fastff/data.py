@@ -132,6 +132,10 @@ def load_fashion_mnist(path=None):
     dataset-fashion-mnist package). Missing files raise FileNotFoundError, damaged ones
     DatasetError (a ValueError); both say where fastff looked and how to get the data.
     """
+    if path is not None and not isinstance(path, (str, os.PathLike)):
+        raise TypeError(
+            f"path must be a str, an os.PathLike or None, got {type(path).__name__} {path!r}"
+        )
     folder = Path(path) if path is not None else _default_dir()
     if not folder.is_dir():
         source = (

@@ -5,9 +5,11 @@ so `load` rebuilds the object without the caller repeating it. Nothing is ever u
 (.npz members are read with allow_pickle=False and object arrays are refused from their header;
 .safetensors is a JSON header and raw little-endian buffers, read here with NumPy alone). The
 file is untrusted: its headers are checked first, then every name, shape and dtype is compared
-with the module the metadata describes, and only then are the arrays read, so a file cannot make
-`load` allocate more than that module's parameters. Writes go to a temporary file that is
-renamed over the target, so a failed save never destroys an existing file.
+with the module the metadata describes, and only then are the arrays read. The module is rebuilt
+under an allocation budget of the bytes its arrays hold (plus 1 MiB), so a file cannot make
+`load` allocate more than the arrays it declares: not a huge module from a few bytes of JSON,
+nor a decompressed array larger than the module. Writes go to a temporary file that is renamed
+over the target, so a failed save never destroys an existing file.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ import zlib
 
 import numpy as np
 
+from ._validation import allocation_budget
+
 FORMAT = "fastff"
 FORMAT_VERSION = 1
 META_KEY = "__fastff_meta__"
@@ -35,6 +39,9 @@ _ST_DTYPES: dict[str, np.dtype] = {
 }
 _ST_NAMES = {v: k for k, v in _ST_DTYPES.items()}
 MAX_HEADER = 100 * 2**20  # a safetensors header larger than this is not a weight file
+# Rebuilding a module may allocate this much more than the file's arrays hold (constructors
+# whose memory check rounds up); anything beyond is a config that does not match its arrays.
+BUDGET_SLACK = 2**20
 
 
 class WeightFileError(ValueError):
@@ -341,7 +348,12 @@ def load(path, *, format=None):
         raise FileNotFoundError(f"no weight file at {path}")
     contents = _SafetensorsFile(path) if fmt == "safetensors" else _NpzFile(path)
     try:
-        module = _rebuild(path, contents.meta_text)
+        stored = sum(
+            math.prod(shape) * dtype.itemsize
+            for dtype, shape in map(contents.header, contents.entries)
+        )
+        with allocation_budget(stored + BUDGET_SLACK, f"the {stored:,} bytes of arrays in {path}"):
+            module = _rebuild(path, contents.meta_text)
         kind = type(module).__name__
         expected = module.state_dict()
         missing = sorted(set(expected) - set(contents.entries))

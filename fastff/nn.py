@@ -58,7 +58,7 @@ class Linear(Module):
             raise TypeError(f"bias must be True or False, got {type(bias).__name__} {bias!r}")
         self.has_bias = bool(bias)
         check_fits_in_memory(
-            (self.input_width + 1) * self.output_width * self.dtype.itemsize,
+            (self.input_width + self.has_bias) * self.output_width * self.dtype.itemsize,
             f"Linear({self.input_width}, {self.output_width}) parameters",
         )
         rng = np.random.default_rng(seed)

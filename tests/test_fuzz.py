@@ -98,13 +98,17 @@ def arrays(draw, width, ndim_range=(0, 3)):
     """An array-like meant for an argument of shape (..., width): usually that shape (so that
     results get checked), else 0-d, wrong widths or empty axes; any dtype; NaN/Inf/huge values;
     any memory layout."""
-    dtype = np.dtype(draw(st.sampled_from(DTYPES)))
-    ndim = draw(st.integers(*ndim_range))
+    dtype = np.dtype(
+        draw(mostly(st.sampled_from([np.float32, np.float64, np.int64]), st.sampled_from(DTYPES)))
+    )
+    low, high = ndim_range
+    ndim = draw(mostly(st.integers(max(low, 1), high), st.integers(low, high)))
     shape = draw(st.lists(st.integers(0, 4), min_size=ndim, max_size=ndim))
-    if ndim and width is not None and draw(st.integers(0, 3)) > 0:
+    if ndim and width is not None and draw(mostly(st.just(True), st.just(False))):
         shape[-1] = width
     rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
-    values = rng.standard_normal(shape) * draw(st.sampled_from([1.0, 1e3, 1e30, 1e300]))
+    scale = draw(mostly(st.sampled_from([1.0, 1e3]), st.sampled_from([1e30, 1e300])))
+    values = rng.standard_normal(shape) * scale
     special = draw(st.sampled_from(SPECIALS))
     if special is not None and values.size:
         values.flat[rng.integers(values.size)] = special
@@ -153,61 +157,65 @@ def moderate_rows(*arrays_):
     return ok
 
 
+def mostly(valid, junk):
+    """Valid values four times in five: a call taking several arguments still gets past its
+    checks often enough for its results (and what follows) to be checked."""
+    return st.sampled_from((True, True, True, True, False)).flatmap(
+        lambda use_valid: valid if use_valid else junk
+    )
+
+
 def junk_ints(lo, hi):
-    """Integers in [lo, hi] (the valid ones small enough to build quickly) and non-integers."""
-    return st.one_of(
+    """Integers in [lo, hi] (the valid ones small enough to build quickly) or non-integers and
+    out-of-range ones: negative, huge, NaN, bools, None, strings, numpy scalars, arrays."""
+    return mostly(
         st.integers(lo, hi),
-        st.integers(lo, hi),
-        st.sampled_from([2**31, 2**40, 2**63, 10**30, -(2**40)]),
-        st.floats(allow_nan=True, allow_infinity=True),
-        st.booleans(),
-        st.none(),
-        st.text(max_size=3),
-        st.sampled_from(
-            [np.int64(3), np.uint8(2), np.float32(2.0), np.array(3), np.array([2]), 2 + 0j]
+        st.one_of(
+            st.integers(lo - 3, lo),
+            st.sampled_from([2**31, 2**40, 2**63, 10**30, -(2**40)]),
+            st.floats(allow_nan=True, allow_infinity=True),
+            st.booleans(),
+            st.none(),
+            st.text(max_size=3),
+            st.sampled_from(
+                [np.int64(3), np.uint8(2), np.float32(2.0), np.array(3), np.array([2]), 2 + 0j]
+            ),
         ),
     )
 
 
 def junk_reals(lo, hi):
-    """Floats in [lo, hi] and things that are not: NaN, Inf, huge, negative, bools, strings."""
-    return st.one_of(
+    """Floats in [lo, hi] or not: NaN, Inf, huge, negative, bools, strings, arrays."""
+    return mostly(
         st.floats(lo, hi),
-        st.floats(lo, hi),
-        st.floats(allow_nan=True, allow_infinity=True),
-        st.integers(-10, 10),
-        st.booleans(),
-        st.none(),
-        st.text(max_size=3),
-        st.sampled_from([np.float32(0.5), np.float64(1e300), np.array(0.1), 1j]),
+        st.one_of(
+            st.floats(allow_nan=True, allow_infinity=True),
+            st.integers(-10, 10),
+            st.booleans(),
+            st.none(),
+            st.text(max_size=3),
+            st.sampled_from([np.float32(0.5), np.float64(1e300), np.array(0.1), 1j]),
+        ),
     )
 
 
 def junk_choices(valid):
-    return st.one_of(
+    return mostly(
         st.sampled_from(valid),
-        st.text(max_size=5),
-        st.none(),
-        st.integers(),
-        st.sampled_from([v.upper() for v in valid]),
+        st.one_of(
+            st.text(max_size=5),
+            st.none(),
+            st.integers(),
+            st.sampled_from([v.upper() for v in valid]),
+        ),
     )
 
 
-DTYPE_ARGS = st.sampled_from(
-    [
-        np.float32,
-        np.float64,
-        "float32",
-        "f8",
-        np.float16,
-        np.int32,
-        np.complex64,
-        object,
-        None,
-        "nope",
-        np.dtype(">f4"),
-        3.5,
-    ]
+DTYPE_ARGS = mostly(
+    st.sampled_from([np.float32, np.float64, "float32", "f8"]),
+    st.sampled_from(
+        [np.float16, np.int32, np.complex64, object, None, "nope", np.dtype(">f4"), 3.5]
+    ),
 )
 
 
@@ -395,7 +403,7 @@ def check_layer_calls(data, count):
     rows_ok = moderate_rows(xa)
     if options.get("hardening", 0) <= 2:
         assert np.isfinite(y[rows_ok]).all(), (name, x)
-    dy = data.draw(st.one_of(arrays(OUT), st.just(np.ones(xa.shape[:-1] + (OUT,)))))
+    dy = data.draw(mostly(st.just(np.ones(xa.shape[:-1] + (OUT,))), arrays(OUT)))
     layer.zero_grad()
     ok, dx = attempt(count, f"{type(layer).__name__}.backprop", lambda: backprop(dy))
     if ok:
@@ -427,7 +435,7 @@ def check_elementwise(data, count):
     ok, out = attempt(count, f"nn.{kind}.forward_train", lambda: module.forward_train(x))
     if ok:
         y, backprop = out
-        dy = data.draw(st.one_of(arrays(None), st.just(np.ones(y.shape))))
+        dy = data.draw(mostly(st.just(np.ones(y.shape)), arrays(None)))
         ok, dx = attempt(count, f"nn.{kind}.backprop", lambda: backprop(dy))
         if ok:
             xa, dya = np.asarray(x, np.float64), np.asarray(dy, np.float64)
@@ -494,15 +502,16 @@ def check_optimizers(data, count):
     }
     if kind == "SGD":
         kwargs["momentum"] = data.draw(junk_reals(0, 0.99))
-        kwargs["nesterov"] = data.draw(st.one_of(st.booleans(), st.integers(0, 1)))
+        kwargs["nesterov"] = data.draw(mostly(st.booleans(), st.integers(0, 1)))
     else:
         kwargs["betas"] = data.draw(
-            st.one_of(
-                st.tuples(junk_reals(0, 0.99), junk_reals(0, 0.999)), st.just((0.9,)), st.none()
+            mostly(
+                st.tuples(junk_reals(0, 0.99), junk_reals(0, 0.999)),
+                st.sampled_from([(0.9,), None]),
             )
         )
         kwargs["eps"] = data.draw(junk_reals(1e-12, 1e-3))
-    target = data.draw(st.sampled_from([model, "not a model", nn.ReLU()]))
+    target = data.draw(mostly(st.just(model), st.sampled_from(["not a model", nn.ReLU()])))
     ok, opt = attempt(count, f"optim.{kind}()", lambda: getattr(optim, kind)(target, **kwargs))
     if not ok or target is not model:
         return

@@ -304,3 +304,36 @@ def test_paths_are_checked_and_named(tmp_path):
         back.state_dict()["linear_in.weight"], layer.state_dict()["linear_in.weight"]
     )
     assert os.listdir(tmp_path) == ["m.safetensors"]
+
+
+def test_metadata_cannot_make_load_allocate_more_than_the_arrays(tmp_path, monkeypatch):
+    """A few bytes of JSON describing a 2 GB UltraFFF, with no arrays: refused before any
+    parameter is drawn. Modules whose arrays are all there still load (bias-free Linear too)."""
+    from fastff import layers, nn
+
+    path = tmp_path / "big.safetensors"
+    path.write_bytes(
+        _safetensors(
+            {
+                "__metadata__": _meta(
+                    kind="UltraFFF", config={"input_width": 8192, "output_width": 8192, "depth": 14}
+                )
+            }
+        )
+    )
+
+    def no_parameters(*args, **kwargs):
+        raise AssertionError("load drew parameters for a module its file cannot fill")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(layers, "_uniform", no_parameters)
+        with pytest.raises(
+            fastff.WeightFileError,
+            match=r"needs [\d,]+ bytes, more than .* bytes "
+            r"left of the 0 bytes of arrays",
+        ):
+            fastff.load(str(path))
+    model = nn.Sequential(nn.Linear(300, 2000, bias=False, seed=0), fastff.UltraFFF(2000, 8, 3))
+    fastff.save(model, str(tmp_path / "ok.npz"))
+    back = fastff.load(str(tmp_path / "ok.npz"))
+    np.testing.assert_array_equal(back.state_dict()["0.weight"], model.state_dict()["0.weight"])

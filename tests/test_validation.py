@@ -525,3 +525,11 @@ def test_losses_compute_float16_inputs_in_float64():
     assert loss == 300.0 and np.isfinite(grad).all()
     with pytest.raises(ValueError, match="pred has values beyond the range of float64"):
         nn.mse(np.array([np.finfo(np.longdouble).max]), np.zeros(1))
+
+
+@pytest.mark.parametrize("path", [3, b"/tmp", ["/tmp"]])
+def test_dataset_path_must_be_a_path(path):
+    from fastff.data import load_fashion_mnist
+
+    with pytest.raises(TypeError, match="path must be a str, an os.PathLike or None"):
+        load_fashion_mnist(path)
