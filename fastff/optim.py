@@ -26,6 +26,8 @@ import numbers
 
 from ._validation import check_int
 from .module import Module
+
+FLOAT32_TINY = 1.1754943508222875e-38  # numpy.finfo(numpy.float32).tiny
 from .ops import get_array_module
 
 
@@ -218,6 +220,9 @@ class Adam(Optimizer):
             _check_real(betas[1], "betas[1]", below=1.0),
         )
         self.eps = _check_real(eps, "eps", strict=True)
+        if self.eps < FLOAT32_TINY:  # it would be 0 in a float32 update: 0/0 for a zero gradient
+            raise ValueError(f"eps must be >= {FLOAT32_TINY} (float32's smallest normal number; "
+                             f"a smaller eps is 0 in float32 arithmetic), got {self.eps}")
 
     def _update(self, name, param, grad, xp):
         beta1, beta2 = self.betas
@@ -299,7 +304,14 @@ class StepLR(LRSchedule):
         self._start()
 
     def lr_at(self, step):
-        return self.base_lr * self.gamma ** (step // self.step_size)
+        if self.base_lr == 0:
+            return 0.0
+        try:
+            return self.base_lr * self.gamma ** (step // self.step_size)
+        except OverflowError:  # float ** raises instead of returning inf
+            raise ValueError(f"StepLR: the learning rate overflows after {step} steps "
+                             f"(lr {self.base_lr} * gamma {self.gamma} ** "
+                             f"{step // self.step_size})") from None
 
 
 class CosineLR(LRSchedule):

@@ -533,3 +533,35 @@ def test_dataset_path_must_be_a_path(path):
 
     with pytest.raises(TypeError, match="path must be a str, an os.PathLike or None"):
         load_fashion_mnist(path)
+
+
+# ---- optimizers: found by the fuzz tests under tox -e asan -------------------------------------
+# Adam's eps below float32's range is 0 in a float32 update, so a parameter row with a zero
+# gradient (an FFF leaf no row reached) became 0/0 = NaN even with lr=0; a growing StepLR
+# raised OverflowError from float ** (Python raises instead of returning inf).
+
+def test_adam_eps_that_vanishes_in_float32_is_refused():
+    from fastff import optim
+
+    layer = nn.Linear(2, 2)
+    with pytest.raises(ValueError, match="eps must be >= 1.17"):
+        optim.Adam(layer, eps=1e-300)
+    opt = optim.Adam(layer, lr=0.0, eps=np.finfo(np.float32).tiny)  # the smallest accepted
+    layer.forward_train(np.ones((1, 2)))[1](np.zeros((1, 2)))  # zero gradients
+    opt.step()
+    assert all(np.isfinite(p).all() for p in layer.params.values())
+
+
+def test_step_lr_overflow_is_a_value_error():
+    from fastff import optim
+
+    opt = optim.SGD(nn.Linear(2, 2), lr=0.5)
+    schedule = optim.StepLR(opt, step_size=1, gamma=1e300)
+    schedule.step()
+    with pytest.raises(ValueError, match="StepLR: the learning rate overflows"):
+        for _ in range(3):
+            schedule.step()
+    frozen = optim.StepLR(optim.SGD(nn.Linear(2, 2), lr=0.0), step_size=1, gamma=1e300)
+    for _ in range(5):
+        frozen.step()
+    assert frozen.optimizer.lr == 0.0
