@@ -26,9 +26,9 @@ import numbers
 
 from ._validation import check_int
 from .module import Module
+from .ops import get_array_module
 
 FLOAT32_TINY = 1.1754943508222875e-38  # numpy.finfo(numpy.float32).tiny
-from .ops import get_array_module
 
 
 def _check_real(value, name, minimum=0.0, *, below=None, strict=False):
@@ -221,8 +221,10 @@ class Adam(Optimizer):
         )
         self.eps = _check_real(eps, "eps", strict=True)
         if self.eps < FLOAT32_TINY:  # it would be 0 in a float32 update: 0/0 for a zero gradient
-            raise ValueError(f"eps must be >= {FLOAT32_TINY} (float32's smallest normal number; "
-                             f"a smaller eps is 0 in float32 arithmetic), got {self.eps}")
+            raise ValueError(
+                f"eps must be >= {FLOAT32_TINY} (float32's smallest normal number; "
+                f"a smaller eps is 0 in float32 arithmetic), got {self.eps}"
+            )
 
     def _update(self, name, param, grad, xp):
         beta1, beta2 = self.betas
@@ -309,9 +311,11 @@ class StepLR(LRSchedule):
         try:
             return self.base_lr * self.gamma ** (step // self.step_size)
         except OverflowError:  # float ** raises instead of returning inf
-            raise ValueError(f"StepLR: the learning rate overflows after {step} steps "
-                             f"(lr {self.base_lr} * gamma {self.gamma} ** "
-                             f"{step // self.step_size})") from None
+            raise ValueError(
+                f"StepLR: the learning rate overflows after {step} steps "
+                f"(lr {self.base_lr} * gamma {self.gamma} ** "
+                f"{step // self.step_size})"
+            ) from None
 
 
 class CosineLR(LRSchedule):

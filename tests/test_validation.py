@@ -540,6 +540,7 @@ def test_dataset_path_must_be_a_path(path):
 # gradient (an FFF leaf no row reached) became 0/0 = NaN even with lr=0; a growing StepLR
 # raised OverflowError from float ** (Python raises instead of returning inf).
 
+
 def test_adam_eps_that_vanishes_in_float32_is_refused():
     from fastff import optim
 
