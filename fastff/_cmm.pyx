@@ -135,17 +135,23 @@ cdef inline floating _act_grad(floating z, int act) noexcept nogil:
 
 
 # ---------------------------------------------------------------------------------------------
+# Threads: every kernel asks _n_threads. A batch of at most one chunk of _ROW_CHUNK rows runs on
+# the calling thread: waking the others (and waiting for them) would cost more than the work.
+
+cdef enum:
+    _ROW_CHUNK = 16
+
+
+cdef inline int _n_threads(Py_ssize_t n_rows) noexcept nogil:
+    return 1 if n_rows <= _ROW_CHUNK else omp_get_max_threads()
+
+
 # Neuron-tree FFF (UltraFastBERT)
 
 cdef enum:
     ROWS_PER_BLOCK = 4  # rows one thread walks in lockstep
     SUBTREE_BYTES = 1 << 20  # weights of a subtree that rows walk together: fits a core's L2
     MIN_ROWS_PER_SUBTREE = 16  # below this, grouping rows by subtree saves too little
-    MIN_ROWS_PER_THREAD = 16  # smaller batches run on the calling thread: no thread start-up
-
-
-cdef inline int _threads_for(Py_ssize_t n_rows) noexcept nogil:
-    return 1 if n_rows < 2 * MIN_ROWS_PER_THREAD else omp_get_max_threads()
 
 
 cdef void _walk(const floating[:, ::1] x, const floating[:, ::1] w_in, const floating[::1] b_in,
@@ -274,7 +280,7 @@ def ultra_forward(const floating[:, ::1] x, const floating[:, ::1] w_in, const f
     cdef Py_ssize_t[::1] offsets = offsets_arr
     cdef Py_ssize_t[::1] order = order_arr
     cdef Py_ssize_t* split_node_ptr = &split_node[0] if n_groups else NULL
-    cdef int n_threads = _threads_for(n_rows)
+    cdef int n_threads = _n_threads(n_rows)
     with nogil:
         if not n_groups:
             # one parallel region: each block of rows walks every tree, top to leaf
@@ -346,7 +352,7 @@ def ultra_backward(const floating[:, ::1] x, const floating[:, ::1] dy,
         with nogil:
             in_range = _indices_below(&visited[0, 0], n_visits, n_total)
     _require(in_range, "visited holds a node index outside the tree")
-    cdef int n_threads = _threads_for(n_rows)
+    cdef int n_threads = _n_threads(n_rows)
 
     dz_arr = np.empty((n_rows, visits_per_row), dtype=np.asarray(preact).dtype)
     cdef floating[:, ::1] dzs = dz_arr
@@ -420,13 +426,6 @@ def ultra_backward(const floating[:, ::1] x, const floating[:, ::1] dy,
 # `q` is a router's right-child weight after region leak: sigmoid(z), or 1 - sigmoid(z) where the
 # leak swapped the children for that row; q * (1 - q) = p * (1 - p) either way.
 
-cdef enum:
-    _ROW_CHUNK = 16
-
-
-cdef inline int _n_threads(Py_ssize_t n_rows) noexcept nogil:
-    """One thread for a batch that fits in one chunk: waking the others would only cost."""
-    return 1 if n_rows <= _ROW_CHUNK else omp_get_max_threads()
 
 
 cdef inline floating _sigmoid(floating z) noexcept nogil:

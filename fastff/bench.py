@@ -283,7 +283,7 @@ def run(
             )
             del dense, fff  # a depth-20 tree holds 12.9 GB: free it before building the next
     if limiter is not None:
-        limiter.unregister() if hasattr(limiter, "unregister") else None
+        limiter.restore_original_limits()
     if json_path:
         os.makedirs(os.path.dirname(os.path.abspath(json_path)), exist_ok=True)
         with open(json_path, "w") as f:
