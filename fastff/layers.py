@@ -16,7 +16,7 @@ from ._validation import (
     check_width,
 )
 from .module import Module
-from .ops import ACTIVATIONS, get_ops
+from .ops import ACTIVATIONS, get_ops, to_host
 
 USAGE_MODES = ("none", "soft", "hard")
 
@@ -394,7 +394,7 @@ class FFF(Module):
         usage, applied only once the whole dict has been accepted)."""
         if "depth" in state:
             value = state.pop("depth")
-            arr = np.asarray(value.get() if hasattr(value, "__cuda_array_interface__") else value)
+            arr = to_host(value)
             if arr.size != 1 or arr.dtype.kind not in "iuf" or arr.reshape(-1)[0] % 1 != 0:
                 raise ValueError(f"state['depth'] must be one integer, got {value!r}")
             if int(arr.reshape(-1)[0]) != self.depth:
@@ -406,9 +406,7 @@ class FFF(Module):
         for key, size in (("node_usage", self.n_nodes), ("leaf_usage", self.n_leaves)):
             if key in state:
                 value = state.pop(key)
-                arr = np.asarray(
-                    value.get() if hasattr(value, "__cuda_array_interface__") else value
-                )
+                arr = to_host(value)
                 if arr.dtype.kind not in "iuf" or arr.shape != (size,):
                     raise ValueError(
                         f"state[{key!r}] must be a real array of shape ({size},), "

@@ -13,8 +13,8 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from ._validation import as_rows, check_fits_in_memory, check_float_dtype
-from .ops import get_ops
+from ._validation import as_rows, check_cast_in_range, check_fits_in_memory, check_float_dtype
+from .ops import get_ops, to_host
 
 MODULE_KINDS: dict[str, type[Module]] = {}  # class name -> class, for rebuilding saved modules
 ModuleT = TypeVar("ModuleT", bound="Module")
@@ -175,11 +175,7 @@ class Module:
         staged = {}
         for name, target in targets.items():
             value = state[name]
-            src = np.asarray(
-                value.get()
-                if hasattr(value, "get") and hasattr(value, "__cuda_array_interface__")
-                else value
-            )
+            src = to_host(value)
             if src.dtype.kind not in "fiu":
                 raise TypeError(
                     f"state[{name!r}] must be a real numeric array, got dtype {src.dtype}"
@@ -190,12 +186,8 @@ class Module:
                 )
             with np.errstate(over="ignore", invalid="ignore"):
                 converted = src.astype(self.dtype)
-            overflow = np.isfinite(src) & ~np.isfinite(converted)
-            if overflow.any():
-                raise ValueError(
-                    f"state[{name!r}] has values beyond the range of {self.dtype} "
-                    f"(e.g. {src[overflow].flat[0]!r})"
-                )
+            if src.dtype.kind == "f":
+                check_cast_in_range(src, converted, self.dtype, np, f"state[{name!r}]")
             staged[name] = converted
         for m_prefix, m in self._prefixed_modules():
             for key in m._anchor:

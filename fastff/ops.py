@@ -218,9 +218,7 @@ class CPUOps(FFFOps):
     cmm = _cmm
 
     def asarray(self, a, dtype=None):
-        if hasattr(a, "__cuda_array_interface__") and hasattr(a, "get"):
-            a = a.get()
-        return np.asarray(a, dtype=dtype)
+        return np.asarray(to_host(a), dtype=dtype)
 
     def to_numpy(self, a):
         return np.asarray(a)
@@ -271,6 +269,14 @@ def get_ops(device: str):
 
         return get_gpu_ops()
     raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
+
+
+def to_host(a):
+    """A NumPy view or copy of `a`: CuPy arrays are copied from the device, the rest is as
+    np.asarray makes it."""
+    if hasattr(a, "__cuda_array_interface__") and hasattr(a, "get"):
+        return a.get()
+    return np.asarray(a)
 
 
 def get_array_module(a):

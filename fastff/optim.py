@@ -26,7 +26,7 @@ import numbers
 
 from ._validation import check_int
 from .module import Module
-from .ops import get_array_module
+from .ops import get_array_module, to_host
 
 FLOAT32_TINY = 1.1754943508222875e-38  # numpy.finfo(numpy.float32).tiny
 
@@ -154,8 +154,7 @@ class Optimizer:
             if buf is None:
                 state[key] = xp.zeros_like(param)  # same strides as the (maybe transposed) view
             elif get_array_module(buf) is not xp:  # the model moved to another device
-                host = buf.get() if hasattr(buf, "__cuda_array_interface__") else buf
-                state[key] = xp.asarray(host)
+                state[key] = xp.asarray(to_host(buf))
         return [state[key] for key in keys]
 
     def _update(self, name, param, grad, xp):
