@@ -94,6 +94,10 @@ cdef extern from "_simd.h" nogil:
     double fastff_dot_f64(int n, const double* a, const double* b)
     void fastff_axpy_f32(int n, float alpha, const float* x, float* y)
     void fastff_axpy_f64(int n, double alpha, const double* x, double* y)
+    void fastff_dotn_f32(int nr, int n, const float** a, const float** b, float* out)
+    void fastff_dotn_f64(int nr, int n, const double** a, const double** b, double* out)
+    void fastff_axpyn_f32(int nr, int n, const float* alpha, const float** x, float** y)
+    void fastff_axpyn_f64(int nr, int n, const double* alpha, const double** x, double** y)
 
 
 cdef inline floating _dot(int n, const floating* a, const floating* b) noexcept nogil:
@@ -108,6 +112,22 @@ cdef inline void _axpy(int n, floating alpha, const floating* x, floating* y) no
         fastff_axpy_f32(n, alpha, x, y)
     else:
         fastff_axpy_f64(n, alpha, x, y)
+
+
+cdef inline void _dotn(int nr, int n, const floating** a, const floating** b,
+                       floating* out) noexcept nogil:
+    if floating is float:
+        fastff_dotn_f32(nr, n, a, b, out)
+    else:
+        fastff_dotn_f64(nr, n, a, b, out)
+
+
+cdef inline void _axpyn(int nr, int n, const floating* alpha, const floating** x,
+                        floating** y) noexcept nogil:
+    if floating is float:
+        fastff_axpyn_f32(nr, n, alpha, x, y)
+    else:
+        fastff_axpyn_f64(nr, n, alpha, x, y)
 
 
 cdef inline floating _act(floating z, int act) noexcept nogil:
@@ -160,27 +180,40 @@ cdef void _walk(const floating[:, ::1] x, const floating[:, ::1] w_in, const flo
                 const Py_ssize_t* rows, int n, Py_ssize_t* node, int t, Py_ssize_t n_nodes,
                 int level0, int level1, int path_len) noexcept nogil:
     """Rows rows[0..n) (n <= ROWS_PER_BLOCK) of tree t walk levels level0..level1 in lockstep
-    from node[i] (index within the tree; updated to the node at level1): while one row waits for
-    its next node's weights, the others compute. Adds into y."""
+    from node[i] (index within the tree; updated to the node at level1). Each level's dots and
+    axpys run over the n rows at once: their interleaved weight streams keep several fetches in
+    flight (software prefetching on top measured slower: it competes with the hardware
+    prefetchers for fill buffers and load slots). Adds into y."""
     cdef int in_w = <int>x.shape[1], out_w = <int>y.shape[1]
     cdef int level, i
     cdef Py_ssize_t g, r
+    cdef int n_out
     cdef floating z[ROWS_PER_BLOCK]
-    cdef floating a
+    cdef floating a[ROWS_PER_BLOCK]
+    cdef const floating* w_rows[ROWS_PER_BLOCK]
+    cdef const floating* x_rows[ROWS_PER_BLOCK]
+    cdef floating* y_rows[ROWS_PER_BLOCK]
+    for i in range(n):
+        x_rows[i] = &x[rows[i], 0]
     for level in range(level0, level1):
         for i in range(n):
-            g = t * n_nodes + node[i]
-            z[i] = b_in[g] + _dot(in_w, &w_in[g, 0], &x[rows[i], 0])
+            w_rows[i] = &w_in[t * n_nodes + node[i], 0]
+        _dotn(n, in_w, w_rows, x_rows, z)
+        n_out = 0
         for i in range(n):
             r = rows[i]
             g = t * n_nodes + node[i]
-            a = _act(z[i], act)
-            if a != 0:  # relu zeros skip the output row entirely
-                _axpy(out_w, a, &w_out_t[g, 0], &y[r, 0])
+            z[i] = z[i] + b_in[g]
+            a[n_out] = _act(z[i], act)
+            if a[n_out] != 0:  # relu zeros skip the output row entirely
+                w_rows[n_out] = &w_out_t[g, 0]
+                y_rows[n_out] = &y[r, 0]
+                n_out = n_out + 1
             if save_path:
                 visited[r, t * path_len + level] = g
                 preact[r, t * path_len + level] = z[i]
             node[i] = 2 * node[i] + 1 + (z[i] > 0)
+        _axpyn(n_out, out_w, a, w_rows, y_rows)
 
 
 cdef void _walk_top(const floating[:, ::1] x, const floating[:, ::1] w_in,
@@ -944,3 +977,4 @@ def fff_hard_train_backward(const floating[:, ::1] x, const floating[:, ::1] dy,
                     _axpy(in_w, d, &x[r, 0], &grad_node_w[node, 0])
                     grad_node_b[node] += d
     return None
+
