@@ -64,6 +64,25 @@
         for (int i = 0; i < n; ++i) y[i] += alpha * x[i];                                       \
     }
 
+#if defined(__GNUC__) || defined(__clang__)
+/* Sum of a 64-byte vector's lanes by halving (3 vector adds, then 4 or 2 scalars): a lane-by-
+ * lane sum is a chain of 16 dependent adds, as long as the dot's main loop for short rows. */
+#define FASTFF_DEFINE_HSUM(T, SUFFIX)                                                          \
+    typedef T fastff_half_##SUFFIX __attribute__((vector_size(32)));                            \
+    typedef T fastff_quarter_##SUFFIX __attribute__((vector_size(16)));                         \
+    static inline __attribute__((always_inline)) T fastff_hsum_##SUFFIX(const fastff_vec_##SUFFIX *c) {\
+        fastff_half_##SUFFIX h0, h1;                                                            \
+        fastff_quarter_##SUFFIX q0, q1;                                                         \
+        memcpy(&h0, c, 32); memcpy(&h1, (const char *)c + 32, 32); h0 += h1;                    \
+        memcpy(&q0, &h0, 16); memcpy(&q1, (const char *)&h0 + 16, 16); q0 += q1;                \
+        T s = q0[0];                                                                            \
+        for (unsigned k = 1; k < 16 / sizeof(T); ++k) s += q0[k];                               \
+        return s;                                                                               \
+    }
+#else
+#define FASTFF_DEFINE_HSUM(T, SUFFIX)
+#endif
+
 /* Dots and axpys of up to four rows at once, for rows that walk a tree in lockstep: their weight
  * rows are read as interleaved streams, so a block of rows whose nodes come from DRAM keeps
  * several fetches in flight instead of one . Each row's
@@ -90,8 +109,7 @@
         }                                                                                       \
         for (int r = 0; r < N; ++r) {                                                           \
             fastff_vec_##SUFFIX c = c0[r] + c1[r];                                              \
-            T s = 0;                                                                            \
-            for (int k = 0; k < L; ++k) s += c[k];                                              \
+            T s = fastff_hsum_##SUFFIX(&c);                                                     \
             for (int j = i; j < n; ++j) s += a[r][j] * b[r][j];                                 \
             out[r] = s;                                                                         \
         }                                                                                       \
@@ -123,6 +141,7 @@
 
 /* out[r] = dot(a[r], b[r]) and y[r] += alpha[r] * x[r] for r < nr (1..4), rows of length n. */
 #define FASTFF_DEFINE_BLOCK_PRIMITIVES(T, SUFFIX)                                              \
+    FASTFF_DEFINE_HSUM(T, SUFFIX)                                                               \
     FASTFF_MULTIVERSION static void fastff_dotn_##SUFFIX(int nr, int n, const T *const *a,      \
                                                          const T *const *b, T *out) {           \
         switch (nr) {                                                                           \
@@ -143,9 +162,78 @@
         }                                                                                       \
     }
 
+/* out[r * out_stride + j] = dot(x[r], w + j * w_stride) for r < nr (1..4) rows and j < nj
+ * (1..4) weight rows, all of length n: a register-blocked micro-kernel, so each loaded x
+ * vector serves nj weight rows and each weight vector nr rows (4x4: one load per two FMAs,
+ * against two per FMA for separate dots). One accumulator per (row, weight row) pair, summed
+ * the same way for any nr and nj, so a result does not depend on the block it was computed
+ * in. 4x4 needs 16 accumulators + 5 operands: AVX-512's 32 registers; fastff_wide_registers()
+ * tells the caller whether to use 2x2 blocks instead. */
+static inline int fastff_wide_registers(void) {
+#if (defined(__GNUC__) || defined(__clang__)) && defined(__x86_64__)
+    return __builtin_cpu_supports("avx512f");
+#else
+    return 0;
+#endif
+}
+
+#if defined(__GNUC__) || defined(__clang__)
+#define FASTFF_DOT_BLOCK_BODY(T, SUFFIX, NR, NJ)                                               \
+    do {                                                                                        \
+        enum { L = 64 / sizeof(T) };                                                            \
+        fastff_vec_##SUFFIX c[NR][NJ], u[NR], v;                                                \
+        memset(c, 0, sizeof(c));                                                                \
+        int i = 0;                                                                              \
+        for (; i + L <= n; i += L) {                                                            \
+            _Pragma("GCC unroll 4") for (int r = 0; r < NR; ++r) memcpy(&u[r], x[r] + i, 64);   \
+            _Pragma("GCC unroll 4") for (int j = 0; j < NJ; ++j) {                              \
+                memcpy(&v, w + j * w_stride + i, 64);                                           \
+                _Pragma("GCC unroll 4") for (int r = 0; r < NR; ++r) c[r][j] += u[r] * v;       \
+            }                                                                                   \
+        }                                                                                       \
+        for (int r = 0; r < NR; ++r) {                                                          \
+            for (int j = 0; j < NJ; ++j) {                                                      \
+                T s = fastff_hsum_##SUFFIX(&c[r][j]);                                           \
+                for (int m = i; m < n; ++m) s += x[r][m] * w[j * w_stride + m];                 \
+                out[r * out_stride + j] = s;                                                    \
+            }                                                                                   \
+        }                                                                                       \
+    } while (0)
+#define FASTFF_DOT_BLOCK_CASE(T, SUFFIX, NR)                                                   \
+    case NR:                                                                                    \
+        switch (nj) {                                                                           \
+        case 4: FASTFF_DOT_BLOCK_BODY(T, SUFFIX, NR, 4); break;                                 \
+        case 3: FASTFF_DOT_BLOCK_BODY(T, SUFFIX, NR, 3); break;                                 \
+        case 2: FASTFF_DOT_BLOCK_BODY(T, SUFFIX, NR, 2); break;                                 \
+        default: FASTFF_DOT_BLOCK_BODY(T, SUFFIX, NR, 1); break;                                \
+        }                                                                                       \
+        break;
+#define FASTFF_DEFINE_DOT_BLOCK(T, SUFFIX)                                                     \
+    FASTFF_MULTIVERSION static void fastff_dot_block_##SUFFIX(                                  \
+        int nr, int nj, int n, const T *const *x, const T *w, long w_stride, T *out,           \
+        int out_stride) {                                                                       \
+        switch (nr) {                                                                           \
+            FASTFF_DOT_BLOCK_CASE(T, SUFFIX, 4)                                                 \
+            FASTFF_DOT_BLOCK_CASE(T, SUFFIX, 3)                                                 \
+            FASTFF_DOT_BLOCK_CASE(T, SUFFIX, 2)                                                 \
+            default: FASTFF_DOT_BLOCK_CASE(T, SUFFIX, 1)                                        \
+        }                                                                                       \
+    }
+#else
+#define FASTFF_DEFINE_DOT_BLOCK(T, SUFFIX)                                                     \
+    static void fastff_dot_block_##SUFFIX(int nr, int nj, int n, const T *const *x,             \
+                                          const T *w, long w_stride, T *out, int out_stride) {  \
+        for (int r = 0; r < nr; ++r)                                                            \
+            for (int j = 0; j < nj; ++j)                                                        \
+                out[r * out_stride + j] = fastff_dot_##SUFFIX(n, x[r], w + j * w_stride);       \
+    }
+#endif
+
 FASTFF_DEFINE_PRIMITIVES(float, f32)
 FASTFF_DEFINE_PRIMITIVES(double, f64)
 FASTFF_DEFINE_BLOCK_PRIMITIVES(float, f32)
 FASTFF_DEFINE_BLOCK_PRIMITIVES(double, f64)
+FASTFF_DEFINE_DOT_BLOCK(float, f32)
+FASTFF_DEFINE_DOT_BLOCK(double, f64)
 
 #endif

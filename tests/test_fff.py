@@ -74,7 +74,8 @@ def training_case(seed, in_w, leaf_w, out_w, depth, batch, act, dtype, **kwargs)
 
 shapes = dict(
     in_w=st.integers(1, 40),
-    leaf_w=st.integers(1, 8),
+    # mostly small leaves; sometimes more than the 64 hidden units the kernel keeps at a time
+    leaf_w=st.integers(1, 8) | st.sampled_from([63, 64, 65, 130]),
     out_w=st.integers(1, 12),
     depth=st.integers(0, 6),
     batch=st.integers(0, 40),
@@ -103,6 +104,19 @@ def test_inference_row_orders_agree(batch):
     x = dyadic(rng, (batch, 24), denom=8)
     y = layer(x)
     assert_close(y, R.fff_infer(x, state, "gelu"), np.float64, 30, "y")
+    np.testing.assert_array_equal(layer(x[::-1])[::-1], y)
+
+
+def test_inference_rows_do_not_depend_on_their_batch():
+    """A row's output is bitwise the same alone, in a small batch (rows routed and evaluated
+    block by block) and in a large one (leaves evaluated with the rows grouped by leaf)."""
+    rng = np.random.default_rng(0)
+    layer = fastff.FFF(100, 70, 9, 3, "relu", dtype=np.float32, seed=0)
+    x = rng.standard_normal((500, 100)).astype(np.float32)
+    y = layer(x)  # 500 >= 2 * 8 leaves: grouped by leaf
+    for i in (0, 1, 250, 498, 499):
+        np.testing.assert_array_equal(layer(x[i : i + 1]), y[i : i + 1])
+    np.testing.assert_array_equal(layer(x[:7]), y[:7])
     np.testing.assert_array_equal(layer(x[::-1])[::-1], y)
 
 
