@@ -70,7 +70,8 @@
 #define FASTFF_DEFINE_HSUM(T, SUFFIX)                                                          \
     typedef T fastff_half_##SUFFIX __attribute__((vector_size(32)));                            \
     typedef T fastff_quarter_##SUFFIX __attribute__((vector_size(16)));                         \
-    static inline __attribute__((always_inline)) T fastff_hsum_##SUFFIX(const fastff_vec_##SUFFIX *c) {\
+    static inline __attribute__((always_inline)) T fastff_hsum_##SUFFIX(                       \
+        const fastff_vec_##SUFFIX *c) {                                                         \
         fastff_half_##SUFFIX h0, h1;                                                            \
         fastff_quarter_##SUFFIX q0, q1;                                                         \
         memcpy(&h0, c, 32); memcpy(&h1, (const char *)c + 32, 32); h0 += h1;                    \
@@ -85,9 +86,8 @@
 
 /* Dots and axpys of up to four rows at once, for rows that walk a tree in lockstep: their weight
  * rows are read as interleaved streams, so a block of rows whose nodes come from DRAM keeps
- * several fetches in flight instead of one . Each row's
- * arithmetic is the same whatever the block size, so a row's result does not depend on which rows
- * share its block. */
+ * several fetches in flight instead of one. Each row's arithmetic is the same whatever the
+ * block size, so a row's result does not depend on which rows share its block. */
 #if defined(__GNUC__) || defined(__clang__)
 #define FASTFF_DOTN_BODY(T, SUFFIX, N)                                                         \
     do {                                                                                        \

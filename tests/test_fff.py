@@ -107,13 +107,14 @@ def test_inference_row_orders_agree(batch):
     np.testing.assert_array_equal(layer(x[::-1])[::-1], y)
 
 
-def test_inference_rows_do_not_depend_on_their_batch():
+@pytest.mark.parametrize("depth", [3, 7])
+def test_inference_rows_do_not_depend_on_their_batch(depth):
     """A row's output is bitwise the same alone, in a small batch (rows routed and evaluated
     block by block) and in a large one (leaves evaluated with the rows grouped by leaf)."""
     rng = np.random.default_rng(0)
-    layer = fastff.FFF(100, 70, 9, 3, "relu", dtype=np.float32, seed=0)
-    x = rng.standard_normal((500, 100)).astype(np.float32)
-    y = layer(x)  # 500 >= 2 * 8 leaves: grouped by leaf
+    layer = fastff.FFF(100, 70, 9, depth, "relu", dtype=np.float32, seed=0)
+    x = rng.standard_normal((600, 100)).astype(np.float32)
+    y = layer(x)  # 600 >= 2 * n_leaves: grouped by leaf
     for i in (0, 1, 250, 498, 499):
         np.testing.assert_array_equal(layer(x[i : i + 1]), y[i : i + 1])
     np.testing.assert_array_equal(layer(x[:7]), y[:7])
