@@ -25,7 +25,7 @@ MODELS = {
     # model: (arguments, neurons per inference, training width, parameter count)
     "ff": (["--width", "32"], 32, 32, 784 * 32 + 32 + 32 * 10 + 10),
     "ultra": (["--depth", "3", "--parallel-size", "2"], 8, 30, 30 * (784 + 1 + 10)),
-    "fff": (["--depth", "2", "--leaf-width", "4"], None, None, None),
+    "fff": (["--depth", "2", "--leaf-width", "4", "--hardening", "0.5"], None, None, None),
 }
 
 
