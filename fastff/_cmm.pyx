@@ -547,6 +547,15 @@ cdef enum:
 cdef int _TILE = 4 if fastff_wide_registers() else 2
 
 
+def _set_leaf_tile(int tile):
+    """Test hook: force the leaf tile (2 or 4), to check both give the same results; returns
+    the previous one."""
+    global _TILE
+    _require(tile == 2 or tile == 4, "the leaf tile is 2 or 4")
+    previous, _TILE = _TILE, tile
+    return previous
+
+
 cdef inline void _route_rows(int nr, int depth, int in_w, const floating** x_rows,
                              const floating* node_w, const floating* node_b,
                              Py_ssize_t* leaf) noexcept nogil:

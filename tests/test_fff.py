@@ -121,6 +121,25 @@ def test_inference_rows_do_not_depend_on_their_batch(depth):
     np.testing.assert_array_equal(layer(x[::-1])[::-1], y)
 
 
+def test_inference_leaf_tiles_agree():
+    """The 2 x 2 leaf tile (CPUs without AVX-512) and the 4 x 4 one give bitwise the same rows."""
+    from fastff import _cmm
+
+    rng = np.random.default_rng(1)
+    layer = fastff.FFF(101, 7, 5, 2, "gelu", dtype=np.float32, seed=1)
+    x = rng.standard_normal((300, 101)).astype(np.float32)
+    outputs = []
+    previous = _cmm._set_leaf_tile(2)
+    try:
+        outputs.append((layer(x), layer(x[:5])))
+        _cmm._set_leaf_tile(4)
+        outputs.append((layer(x), layer(x[:5])))
+    finally:
+        _cmm._set_leaf_tile(previous)
+    np.testing.assert_array_equal(outputs[0][0], outputs[1][0])
+    np.testing.assert_array_equal(outputs[0][1], outputs[1][1])
+
+
 @given(hardening=st.sampled_from([0.0, 0.75]), **shapes)
 def test_soft_training_matches_reference(
     hardening, in_w, leaf_w, out_w, depth, batch, act, dtype, seed
