@@ -19,6 +19,27 @@
 #include <string.h>
 
 #if defined(__GNUC__) || defined(__clang__)
+/* Sum of a 64-byte vector's lanes by halving (3 vector adds, then 4 or 2 scalars): a lane-by-
+ * lane sum is a chain of 16 dependent adds, as long as the dot's main loop for short rows.
+ * Every dot in this file ends with it. */
+#define FASTFF_DEFINE_HSUM(T, SUFFIX)                                                          \
+    typedef T fastff_half_##SUFFIX __attribute__((vector_size(32)));                            \
+    typedef T fastff_quarter_##SUFFIX __attribute__((vector_size(16)));                         \
+    static inline __attribute__((always_inline)) T fastff_hsum_##SUFFIX(                       \
+        const fastff_vec_##SUFFIX *c) {                                                         \
+        fastff_half_##SUFFIX h0, h1;                                                            \
+        fastff_quarter_##SUFFIX q0, q1;                                                         \
+        memcpy(&h0, c, 32); memcpy(&h1, (const char *)c + 32, 32); h0 += h1;                    \
+        memcpy(&q0, &h0, 16); memcpy(&q1, (const char *)&h0 + 16, 16); q0 += q1;                \
+        T s = q0[0];                                                                            \
+        for (unsigned k = 1; k < 16 / sizeof(T); ++k) s += q0[k];                               \
+        return s;                                                                               \
+    }
+#else
+#define FASTFF_DEFINE_HSUM(T, SUFFIX)
+#endif
+
+#if defined(__GNUC__) || defined(__clang__)
 /* Four independent 64-byte accumulators: a single accumulator (what `omp simd reduction`
  * gives) makes a 768-long float dot a chain of 48 dependent FMAs, about 4x its throughput
  * bound; this form measured 1.8x faster on L1-resident rows. memcpy compiles to unaligned
@@ -26,6 +47,7 @@
  * two ymm or four xmm). */
 #define FASTFF_DEFINE_DOT(T, SUFFIX)                                                           \
     typedef T fastff_vec_##SUFFIX __attribute__((vector_size(64)));                            \
+    FASTFF_DEFINE_HSUM(T, SUFFIX)                                                               \
     FASTFF_MULTIVERSION static T fastff_dot_##SUFFIX(int n, const T *a, const T *b) {         \
         enum { L = 64 / sizeof(T) };                                                            \
         fastff_vec_##SUFFIX c0 = {0}, c1 = {0}, c2 = {0}, c3 = {0}, u0, u1, u2, u3, v0, v1,    \
@@ -43,8 +65,7 @@
             c0 += u0 * v0;                                                                      \
         }                                                                                       \
         c0 = (c0 + c1) + (c2 + c3);                                                             \
-        T s = 0;                                                                                \
-        for (int k = 0; k < L; ++k) s += c0[k];                                                 \
+        T s = fastff_hsum_##SUFFIX(&c0);                                                        \
         for (; i < n; ++i) s += a[i] * b[i];                                                    \
         return s;                                                                               \
     }
@@ -64,25 +85,6 @@
         for (int i = 0; i < n; ++i) y[i] += alpha * x[i];                                       \
     }
 
-#if defined(__GNUC__) || defined(__clang__)
-/* Sum of a 64-byte vector's lanes by halving (3 vector adds, then 4 or 2 scalars): a lane-by-
- * lane sum is a chain of 16 dependent adds, as long as the dot's main loop for short rows. */
-#define FASTFF_DEFINE_HSUM(T, SUFFIX)                                                          \
-    typedef T fastff_half_##SUFFIX __attribute__((vector_size(32)));                            \
-    typedef T fastff_quarter_##SUFFIX __attribute__((vector_size(16)));                         \
-    static inline __attribute__((always_inline)) T fastff_hsum_##SUFFIX(                       \
-        const fastff_vec_##SUFFIX *c) {                                                         \
-        fastff_half_##SUFFIX h0, h1;                                                            \
-        fastff_quarter_##SUFFIX q0, q1;                                                         \
-        memcpy(&h0, c, 32); memcpy(&h1, (const char *)c + 32, 32); h0 += h1;                    \
-        memcpy(&q0, &h0, 16); memcpy(&q1, (const char *)&h0 + 16, 16); q0 += q1;                \
-        T s = q0[0];                                                                            \
-        for (unsigned k = 1; k < 16 / sizeof(T); ++k) s += q0[k];                               \
-        return s;                                                                               \
-    }
-#else
-#define FASTFF_DEFINE_HSUM(T, SUFFIX)
-#endif
 
 /* Dots and axpys of up to four rows at once, for rows that walk a tree in lockstep: their weight
  * rows are read as interleaved streams, so a block of rows whose nodes come from DRAM keeps
@@ -141,7 +143,6 @@
 
 /* out[r] = dot(a[r], b[r]) and y[r] += alpha[r] * x[r] for r < nr (1..4), rows of length n. */
 #define FASTFF_DEFINE_BLOCK_PRIMITIVES(T, SUFFIX)                                              \
-    FASTFF_DEFINE_HSUM(T, SUFFIX)                                                               \
     FASTFF_MULTIVERSION static void fastff_dotn_##SUFFIX(int nr, int n, const T *const *a,      \
                                                          const T *const *b, T *out) {           \
         switch (nr) {                                                                           \
