@@ -54,6 +54,12 @@ def set_num_threads(int n):
 MAX_DEPTH = 61  # 2**(depth+1) nodes must be countable in a Py_ssize_t
 
 
+cdef inline bint _rows_contiguous(Py_ssize_t width, Py_ssize_t inner_stride, size_t itemsize):
+    # Row-strided weights (views into one node-record array) are fine; the dot and axpy loops
+    # only need each row's own elements to be adjacent.
+    return width <= 1 or inner_stride == <Py_ssize_t>itemsize
+
+
 def _require(ok, what):
     if not ok:
         raise ValueError(f"fastff._cmm: {what}")
@@ -98,6 +104,10 @@ cdef extern from "_simd.h" nogil:
     void fastff_dotn_f64(int nr, int n, const double** a, const double** b, double* out)
     void fastff_axpyn_f32(int nr, int n, const float* alpha, const float** x, float** y)
     void fastff_axpyn_f64(int nr, int n, const double* alpha, const double** x, double** y)
+    void fastff_axpym_f32(int nr, const int* m, int stride, int n, const float* alpha,
+                          const float** x, float** y)
+    void fastff_axpym_f64(int nr, const int* m, int stride, int n, const double* alpha,
+                          const double** x, double** y)
     int fastff_wide_registers()
     void fastff_dot_block_f32(int nr, int nj, int n, const float** x, const float* w,
                               long w_stride, float* out, int out_stride)
@@ -133,6 +143,14 @@ cdef inline void _axpyn(int nr, int n, const floating* alpha, const floating** x
         fastff_axpyn_f32(nr, n, alpha, x, y)
     else:
         fastff_axpyn_f64(nr, n, alpha, x, y)
+
+
+cdef inline void _axpym(int nr, const int* m, int stride, int n, const floating* alpha,
+                        const floating** x, floating** y) noexcept nogil:
+    if floating is float:
+        fastff_axpym_f32(nr, m, stride, n, alpha, x, y)
+    else:
+        fastff_axpym_f64(nr, m, stride, n, alpha, x, y)
 
 
 cdef inline void _dot_block(int nr, int nj, int n, const floating** x, const floating* w,
@@ -183,54 +201,65 @@ cdef inline int _n_threads(Py_ssize_t n_rows) noexcept nogil:
 
 cdef enum:
     ROWS_PER_BLOCK = 4  # rows one thread walks in lockstep
+    MAX_PATH = 62  # MAX_DEPTH + 1: the most levels one walk visits
     SUBTREE_BYTES = 1 << 20  # weights of a subtree that rows walk together: fits a core's L2
     MIN_ROWS_PER_SUBTREE = 16  # below this, grouping rows by subtree saves too little
 
 
-cdef void _walk(const floating[:, ::1] x, const floating[:, ::1] w_in, const floating[::1] b_in,
-                const floating[:, ::1] w_out_t, int act, floating[:, ::1] y,
+cdef void _walk(const floating[:, ::1] x, const floating[:, :] w_in, const floating[::1] b_in,
+                const floating[:, :] w_out_t, int act, floating[:, ::1] y,
                 Py_ssize_t[:, ::1] visited, floating[:, ::1] preact, bint save_path,
                 const Py_ssize_t* rows, int n, Py_ssize_t* node, int t, Py_ssize_t n_nodes,
                 int level0, int level1, int path_len) noexcept nogil:
     """Rows rows[0..n) (n <= ROWS_PER_BLOCK) of tree t walk levels level0..level1 in lockstep
-    from node[i] (index within the tree; updated to the node at level1). Each level's dots and
-    axpys run over the n rows at once: their interleaved weight streams keep several fetches in
-    flight (software prefetching on top measured slower: it competes with the hardware
-    prefetchers for fill buffers and load slots). Adds into y."""
+    from node[i] (index within the tree; updated to the node at level1), then add their
+    visited nodes' outputs into y.
+
+    Each level's dots run over the n rows at once: their interleaved weight streams keep
+    several fetches in flight (software prefetching on top measured slower: it competes with
+    the hardware prefetchers for fill buffers and load slots). The output rows wait until the
+    walk is done: a level's axpy between two dependent dots stalls on its own fetch, whereas
+    all of a walk's output rows are independent streams, and y is read and written once."""
     cdef int in_w = <int>x.shape[1], out_w = <int>y.shape[1]
-    cdef int level, i
+    cdef int level, i, k
     cdef Py_ssize_t g, r
-    cdef int n_out
     cdef floating z[ROWS_PER_BLOCK]
-    cdef floating a[ROWS_PER_BLOCK]
+    cdef floating act_z
     cdef const floating* w_rows[ROWS_PER_BLOCK]
     cdef const floating* x_rows[ROWS_PER_BLOCK]
     cdef floating* y_rows[ROWS_PER_BLOCK]
+    # per row: the nonzero activations of its walk and their output rows, in path order
+    cdef floating coef[ROWS_PER_BLOCK * MAX_PATH]
+    cdef const floating* out_rows[ROWS_PER_BLOCK * MAX_PATH]
+    cdef int n_terms[ROWS_PER_BLOCK]
     for i in range(n):
         x_rows[i] = &x[rows[i], 0]
+        n_terms[i] = 0
     for level in range(level0, level1):
         for i in range(n):
             w_rows[i] = &w_in[t * n_nodes + node[i], 0]
         _dotn(n, in_w, w_rows, x_rows, z)
-        n_out = 0
         for i in range(n):
             r = rows[i]
             g = t * n_nodes + node[i]
             z[i] = z[i] + b_in[g]
-            a[n_out] = _act(z[i], act)
-            if a[n_out] != 0:  # relu zeros skip the output row entirely
-                w_rows[n_out] = &w_out_t[g, 0]
-                y_rows[n_out] = &y[r, 0]
-                n_out = n_out + 1
+            act_z = _act(z[i], act)
+            if act_z != 0:  # relu zeros skip the output row entirely
+                k = i * MAX_PATH + n_terms[i]
+                coef[k] = act_z
+                out_rows[k] = &w_out_t[g, 0]
+                n_terms[i] += 1
             if save_path:
                 visited[r, t * path_len + level] = g
                 preact[r, t * path_len + level] = z[i]
             node[i] = 2 * node[i] + 1 + (z[i] > 0)
-        _axpyn(n_out, out_w, a, w_rows, y_rows)
+    for i in range(n):
+        y_rows[i] = &y[rows[i], 0]
+    _axpym(n, n_terms, MAX_PATH, out_w, coef, out_rows, y_rows)
 
 
-cdef void _walk_top(const floating[:, ::1] x, const floating[:, ::1] w_in,
-                    const floating[::1] b_in, const floating[:, ::1] w_out_t, int act,
+cdef void _walk_top(const floating[:, ::1] x, const floating[:, :] w_in,
+                    const floating[::1] b_in, const floating[:, :] w_out_t, int act,
                     floating[:, ::1] y, Py_ssize_t[:, ::1] visited, floating[:, ::1] preact,
                     bint save_path, Py_ssize_t r0, int n, int t, Py_ssize_t n_nodes, int split,
                     int path_len, Py_ssize_t* split_node) noexcept nogil:
@@ -249,8 +278,8 @@ cdef void _walk_top(const floating[:, ::1] x, const floating[:, ::1] w_in,
             split_node[rows[j]] = node[j] - ((<Py_ssize_t>1 << split) - 1)
 
 
-cdef void _walk_subtree(const floating[:, ::1] x, const floating[:, ::1] w_in,
-                        const floating[::1] b_in, const floating[:, ::1] w_out_t, int act,
+cdef void _walk_subtree(const floating[:, ::1] x, const floating[:, :] w_in,
+                        const floating[::1] b_in, const floating[:, :] w_out_t, int act,
                         floating[:, ::1] y, Py_ssize_t[:, ::1] visited,
                         floating[:, ::1] preact, bint save_path, const Py_ssize_t* order,
                         Py_ssize_t start, Py_ssize_t stop, Py_ssize_t root, int t,
@@ -286,8 +315,8 @@ def _subtree_split(Py_ssize_t n_rows, int depth, int in_w, int out_w, int itemsi
     return depth + 1 if split == 0 else split
 
 
-def ultra_forward(const floating[:, ::1] x, const floating[:, ::1] w_in, const floating[::1] b_in,
-                  const floating[:, ::1] w_out_t, int depth, int n_trees, int act,
+def ultra_forward(const floating[:, ::1] x, const floating[:, :] w_in, const floating[::1] b_in,
+                  const floating[:, :] w_out_t, int depth, int n_trees, int act,
                   floating[:, ::1] y, Py_ssize_t[:, ::1] visited, floating[:, ::1] preact,
                   bint save_path):
     """Hard-path forward of the neuron-tree FFF.
@@ -312,6 +341,9 @@ def ultra_forward(const floating[:, ::1] x, const floating[:, ::1] w_in, const f
              and w_out_t.shape[0] == n_total,
              "w_in, b_in and w_out_t must have n_trees * (2**(depth+1) - 1) rows")
     _require(w_in.shape[1] == x.shape[1], "w_in and x must have the same width")
+    _require(_rows_contiguous(w_in.shape[1], w_in.strides[1], sizeof(floating))
+             and _rows_contiguous(w_out_t.shape[1], w_out_t.strides[1], sizeof(floating)),
+             "the rows of w_in and w_out_t must be contiguous")
     _require(y.shape[0] == n_rows and y.shape[1] == w_out_t.shape[1], "y must be (rows, out)")
     if save_path:
         _require(visited.shape[0] == n_rows and visited.shape[1] == n_trees * (depth + 1)
@@ -368,7 +400,7 @@ def ultra_forward(const floating[:, ::1] x, const floating[:, ::1] w_in, const f
 
 
 def ultra_backward(const floating[:, ::1] x, const floating[:, ::1] dy,
-                   const floating[:, ::1] w_in, const floating[:, ::1] w_out_t,
+                   const floating[:, :] w_in, const floating[:, :] w_out_t,
                    const Py_ssize_t[:, ::1] visited, const floating[:, ::1] preact, int act,
                    floating[:, ::1] dx, floating[:, ::1] grad_w_in, floating[::1] grad_b_in,
                    floating[:, ::1] grad_w_out_t):
@@ -390,6 +422,9 @@ def ultra_backward(const floating[:, ::1] x, const floating[:, ::1] dy,
              and preact.shape[1] == visits_per_row, "x, dy, dx, visited, preact: row counts")
     _require(w_in.shape[1] == in_w and w_out_t.shape[0] == n_total and w_out_t.shape[1] == out_w,
              "w_in must be (n, in) and w_out_t (n, out)")
+    _require(_rows_contiguous(w_in.shape[1], w_in.strides[1], sizeof(floating))
+             and _rows_contiguous(w_out_t.shape[1], w_out_t.strides[1], sizeof(floating)),
+             "the rows of w_in and w_out_t must be contiguous")
     _require(grad_w_in.shape[0] == n_total and grad_w_in.shape[1] == in_w
              and grad_b_in.shape[0] == n_total and grad_w_out_t.shape[0] == n_total
              and grad_w_out_t.shape[1] == out_w, "gradients must have the parameters' shapes")

@@ -230,11 +230,72 @@ static inline int fastff_wide_registers(void) {
     }
 #endif
 
+/* For r < nr: y[r][i] += alpha[r][0] * x[r][0][i] + ... + alpha[r][m[r]-1] * x[r][m[r]-1][i],
+ * added in k order (row r's terms at alpha + r * stride and x + r * stride). The same sums as
+ * m[r] axpys one after another, but each y row is loaded and stored once, and all the weight
+ * rows are independent streams whose fetches can be in flight at once (a walk's output rows
+ * are all known before the first is needed). The rows advance together, chunk by chunk, so
+ * their streams interleave; eight accumulators cover the FMA latency. */
+#if defined(__GNUC__) || defined(__clang__)
+#define FASTFF_DEFINE_AXPYM(T, SUFFIX)                                                         \
+    FASTFF_MULTIVERSION static void fastff_axpym_##SUFFIX(                                      \
+        int nr, const int *m, int stride, int n, const T *alpha, const T *const *x,             \
+        T *const *y) {                                                                          \
+        enum { L = 64 / sizeof(T), W = 8 };                                                     \
+        fastff_vec_##SUFFIX c[W], u;                                                            \
+        int i = 0;                                                                              \
+        for (; i + W * L <= n; i += W * L) {                                                    \
+            for (int r = 0; r < nr; ++r) {                                                      \
+                const T *ar = alpha + r * stride;                                               \
+                const T *const *xr = x + r * stride;                                            \
+                memcpy(c, y[r] + i, sizeof(c));                                                 \
+                for (int k = 0; k < m[r]; ++k) {                                                \
+                    const T a = ar[k], *xk = xr[k] + i;                                         \
+                    _Pragma("GCC unroll 8") for (int w = 0; w < W; ++w) {                       \
+                        memcpy(&u, xk + w * L, 64); c[w] += a * u;                              \
+                    }                                                                           \
+                }                                                                               \
+                memcpy(y[r] + i, c, sizeof(c));                                                 \
+            }                                                                                   \
+        }                                                                                       \
+        for (int r = 0; r < nr; ++r) {                                                          \
+            const T *ar = alpha + r * stride;                                                   \
+            const T *const *xr = x + r * stride;                                                \
+            int j = i;                                                                          \
+            for (; j + L <= n; j += L) {                                                        \
+                memcpy(&c[0], y[r] + j, 64);                                                    \
+                for (int k = 0; k < m[r]; ++k) {                                                \
+                    memcpy(&u, xr[k] + j, 64); c[0] += ar[k] * u;                               \
+                }                                                                               \
+                memcpy(y[r] + j, &c[0], 64);                                                    \
+            }                                                                                   \
+            for (; j < n; ++j) {                                                                \
+                T s = y[r][j];                                                                  \
+                for (int k = 0; k < m[r]; ++k) s += ar[k] * xr[k][j];                           \
+                y[r][j] = s;                                                                    \
+            }                                                                                   \
+        }                                                                                       \
+    }
+#else
+#define FASTFF_DEFINE_AXPYM(T, SUFFIX)                                                         \
+    static void fastff_axpym_##SUFFIX(int nr, const int *m, int stride, int n, const T *alpha,  \
+                                      const T *const *x, T *const *y) {                         \
+        for (int r = 0; r < nr; ++r)                                                            \
+            for (int i = 0; i < n; ++i) {                                                       \
+                T s = y[r][i];                                                                  \
+                for (int k = 0; k < m[r]; ++k) s += alpha[r * stride + k] * x[r * stride + k][i]; \
+                y[r][i] = s;                                                                    \
+            }                                                                                   \
+    }
+#endif
+
 FASTFF_DEFINE_PRIMITIVES(float, f32)
 FASTFF_DEFINE_PRIMITIVES(double, f64)
 FASTFF_DEFINE_BLOCK_PRIMITIVES(float, f32)
 FASTFF_DEFINE_BLOCK_PRIMITIVES(double, f64)
 FASTFF_DEFINE_DOT_BLOCK(float, f32)
 FASTFF_DEFINE_DOT_BLOCK(double, f64)
+FASTFF_DEFINE_AXPYM(float, f32)
+FASTFF_DEFINE_AXPYM(double, f64)
 
 #endif
