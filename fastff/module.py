@@ -20,6 +20,10 @@ MODULE_KINDS: dict[str, type[Module]] = {}  # class name -> class, for rebuildin
 ModuleT = TypeVar("ModuleT", bound="Module")
 
 
+def _contiguous_host(a):
+    return np.ascontiguousarray(a) if isinstance(a, np.ndarray) else a
+
+
 def build_module(kind: str, config: dict) -> Module:
     """Rebuild a module from its kind (class name) and get_config() output."""
     if kind not in MODULE_KINDS:
@@ -210,9 +214,10 @@ class Module:
         for m in self.modules():
             if m.device == device:
                 continue
-            m._params = {k: ops.asarray(v) for k, v in m._params.items()}
+            # host arrays go over contiguous (a CPU layout may keep parameters as strided views)
+            m._params = {k: ops.asarray(_contiguous_host(v)) for k, v in m._params.items()}
             if m._grads is not None:
-                m._grads = {k: ops.asarray(v) for k, v in m._grads.items()}
+                m._grads = {k: ops.asarray(_contiguous_host(v)) for k, v in m._grads.items()}
             m._on_device_change(ops)
             m.device = device
             m._version += 1

@@ -255,6 +255,74 @@ def test_large_batches_take_the_subtree_path_with_the_same_bits(activation):
         assert_close(g, grads_ref[key], np.float32, 20 * 2000, key)
 
 
+def test_cpu_layout_is_one_record_per_node_and_survives_updates(rng):
+    """On the CPU a node's input and output weights share one contiguous record; the anchor
+    views, optimizer steps and load_state_dict write into it, and results equal those of the
+    same weights held as two separate arrays."""
+    from fastff.ops import get_ops
+    from fastff.optim import SGD
+
+    layer = fastff.UltraFFF(6, 5, 3, 2, "gelu", seed=2)
+    p = layer._params
+    assert p["w_in"].base is not None and p["w_in"].base is p["w_out_t"].base
+    assert p["w_in"].base.shape == (30, 11)
+    x = rng.standard_normal((40, 6)).astype(np.float32)
+    y, backprop = layer.forward_train(x)
+    backprop(np.ones_like(y))
+    SGD(layer, lr=0.1).step()
+    layer.load_state_dict({**layer.state_dict(), "linear_in.bias": np.zeros(30)})
+    assert p["w_in"].base is p["w_out_t"].base  # still views of the records
+    separate = {k: np.ascontiguousarray(v) for k, v in p.items()}
+    assert separate["w_in"].base is None
+    ops = get_ops("cpu")
+    for save_path in (False, True):
+        args = (layer.depth, layer.parallel_size, layer.activation, save_path)
+        got = ops.ultra_forward(x, p["w_in"], p["b_in"], p["w_out_t"], *args)
+        want = ops.ultra_forward(x, separate["w_in"], separate["b_in"], separate["w_out_t"], *args)
+        for a, b in zip(got, want):
+            np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(
+        layer(x),
+        ops.ultra_forward(
+            x, separate["w_in"], separate["b_in"], separate["w_out_t"], 3, 2, "gelu", False
+        )[0],
+    )
+
+
+def test_device_hook_rebuilds_the_records():
+    """What to("cpu") does after copying contiguous arrays back: the records are rebuilt with
+    the same values (the GPU side, tested on a GPU, keeps separate contiguous arrays)."""
+    from fastff.ops import get_ops
+
+    layer = fastff.UltraFFF(4, 3, 2, seed=5)
+    before = layer.state_dict()
+    layer._params = {k: np.array(v, order="C") for k, v in layer._params.items()}
+    assert layer._params["w_in"].base is None
+    layer._on_device_change(get_ops("cpu"))
+    assert layer._params["w_in"].base is layer._params["w_out_t"].base
+    for k, v in layer.state_dict().items():
+        np.testing.assert_array_equal(v, before[k])
+
+
+def test_kernels_reject_weights_whose_rows_are_not_contiguous(rng):
+    from fastff import _cmm
+
+    w = rng.standard_normal((7, 8)).astype(np.float32)
+    b = np.zeros(7, np.float32)
+    x = rng.standard_normal((3, 4)).astype(np.float32)
+    y = np.empty((3, 4), np.float32)
+    no_path = (np.empty((0, 0), np.intp), np.empty((0, 0), np.float32), False)
+    with pytest.raises(ValueError, match="rows of w_in and w_out_t must be contiguous"):
+        _cmm.ultra_forward(x, w[:, ::2], b, w[:, :4], 2, 1, 0, y, *no_path)
+    with pytest.raises(ValueError, match="rows of w_in and w_out_t must be contiguous"):
+        _cmm.ultra_forward(x, w[:, :4], b, w[:, 1::2], 2, 1, 0, y, *no_path)
+    visited = np.zeros((3, 3), np.intp)
+    preact = np.zeros((3, 3), np.float32)
+    grads = (np.zeros((7, 4), np.float32), np.zeros(7, np.float32), np.zeros((7, 4), np.float32))
+    with pytest.raises(ValueError, match="rows of w_in and w_out_t must be contiguous"):
+        _cmm.ultra_backward(x, y, w[:, ::2], w[:, :4], visited, preact, 0, np.empty_like(x), *grads)
+
+
 # ---- training: hard-path gradients --------------------------------------------------------
 
 
