@@ -109,6 +109,8 @@ cdef extern from "_simd.h" nogil:
     void fastff_axpym_f64(int nr, const int* m, int stride, int n, const double* alpha,
                           const double** x, double** y)
     int fastff_wide_registers()
+    float fastff_relu_f32(float z)
+    double fastff_relu_f64(double z)
     void fastff_dot_block_f32(int nr, int nj, int n, const float** x, const float* w,
                               long w_stride, float* out, int out_stride)
     void fastff_dot_block_f64(int nr, int nj, int n, const double** x, const double* w,
@@ -162,8 +164,11 @@ cdef inline void _dot_block(int nr, int nj, int n, const floating** x, const flo
 
 
 cdef inline floating _act(floating z, int act) noexcept nogil:
-    if act == ACT_RELU:
-        return 0 if z <= 0 else z  # NaN <= 0 is false: NaN propagates, as in np.maximum(z, 0)
+    if act == ACT_RELU:  # NaN propagates, as in np.maximum(z, 0)
+        if floating is float:
+            return fastff_relu_f32(z)
+        else:
+            return fastff_relu_f64(z)
     if act == ACT_GELU:
         if floating is float:
             return 0.5 * z * (1.0 + erff(z * <float>0.7071067811865476))
@@ -595,14 +600,33 @@ cdef inline void _route_rows(int nr, int depth, int in_w, const floating** x_row
                              const floating* node_w, const floating* node_b,
                              Py_ssize_t* leaf) noexcept nogil:
     """The leaves nr <= ROWS_PER_BLOCK rows reach at inference (right at node n iff its logit
-    is >= 0), walking the routers in lockstep."""
+    is >= 0), walking the routers in lockstep.
+
+    The first two levels take the logits of all three of their routers from the register-
+    blocked _dot_block: each x vector loaded serves three routers, where level-by-level dots
+    load an x and a router vector per FMA (routing is load-bound; a third of the logits go
+    unused). Below that, every row needs its own router."""
     cdef Py_ssize_t node[ROWS_PER_BLOCK]
     cdef const floating* w_rows[ROWS_PER_BLOCK]
     cdef floating z[ROWS_PER_BLOCK]
-    cdef int level, i
+    cdef floating top[ROWS_PER_BLOCK * 3]
+    cdef int level, i, r0, j, top_levels = min(depth, 2)
+    cdef int n_top = (1 << top_levels) - 1
     for i in range(nr):
         node[i] = 0
-    for level in range(depth):
+    if top_levels:
+        r0 = 0
+        while r0 < nr:
+            j = 0
+            while j < n_top:
+                _dot_block(min(_TILE, nr - r0), min(_TILE, n_top - j), in_w, &x_rows[r0],
+                           node_w + <Py_ssize_t>j * in_w, in_w, &top[r0 * 3 + j], 3)
+                j = j + _TILE
+            r0 = r0 + _TILE
+        for level in range(top_levels):
+            for i in range(nr):
+                node[i] = 2 * node[i] + 1 + (top[i * 3 + node[i]] + node_b[node[i]] >= 0)
+    for level in range(top_levels, depth):
         for i in range(nr):
             w_rows[i] = node_w + node[i] * in_w
         _dotn(nr, in_w, w_rows, x_rows, z)
@@ -619,8 +643,12 @@ cdef inline void _leaf_rows(int nr, int in_w, int leaf_w, int out_w, const float
     one leaf: the hidden units come from the register-blocked _dot_block, LEAF_CHUNK at a time."""
     cdef floating h[ROWS_PER_BLOCK * LEAF_CHUNK]
     cdef floating a
-    cdef int j0, j, nj, width, r
+    cdef int j0, j, nj, width, r, n
     cdef int r0, nr_tile
+    # per row: the chunk's nonzero activations and their output rows, added by one _axpym
+    cdef floating coef[ROWS_PER_BLOCK * LEAF_CHUNK]
+    cdef const floating* out_rows[ROWS_PER_BLOCK * LEAF_CHUNK]
+    cdef int n_terms[ROWS_PER_BLOCK]
     for r in range(nr):
         memcpy(y_rows[r], b2_l, out_w * sizeof(floating))
     j0 = 0
@@ -638,9 +666,18 @@ cdef inline void _leaf_rows(int nr, int in_w, int leaf_w, int out_w, const float
             r0 = r0 + nr_tile
         for r in range(nr):
             for j in range(width):
-                a = _act(h[r * LEAF_CHUNK + j] + b1_l[j0 + j], act)
-                if a != 0:
-                    _axpy(out_w, a, w2_l + <Py_ssize_t>(j0 + j) * out_w, y_rows[r])
+                h[r * LEAF_CHUNK + j] = _act(h[r * LEAF_CHUNK + j] + b1_l[j0 + j], act)
+            # Branch-free compaction of the nonzero units: each is written, and a zero (relu's
+            # half of the units, at random) is then overwritten. Testing the activation in
+            # the same loop compiles to a branch that mispredicts for half the units.
+            n = 0
+            for j in range(width):
+                a = h[r * LEAF_CHUNK + j]
+                coef[r * LEAF_CHUNK + n] = a
+                out_rows[r * LEAF_CHUNK + n] = w2_l + <Py_ssize_t>(j0 + j) * out_w
+                n = n + (a != 0)
+            n_terms[r] = n
+        _axpym(nr, n_terms, LEAF_CHUNK, out_w, coef, out_rows, y_rows)
         j0 = j0 + width
 
 
