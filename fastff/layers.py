@@ -38,9 +38,31 @@ def _fixed(name: str, doc: str) -> property:
     return property(get, refuse, doc=doc)
 
 
+def _aligned_empty(shape, dtype) -> np.ndarray:
+    """np.empty whose data starts on a 64-byte boundary (a cache line, an AVX-512 vector).
+
+    Large NumPy arrays start 16 bytes past one (glibc's mmap chunk header), and then every
+    vector load of a weight row spans two lines: FFF inference on Fashion-MNIST's shape
+    measured 6.7 ms with such weights and 5.8 ms with aligned ones. Rows whose byte length is
+    a multiple of 64 are all aligned."""
+    dtype = np.dtype(dtype)
+    n_bytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    buffer = np.empty(n_bytes + 64, dtype=np.uint8)
+    start = -buffer.ctypes.data % 64
+    return buffer[start : start + n_bytes].view(dtype).reshape(shape)
+
+
+def _aligned_copy(a: np.ndarray) -> np.ndarray:
+    out = _aligned_empty(a.shape, a.dtype)
+    out[...] = a
+    return out
+
+
 def _uniform(rng, shape, bound, dtype):
-    """U(-bound, bound) drawn straight in `dtype`: no float64 temporary for huge trees."""
-    out = rng.random(shape, dtype=dtype)
+    """U(-bound, bound) drawn straight in `dtype` (no float64 temporary for huge trees), into a
+    64-byte aligned array."""
+    out = _aligned_empty(shape, dtype)
+    rng.random(dtype=dtype, out=out)
     out *= dtype.type(2 * bound)
     out -= dtype.type(bound)
     return out
@@ -60,7 +82,7 @@ def _node_records(
     walk reads each visited node as one stream. Deep trees fetch every node from DRAM, and this
     measured 9% faster at depth 20 than two separate arrays. The kernels take either layout.
     With w_in / w_out_t given, copies them in."""
-    nodes = np.empty((n_nodes, input_width + output_width), dtype)
+    nodes = _aligned_empty((n_nodes, input_width + output_width), dtype)
     if w_in is not None:
         nodes[:, :input_width] = w_in
         nodes[:, input_width:] = w_out_t
@@ -418,6 +440,8 @@ class FFF(Module):
         return super().to(device)
 
     def _on_device_change(self, ops) -> None:
+        if ops.xp is np:  # back on the CPU: aligned weights again (see _aligned_empty)
+            self._params = {k: _aligned_copy(v) for k, v in self._params.items()}
         if self.usage_mode != "none":
             self.node_usage = ops.asarray(self.node_usage)
             self.leaf_usage = ops.asarray(self.leaf_usage)

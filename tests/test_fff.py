@@ -435,6 +435,29 @@ def test_state_dict_keys_shapes_and_init_bounds():
     assert layer.n_parameters() == 7 * 17 + 8 * (16 * 4 + 4 + 4 * 9 + 9)
 
 
+def test_weights_start_on_cache_lines():
+    """Internal weights are 64-byte aligned (vector loads then never span two cache lines),
+    also after the device hook has taken arrays back from the GPU."""
+    from fastff.ops import get_ops
+
+    layer = fastff.FFF(16, 4, 9, 3, seed=7)
+    assert all(v.ctypes.data % 64 == 0 for v in layer._params.values())
+    before = layer.state_dict()
+
+    def misaligned(a):
+        buffer = np.empty(a.nbytes + 80, np.uint8)
+        start = -buffer.ctypes.data % 64 + 16
+        out = buffer[start : start + a.nbytes].view(a.dtype).reshape(a.shape)
+        out[...] = a
+        return out
+
+    layer._params = {k: misaligned(v) for k, v in layer._params.items()}
+    layer._on_device_change(get_ops("cpu"))
+    assert all(v.ctypes.data % 64 == 0 for v in layer._params.values())
+    for k, v in layer.state_dict().items():
+        np.testing.assert_array_equal(v, before[k])
+
+
 def test_params_are_writable_views_in_anchor_layout(rng):
     layer = fastff.FFF(4, 2, 3, 1, activation="identity", dtype=np.float64)
     x = rng.standard_normal((6, 4))
