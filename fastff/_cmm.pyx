@@ -112,9 +112,10 @@ cdef extern from "_simd.h" nogil:
     float fastff_relu_f32(float z)
     double fastff_relu_f64(double z)
     void fastff_dot_block_f32(int nr, int nj, int n, const float** x, const float* w,
-                              long w_stride, float* out, int out_stride)
+                              long w_stride, float* out, int out_stride, const float* prefetch)
     void fastff_dot_block_f64(int nr, int nj, int n, const double** x, const double* w,
-                              long w_stride, double* out, int out_stride)
+                              long w_stride, double* out, int out_stride,
+                              const double* prefetch)
 
 
 cdef inline floating _dot(int n, const floating* a, const floating* b) noexcept nogil:
@@ -156,11 +157,12 @@ cdef inline void _axpym(int nr, const int* m, int stride, int n, const floating*
 
 
 cdef inline void _dot_block(int nr, int nj, int n, const floating** x, const floating* w,
-                            long w_stride, floating* out, int out_stride) noexcept nogil:
+                            long w_stride, floating* out, int out_stride,
+                            const floating* prefetch) noexcept nogil:
     if floating is float:
-        fastff_dot_block_f32(nr, nj, n, x, w, w_stride, out, out_stride)
+        fastff_dot_block_f32(nr, nj, n, x, w, w_stride, out, out_stride, prefetch)
     else:
-        fastff_dot_block_f64(nr, nj, n, x, w, w_stride, out, out_stride)
+        fastff_dot_block_f64(nr, nj, n, x, w, w_stride, out, out_stride, prefetch)
 
 
 cdef inline floating _act(floating z, int act) noexcept nogil:
@@ -620,7 +622,7 @@ cdef inline void _route_rows(int nr, int depth, int in_w, const floating** x_row
             j = 0
             while j < n_top:
                 _dot_block(min(_TILE, nr - r0), min(_TILE, n_top - j), in_w, &x_rows[r0],
-                           node_w + <Py_ssize_t>j * in_w, in_w, &top[r0 * 3 + j], 3)
+                           node_w + <Py_ssize_t>j * in_w, in_w, &top[r0 * 3 + j], 3, NULL)
                 j = j + _TILE
             r0 = r0 + _TILE
         for level in range(top_levels):
@@ -638,9 +640,12 @@ cdef inline void _route_rows(int nr, int depth, int in_w, const floating** x_row
 
 cdef inline void _leaf_rows(int nr, int in_w, int leaf_w, int out_w, const floating** x_rows,
                             const floating* w1t_l, const floating* b1_l, const floating* w2_l,
-                            const floating* b2_l, int act, floating** y_rows) noexcept nogil:
+                            const floating* b2_l, int act, floating** y_rows,
+                            const floating** next_rows, int n_next) noexcept nogil:
     """y[r] = act(w1t_l @ x[r] + b1_l) @ w2_l + b2_l for nr <= ROWS_PER_BLOCK rows that share
-    one leaf: the hidden units come from the register-blocked _dot_block, LEAF_CHUNK at a time."""
+    one leaf: the hidden units come from the register-blocked _dot_block, LEAF_CHUNK at a time.
+    Meanwhile the n_next rows next_rows (the caller's next block) are fetched, one per tile."""
+    cdef int n_tiles = 0
     cdef floating h[ROWS_PER_BLOCK * LEAF_CHUNK]
     cdef floating a
     cdef int j0, j, nj, width, r, n
@@ -661,7 +666,9 @@ cdef inline void _leaf_rows(int nr, int in_w, int leaf_w, int out_w, const float
             while j < width:
                 nj = min(_TILE, width - j)
                 _dot_block(nr_tile, nj, in_w, &x_rows[r0], w1t_l + <Py_ssize_t>(j0 + j) * in_w,
-                           in_w, &h[r0 * LEAF_CHUNK + j], LEAF_CHUNK)
+                           in_w, &h[r0 * LEAF_CHUNK + j], LEAF_CHUNK,
+                           next_rows[n_tiles] if n_tiles < n_next else NULL)
+                n_tiles = n_tiles + 1
                 j = j + nj
             r0 = r0 + nr_tile
         for r in range(nr):
@@ -698,7 +705,7 @@ cdef void _infer_rows(const floating[:, ::1] x, const floating* node_w, const fl
     for j in range(nr):
         l = leaves[j]
         _leaf_rows(1, in_w, leaf_w, out_w, &x_rows[j], &w1t[l, 0, 0], &b1[l, 0], &w2[l, 0, 0],
-                   &b2[l, 0], act, &y_rows[j])
+                   &b2[l, 0], act, &y_rows[j], NULL, 0)
 
 
 cdef void _route_block(const floating[:, ::1] x, const floating* node_w,
@@ -727,8 +734,15 @@ cdef void _leaf_block(const floating[:, ::1] x, const floating[:, :, ::1] w1t,
         x_rows[nr] = &x[order[i + nr], 0]
         y_rows[nr] = &y[order[i + nr], 0]
         nr = nr + 1
+    # The next block starts at row order[i + nr]: its rows come in leaf order, which the
+    # hardware prefetchers cannot foresee, and the first tile would wait for them from L3.
+    cdef const floating* next_rows[ROWS_PER_BLOCK]
+    cdef int n_next = 0
+    while n_next < ROWS_PER_BLOCK and i + nr + n_next < n_rows:
+        next_rows[n_next] = &x[order[i + nr + n_next], 0]
+        n_next = n_next + 1
     _leaf_rows(nr, <int>x.shape[1], <int>w1t.shape[1], <int>y.shape[1], x_rows, &w1t[l, 0, 0],
-               &b1[l, 0], &w2[l, 0, 0], &b2[l, 0], act, y_rows)
+               &b1[l, 0], &w2[l, 0, 0], &b2[l, 0], act, y_rows, next_rows, n_next)
 
 
 def fff_infer(const floating[:, ::1] x, const floating[:, ::1] node_w,

@@ -169,7 +169,10 @@
  * against two per FMA for separate dots). One accumulator per (row, weight row) pair, summed
  * the same way for any nr and nj, so a result does not depend on the block it was computed
  * in. 4x4 needs 16 accumulators + 5 operands: AVX-512's 32 registers; fastff_wide_registers()
- * tells the caller whether to use 2x2 blocks instead. */
+ * tells the caller whether to use 2x2 blocks instead. prefetch, unless NULL, is a row of n
+ * elements the caller needs next: one of its cache lines is requested into L2 per step, so its
+ * fetch overlaps this block's arithmetic instead of stalling the next block (rows a caller
+ * visits in a data-dependent order are beyond the hardware prefetchers). */
 static inline int fastff_wide_registers(void) {
 #if (defined(__GNUC__) || defined(__clang__)) && defined(__x86_64__)
     return __builtin_cpu_supports("avx512f");
@@ -186,6 +189,7 @@ static inline int fastff_wide_registers(void) {
         memset(c, 0, sizeof(c));                                                                \
         int i = 0;                                                                              \
         for (; i + L <= n; i += L) {                                                            \
+            if (prefetch) __builtin_prefetch((const char *)prefetch + i * sizeof(T), 0, 2);     \
             _Pragma("GCC unroll 4") for (int r = 0; r < NR; ++r) memcpy(&u[r], x[r] + i, 64);   \
             _Pragma("GCC unroll 4") for (int j = 0; j < NJ; ++j) {                              \
                 memcpy(&v, w + j * w_stride + i, 64);                                           \
@@ -212,7 +216,7 @@ static inline int fastff_wide_registers(void) {
 #define FASTFF_DEFINE_DOT_BLOCK(T, SUFFIX)                                                     \
     FASTFF_MULTIVERSION static void fastff_dot_block_##SUFFIX(                                  \
         int nr, int nj, int n, const T *const *x, const T *w, long w_stride, T *out,           \
-        int out_stride) {                                                                       \
+        int out_stride, const T *prefetch) {                                                    \
         switch (nr) {                                                                           \
             FASTFF_DOT_BLOCK_CASE(T, SUFFIX, 4)                                                 \
             FASTFF_DOT_BLOCK_CASE(T, SUFFIX, 3)                                                 \
@@ -223,7 +227,9 @@ static inline int fastff_wide_registers(void) {
 #else
 #define FASTFF_DEFINE_DOT_BLOCK(T, SUFFIX)                                                     \
     static void fastff_dot_block_##SUFFIX(int nr, int nj, int n, const T *const *x,             \
-                                          const T *w, long w_stride, T *out, int out_stride) {  \
+                                          const T *w, long w_stride, T *out, int out_stride,    \
+                                          const T *prefetch) {                                  \
+        (void)prefetch;                                                                         \
         for (int r = 0; r < nr; ++r)                                                            \
             for (int j = 0; j < nj; ++j)                                                        \
                 out[r * out_stride + j] = fastff_dot_##SUFFIX(n, x[r], w + j * w_stride);       \
