@@ -275,10 +275,17 @@ static inline int fastff_wide_registers(void) {
                 }                                                                               \
                 memcpy(y[r] + j, &c[0], 64);                                                    \
             }                                                                                   \
-            for (; j < n; ++j) {                                                                \
-                T s = y[r][j];                                                                  \
-                for (int k = 0; k < m[r]; ++k) s += ar[k] * xr[k][j];                           \
-                y[r][j] = s;                                                                    \
+            if (j < n) { /* under one vector left (all of a short row: an FFF leaf's 10     \
+                          * outputs): term by term in a buffer, so the partial vector loop  \
+                          * still vectorises (GCC's narrower epilogue) */                    \
+                T tail[L];                                                                      \
+                const int left = n - j;                                                         \
+                memcpy(tail, y[r] + j, left * sizeof(T));                                       \
+                for (int k = 0; k < m[r]; ++k) {                                                \
+                    const T a = ar[k], *xk = xr[k] + j;                                         \
+                    _Pragma("omp simd") for (int e = 0; e < left; ++e) tail[e] += a * xk[e];    \
+                }                                                                               \
+                memcpy(y[r] + j, tail, left * sizeof(T));                                       \
             }                                                                                   \
         }                                                                                       \
     }
