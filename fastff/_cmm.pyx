@@ -802,7 +802,8 @@ def fff_infer(const floating[:, ::1] x, const floating[:, ::1] node_w,
         for r in range(n_rows):
             order[offsets[leaf[r]]] = r
             offsets[leaf[r]] += 1
-        for b in prange(n_blocks, schedule="dynamic", num_threads=n_threads):
+        # chunks of blocks: a block prefetches the next one's rows, best done by the same thread
+        for b in prange(n_blocks, schedule="dynamic", chunksize=16, num_threads=n_threads):
             _leaf_block(x, w1t, b1, w2, b2, act, y, &order[0], &leaf[0], block_start[b], n_rows)
     return None
 
