@@ -100,8 +100,10 @@ cdef extern from "_simd.h" nogil:
     double fastff_dot_f64(int n, const double* a, const double* b)
     void fastff_axpy_f32(int n, float alpha, const float* x, float* y)
     void fastff_axpy_f64(int n, double alpha, const double* x, double* y)
-    void fastff_dotn_f32(int nr, int n, const float** a, const float** b, float* out)
-    void fastff_dotn_f64(int nr, int n, const double** a, const double** b, double* out)
+    void fastff_dotn_f32(int nr, int n, const float** a, const float** b, float* out,
+                         const float* prefetch)
+    void fastff_dotn_f64(int nr, int n, const double** a, const double** b, double* out,
+                         const double* prefetch)
     void fastff_axpyn_f32(int nr, int n, const float* alpha, const float** x, float** y)
     void fastff_axpyn_f64(int nr, int n, const double* alpha, const double** x, double** y)
     void fastff_axpym_f32(int nr, const int* m, int stride, int n, const float* alpha,
@@ -133,11 +135,11 @@ cdef inline void _axpy(int n, floating alpha, const floating* x, floating* y) no
 
 
 cdef inline void _dotn(int nr, int n, const floating** a, const floating** b,
-                       floating* out) noexcept nogil:
+                       floating* out, const floating* prefetch) noexcept nogil:
     if floating is float:
-        fastff_dotn_f32(nr, n, a, b, out)
+        fastff_dotn_f32(nr, n, a, b, out, prefetch)
     else:
-        fastff_dotn_f64(nr, n, a, b, out)
+        fastff_dotn_f64(nr, n, a, b, out, prefetch)
 
 
 cdef inline void _axpyn(int nr, int n, const floating* alpha, const floating** x,
@@ -245,7 +247,7 @@ cdef void _walk(const floating[:, ::1] x, const floating[:, :] w_in, const float
     for level in range(level0, level1):
         for i in range(n):
             w_rows[i] = &w_in[t * n_nodes + node[i], 0]
-        _dotn(n, in_w, w_rows, x_rows, z)
+        _dotn(n, in_w, w_rows, x_rows, z, NULL)
         for i in range(n):
             r = rows[i]
             g = t * n_nodes + node[i]
@@ -600,19 +602,21 @@ def _set_leaf_tile(int tile):
 
 cdef inline void _route_rows(int nr, int depth, int in_w, const floating** x_rows,
                              const floating* node_w, const floating* node_b,
-                             Py_ssize_t* leaf) noexcept nogil:
+                             Py_ssize_t* leaf, const floating** next_rows,
+                             int n_next) noexcept nogil:
     """The leaves nr <= ROWS_PER_BLOCK rows reach at inference (right at node n iff its logit
     is >= 0), walking the routers in lockstep.
 
     The first two levels take the logits of all three of their routers from the register-
     blocked _dot_block: each x vector loaded serves three routers, where level-by-level dots
     load an x and a router vector per FMA (routing is load-bound; a third of the logits go
-    unused). Below that, every row needs its own router."""
+    unused). Below that, every row needs its own router. Each of these dot calls requests
+    one of the n_next rows next_rows (the caller's next block) meanwhile."""
     cdef Py_ssize_t node[ROWS_PER_BLOCK]
     cdef const floating* w_rows[ROWS_PER_BLOCK]
     cdef floating z[ROWS_PER_BLOCK]
     cdef floating top[ROWS_PER_BLOCK * 3]
-    cdef int level, i, r0, j, top_levels = min(depth, 2)
+    cdef int level, i, r0, j, top_levels = min(depth, 2), n_calls = 0
     cdef int n_top = (1 << top_levels) - 1
     for i in range(nr):
         node[i] = 0
@@ -622,7 +626,9 @@ cdef inline void _route_rows(int nr, int depth, int in_w, const floating** x_row
             j = 0
             while j < n_top:
                 _dot_block(min(_TILE, nr - r0), min(_TILE, n_top - j), in_w, &x_rows[r0],
-                           node_w + <Py_ssize_t>j * in_w, in_w, &top[r0 * 3 + j], 3, NULL)
+                           node_w + <Py_ssize_t>j * in_w, in_w, &top[r0 * 3 + j], 3,
+                           next_rows[n_calls] if n_calls < n_next else NULL)
+                n_calls = n_calls + 1
                 j = j + _TILE
             r0 = r0 + _TILE
         for level in range(top_levels):
@@ -631,7 +637,8 @@ cdef inline void _route_rows(int nr, int depth, int in_w, const floating** x_row
     for level in range(top_levels, depth):
         for i in range(nr):
             w_rows[i] = node_w + node[i] * in_w
-        _dotn(nr, in_w, w_rows, x_rows, z)
+        _dotn(nr, in_w, w_rows, x_rows, z, next_rows[n_calls] if n_calls < n_next else NULL)
+        n_calls = n_calls + 1
         for i in range(nr):
             node[i] = 2 * node[i] + 1 + (z[i] + node_b[node[i]] >= 0)
     for i in range(nr):
@@ -701,7 +708,7 @@ cdef void _infer_rows(const floating[:, ::1] x, const floating* node_w, const fl
     for j in range(nr):
         x_rows[j] = &x[r0 + j, 0]
         y_rows[j] = &y[r0 + j, 0]
-    _route_rows(nr, depth, in_w, x_rows, node_w, node_b, leaves)
+    _route_rows(nr, depth, in_w, x_rows, node_w, node_b, leaves, NULL, 0)
     for j in range(nr):
         l = leaves[j]
         _leaf_rows(1, in_w, leaf_w, out_w, &x_rows[j], &w1t[l, 0, 0], &b1[l, 0], &w2[l, 0, 0],
@@ -713,10 +720,13 @@ cdef void _route_block(const floating[:, ::1] x, const floating* node_w,
                        Py_ssize_t* leaf) noexcept nogil:
     """leaf[0..nr) = the leaves of rows r0..r0+nr (nr <= ROWS_PER_BLOCK)."""
     cdef const floating* x_rows[ROWS_PER_BLOCK]
-    cdef int j
+    cdef const floating* next_rows[ROWS_PER_BLOCK]
+    cdef int j, n_next = <int>min(ROWS_PER_BLOCK, x.shape[0] - r0 - nr)
     for j in range(nr):
         x_rows[j] = &x[r0 + j, 0]
-    _route_rows(nr, depth, <int>x.shape[1], x_rows, node_w, node_b, leaf)
+    for j in range(n_next):  # the next block: rows from DRAM, the first touch of each
+        next_rows[j] = &x[r0 + nr + j, 0]
+    _route_rows(nr, depth, <int>x.shape[1], x_rows, node_w, node_b, leaf, next_rows, n_next)
 
 
 cdef void _leaf_block(const floating[:, ::1] x, const floating[:, :, ::1] w1t,

@@ -99,6 +99,10 @@
         memset(c1, 0, sizeof(c1));                                                              \
         int i = 0;                                                                              \
         for (; i + 2 * L <= n; i += 2 * L) {                                                    \
+            if (prefetch) {                                                                     \
+                __builtin_prefetch((const char *)(prefetch + i), 0, 2);                         \
+                __builtin_prefetch((const char *)(prefetch + i + L), 0, 2);                     \
+            }                                                                                   \
             _Pragma("GCC unroll 4") for (int r = 0; r < N; ++r) {                               \
                 memcpy(&u, a[r] + i, 64); memcpy(&v, b[r] + i, 64); c0[r] += u * v;             \
                 memcpy(&u, a[r] + i + L, 64); memcpy(&v, b[r] + i + L, 64); c1[r] += u * v;     \
@@ -119,6 +123,7 @@
 #else
 #define FASTFF_DOTN_BODY(T, SUFFIX, N)                                                         \
     do {                                                                                        \
+        (void)prefetch;                                                                         \
         for (int r = 0; r < N; ++r) out[r] = fastff_dot_##SUFFIX(n, a[r], b[r]);                \
     } while (0)
 #endif
@@ -141,10 +146,13 @@
         }                                                                                       \
     } while (0)
 
-/* out[r] = dot(a[r], b[r]) and y[r] += alpha[r] * x[r] for r < nr (1..4), rows of length n. */
+/* out[r] = dot(a[r], b[r]) and y[r] += alpha[r] * x[r] for r < nr (1..4), rows of length n.
+ * The dots request prefetch[0..n) (unless NULL), a row the caller needs next, into L2 as they
+ * go, two lines per step (see fastff_dot_block). */
 #define FASTFF_DEFINE_BLOCK_PRIMITIVES(T, SUFFIX)                                              \
     FASTFF_MULTIVERSION static void fastff_dotn_##SUFFIX(int nr, int n, const T *const *a,      \
-                                                         const T *const *b, T *out) {           \
+                                                         const T *const *b, T *out,             \
+                                                         const T *prefetch) {                   \
         switch (nr) {                                                                           \
         case 4: FASTFF_DOTN_BODY(T, SUFFIX, 4); break;                                          \
         case 3: FASTFF_DOTN_BODY(T, SUFFIX, 3); break;                                          \
