@@ -121,6 +121,28 @@ def test_inference_rows_do_not_depend_on_their_batch(depth):
     np.testing.assert_array_equal(layer(x[::-1])[::-1], y)
 
 
+def test_relu_leaves_propagate_nan_and_skip_zeros(rng):
+    """A NaN input reaches NaN outputs through relu leaves (as in the reference); rows whose
+    hidden units are all zero get exactly the output bias."""
+    layer = fastff.FFF(6, 5, 3, 2, "relu", dtype=np.float64, seed=3)
+    x = rng.standard_normal((300, 6))  # 300 >= 2 * n_leaves: the leaf-grouped path
+    x[7, 2] = np.nan
+    y = layer(x)
+    assert np.isnan(y[7]).all() and not np.isnan(np.delete(y, 7, axis=0)).any()
+    state = layer.state_dict()
+    layer.load_state_dict({**state, "b1s": np.full_like(state["b1s"], -1e9)})
+    np.testing.assert_array_equal(layer(x[:7]), state["b2s"][layer_leaves(layer, x[:7])])
+
+
+def layer_leaves(layer, x):
+    state = layer.state_dict()
+    node = np.zeros(len(x), dtype=int)
+    for _ in range(layer.depth):
+        z = np.einsum("ri,ri->r", x, state["node_weights"][node]) + state["node_biases"][node, 0]
+        node = 2 * node + 1 + (z >= 0)
+    return node - (2**layer.depth - 1)
+
+
 def test_inference_leaf_tiles_agree():
     """The 2 x 2 leaf tile (CPUs without AVX-512) and the 4 x 4 one give bitwise the same rows."""
     from fastff import _cmm

@@ -93,6 +93,24 @@ def test_relu_gelu_identity_hand_values(act):
     np.testing.assert_allclose(layer(z), expected, rtol=1e-15, atol=1e-15)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_relu_propagates_nan_and_zeroes_negatives(dtype):
+    """relu is maxss/maxsd with the pre-activation second: NaN stays NaN (as np.maximum), and
+    -inf, negatives and -0.0 give 0."""
+    layer = fastff.UltraFFF(1, 1, 0, activation="relu", dtype=dtype)
+    layer.load_state_dict(
+        {
+            "linear_in.weight": np.array([[1.0]]),
+            "linear_in.bias": np.array([0.0]),
+            "linear_out.weight": np.array([[1.0]]),
+        }
+    )
+    z = np.array([[np.nan], [-np.inf], [-2.0], [-0.0], [0.0], [3.0], [np.inf]], dtype=dtype)
+    y = layer(z)
+    np.testing.assert_array_equal(y, np.maximum(z, 0))  # -0.0 == 0.0 here
+    assert np.isnan(y[0, 0]) and y[6, 0] == np.inf
+
+
 def test_leading_dims_and_single_row(rng):
     layer = fastff.UltraFFF(5, 3, 3, 2, seed=0)
     x = rng.standard_normal((2, 4, 5)).astype(np.float32)
