@@ -600,6 +600,25 @@ def _set_leaf_tile(int tile):
     return previous
 
 
+cdef inline int _tiled_dots(int nr, int n_units, int in_w, const floating** x_rows,
+                            const floating* w, floating* out, int out_stride,
+                            const floating** next_rows, int n_next) noexcept nogil:
+    """out[r * out_stride + j] = dot(x_rows[r], w[j * in_w:]) for r < nr <= ROWS_PER_BLOCK and
+    j < n_units, in _TILE x _TILE register-blocked tiles; tile call k fetches next_rows[k] (for
+    k < n_next) meanwhile. Returns the number of tile calls."""
+    cdef int r0 = 0, j, n_calls = 0
+    while r0 < nr:
+        j = 0
+        while j < n_units:
+            _dot_block(min(_TILE, nr - r0), min(_TILE, n_units - j), in_w, &x_rows[r0],
+                       w + <Py_ssize_t>j * in_w, in_w, &out[r0 * out_stride + j], out_stride,
+                       next_rows[n_calls] if n_calls < n_next else NULL)
+            n_calls = n_calls + 1
+            j = j + _TILE
+        r0 = r0 + _TILE
+    return n_calls
+
+
 cdef inline void _route_rows(int nr, int depth, int in_w, const floating** x_rows,
                              const floating* node_w, const floating* node_b,
                              Py_ssize_t* leaf, const floating** next_rows,
@@ -616,21 +635,12 @@ cdef inline void _route_rows(int nr, int depth, int in_w, const floating** x_row
     cdef const floating* w_rows[ROWS_PER_BLOCK]
     cdef floating z[ROWS_PER_BLOCK]
     cdef floating top[ROWS_PER_BLOCK * 3]
-    cdef int level, i, r0, j, top_levels = min(depth, 2), n_calls = 0
+    cdef int level, i, top_levels = min(depth, 2), n_calls = 0
     cdef int n_top = (1 << top_levels) - 1
     for i in range(nr):
         node[i] = 0
     if top_levels:
-        r0 = 0
-        while r0 < nr:
-            j = 0
-            while j < n_top:
-                _dot_block(min(_TILE, nr - r0), min(_TILE, n_top - j), in_w, &x_rows[r0],
-                           node_w + <Py_ssize_t>j * in_w, in_w, &top[r0 * 3 + j], 3,
-                           next_rows[n_calls] if n_calls < n_next else NULL)
-                n_calls = n_calls + 1
-                j = j + _TILE
-            r0 = r0 + _TILE
+        n_calls = _tiled_dots(nr, n_top, in_w, x_rows, node_w, top, 3, next_rows, n_next)
         for level in range(top_levels):
             for i in range(nr):
                 node[i] = 2 * node[i] + 1 + (top[i * 3 + node[i]] + node_b[node[i]] >= 0)
@@ -652,11 +662,9 @@ cdef inline void _leaf_rows(int nr, int in_w, int leaf_w, int out_w, const float
     """y[r] = act(w1t_l @ x[r] + b1_l) @ w2_l + b2_l for nr <= ROWS_PER_BLOCK rows that share
     one leaf: the hidden units come from the register-blocked _dot_block, LEAF_CHUNK at a time.
     Meanwhile the n_next rows next_rows (the caller's next block) are fetched, one per tile."""
-    cdef int n_tiles = 0
     cdef floating h[ROWS_PER_BLOCK * LEAF_CHUNK]
     cdef floating a
-    cdef int j0, j, nj, width, r, n
-    cdef int r0, nr_tile
+    cdef int j0, j, width, r, n
     # per row: the chunk's nonzero activations and their output rows, added by one _axpym
     cdef floating coef[ROWS_PER_BLOCK * LEAF_CHUNK]
     cdef const floating* out_rows[ROWS_PER_BLOCK * LEAF_CHUNK]
@@ -666,18 +674,9 @@ cdef inline void _leaf_rows(int nr, int in_w, int leaf_w, int out_w, const float
     j0 = 0
     while j0 < leaf_w:
         width = min(LEAF_CHUNK, leaf_w - j0)
-        r0 = 0
-        while r0 < nr:
-            nr_tile = min(_TILE, nr - r0)
-            j = 0
-            while j < width:
-                nj = min(_TILE, width - j)
-                _dot_block(nr_tile, nj, in_w, &x_rows[r0], w1t_l + <Py_ssize_t>(j0 + j) * in_w,
-                           in_w, &h[r0 * LEAF_CHUNK + j], LEAF_CHUNK,
-                           next_rows[n_tiles] if n_tiles < n_next else NULL)
-                n_tiles = n_tiles + 1
-                j = j + nj
-            r0 = r0 + nr_tile
+        # the first chunk's tiles fetch the next block's rows
+        _tiled_dots(nr, width, in_w, x_rows, w1t_l + <Py_ssize_t>j0 * in_w, h, LEAF_CHUNK,
+                    next_rows, n_next if j0 == 0 else 0)
         for r in range(nr):
             for j in range(width):
                 h[r * LEAF_CHUNK + j] = _act(h[r * LEAF_CHUNK + j] + b1_l[j0 + j], act)
