@@ -104,8 +104,6 @@ cdef extern from "_simd.h" nogil:
                          const float* prefetch)
     void fastff_dotn_f64(int nr, int n, const double** a, const double** b, double* out,
                          const double* prefetch)
-    void fastff_axpyn_f32(int nr, int n, const float* alpha, const float** x, float** y)
-    void fastff_axpyn_f64(int nr, int n, const double* alpha, const double** x, double** y)
     void fastff_axpym_f32(int nr, const int* m, int stride, int n, const float* alpha,
                           const float** x, float** y)
     void fastff_axpym_f64(int nr, const int* m, int stride, int n, const double* alpha,
@@ -140,14 +138,6 @@ cdef inline void _dotn(int nr, int n, const floating** a, const floating** b,
         fastff_dotn_f32(nr, n, a, b, out, prefetch)
     else:
         fastff_dotn_f64(nr, n, a, b, out, prefetch)
-
-
-cdef inline void _axpyn(int nr, int n, const floating* alpha, const floating** x,
-                        floating** y) noexcept nogil:
-    if floating is float:
-        fastff_axpyn_f32(nr, n, alpha, x, y)
-    else:
-        fastff_axpyn_f64(nr, n, alpha, x, y)
 
 
 cdef inline void _axpym(int nr, const int* m, int stride, int n, const floating* alpha,

@@ -86,7 +86,7 @@
     }
 
 
-/* Dots and axpys of up to four rows at once, for rows that walk a tree in lockstep: their weight
+/* Dots of up to four rows at once, for rows that walk a tree in lockstep: their weight
  * rows are read as interleaved streams, so a block of rows whose nodes come from DRAM keeps
  * several fetches in flight instead of one. Each row's arithmetic is the same whatever the
  * block size, so a row's result does not depend on which rows share its block. */
@@ -128,25 +128,7 @@
     } while (0)
 #endif
 
-#define FASTFF_AXPYN_BODY(T, N)                                                                \
-    do {                                                                                        \
-        enum { STEP = 256 / sizeof(T) };                                                        \
-        int i0 = 0;                                                                             \
-        for (; i0 + STEP <= n; i0 += STEP) {                                                    \
-            _Pragma("GCC unroll 4") for (int r = 0; r < N; ++r) {                               \
-                const T al = alpha[r], *xr = x[r] + i0;                                         \
-                T *yr = y[r] + i0;                                                              \
-                _Pragma("omp simd") for (int i = 0; i < STEP; ++i) yr[i] += al * xr[i];         \
-            }                                                                                   \
-        }                                                                                       \
-        for (int r = 0; r < N; ++r) {                                                           \
-            const T al = alpha[r], *xr = x[r];                                                  \
-            T *yr = y[r];                                                                       \
-            _Pragma("omp simd") for (int i = i0; i < n; ++i) yr[i] += al * xr[i];               \
-        }                                                                                       \
-    } while (0)
-
-/* out[r] = dot(a[r], b[r]) and y[r] += alpha[r] * x[r] for r < nr (1..4), rows of length n.
+/* out[r] = dot(a[r], b[r]) for r < nr (1..4), rows of length n.
  * The dots request prefetch[0..n) (unless NULL), a row the caller needs next, into L2 as they
  * go, two lines per step (see fastff_dot_block). */
 #define FASTFF_DEFINE_BLOCK_PRIMITIVES(T, SUFFIX)                                              \
@@ -158,16 +140,6 @@
         case 3: FASTFF_DOTN_BODY(T, SUFFIX, 3); break;                                          \
         case 2: FASTFF_DOTN_BODY(T, SUFFIX, 2); break;                                          \
         default: FASTFF_DOTN_BODY(T, SUFFIX, 1); break;                                         \
-        }                                                                                       \
-    }                                                                                           \
-    FASTFF_MULTIVERSION static void fastff_axpyn_##SUFFIX(int nr, int n, const T *alpha,        \
-                                                          const T *const *x, T *const *y) {     \
-        switch (nr) {                                                                           \
-        case 4: FASTFF_AXPYN_BODY(T, 4); break;                                                 \
-        case 3: FASTFF_AXPYN_BODY(T, 3); break;                                                 \
-        case 2: FASTFF_AXPYN_BODY(T, 2); break;                                                 \
-        case 1: FASTFF_AXPYN_BODY(T, 1); break;                                                 \
-        default: break;                                                                         \
         }                                                                                       \
     }
 
