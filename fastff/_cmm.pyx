@@ -209,7 +209,8 @@ cdef void _walk(const floating[:, ::1] x, const floating[:, :] w_in, const float
                 const floating[:, :] w_out_t, int act, floating[:, ::1] y,
                 Py_ssize_t[:, ::1] visited, floating[:, ::1] preact, bint save_path,
                 const Py_ssize_t* rows, int n, Py_ssize_t* node, int t, Py_ssize_t n_nodes,
-                int level0, int level1, int path_len) noexcept nogil:
+                int level0, int level1, int path_len, const Py_ssize_t* next_rows,
+                int n_next) noexcept nogil:
     """Rows rows[0..n) (n <= ROWS_PER_BLOCK) of tree t walk levels level0..level1 in lockstep
     from node[i] (index within the tree; updated to the node at level1), then add their
     visited nodes' outputs into y.
@@ -218,7 +219,9 @@ cdef void _walk(const floating[:, ::1] x, const floating[:, :] w_in, const float
     several fetches in flight (software prefetching on top measured slower: it competes with
     the hardware prefetchers for fill buffers and load slots). The output rows wait until the
     walk is done: a level's axpy between two dependent dots stalls on its own fetch, whereas
-    all of a walk's output rows are independent streams, and y is read and written once."""
+    all of a walk's output rows are independent streams, and y is read and written once.
+    Meanwhile the first dots fetch the input rows next_rows[0..n_next) of the caller's next
+    block: rows regrouped by subtree come in an order the hardware prefetchers cannot follow."""
     cdef int in_w = <int>x.shape[1], out_w = <int>y.shape[1]
     cdef int level, i, k
     cdef Py_ssize_t g, r
@@ -237,7 +240,9 @@ cdef void _walk(const floating[:, ::1] x, const floating[:, :] w_in, const float
     for level in range(level0, level1):
         for i in range(n):
             w_rows[i] = &w_in[t * n_nodes + node[i], 0]
-        _dotn(n, in_w, w_rows, x_rows, z, NULL)
+        # the first levels' dots fetch the next block's input rows, one each
+        _dotn(n, in_w, w_rows, x_rows, z,
+              &x[next_rows[level - level0], 0] if level - level0 < n_next else NULL)
         for i in range(n):
             r = rows[i]
             g = t * n_nodes + node[i]
@@ -266,12 +271,15 @@ cdef void _walk_top(const floating[:, ::1] x, const floating[:, :] w_in,
     where each stopped (index among the split level's nodes)."""
     cdef Py_ssize_t rows[ROWS_PER_BLOCK]
     cdef Py_ssize_t node[ROWS_PER_BLOCK]
-    cdef int j
+    cdef Py_ssize_t next_rows[ROWS_PER_BLOCK]
+    cdef int j, n_next = <int>min(ROWS_PER_BLOCK, x.shape[0] - r0 - n)
     for j in range(n):
         rows[j] = r0 + j
         node[j] = 0
+    for j in range(n_next):
+        next_rows[j] = r0 + n + j
     _walk(x, w_in, b_in, w_out_t, act, y, visited, preact, save_path, rows, n, node, t, n_nodes,
-          0, split, path_len)
+          0, split, path_len, next_rows, n_next)
     if split_node != NULL:
         for j in range(n):
             split_node[rows[j]] = node[j] - ((<Py_ssize_t>1 << split) - 1)
@@ -287,14 +295,15 @@ cdef void _walk_subtree(const floating[:, ::1] x, const floating[:, :] w_in,
     the rest of the way together, ROWS_PER_BLOCK at a time."""
     cdef Py_ssize_t rows[ROWS_PER_BLOCK]
     cdef Py_ssize_t node[ROWS_PER_BLOCK]
-    cdef int j, n
+    cdef int j, n, n_next
     while start < stop:
         n = <int>min(stop - start, ROWS_PER_BLOCK)
+        n_next = <int>min(stop - start - n, ROWS_PER_BLOCK)
         for j in range(n):
             rows[j] = order[start + j]
             node[j] = root
         _walk(x, w_in, b_in, w_out_t, act, y, visited, preact, save_path, rows, n, node, t,
-              n_nodes, split, path_len, path_len)
+              n_nodes, split, path_len, path_len, &order[start + n], n_next)
         start = start + n
 
 
