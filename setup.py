@@ -3,10 +3,10 @@
 Everything declarative lives in pyproject.toml; this file only exists because the OpenMP
 flags depend on the compiler found at build time.
 """
+
 import os
 import subprocess
 import sys
-import sysconfig
 import tempfile
 import warnings
 
@@ -68,22 +68,28 @@ class BuildExtWithOpenMP(build_ext):
             if os.environ.get("FASTFF_SANITIZE"):
                 # -fno-sanitize-recover: UBSan aborts on the first finding instead of printing
                 # it and carrying on, so a test run cannot pass with undefined behaviour in it.
-                base += ["-fsanitize=address,undefined", "-fno-sanitize-recover=all",
-                         "-fno-omit-frame-pointer", "-O1", "-g"]
+                base += [
+                    "-fsanitize=address,undefined",
+                    "-fno-sanitize-recover=all",
+                    "-fno-omit-frame-pointer",
+                    "-O1",
+                    "-g",
+                ]
             candidates = [(["-fopenmp"], ["-fopenmp"])]
             if sys.platform == "darwin":
                 candidates += _apple_clang_openmp_flags()
             have_openmp = False
-            for c, l in candidates:
-                if _compiles_with(cc, c, l):
-                    cflags, lflags, have_openmp = base + c, l, True
+            for compile_flags, link_flags in candidates:
+                if _compiles_with(cc, compile_flags, link_flags):
+                    cflags, lflags, have_openmp = base + compile_flags, link_flags, True
                     break
             if not have_openmp:
                 cflags, lflags = base, []
                 warnings.warn(
                     "fastff: this compiler has no OpenMP support; building the CMM kernels "
                     "serial (one thread). Install libomp (macOS: `brew install libomp`) or use gcc "
-                    "for multi-threaded kernels."
+                    "for multi-threaded kernels.",
+                    stacklevel=2,
                 )
             if os.environ.get("FASTFF_SANITIZE"):
                 lflags = lflags + ["-fsanitize=address,undefined", "-fno-sanitize-recover=all"]
