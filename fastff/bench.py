@@ -93,17 +93,15 @@ def make_ultra(
         layer = UltraFFF(in_w, out_w, depth, parallel_size, activation, dtype=dtype, seed=0)
         width = layer.training_width
         x = rng.standard_normal((batch, in_w)).astype(dtype)
+        info = {"dense_width": width, "neurons_per_row": layer.neurons_per_inference}
+        if device == "cpu" and not train:
+            info["weights_read_mb"] = _distinct_weight_bytes(layer, x) / 1e6
         if width > MAX_DENSE_WIDTH and device == "cpu" and not train:
 
             def fff():
                 layer(x)
 
-            return (
-                None,
-                fff,
-                batch,
-                {"dense_width": width, "neurons_per_row": layer.neurons_per_inference},
-            )
+            return None, fff, batch, info
         w1, b1, w2 = _dense_ff(rng, in_w, width, out_w, dtype)
         if device == "cuda":
             return _make_cuda_pair(layer, x, (w1, b1, w2), activation, train)
@@ -124,14 +122,17 @@ def make_ultra(
             def dense():
                 reference.dense_forward(x, w1, b1, w2, activation)
 
-        return (
-            dense,
-            fff,
-            batch,
-            {"dense_width": width, "neurons_per_row": layer.neurons_per_inference},
-        )
+        return dense, fff, batch, info
 
     return make
+
+
+def _distinct_weight_bytes(layer, x) -> int:
+    """Bytes of the distinct nodes' weights (input and output rows) that one inference of x
+    reads: for a tree that does not fit in cache, about what the batch fetches from DRAM."""
+    _, _, _, visited, _ = layer._forward(x, save_path=True)
+    distinct = np.unique(visited).size
+    return distinct * (layer.input_width + layer.output_width) * layer.dtype.itemsize
 
 
 def make_fff(in_w, leaf_w, out_w, depth, batch, *, activation="relu", dtype=np.float32):
@@ -232,7 +233,7 @@ def run(
     )
     header = (
         f"{'config':<16}{'kind':<22}{'dense ms':>12}{'fastff ms':>12}{'speedup':>10}"
-        f"{'rows/s':>12}{'ns/node':>10}"
+        f"{'rows/s':>12}{'ns/node':>10}{'MB read':>10}{'GB/s':>8}"
     )
     out(header)
     results = []
@@ -256,9 +257,15 @@ def run(
                 dense_text, ratio_text = f"{d_med * 1e3:>12.3f}", f"{ratio:>9.1f}x"
             # time per row and per visited node (neuron or router/leaf unit on the path)
             ns_per_node = f_med / max(rows, 1) / info["neurons_per_row"] * 1e9
+            # distinct weights read per batch, and at what rate (UltraFFF inference only)
+            read_mb = info.get("weights_read_mb")
+            read_gb_per_s = read_mb / 1e3 / f_med if read_mb is not None else None
+            read_text = (
+                f"{read_mb:>10.1f}{read_gb_per_s:>8.1f}" if read_mb is not None else f"{'':>18}"
+            )
             out(
                 f"{case.name:<16}{case.kind:<22}{dense_text}{f_med * 1e3:>12.3f}{ratio_text}"
-                f"{rows / f_med:>12.3g}{ns_per_node:>10.1f}"
+                f"{rows / f_med:>12.3g}{ns_per_node:>10.1f}{read_text}"
             )
             results.append(
                 {
@@ -277,6 +284,7 @@ def run(
                     "rows": rows,
                     "ns_per_row": f_med / max(rows, 1) * 1e9,
                     "ns_per_node": ns_per_node,
+                    "weights_read_gb_per_s": read_gb_per_s,
                     **case.params,
                     **info,
                 }
