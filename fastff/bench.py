@@ -93,7 +93,10 @@ def make_ultra(
         layer = UltraFFF(in_w, out_w, depth, parallel_size, activation, dtype=dtype, seed=0)
         width = layer.training_width
         x = rng.standard_normal((batch, in_w)).astype(dtype)
-        info = {"dense_width": width, "neurons_per_row": layer.neurons_per_inference}
+        info: dict[str, float] = {
+            "dense_width": width,
+            "neurons_per_row": layer.neurons_per_inference,
+        }
         if device == "cpu" and not train:
             info["weights_read_mb"] = _distinct_weight_bytes(layer, x) / 1e6
         if width > MAX_DENSE_WIDTH and device == "cpu" and not train:
