@@ -107,7 +107,10 @@ def test_device_mismatch_and_round_trip():
     state = layer.state_dict()
     assert all(isinstance(v, np.ndarray) for v in state.values())
     _, backprop = layer.forward_train(cp.asarray(x))
+    layer.forward_train(cp.asarray(x))[1](cp.ones((5, 4), dtype=cp.float32))  # GPU gradients
     layer.to("cpu")
+    # gradients come back as host arrays, 64-byte aligned like those allocated on the CPU
+    assert all(isinstance(g, np.ndarray) and g.ctypes.data % 64 == 0 for g in layer._grads.values())
     with pytest.raises(RuntimeError, match="stale"):
         backprop(cp.ones((5, 4), dtype=cp.float32))
     np.testing.assert_array_equal(layer(x), y_cpu)
