@@ -22,7 +22,8 @@ from . import reference
 
 @dataclass
 class Case:
-    """One measured comparison: `make()` returns (dense_fn, fastff_fn, rows, info)."""
+    """One measured comparison: `make()` returns (dense_fn, fastff_fn, rows, info) or, with
+    peers, (dense_fn, fastff_fn, rows, info, {peer name: fn or None})."""
 
     name: str
     kind: str
@@ -69,6 +70,68 @@ def _dense_train_step(x, w1, b1, w2, activation):
     return dz @ w1.T, dw1, db1, dw2
 
 
+# ---- peers: extra columns when installed, never required (../shared/BENCHMARKS.md) ----------
+PEERS = {
+    "torch": "PyTorch's dense FF on the same weights (its CPU BLAS, same thread count)",
+    "fastfeedforward": "the fastfeedforward package's FFF, hard inference (router-leaf only)",
+}
+
+
+def installed_peers() -> list[str]:
+    import importlib.util
+
+    return [name for name in PEERS if importlib.util.find_spec(name) is not None]
+
+
+def _torch_dense(x, w1, b1, w2, activation, dy=None):
+    """The dense FF in PyTorch: forward, or with dy forward + backward (dx and the three
+    weight gradients, like _dense_train_step). None without torch."""
+    if "torch" not in installed_peers():
+        return None
+    import torch
+
+    act = {"identity": lambda z: z, "relu": torch.relu, "gelu": torch.nn.functional.gelu}
+    f = act[activation]  # torch's gelu is the exact (erf) one, like fastff's
+    tx, tw1, tb1, tw2 = (torch.from_numpy(a) for a in (x, w1, b1, w2))  # no copies
+    if dy is None:
+
+        def forward():
+            with torch.no_grad():
+                return f(tx @ tw1 + tb1) @ tw2
+
+        return forward
+    leaves = [t.detach().requires_grad_() for t in (tx, tw1, tb1, tw2)]
+    tdy = torch.from_numpy(dy)
+
+    def train_step():
+        lx, lw1, lb1, lw2 = leaves
+        for t in leaves:
+            t.grad = None
+        (f(lx @ lw1 + lb1) @ lw2).backward(tdy)
+        return [t.grad for t in leaves]  # dx, dw1, db1, dw2
+
+    return train_step
+
+
+def _package_fff(in_w, leaf_w, out_w, depth, x, activation):
+    """The fastfeedforward package's FFF of the same shape (its own random weights), hard
+    inference through its eval forward. None without the package."""
+    if "fastfeedforward" not in installed_peers() or activation != "relu":
+        return None
+    import fastfeedforward
+    import torch
+
+    torch.manual_seed(0)
+    module = fastfeedforward.FFF(in_w, leaf_w, out_w, depth).eval()
+    tx = torch.from_numpy(x)
+
+    def forward():
+        with torch.no_grad():
+            return module(tx)
+
+    return forward
+
+
 # Above this dense width the baseline is not run: its weights alone would take gigabytes and
 # one forward minutes. The fastff side is still timed (the `scaling` series goes to depth 20).
 MAX_DENSE_WIDTH = 1 << 15
@@ -108,8 +171,8 @@ def make_ultra(
         w1, b1, w2 = _dense_ff(rng, in_w, width, out_w, dtype)
         if device == "cuda":
             return _make_cuda_pair(layer, x, (w1, b1, w2), activation, train)
+        dy = rng.standard_normal((batch, out_w)).astype(dtype) if train else None
         if train:
-            dy = rng.standard_normal((batch, out_w)).astype(dtype)
 
             def fff():
                 _, backprop = layer.forward_train(x)
@@ -125,7 +188,7 @@ def make_ultra(
             def dense():
                 reference.dense_forward(x, w1, b1, w2, activation)
 
-        return dense, fff, batch, info
+        return dense, fff, batch, info, {"torch": _torch_dense(x, w1, b1, w2, activation, dy)}
 
     return make
 
@@ -155,7 +218,12 @@ def make_fff(in_w, leaf_w, out_w, depth, batch, *, activation="relu", dtype=np.f
         def dense():
             reference.dense_forward(x, w1, b1, w2, activation)
 
-        return dense, fff, batch, {"dense_width": width, "neurons_per_row": leaf_w + depth}
+        peers = {
+            "torch": _torch_dense(x, w1, b1, w2, activation),
+            "fastfeedforward": _package_fff(in_w, leaf_w, out_w, depth, x, activation),
+        }
+        info = {"dense_width": width, "neurons_per_row": leaf_w + depth}
+        return dense, fff, batch, info, peers
 
     return make
 
@@ -223,6 +291,12 @@ def run(
             f"unknown config(s) {unknown} for device {device!r}; choose from {sorted(table)}"
         )
     limiter = _limit_threads(threads) if device == "cpu" else None
+    peer_names = installed_peers() if device == "cpu" else []
+    if "torch" in peer_names:
+        import torch
+
+        torch_threads = torch.get_num_threads()
+        torch.set_num_threads(threads)
     machine = (
         f"{platform.processor() or platform.machine()}, {os.cpu_count()} cpus, {threads} threads"
     )
@@ -234,19 +308,24 @@ def run(
         f"fastff bench on {machine} (median of {repeat}, dense = NumPy/BLAS"
         f"{' via cuBLAS' if device == 'cuda' else ''})"
     )
+    for name in peer_names:  # peer columns: that peer's time, and how much faster fastff is
+        out(f"  {name} ms: {PEERS[name]}")
     header = (
         f"{'config':<16}{'kind':<22}{'dense ms':>12}{'fastff ms':>12}{'speedup':>10}"
         f"{'rows/s':>12}{'ns/node':>10}{'MB read':>10}{'GB/s':>8}"
+        + "".join(f"{name + ' ms':>20}" for name in peer_names)
     )
     out(header)
     results = []
     for name in config_names:
         for case in table[name]:
             try:
-                dense, fff, rows, info = case.make()
+                made = case.make()
             except MemoryError as exc:  # depth 20 needs 12.9 GB of weights
                 out(f"{case.name:<16}skipped: {exc}")
                 continue
+            dense, fff, rows, info = made[:4]
+            peer_fns = made[4] if len(made) > 4 else {}
             if device == "cuda":
                 from .gpu.bench import time_events as timer
             else:
@@ -266,9 +345,23 @@ def run(
             read_text = (
                 f"{read_mb:>10.1f}{read_gb_per_s:>8.1f}" if read_mb is not None else f"{'':>18}"
             )
+            peers, peer_text = {}, ""
+            for name in peer_names:
+                fn = peer_fns.get(name)
+                if fn is None:  # the peer has no counterpart of this config
+                    peer_text += f"{'-':>20}"
+                    continue
+                p_med, p_min, p_max = timer(fn, repeat)
+                peers[name] = {
+                    "s": p_med,
+                    "min_s": p_min,
+                    "max_s": p_max,
+                    "fastff_speedup": p_med / f_med,
+                }
+                peer_text += f"{f'{p_med * 1e3:.3f} ({p_med / f_med:.1f}x)':>20}"
             out(
                 f"{case.name:<16}{case.kind:<22}{dense_text}{f_med * 1e3:>12.3f}{ratio_text}"
-                f"{rows / f_med:>12.3g}{ns_per_node:>10.1f}{read_text}"
+                f"{rows / f_med:>12.3g}{ns_per_node:>10.1f}{read_text}{peer_text}"
             )
             results.append(
                 {
@@ -288,13 +381,16 @@ def run(
                     "ns_per_row": f_med / max(rows, 1) * 1e9,
                     "ns_per_node": ns_per_node,
                     "weights_read_gb_per_s": read_gb_per_s,
+                    "peers": peers,
                     **case.params,
                     **info,
                 }
             )
-            del dense, fff  # a depth-20 tree holds 12.9 GB: free it before building the next
+            del made, dense, fff, peer_fns  # a depth-20 tree holds 12.9 GB: free it first
     if limiter is not None:
         limiter.restore_original_limits()
+    if "torch" in peer_names:
+        torch.set_num_threads(torch_threads)
     if json_path:
         os.makedirs(os.path.dirname(os.path.abspath(json_path)), exist_ok=True)
         with open(json_path, "w") as f:

@@ -49,3 +49,46 @@ def test_plot_draws_the_scaling_series(tmp_path):
     path = tmp_path / "scaling.png"
     bench.plot(results, str(path))
     assert path.stat().st_size > 1000
+
+
+def test_peer_columns_only_for_installed_peers(monkeypatch):
+    monkeypatch.setattr(bench, "installed_peers", lambda: [])
+    lines = []
+    results = bench.run(["ufb-b1"], threads=1, repeat=1, out=lines.append)
+    assert results[0]["peers"] == {}
+    assert not any("torch" in line for line in lines)
+
+
+def test_torch_peer_runs_the_same_dense_layer():
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(0)
+    x, dy = rng.standard_normal((6, 5)), rng.standard_normal((6, 3))
+    w1, b1, w2 = bench._dense_ff(rng, 5, 7, 3, np.float64)
+    b1 += rng.standard_normal(7)
+    for act in ("relu", "gelu", "identity"):
+        y = bench._torch_dense(x, w1, b1, w2, act)().numpy()
+        np.testing.assert_allclose(y, bench.reference.dense_forward(x, w1, b1, w2, act), 1e-12)
+    dx, dw1, db1, dw2 = (t.numpy() for t in bench._torch_dense(x, w1, b1, w2, "relu", dy)())
+    z = x @ w1 + b1
+    dz = (dy @ w2.T) * (z > 0)
+    np.testing.assert_allclose(dw2, np.maximum(z, 0).T @ dy, 1e-12)
+    np.testing.assert_allclose(dw1, x.T @ dz, 1e-12)
+    np.testing.assert_allclose(db1, dz.sum(axis=0), 1e-12)
+    np.testing.assert_allclose(dx, dz @ w1.T, 1e-12)
+    assert torch.get_num_threads() >= 1
+
+
+def test_peers_appear_as_columns_when_installed():
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("fastfeedforward")
+    threads_before = torch.get_num_threads()
+    lines = []
+    results = bench.run(["paper-mnist"], threads=1, repeat=1, out=lines.append)
+    peers, fastff_s = results[0]["peers"], results[0]["fastff_s"]
+    assert set(peers) == {"torch", "fastfeedforward"}
+    for peer in peers.values():
+        assert peer["s"] > 0 and peer["fastff_speedup"] == peer["s"] / fastff_s
+    assert any("torch ms" in line and "fastfeedforward ms" in line for line in lines)
+    assert torch.get_num_threads() == threads_before  # restored after the run
+    y = bench._package_fff(20, 4, 3, 2, np.ones((5, 20), np.float32), "relu")()
+    assert tuple(y.shape) == (5, 3)
