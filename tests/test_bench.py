@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from fastff import UltraFFF, bench
+from fastff import UltraFFF, bench, reference
 
 
 def test_bench_runs_a_small_config_and_writes_json(tmp_path):
@@ -67,7 +67,7 @@ def test_torch_peer_runs_the_same_dense_layer():
     b1 += rng.standard_normal(7)
     for act in ("relu", "gelu", "identity"):
         y = bench._torch_dense(x, w1, b1, w2, act)().numpy()
-        np.testing.assert_allclose(y, bench.reference.dense_forward(x, w1, b1, w2, act), 1e-12)
+        np.testing.assert_allclose(y, reference.dense_forward(x, w1, b1, w2, act), 1e-12)
     dx, dw1, db1, dw2 = (t.numpy() for t in bench._torch_dense(x, w1, b1, w2, "relu", dy)())
     z = x @ w1 + b1
     dz = (dy @ w2.T) * (z > 0)
@@ -92,3 +92,35 @@ def test_peers_appear_as_columns_when_installed():
     assert torch.get_num_threads() == threads_before  # restored after the run
     y = bench._package_fff(20, 4, 3, 2, np.ones((5, 20), np.float32), "relu")()
     assert tuple(y.shape) == (5, 3)
+
+
+@pytest.mark.parametrize("activation", ["relu", "gelu", "identity"])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_numpy_baseline_is_the_dense_layer(activation, threads):
+    """The bench's NumPy baseline (in-place activation over row chunks, on the bench's threads)
+    computes reference.dense_forward and its exact gradients."""
+    import fastff
+
+    rng = np.random.default_rng(1)
+    x, dy = rng.standard_normal((300, 5)), rng.standard_normal((300, 3))
+    w1, b1, w2 = bench._dense_ff(rng, 5, 400, 3, np.float64)  # 400 wide: several row chunks
+    b1 += rng.standard_normal(400)
+    before = fastff.get_num_threads()
+    fastff.set_num_threads(threads)
+    try:
+        y = bench._dense_forward(x, w1, b1, w2, activation)
+        y2, dx, dw1, db1, dw2 = bench._dense_train_step(x, w1, b1, w2, activation, dy)
+    finally:
+        fastff.set_num_threads(before)
+    want = reference.dense_forward(x, w1, b1, w2, activation)
+    np.testing.assert_allclose(y, want, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(y2, want, rtol=1e-12, atol=1e-12)
+    z = x @ w1 + b1
+    dz = (dy @ w2.T) * reference.act_grad(activation, z)
+    for got, exact in (
+        (dx, dz @ w1.T),
+        (dw1, x.T @ dz),
+        (db1, dz.sum(0)),
+        (dw2, reference.act(activation, z).T @ dy),
+    ):
+        np.testing.assert_allclose(got, exact, rtol=1e-10, atol=1e-12)
