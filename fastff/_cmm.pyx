@@ -407,6 +407,141 @@ def ultra_forward(const floating[:, ::1] x, const floating[:, :] w_in, const flo
     return None
 
 
+cdef enum:
+    BACKWARD_TERMS = 64  # terms one _axpym call adds into a dx or gradient row
+
+
+cdef void _backward_row(const floating[:, ::1] dy, const floating[:, :] w_in,
+                        const floating[:, :] w_out_t, const Py_ssize_t[:, ::1] visited,
+                        const floating[:, ::1] preact, int act, floating[:, ::1] dx,
+                        floating[:, ::1] dzs, floating[:, ::1] hs, Py_ssize_t r, Py_ssize_t v0,
+                        Py_ssize_t v1) noexcept nogil:
+    """Visits v0..v1 of row r (at most BACKWARD_TERMS): dz and act(z) of each into dzs and
+    hs (the gradient pass reuses both), and dx[r] += sum of dz * w_in[node] in visit order.
+    The visits' output rows are independent, so their dots run four at a time (four fetches
+    in flight), and dx is loaded and stored once for all of them instead of once per visit."""
+    cdef int in_w = <int>dx.shape[1], out_w = <int>dy.shape[1]
+    cdef int i, j, n, m = 0
+    cdef Py_ssize_t v
+    cdef floating z[4]
+    cdef floating dz
+    cdef const floating* a[4]
+    cdef const floating* b[4]
+    cdef floating coef[BACKWARD_TERMS]
+    cdef const floating* rows[BACKWARD_TERMS]
+    cdef floating* dx_row = &dx[r, 0]
+    for v in range(v0, v1, 4):
+        n = <int>min(4, v1 - v)
+        for j in range(n):
+            a[j] = &w_out_t[visited[r, v + j], 0]
+            b[j] = &dy[r, 0]
+        _dotn(n, out_w, a, b, z, NULL)
+        for j in range(n):
+            dz = z[j] * _act_grad(preact[r, v + j], act)
+            dzs[r, v + j] = dz
+            hs[r, v + j] = _act(preact[r, v + j], act)
+            if dz != 0:  # relu zeros add nothing
+                coef[m] = dz
+                rows[m] = &w_in[visited[r, v + j], 0]
+                m = m + 1
+    _axpym(1, &m, 0, in_w, coef, rows, &dx_row)
+
+
+cdef void _backward_node(const floating[:, ::1] x, const floating[:, ::1] dy,
+                         const floating[:, ::1] dzs, const floating[:, ::1] hs,
+                         const Py_ssize_t* order, Py_ssize_t i0, Py_ssize_t i1,
+                         Py_ssize_t visits_per_row, floating* grad_in, floating* grad_b,
+                         floating* grad_out) noexcept nogil:
+    """One node's visits order[i0..i1) (flat visit ids, at most BACKWARD_TERMS, rows
+    ascending): grad_in += sum of dz * x[row], grad_b += sum of dz and grad_out += sum of
+    act(z) * dy[row], each added in row order, with one load and store of the gradient rows."""
+    cdef int in_w = <int>x.shape[1], out_w = <int>dy.shape[1]
+    cdef int m_in = 0, m_out = 0
+    cdef Py_ssize_t i, v, r, col
+    cdef floating dz, h
+    cdef floating coef_in[BACKWARD_TERMS]
+    cdef floating coef_out[BACKWARD_TERMS]
+    cdef const floating* rows_in[BACKWARD_TERMS]
+    cdef const floating* rows_out[BACKWARD_TERMS]
+    for i in range(i0, i1):
+        v = order[i]
+        r = v // visits_per_row
+        col = v - r * visits_per_row
+        dz = dzs[r, col]
+        if dz != 0:
+            coef_in[m_in] = dz
+            rows_in[m_in] = &x[r, 0]
+            m_in = m_in + 1
+            grad_b[0] += dz
+        h = hs[r, col]
+        if h != 0:
+            coef_out[m_out] = h
+            rows_out[m_out] = &dy[r, 0]
+            m_out = m_out + 1
+    _axpym(1, &m_in, 0, in_w, coef_in, rows_in, &grad_in)
+    _axpym(1, &m_out, 0, out_w, coef_out, rows_out, &grad_out)
+
+
+def _tree_shape(Py_ssize_t visits_per_row, Py_ssize_t n_total):
+    """(n_trees, depth) of a forest with n_total nodes whose rows visit visits_per_row nodes
+    (n_trees * (depth + 1)), or (0, -1) when no forest has that shape."""
+    cdef Py_ssize_t t, levels
+    for t in range(1, visits_per_row + 1):
+        levels = visits_per_row // t
+        if (visits_per_row % t == 0 and levels <= MAX_DEPTH + 1
+                and t * ((<object>1 << levels) - 1) == n_total):
+            return t, levels - 1
+    return 0, -1
+
+
+def _backward_row_order(visited, Py_ssize_t n_total, int in_w, int out_w, int itemsize):
+    """The order in which the dx pass takes the rows: by the node they visit (in the first
+    tree) at the forward's subtree split, so that consecutive rows share the weights of their
+    lower levels and find them in L2 (see _subtree_split); rows in order where there is no
+    split."""
+    n_rows, visits_per_row = visited.shape[0], visited.shape[1]
+    n_trees, depth = _tree_shape(visits_per_row, n_total)
+    split = _subtree_split(n_rows, depth, in_w, out_w, itemsize) if depth >= 0 else 0
+    if depth < 0 or split > depth:
+        return np.arange(n_rows, dtype=np.intp)
+    return np.argsort(visited[:, split], kind="stable").astype(np.intp)
+
+
+def _backward_schedule(counts, Py_ssize_t visits_per_row, Py_ssize_t n_total, Py_ssize_t n_rows,
+                       Py_ssize_t row_bytes, int n_threads):
+    """(nodes, tasks): the nodes with visits (counts > 0) in the order the gradient pass runs
+    them, task k being nodes[tasks[k]:tasks[k+1]].
+
+    A node's gradient rows sum the x and dy rows of the rows that visited it, so node by node
+    every level re-reads all of x and dy. Instead, each tree's nodes below a split level go by
+    subtree, level by level, one task per subtree: a subtree's rows' x and dy (within
+    SUBTREE_BYTES) are read from L3 for its root and from L2 for the nodes below. The levels
+    above the split are one task per node. Arrays not shaped like trees (n_total is not
+    n_trees * (2**(depth+1) - 1) with visits_per_row = n_trees * (depth + 1)) keep one task
+    per node."""
+    n_trees, depth = _tree_shape(visits_per_row, n_total)
+    if depth < 0:
+        active = np.flatnonzero(counts)
+        return active, np.arange(active.shape[0] + 1, dtype=np.intp)
+    split = 0
+    while split < depth and ((n_rows * row_bytes) >> split > SUBTREE_BYTES
+                             or (1 << split) < 4 * n_threads):
+        split += 1
+    n_nodes = (1 << (depth + 1)) - 1
+    subtrees = np.concatenate(  # row k: subtree k's nodes, level by level
+        [np.arange((1 << level) - 1, (1 << (level + 1)) - 1).reshape(1 << split, -1)
+         for level in range(split, depth + 1)], axis=1)
+    local = np.concatenate([np.arange((1 << split) - 1), subtrees.ravel()])
+    sizes = np.concatenate([np.ones((1 << split) - 1, np.intp),
+                            np.full(1 << split, subtrees.shape[1], np.intp)])
+    nodes = (np.arange(n_trees)[:, None] * n_nodes + local).ravel()
+    task_of = np.repeat(np.arange(n_trees * sizes.shape[0]), np.tile(sizes, n_trees))
+    visited_nodes = counts[nodes] > 0
+    nodes, task_of = nodes[visited_nodes], task_of[visited_nodes]
+    starts = np.flatnonzero(np.diff(task_of, prepend=-1))  # where each (nonempty) task begins
+    return nodes.astype(np.intp), np.append(starts, task_of.shape[0]).astype(np.intp)
+
+
 def ultra_backward(const floating[:, ::1] x, const floating[:, ::1] dy,
                    const floating[:, :] w_in, const floating[:, :] w_out_t,
                    const Py_ssize_t[:, ::1] visited, const floating[:, ::1] preact, int act,
@@ -414,16 +549,15 @@ def ultra_backward(const floating[:, ::1] x, const floating[:, ::1] dy,
                    floating[:, ::1] grad_w_out_t):
     """Hard-path backward of the neuron-tree FFF; adds into the three gradient arrays.
 
-    Pass 1, parallel over rows: dz of every visit and dx (B, in), overwritten.
+    Pass 1, parallel over rows: dz of every visit and dx (B, in), overwritten (_backward_row).
     Pass 2, parallel over nodes: visits are counting-sorted by node, so each gradient row is summed
-    by one thread in row order. No atomics, no per-thread copies of the weights, and the result is
-    bitwise the same for any thread count.
+    by one thread in row order (_backward_node). No atomics, no per-thread copies of the weights,
+    and the result is bitwise the same for any thread count.
     """
     cdef Py_ssize_t n_rows = x.shape[0], visits_per_row = visited.shape[1]
     cdef Py_ssize_t n_visits = n_rows * visits_per_row, n_total = w_in.shape[0]
     cdef int in_w = <int>x.shape[1], out_w = <int>dy.shape[1]
     cdef Py_ssize_t r, v, g, i, k, start, stop
-    cdef floating z, dz
     _check_act(act)
     _require(dy.shape[0] == n_rows and dx.shape[0] == n_rows and dx.shape[1] == in_w
              and visited.shape[0] == n_rows and preact.shape[0] == n_rows
@@ -444,17 +578,21 @@ def ultra_backward(const floating[:, ::1] x, const floating[:, ::1] dy,
     cdef int n_threads = _n_threads(n_rows)
 
     dz_arr = np.empty((n_rows, visits_per_row), dtype=np.asarray(preact).dtype)
+    h_arr = np.empty_like(dz_arr)
     cdef floating[:, ::1] dzs = dz_arr
+    cdef floating[:, ::1] hs = h_arr
+    row_order_arr = _backward_row_order(np.asarray(visited), n_total, in_w, out_w,
+                                        sizeof(floating))
+    cdef Py_ssize_t[::1] row_order = row_order_arr
     with nogil:
-        for r in prange(n_rows, schedule="static", num_threads=n_threads):
+        for k in prange(n_rows, schedule="static", num_threads=n_threads):
+            r = row_order[k]
             memset(&dx[r, 0], 0, in_w * sizeof(floating))
-            for v in range(visits_per_row):
-                g = visited[r, v]
-                z = preact[r, v]
-                dz = _dot(out_w, &dy[r, 0], &w_out_t[g, 0]) * _act_grad(z, act)
-                dzs[r, v] = dz
-                if dz != 0:
-                    _axpy(in_w, dz, &w_in[g, 0], &dx[r, 0])
+            v = 0
+            while v < visits_per_row:
+                _backward_row(dy, w_in, w_out_t, visited, preact, act, dx, dzs, hs, r, v,
+                              min(v + BACKWARD_TERMS, visits_per_row))
+                v = v + BACKWARD_TERMS
 
     # Counting sort of visits by node: offsets[g]..offsets[g+1] index into `order` (flat visit
     # ids, ascending, hence rows in order within each node).
@@ -463,16 +601,18 @@ def ultra_backward(const floating[:, ::1] x, const floating[:, ::1] dy,
     cdef Py_ssize_t[::1] offsets = offsets_arr
     cdef Py_ssize_t[::1] order = order_arr
     cdef const Py_ssize_t* flat_visited = &visited[0, 0] if n_visits > 0 else NULL
-    cdef Py_ssize_t n_active
     with nogil:
         for i in range(n_visits):
             offsets[flat_visited[i] + 1] += 1
         for g in range(n_total):
             offsets[g + 1] += offsets[g]
-    # Only nodes some row visited get a task: the parallel loop runs over this list.
-    active_arr = np.flatnonzero(np.diff(offsets_arr)).astype(np.intp)
-    cdef Py_ssize_t[::1] active = active_arr
-    n_active = active.shape[0]
+    # Pass 2's tasks: runs of nodes (only those some row visited), see _backward_schedule
+    nodes_arr, tasks_arr = _backward_schedule(np.diff(offsets_arr), visits_per_row, n_total,
+                                              n_rows, (in_w + out_w) * sizeof(floating),
+                                              n_threads)
+    cdef Py_ssize_t[::1] nodes = nodes_arr
+    cdef Py_ssize_t[::1] tasks = tasks_arr
+    cdef Py_ssize_t n_tasks = tasks.shape[0] - 1, j
     cursor_arr = offsets_arr[:n_total].copy()
     cdef Py_ssize_t[::1] cursor = cursor_arr
     with nogil:
@@ -480,20 +620,16 @@ def ultra_backward(const floating[:, ::1] x, const floating[:, ::1] dy,
             g = flat_visited[i]
             order[cursor[g]] = i
             cursor[g] += 1
-        for k in prange(n_active, schedule="dynamic", num_threads=n_threads):
-            g = active[k]
-            start = offsets[g]
-            stop = offsets[g + 1]
-            for i in range(start, stop):
-                v = order[i]
-                r = v // visits_per_row
-                dz = dzs[r, v - r * visits_per_row]
-                if dz != 0:
-                    _axpy(in_w, dz, &x[r, 0], &grad_w_in[g, 0])
-                    grad_b_in[g] += dz
-                z = _act(preact[r, v - r * visits_per_row], act)
-                if z != 0:
-                    _axpy(out_w, z, &dy[r, 0], &grad_w_out_t[g, 0])
+        for k in prange(n_tasks, schedule="dynamic", num_threads=n_threads):
+            for j in range(tasks[k], tasks[k + 1]):
+                g = nodes[j]
+                start = offsets[g]
+                while start < offsets[g + 1]:
+                    stop = min(start + BACKWARD_TERMS, offsets[g + 1])
+                    _backward_node(x, dy, dzs, hs, &order[0], start, stop,
+                                   visits_per_row, &grad_w_in[g, 0], &grad_b_in[g],
+                                   &grad_w_out_t[g, 0])
+                    start = stop
     return None
 
 

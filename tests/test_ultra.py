@@ -456,3 +456,41 @@ def test_backprop_errors_and_accumulation(rng):
     layer.load_state_dict(layer.state_dict())
     with pytest.raises(RuntimeError, match="stale"):
         backprop(np.ones((5, 4)))
+
+
+@pytest.mark.parametrize(
+    "n_trees, depth, n_rows, threads", [(1, 11, 4096, 2), (2, 4, 50, 1), (3, 0, 9, 2)]
+)
+def test_gradient_pass_schedule_covers_each_visited_node_once(n_trees, depth, n_rows, threads):
+    """_backward_schedule hands every visited node to exactly one task, and a task of several
+    nodes is one subtree, level by level (each node's parent precedes it in the task)."""
+    from fastff import _cmm
+
+    n_nodes = (1 << (depth + 1)) - 1
+    counts = np.zeros(n_trees * n_nodes, np.intp)  # visits of n_rows random root-to-leaf walks
+    rng = np.random.default_rng(depth)
+    for t in range(n_trees):
+        node = np.zeros(n_rows, np.intp)
+        for _ in range(depth + 1):
+            np.add.at(counts, t * n_nodes + node, 1)
+            node = 2 * node + 1 + rng.integers(0, 2, n_rows)
+    nodes, tasks = _cmm._backward_schedule(
+        counts, n_trees * (depth + 1), n_trees * n_nodes, n_rows, 6144, threads
+    )
+    assert sorted(nodes.tolist()) == np.flatnonzero(counts).tolist()
+    assert tasks[0] == 0 and tasks[-1] == len(nodes) and np.all(np.diff(tasks) > 0)
+    for k in range(len(tasks) - 1):
+        task = nodes[tasks[k] : tasks[k + 1]].tolist()
+        trees = {g // n_nodes for g in task}
+        assert len(trees) == 1
+        local = [g % n_nodes for g in task]
+        for g in local[1:]:  # below the task's first node, level by level
+            ancestor = g
+            while ancestor > local[0]:
+                ancestor = (ancestor - 1) // 2
+            assert ancestor == local[0]
+        levels = [int(np.log2(g + 1)) for g in local]
+        assert levels == sorted(levels)
+    # arrays not shaped like a forest keep one task per node
+    nodes, tasks = _cmm._backward_schedule(np.array([0, 2, 1]), 5, 3, 10, 8, 1)
+    assert nodes.tolist() == [1, 2] and tasks.tolist() == [0, 1, 2]
