@@ -359,13 +359,13 @@ def ultra_forward(const floating[:, ::1] x, const floating[:, :] w_in, const flo
                  "visited and preact must be (rows, n_trees * (depth + 1))")
     cdef int split = _subtree_split(n_rows, depth, <int>x.shape[1], out_w, sizeof(floating))
     n_groups = (<Py_ssize_t>1 << split) if split < path_len else 0
-    split_node_arr = np.empty(n_rows if n_groups else 1, dtype=np.intp)
-    offsets_arr = np.zeros(n_groups + 1, dtype=np.intp)
-    order_arr = np.empty(n_rows if n_groups else 1, dtype=np.intp)
-    cdef Py_ssize_t[::1] split_node = split_node_arr
-    cdef Py_ssize_t[::1] offsets = offsets_arr
-    cdef Py_ssize_t[::1] order = order_arr
-    cdef Py_ssize_t* split_node_ptr = &split_node[0] if n_groups else NULL
+    cdef Py_ssize_t[::1] split_node, offsets, order
+    cdef Py_ssize_t* split_node_ptr = NULL
+    if n_groups:  # only then: a batch of one row allocates nothing but y
+        split_node = np.empty(n_rows, dtype=np.intp)
+        offsets = np.zeros(n_groups + 1, dtype=np.intp)
+        order = np.empty(n_rows, dtype=np.intp)
+        split_node_ptr = &split_node[0]
     cdef int n_threads = _n_threads(n_rows)
     with nogil:
         if not n_groups:

@@ -11,6 +11,7 @@ import contextvars
 import functools
 import numbers
 import os
+from collections.abc import Callable
 
 import numpy as np
 
@@ -139,23 +140,28 @@ def physical_memory_bytes() -> int:
     return physical if limit is None else min(physical, limit)
 
 
-def check_fits_in_memory(n_bytes: int, what: str) -> None:
+def check_fits_in_memory(n_bytes: int, what: str | Callable[[], str]) -> None:
     """Refuse, before allocating, an array set larger than the memory this process may use,
-    or than what is left of an allocation_budget in force."""
+    or than what is left of an allocation_budget in force. `what` names the arrays, or is a
+    function that does (per-call paths: the text is only formatted for an error)."""
     limit = physical_memory_bytes()
+    budget = _ALLOCATION_BUDGET.get()
+    if n_bytes <= limit and (budget is None or n_bytes <= budget["left"]):
+        if budget is not None:
+            budget["left"] -= n_bytes
+        return
+    if callable(what):
+        what = what()
     if n_bytes > limit:
         raise MemoryError(
             f"{what} needs {n_bytes:,} bytes ({n_bytes / 2**30:,.1f} GiB), more than this "
             f"machine's {limit:,} bytes of memory"
         )
-    budget = _ALLOCATION_BUDGET.get()
-    if budget is not None:
-        if n_bytes > budget["left"]:
-            raise MemoryError(
-                f"{what} needs {n_bytes:,} bytes, more than the {budget['left']:,} "
-                f"bytes left of {budget['why']}"
-            )
-        budget["left"] -= n_bytes
+    assert budget is not None
+    raise MemoryError(
+        f"{what} needs {n_bytes:,} bytes, more than the {budget['left']:,} "
+        f"bytes left of {budget['why']}"
+    )
 
 
 # In force while fastff.load rebuilds a module from a file's metadata: the parameters may not
@@ -246,6 +252,8 @@ def as_device_array(x, xp, name: str, expected: str):
     CUDA DLPack device are taken by CuPy. `expected` completes the message of a ValueError
     for input that is no array at all ("x must be {expected}: ...").
     """
+    if xp is np and type(x) is np.ndarray:  # the common case, and the batch-1 hot path
+        return x
     refuse_masked(x, name)
     dl_device = dlpack_device_type(x)
     on_cuda = is_cuda_array(x) or dl_device in DLPACK_CUDA_TYPES
@@ -298,6 +306,8 @@ def as_rows(x, width: int, dtype: np.dtype, xp=np, name: str = "x"):
         raise ValueError(f"{name} must have shape (..., {width}), got shape {tuple(arr.shape)}")
     lead = tuple(arr.shape[:-1])
     flat = arr.reshape(-1, width)
+    if flat.dtype == dtype:
+        return xp.ascontiguousarray(flat), lead
     with np.errstate(over="ignore"):  # an overflowing cast is reported just below instead
         rows = xp.ascontiguousarray(flat, dtype=dtype)
     if arr.dtype.kind == "f" and arr.dtype.itemsize > dtype.itemsize:

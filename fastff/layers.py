@@ -189,8 +189,10 @@ class UltraFFF(Module):
                 self.output_width * self.dtype.itemsize
                 + path * (np.dtype(np.intp).itemsize + self.dtype.itemsize)
             ),
-            f"{'forward_train' if save_path else 'inference'} of UltraFFF(depth={self.depth}, "
-            f"parallel_size={self.parallel_size}) on {rows.shape[0]} rows",
+            lambda: (
+                f"{'forward_train' if save_path else 'inference'} of UltraFFF(depth="
+                f"{self.depth}, parallel_size={self.parallel_size}) on {rows.shape[0]} rows"
+            ),
         )
         p = self._params
         y, visited, preact = ops.ultra_forward(
@@ -477,7 +479,7 @@ class FFF(Module):
         rows, lead = as_rows(x, self.input_width, self.dtype, ops.xp)
         check_fits_in_memory(
             rows.shape[0] * self.output_width * self.dtype.itemsize,
-            f"inference of FFF(depth={self.depth}) on {rows.shape[0]} rows",
+            lambda: f"inference of FFF(depth={self.depth}) on {rows.shape[0]} rows",
         )
         y = ops.fff_infer(rows, self._params, self.depth, self.activation)
         return y.reshape(lead + (self.output_width,))

@@ -15,6 +15,13 @@ from . import _cmm
 ACTIVATIONS = dict(_cmm.ACTIVATIONS)
 
 
+# Stand-ins for the path arrays of an inference call (0 x 0: nothing is written to them).
+_NO_PATH = {
+    np.dtype(t).char: (np.empty((0, 0), np.intp), np.empty((0, 0), t))
+    for t in (np.float32, np.float64)
+}
+
+
 class FFFOps:
     """Router-leaf FFF ops, written once against `self.xp` (NumPy or CuPy) and `self.cmm`
     (fastff._cmm or its CUDA twin fastff.gpu.cmm, same signatures)."""
@@ -228,9 +235,12 @@ class CPUOps(FFFOps):
         each (B, T*(depth+1))."""
         n_rows = x.shape[0]
         y = np.empty((n_rows, w_out_t.shape[1]), dtype=x.dtype)
-        path = n_trees * (depth + 1) if save_path else 0
-        visited = np.empty((n_rows if save_path else 0, path), dtype=np.intp)
-        preact = np.empty((n_rows if save_path else 0, path), dtype=x.dtype)
+        if save_path:
+            path = n_trees * (depth + 1)
+            visited = np.empty((n_rows, path), dtype=np.intp)
+            preact = np.empty((n_rows, path), dtype=x.dtype)
+        else:  # the kernel does not touch them: shared empty arrays, no allocation per call
+            visited, preact = _NO_PATH[x.dtype.char]
         _cmm.ultra_forward(
             x, w_in, b_in, w_out_t, depth, n_trees, ACTIVATIONS[act], y, visited, preact, save_path
         )
