@@ -421,7 +421,7 @@ cdef void _backward_row(const floating[:, ::1] dy, const floating[:, :] w_in,
     The visits' output rows are independent, so their dots run four at a time (four fetches
     in flight), and dx is loaded and stored once for all of them instead of once per visit."""
     cdef int in_w = <int>dx.shape[1], out_w = <int>dy.shape[1]
-    cdef int i, j, n, m = 0
+    cdef int j, n, m = 0
     cdef Py_ssize_t v
     cdef floating z[4]
     cdef floating dz

@@ -145,23 +145,23 @@ def check_fits_in_memory(n_bytes: int, what: str | Callable[[], str]) -> None:
     or than what is left of an allocation_budget in force. `what` names the arrays, or is a
     function that does (per-call paths: the text is only formatted for an error)."""
     limit = physical_memory_bytes()
-    budget = _ALLOCATION_BUDGET.get()
-    if n_bytes <= limit and (budget is None or n_bytes <= budget["left"]):
-        if budget is not None:
-            budget["left"] -= n_bytes
-        return
-    if callable(what):
-        what = what()
     if n_bytes > limit:
         raise MemoryError(
-            f"{what} needs {n_bytes:,} bytes ({n_bytes / 2**30:,.1f} GiB), more than this "
-            f"machine's {limit:,} bytes of memory"
+            f"{_text(what)} needs {n_bytes:,} bytes ({n_bytes / 2**30:,.1f} GiB), more than "
+            f"this machine's {limit:,} bytes of memory"
         )
-    assert budget is not None
-    raise MemoryError(
-        f"{what} needs {n_bytes:,} bytes, more than the {budget['left']:,} "
-        f"bytes left of {budget['why']}"
-    )
+    budget = _ALLOCATION_BUDGET.get()
+    if budget is not None:
+        if n_bytes > budget["left"]:
+            raise MemoryError(
+                f"{_text(what)} needs {n_bytes:,} bytes, more than the {budget['left']:,} "
+                f"bytes left of {budget['why']}"
+            )
+        budget["left"] -= n_bytes
+
+
+def _text(what: str | Callable[[], str]) -> str:
+    return what() if callable(what) else what
 
 
 # In force while fastff.load rebuilds a module from a file's metadata: the parameters may not

@@ -22,8 +22,8 @@ from scipy.special import erf
 
 @dataclass
 class Case:
-    """One measured comparison: `make()` returns (dense_fn, fastff_fn, rows, info) or, with
-    peers, (dense_fn, fastff_fn, rows, info, {peer name: fn or None})."""
+    """One measured comparison: `make()` returns (dense_fn, fastff_fn, rows, info, peers),
+    peers mapping a peer's name to its function (or None: no counterpart)."""
 
     name: str
     kind: str
@@ -231,7 +231,7 @@ def make_ultra(
             def fff():
                 layer(x)
 
-            return None, fff, batch, info
+            return None, fff, batch, info, {}
         w1, b1, w2 = _dense_ff(rng, in_w, width, out_w, dtype)
         if device == "cuda":
             return _make_cuda_pair(layer, x, (w1, b1, w2), activation, train)
@@ -295,7 +295,7 @@ def make_fff(in_w, leaf_w, out_w, depth, batch, *, activation="relu", dtype=np.f
 def _make_cuda_pair(layer, x, dense_weights, activation, train):
     from .gpu.bench import cuda_pair
 
-    return cuda_pair(layer, x, dense_weights, activation, train)
+    return (*cuda_pair(layer, x, dense_weights, activation, train), {})  # no GPU peers
 
 
 CONFIGS: dict[str, list[Case]] = {
@@ -384,12 +384,10 @@ def run(
     for name in config_names:
         for case in table[name]:
             try:
-                made = case.make()
+                dense, fff, rows, info, peer_fns = case.make()
             except MemoryError as exc:  # depth 20 needs 12.9 GB of weights
                 out(f"{case.name:<16}skipped: {exc}")
                 continue
-            dense, fff, rows, info = made[:4]
-            peer_fns = made[4] if len(made) > 4 else {}
             if device == "cuda":
                 from .gpu.bench import time_events as timer
             else:
@@ -450,7 +448,7 @@ def run(
                     **info,
                 }
             )
-            del made, dense, fff, peer_fns  # a depth-20 tree holds 12.9 GB: free it first
+            del dense, fff, peer_fns  # a depth-20 tree holds 12.9 GB: free it before the next
     if limiter is not None:
         limiter.restore_original_limits()
     if "torch" in peer_names:

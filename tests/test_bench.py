@@ -124,3 +124,13 @@ def test_numpy_baseline_is_the_dense_layer(activation, threads):
         (dw2, reference.act(activation, z).T @ dy),
     ):
         np.testing.assert_allclose(got, exact, rtol=1e-10, atol=1e-12)
+
+
+def test_cases_beyond_the_dense_width_time_fastff_alone():
+    """Past MAX_DENSE_WIDTH (the deep `scaling` depths) a case has no dense side and no peers,
+    but still reports the weights it reads."""
+    dense, fff, rows, info, peers = bench.make_ultra(16, 16, 15, 8)()
+    assert info["dense_width"] > bench.MAX_DENSE_WIDTH
+    assert dense is None and peers == {} and rows == 8
+    assert info["weights_read_mb"] > 0
+    fff()
