@@ -105,9 +105,9 @@ cdef extern from "_simd.h" nogil:
     void fastff_dotn_f64(int nr, int n, const double** a, const double** b, double* out,
                          const double* prefetch)
     void fastff_axpym_f32(int nr, const int* m, int stride, int n, const float* alpha,
-                          const float** x, float** y)
+                          const float** x, float** y, int overwrite)
     void fastff_axpym_f64(int nr, const int* m, int stride, int n, const double* alpha,
-                          const double** x, double** y)
+                          const double** x, double** y, int overwrite)
     int fastff_wide_registers()
     float fastff_relu_f32(float z)
     double fastff_relu_f64(double z)
@@ -141,11 +141,11 @@ cdef inline void _dotn(int nr, int n, const floating** a, const floating** b,
 
 
 cdef inline void _axpym(int nr, const int* m, int stride, int n, const floating* alpha,
-                        const floating** x, floating** y) noexcept nogil:
+                        const floating** x, floating** y, bint overwrite) noexcept nogil:
     if floating is float:
-        fastff_axpym_f32(nr, m, stride, n, alpha, x, y)
+        fastff_axpym_f32(nr, m, stride, n, alpha, x, y, overwrite)
     else:
-        fastff_axpym_f64(nr, m, stride, n, alpha, x, y)
+        fastff_axpym_f64(nr, m, stride, n, alpha, x, y, overwrite)
 
 
 cdef inline void _dot_block(int nr, int nj, int n, const floating** x, const floating* w,
@@ -203,6 +203,18 @@ cdef enum:
     MAX_PATH = 62  # MAX_DEPTH + 1: the most levels one walk visits
     SUBTREE_BYTES = 1 << 20  # weights of a subtree that rows walk together: fits a core's L2
     MIN_ROWS_PER_SUBTREE = 16  # below this, grouping rows by subtree saves too little
+    NO_CARRY = 0  # a walk adds its terms into y
+    GIVE_CARRY = 1  # a top walk leaves its terms in the carry buffer
+    TAKE_CARRY = 2  # a subtree walk adds the carried terms, then its own
+
+
+# The terms a row's top walk hands to its subtree walk: row r's k-th nonzero activation at
+# coef[r * stride + k] (of the layer's dtype) and its global node at node[r * stride + k].
+cdef struct _Carry:
+    void* coef
+    Py_ssize_t* node
+    int* n
+    Py_ssize_t stride
 
 
 cdef void _walk(const floating[:, ::1] x, const floating[:, :] w_in, const floating[::1] b_in,
@@ -210,10 +222,15 @@ cdef void _walk(const floating[:, ::1] x, const floating[:, :] w_in, const float
                 Py_ssize_t[:, ::1] visited, floating[:, ::1] preact, bint save_path,
                 const Py_ssize_t* rows, int n, Py_ssize_t* node, int t, Py_ssize_t n_nodes,
                 int level0, int level1, int path_len, const Py_ssize_t* next_rows,
-                int n_next) noexcept nogil:
+                int n_next, _Carry carry, int carry_mode, bint overwrite) noexcept nogil:
     """Rows rows[0..n) (n <= ROWS_PER_BLOCK) of tree t walk levels level0..level1 in lockstep
     from node[i] (index within the tree; updated to the node at level1), then add their
-    visited nodes' outputs into y.
+    visited nodes' outputs into y (into zeros with overwrite).
+
+    With carry_mode GIVE_CARRY the outputs are not added but handed on: each row's terms go
+    to the carry buffer, and the walk that finishes the row (TAKE_CARRY) adds them first, in
+    path order. A row's y is then written once, by its last walk: a batch's y is larger than
+    L2, and each extra pass over it is a trip through L3.
 
     Each level's dots run over the n rows at once: their interleaved weight streams keep
     several fetches in flight (software prefetching on top measured slower: it competes with
@@ -223,7 +240,7 @@ cdef void _walk(const floating[:, ::1] x, const floating[:, :] w_in, const float
     Meanwhile the first dots fetch the input rows next_rows[0..n_next) of the caller's next
     block: rows regrouped by subtree come in an order the hardware prefetchers cannot follow."""
     cdef int in_w = <int>x.shape[1], out_w = <int>y.shape[1]
-    cdef int level, i, k
+    cdef int level, i, k, j
     cdef Py_ssize_t g, r
     cdef floating z[ROWS_PER_BLOCK]
     cdef floating act_z
@@ -237,6 +254,12 @@ cdef void _walk(const floating[:, ::1] x, const floating[:, :] w_in, const float
     for i in range(n):
         x_rows[i] = &x[rows[i], 0]
         n_terms[i] = 0
+        if carry_mode == TAKE_CARRY:
+            r = rows[i]
+            for j in range(carry.n[r]):
+                coef[i * MAX_PATH + j] = (<floating*>carry.coef)[r * carry.stride + j]
+                out_rows[i * MAX_PATH + j] = &w_out_t[carry.node[r * carry.stride + j], 0]
+            n_terms[i] = carry.n[r]
     for level in range(level0, level1):
         for i in range(n):
             w_rows[i] = &w_in[t * n_nodes + node[i], 0]
@@ -253,20 +276,28 @@ cdef void _walk(const floating[:, ::1] x, const floating[:, :] w_in, const float
                 coef[k] = act_z
                 out_rows[k] = &w_out_t[g, 0]
                 n_terms[i] += 1
+                if carry_mode == GIVE_CARRY:
+                    (<floating*>carry.coef)[r * carry.stride + k - i * MAX_PATH] = act_z
+                    carry.node[r * carry.stride + k - i * MAX_PATH] = g
             if save_path:
                 visited[r, t * path_len + level] = g
                 preact[r, t * path_len + level] = z[i]
             node[i] = 2 * node[i] + 1 + (z[i] > 0)
+    if carry_mode == GIVE_CARRY:
+        for i in range(n):
+            carry.n[rows[i]] = n_terms[i]
+        return
     for i in range(n):
         y_rows[i] = &y[rows[i], 0]
-    _axpym(n, n_terms, MAX_PATH, out_w, coef, out_rows, y_rows)
+    _axpym(n, n_terms, MAX_PATH, out_w, coef, out_rows, y_rows, overwrite)
 
 
 cdef void _walk_top(const floating[:, ::1] x, const floating[:, :] w_in,
                     const floating[::1] b_in, const floating[:, :] w_out_t, int act,
                     floating[:, ::1] y, Py_ssize_t[:, ::1] visited, floating[:, ::1] preact,
                     bint save_path, Py_ssize_t r0, int n, int t, Py_ssize_t n_nodes, int split,
-                    int path_len, Py_ssize_t* split_node) noexcept nogil:
+                    int path_len, Py_ssize_t* split_node, _Carry carry, int carry_mode,
+                    bint overwrite) noexcept nogil:
     """Rows r0..r0+n walk tree t from its root down to level `split`; with split_node, record
     where each stopped (index among the split level's nodes)."""
     cdef Py_ssize_t rows[ROWS_PER_BLOCK]
@@ -279,7 +310,7 @@ cdef void _walk_top(const floating[:, ::1] x, const floating[:, :] w_in,
     for j in range(n_next):
         next_rows[j] = r0 + n + j
     _walk(x, w_in, b_in, w_out_t, act, y, visited, preact, save_path, rows, n, node, t, n_nodes,
-          0, split, path_len, next_rows, n_next)
+          0, split, path_len, next_rows, n_next, carry, carry_mode, overwrite)
     if split_node != NULL:
         for j in range(n):
             split_node[rows[j]] = node[j] - ((<Py_ssize_t>1 << split) - 1)
@@ -290,9 +321,11 @@ cdef void _walk_subtree(const floating[:, ::1] x, const floating[:, :] w_in,
                         floating[:, ::1] y, Py_ssize_t[:, ::1] visited,
                         floating[:, ::1] preact, bint save_path, const Py_ssize_t* order,
                         Py_ssize_t start, Py_ssize_t stop, Py_ssize_t root, int t,
-                        Py_ssize_t n_nodes, int split, int path_len) noexcept nogil:
+                        Py_ssize_t n_nodes, int split, int path_len, _Carry carry,
+                        bint overwrite) noexcept nogil:
     """Rows order[start..stop), which all reached node `root` of tree t at level `split`, walk
-    the rest of the way together, ROWS_PER_BLOCK at a time."""
+    the rest of the way together, ROWS_PER_BLOCK at a time, and add their whole paths' outputs
+    (the top walk's carried terms first) into y."""
     cdef Py_ssize_t rows[ROWS_PER_BLOCK]
     cdef Py_ssize_t node[ROWS_PER_BLOCK]
     cdef int j, n, n_next
@@ -303,7 +336,8 @@ cdef void _walk_subtree(const floating[:, ::1] x, const floating[:, :] w_in,
             rows[j] = order[start + j]
             node[j] = root
         _walk(x, w_in, b_in, w_out_t, act, y, visited, preact, save_path, rows, n, node, t,
-              n_nodes, split, path_len, path_len, &order[start + n], n_next)
+              n_nodes, split, path_len, path_len, &order[start + n], n_next, carry, TAKE_CARRY,
+              overwrite)
         start = start + n
 
 
@@ -361,32 +395,44 @@ def ultra_forward(const floating[:, ::1] x, const floating[:, :] w_in, const flo
     n_groups = (<Py_ssize_t>1 << split) if split < path_len else 0
     cdef Py_ssize_t[::1] split_node, offsets, order
     cdef Py_ssize_t* split_node_ptr = NULL
+    cdef _Carry carry
+    carry.coef = NULL
+    carry.node = NULL
+    carry.n = NULL
+    carry.stride = split
+    cdef floating[:, ::1] carry_coef
+    cdef Py_ssize_t[:, ::1] carry_node
+    cdef int[::1] carry_n
     if n_groups:  # only then: a batch of one row allocates nothing but y
         split_node = np.empty(n_rows, dtype=np.intp)
         offsets = np.zeros(n_groups + 1, dtype=np.intp)
         order = np.empty(n_rows, dtype=np.intp)
         split_node_ptr = &split_node[0]
+        carry_coef = np.empty((n_rows, split), dtype=np.asarray(x).dtype)
+        carry_node = np.empty((n_rows, split), dtype=np.intp)
+        carry_n = np.empty(n_rows, dtype=np.intc)
+        carry.coef = &carry_coef[0, 0]
+        carry.node = &carry_node[0, 0]
+        carry.n = &carry_n[0]
     cdef int n_threads = _n_threads(n_rows)
     with nogil:
         if not n_groups:
-            # one parallel region: each block of rows walks every tree, top to leaf
+            # one parallel region: each block of rows walks every tree, top to leaf; the first
+            # tree's outputs overwrite y
             for block in prange(n_blocks, schedule="static", num_threads=n_threads):
                 r0 = block * ROWS_PER_BLOCK
-                for i in range(r0, min(r0 + ROWS_PER_BLOCK, n_rows)):
-                    memset(&y[i, 0], 0, out_w * sizeof(floating))
                 for t in range(n_trees):
                     _walk_top(x, w_in, b_in, w_out_t, act, y, visited, preact, save_path, r0,
                               <int>(min(r0 + ROWS_PER_BLOCK, n_rows) - r0), t, n_nodes,
-                              path_len, path_len, NULL)
+                              path_len, path_len, NULL, carry, NO_CARRY, t == 0)
         else:
-            for r0 in prange(n_rows, schedule="static", num_threads=n_threads):
-                memset(&y[r0, 0], 0, out_w * sizeof(floating))
             for t in range(n_trees):
                 for block in prange(n_blocks, schedule="static", num_threads=n_threads):
                     _walk_top(x, w_in, b_in, w_out_t, act, y, visited, preact, save_path,
                               block * ROWS_PER_BLOCK,
                               <int>(min((block + 1) * ROWS_PER_BLOCK, n_rows) - block * ROWS_PER_BLOCK),
-                              t, n_nodes, split, path_len, split_node_ptr)
+                              t, n_nodes, split, path_len, split_node_ptr, carry, GIVE_CARRY,
+                              False)
                 # counting sort of rows by subtree (rows stay ascending within one)
                 for k in range(n_groups + 1):
                     offsets[k] = 0
@@ -403,7 +449,8 @@ def ultra_forward(const floating[:, ::1] x, const floating[:, :] w_in, const flo
                 for k in prange(n_groups, schedule="dynamic", num_threads=n_threads):
                     _walk_subtree(x, w_in, b_in, w_out_t, act, y, visited, preact, save_path,
                                   &order[0], offsets[k], offsets[k + 1],
-                                  ((<Py_ssize_t>1 << split) - 1) + k, t, n_nodes, split, path_len)
+                                  ((<Py_ssize_t>1 << split) - 1) + k, t, n_nodes, split,
+                                  path_len, carry, t == 0)
     return None
 
 
@@ -444,7 +491,7 @@ cdef void _backward_row(const floating[:, ::1] dy, const floating[:, :] w_in,
                 coef[m] = dz
                 rows[m] = &w_in[visited[r, v + j], 0]
                 m = m + 1
-    _axpym(1, &m, 0, in_w, coef, rows, &dx_row)
+    _axpym(1, &m, 0, in_w, coef, rows, &dx_row, v0 == 0)
 
 
 cdef void _backward_node(const floating[:, ::1] x, const floating[:, ::1] dy,
@@ -478,8 +525,8 @@ cdef void _backward_node(const floating[:, ::1] x, const floating[:, ::1] dy,
             coef_out[m_out] = h
             rows_out[m_out] = &dy[r, 0]
             m_out = m_out + 1
-    _axpym(1, &m_in, 0, in_w, coef_in, rows_in, &grad_in)
-    _axpym(1, &m_out, 0, out_w, coef_out, rows_out, &grad_out)
+    _axpym(1, &m_in, 0, in_w, coef_in, rows_in, &grad_in, False)
+    _axpym(1, &m_out, 0, out_w, coef_out, rows_out, &grad_out, False)
 
 
 def _tree_shape(Py_ssize_t visits_per_row, Py_ssize_t n_total):
@@ -587,7 +634,8 @@ def ultra_backward(const floating[:, ::1] x, const floating[:, ::1] dy,
     with nogil:
         for k in prange(n_rows, schedule="static", num_threads=n_threads):
             r = row_order[k]
-            memset(&dx[r, 0], 0, in_w * sizeof(floating))
+            if visits_per_row == 0:  # otherwise the first _backward_row overwrites dx[r]
+                memset(&dx[r, 0], 0, in_w * sizeof(floating))
             v = 0
             while v < visits_per_row:
                 _backward_row(dy, w_in, w_out_t, visited, preact, act, dx, dzs, hs, r, v,
@@ -825,7 +873,7 @@ cdef inline void _leaf_rows(int nr, int in_w, int leaf_w, int out_w, const float
                 out_rows[r * LEAF_CHUNK + n] = w2_l + <Py_ssize_t>(j0 + j) * out_w
                 n = n + (a != 0)
             n_terms[r] = n
-        _axpym(nr, n_terms, LEAF_CHUNK, out_w, coef, out_rows, y_rows)
+        _axpym(nr, n_terms, LEAF_CHUNK, out_w, coef, out_rows, y_rows, False)
         j0 = j0 + width
 
 

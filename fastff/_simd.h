@@ -217,7 +217,9 @@ static inline int fastff_wide_registers(void) {
 #endif
 
 /* For r < nr: y[r][i] += alpha[r][0] * x[r][0][i] + ... + alpha[r][m[r]-1] * x[r][m[r]-1][i],
- * added in k order (row r's terms at alpha + r * stride and x + r * stride). The same sums as
+ * added in k order (row r's terms at alpha + r * stride and x + r * stride); with overwrite,
+ * the sums start from 0 instead of y (the same bits as zeroing y first, without reading it:
+ * a batch's y is larger than L2, and a separate zeroing pass costs a trip through L3). The same sums as
  * m[r] axpys one after another, but each y row is loaded and stored once, and all the weight
  * rows are independent streams whose fetches can be in flight at once (a walk's output rows
  * are all known before the first is needed). The rows advance together, chunk by chunk, so
@@ -226,7 +228,7 @@ static inline int fastff_wide_registers(void) {
 #define FASTFF_DEFINE_AXPYM(T, SUFFIX)                                                         \
     FASTFF_MULTIVERSION static void fastff_axpym_##SUFFIX(                                      \
         int nr, const int *m, int stride, int n, const T *alpha, const T *const *x,             \
-        T *const *y) {                                                                          \
+        T *const *y, int overwrite) {                                                           \
         enum { L = 64 / sizeof(T), W = 8 };                                                     \
         fastff_vec_##SUFFIX c[W], u;                                                            \
         int i = 0;                                                                              \
@@ -234,7 +236,10 @@ static inline int fastff_wide_registers(void) {
             for (int r = 0; r < nr; ++r) {                                                      \
                 const T *ar = alpha + r * stride;                                               \
                 const T *const *xr = x + r * stride;                                            \
-                memcpy(c, y[r] + i, sizeof(c));                                                 \
+                if (overwrite)                                                                  \
+                    memset(c, 0, sizeof(c));                                                    \
+                else                                                                            \
+                    memcpy(c, y[r] + i, sizeof(c));                                             \
                 for (int k = 0; k < m[r]; ++k) {                                                \
                     const T a = ar[k], *xk = xr[k] + i;                                         \
                     _Pragma("GCC unroll 8") for (int w = 0; w < W; ++w) {                       \
@@ -249,7 +254,10 @@ static inline int fastff_wide_registers(void) {
             const T *const *xr = x + r * stride;                                                \
             int j = i;                                                                          \
             for (; j + L <= n; j += L) {                                                        \
-                memcpy(&c[0], y[r] + j, 64);                                                    \
+                if (overwrite)                                                                  \
+                    memset(&c[0], 0, 64);                                                       \
+                else                                                                            \
+                    memcpy(&c[0], y[r] + j, 64);                                                \
                 for (int k = 0; k < m[r]; ++k) {                                                \
                     memcpy(&u, xr[k] + j, 64); c[0] += ar[k] * u;                               \
                 }                                                                               \
@@ -260,7 +268,10 @@ static inline int fastff_wide_registers(void) {
                           * still vectorises (GCC's narrower epilogue) */                    \
                 T tail[L];                                                                      \
                 const int left = n - j;                                                         \
-                memcpy(tail, y[r] + j, left * sizeof(T));                                       \
+                if (overwrite)                                                                  \
+                    memset(tail, 0, left * sizeof(T));                                          \
+                else                                                                            \
+                    memcpy(tail, y[r] + j, left * sizeof(T));                                   \
                 for (int k = 0; k < m[r]; ++k) {                                                \
                     const T a = ar[k], *xk = xr[k] + j;                                         \
                     _Pragma("omp simd") for (int e = 0; e < left; ++e) tail[e] += a * xk[e];    \
@@ -272,10 +283,10 @@ static inline int fastff_wide_registers(void) {
 #else
 #define FASTFF_DEFINE_AXPYM(T, SUFFIX)                                                         \
     static void fastff_axpym_##SUFFIX(int nr, const int *m, int stride, int n, const T *alpha,  \
-                                      const T *const *x, T *const *y) {                         \
+                                      const T *const *x, T *const *y, int overwrite) {          \
         for (int r = 0; r < nr; ++r)                                                            \
             for (int i = 0; i < n; ++i) {                                                       \
-                T s = y[r][i];                                                                  \
+                T s = overwrite ? (T)0 : y[r][i];                                               \
                 for (int k = 0; k < m[r]; ++k) s += alpha[r * stride + k] * x[r * stride + k][i]; \
                 y[r][i] = s;                                                                    \
             }                                                                                   \

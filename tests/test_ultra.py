@@ -245,18 +245,21 @@ def test_threads_api():
         fastff.set_num_threads(0)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("activation", ACTS)
-def test_large_batches_take_the_subtree_path_with_the_same_bits(activation):
+def test_large_batches_take_the_subtree_path_with_the_same_bits(activation, dtype):
     """Batches big enough to be regrouped by subtree (fastff._cmm._subtree_split) give bitwise
-    the results of small batches walked row by row, and match the reference."""
+    the results of small batches walked row by row, and match the reference. The top walks
+    hand their terms to the subtree walks, which write y once per row; a second tree adds."""
     from fastff import _cmm
 
-    layer = fastff.UltraFFF(300, 200, 9, 2, activation, seed=4)
+    layer = fastff.UltraFFF(300, 200, 9, 2, activation, dtype=dtype, seed=4)
     rng = np.random.default_rng(4)
     state = dyadic_state(layer, rng)
-    x = dyadic(rng, (2000, 300), denom=8)
-    assert _cmm._subtree_split(2000, 9, 300, 200, 4) < 10  # regrouped
-    assert _cmm._subtree_split(4, 9, 300, 200, 4) == 10  # not regrouped
+    x = dyadic(rng, (2000, 300), denom=8).astype(dtype)
+    itemsize = np.dtype(dtype).itemsize
+    assert _cmm._subtree_split(2000, 9, 300, 200, itemsize) < 10  # regrouped
+    assert _cmm._subtree_split(4, 9, 300, 200, itemsize) == 10  # not regrouped
     y = layer(x)
     np.testing.assert_array_equal(
         y, np.concatenate([layer(x[i : i + 4]) for i in range(0, 2000, 4)])
@@ -264,13 +267,13 @@ def test_large_batches_take_the_subtree_path_with_the_same_bits(activation):
     y_train, backprop = layer.forward_train(x)
     np.testing.assert_array_equal(y_train, y)
     y_ref, cache = R.ultra_forward(x, state, 9, 2, activation)
-    assert_close(y, y_ref, np.float32, 20 * 300, "y")
-    dy = dyadic(rng, (2000, 200), denom=8)
+    assert_close(y, y_ref, dtype, 20 * 300, "y")
+    dy = dyadic(rng, (2000, 200), denom=8).astype(dtype)
     dx = backprop(dy)
     dx_ref, grads_ref = R.ultra_backward(dy, cache, state, activation)
-    assert_close(dx, dx_ref, np.float32, 20 * 2000, "dx")
+    assert_close(dx, dx_ref, dtype, 20 * 2000, "dx")
     for key, g in layer.grads.items():
-        assert_close(g, grads_ref[key], np.float32, 20 * 2000, key)
+        assert_close(g, grads_ref[key], dtype, 20 * 2000, key)
 
 
 def test_cpu_layout_is_one_record_per_node_and_survives_updates(rng):
