@@ -464,7 +464,8 @@ cdef void _backward_row(const floating[:, ::1] dy, const floating[:, :] w_in,
                         floating[:, ::1] dzs, floating[:, ::1] hs, Py_ssize_t r, Py_ssize_t v0,
                         Py_ssize_t v1) noexcept nogil:
     """Visits v0..v1 of row r (at most BACKWARD_TERMS): dz and act(z) of each into dzs and
-    hs (the gradient pass reuses both), and dx[r] += sum of dz * w_in[node] in visit order.
+    hs (the gradient pass reuses both), and dx[r] += sum of dz * w_in[node] in visit order
+    (dx[r] = that sum for the row's first chunk, v0 == 0: no separate zeroing of dx).
     The visits' output rows are independent, so their dots run four at a time (four fetches
     in flight), and dx is loaded and stored once for all of them instead of once per visit."""
     cdef int in_w = <int>dx.shape[1], out_w = <int>dy.shape[1]
