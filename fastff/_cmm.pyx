@@ -60,13 +60,17 @@ cdef inline bint _rows_contiguous(Py_ssize_t width, Py_ssize_t inner_stride, siz
     return width <= 1 or inner_stride == <Py_ssize_t>itemsize
 
 
-def _require(ok, what):
+# C-level checks: a batch-1 call makes a dozen of them, and a Python-level call each cost more
+# than the row's whole walk.
+cdef inline int _require(bint ok, str what) except -1:
     if not ok:
         raise ValueError(f"fastff._cmm: {what}")
+    return 0
 
 
-def _check_act(int act):
-    _require(act == ACT_IDENTITY or act == ACT_RELU or act == ACT_GELU, "unknown activation code")
+cdef inline int _check_act(int act) except -1:
+    return _require(act == ACT_IDENTITY or act == ACT_RELU or act == ACT_GELU,
+                    "unknown activation code")
 
 
 cdef int _check_fff_weights(int depth, Py_ssize_t in_w, Py_ssize_t out_w,
@@ -341,7 +345,8 @@ cdef void _walk_subtree(const floating[:, ::1] x, const floating[:, :] w_in,
         start = start + n
 
 
-def _subtree_split(Py_ssize_t n_rows, int depth, int in_w, int out_w, int itemsize):
+cdef int _split_level(Py_ssize_t n_rows, int depth, int in_w, int out_w,
+                      Py_ssize_t itemsize) noexcept:
     """Level at which rows are regrouped by node, or depth + 1 for no regrouping.
 
     Below the split every subtree's weights fit in SUBTREE_BYTES, and rows that share a subtree
@@ -355,6 +360,11 @@ def _subtree_split(Py_ssize_t n_rows, int depth, int in_w, int out_w, int itemsi
     while split > 0 and (n_rows >> split) < MIN_ROWS_PER_SUBTREE:
         split -= 1
     return depth + 1 if split == 0 else split
+
+
+def _subtree_split(Py_ssize_t n_rows, int depth, int in_w, int out_w, int itemsize):
+    """_split_level, for Python callers (the backward's row order, the tests)."""
+    return _split_level(n_rows, depth, in_w, out_w, itemsize)
 
 
 def ultra_forward(const floating[:, ::1] x, const floating[:, :] w_in, const floating[::1] b_in,
@@ -391,7 +401,7 @@ def ultra_forward(const floating[:, ::1] x, const floating[:, :] w_in, const flo
         _require(visited.shape[0] == n_rows and visited.shape[1] == n_trees * (depth + 1)
                  and preact.shape[0] == n_rows and preact.shape[1] == visited.shape[1],
                  "visited and preact must be (rows, n_trees * (depth + 1))")
-    cdef int split = _subtree_split(n_rows, depth, <int>x.shape[1], out_w, sizeof(floating))
+    cdef int split = _split_level(n_rows, depth, <int>x.shape[1], out_w, sizeof(floating))
     n_groups = (<Py_ssize_t>1 << split) if split < path_len else 0
     cdef Py_ssize_t[::1] split_node, offsets, order
     cdef Py_ssize_t* split_node_ptr = NULL

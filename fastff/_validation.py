@@ -294,7 +294,10 @@ def as_rows(x, width: int, dtype: np.dtype, xp=np, name: str = "x"):
     Float and integer inputs are cast to `dtype`; bool, complex, object and string inputs are
     refused.
     """
-    arr = as_device_array(x, xp, name, f"an array of shape (..., {width})")
+    if xp is np and type(x) is np.ndarray:  # the batch-1 hot path: no message text built
+        arr = x
+    else:
+        arr = as_device_array(x, xp, name, f"an array of shape (..., {width})")
     if arr.dtype.kind not in "fiu":
         raise TypeError(
             f"{name} must hold real numbers (float or integer) of shape (..., {width}), "
@@ -304,8 +307,11 @@ def as_rows(x, width: int, dtype: np.dtype, xp=np, name: str = "x"):
         raise ValueError(f"{name} must have shape (..., {width}), got a 0-d scalar")
     if arr.shape[-1] != width:
         raise ValueError(f"{name} must have shape (..., {width}), got shape {tuple(arr.shape)}")
-    lead = tuple(arr.shape[:-1])
-    flat = arr.reshape(-1, width)
+    if arr.ndim == 2:
+        lead, flat = (arr.shape[0],), arr
+    else:
+        lead = tuple(arr.shape[:-1])
+        flat = arr.reshape(-1, width)
     if flat.dtype == dtype:
         return xp.ascontiguousarray(flat), lead
     with np.errstate(over="ignore"):  # an overflowing cast is reported just below instead

@@ -19,6 +19,7 @@ from .module import Module, _aligned_copy, _aligned_empty
 from .ops import ACTIVATIONS, get_ops, to_host
 
 USAGE_MODES = ("none", "soft", "hard")
+_INTP_BYTES = np.dtype(np.intp).itemsize
 
 
 def _fixed(name: str, doc: str) -> property:
@@ -179,38 +180,30 @@ class UltraFFF(Module):
         return self.parallel_size * (self.depth + 1)
 
     def _forward(self, x, save_path):
-        ops = self.ops
-        rows, lead = as_rows(x, self.input_width, self.dtype, ops.xp)
+        # plain attributes, not the public properties: a batch-1 call is a few microseconds
+        ops, dtype, depth, n_trees = self.ops, self.dtype, self._depth, self._parallel_size
+        rows, lead = as_rows(x, self._input_width, dtype, ops.xp)
         # y, and for training each row's visited nodes (intp) and pre-activations
-        path = self.parallel_size * (self.depth + 1) if save_path else 0
+        row_bytes = self._output_width * dtype.itemsize
+        if save_path:
+            row_bytes += n_trees * (depth + 1) * (_INTP_BYTES + dtype.itemsize)
         check_fits_in_memory(
-            rows.shape[0]
-            * (
-                self.output_width * self.dtype.itemsize
-                + path * (np.dtype(np.intp).itemsize + self.dtype.itemsize)
-            ),
+            rows.shape[0] * row_bytes,
             lambda: (
                 f"{'forward_train' if save_path else 'inference'} of UltraFFF(depth="
-                f"{self.depth}, parallel_size={self.parallel_size}) on {rows.shape[0]} rows"
+                f"{depth}, parallel_size={n_trees}) on {rows.shape[0]} rows"
             ),
         )
         p = self._params
         y, visited, preact = ops.ultra_forward(
-            rows,
-            p["w_in"],
-            p["b_in"],
-            p["w_out_t"],
-            self.depth,
-            self.parallel_size,
-            self.activation,
-            save_path,
+            rows, p["w_in"], p["b_in"], p["w_out_t"], depth, n_trees, self.activation, save_path
         )
         return rows, lead, y, visited, preact
 
     def __call__(self, x):
         """Hard inference: x (..., input_width) -> y (..., output_width)."""
         _, lead, y, _, _ = self._forward(x, save_path=False)
-        return y.reshape(lead + (self.output_width,))
+        return y if len(lead) == 1 else y.reshape(lead + (self._output_width,))
 
     def forward_train(self, x):
         """Training forward: returns (y, backprop). Keeps each row's visited nodes and
