@@ -276,6 +276,40 @@ def test_large_batches_take_the_subtree_path_with_the_same_bits(activation, dtyp
         assert_close(g, grads_ref[key], dtype, 20 * 2000, key)
 
 
+@pytest.mark.parametrize("n_rows, depth, n_trees", [(2000, 9, 1), (2000, 9, 2), (7, 3, 2)])
+def test_kernels_write_every_output_row_whatever_it_held(n_rows, depth, n_trees):
+    """The forward overwrites y (its first tree's sums start from zero; rows regrouped by
+    subtree are written by their subtree walk only) and the backward overwrites dx: arrays
+    that start as NaN come out equal to fresh ones, relu rows without a nonzero term
+    included, on the regrouped path (2000 rows) and the row-by-row one (7 rows)."""
+    from fastff import _cmm
+    from fastff.ops import ACTIVATIONS
+
+    layer = fastff.UltraFFF(300, 200, depth, n_trees, "relu", seed=5)
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((n_rows, 300)).astype(np.float32)
+    x[0] = 0  # every pre-activation is the bias: make it negative, so row 0 has no terms
+    layer.load_state_dict({**layer.state_dict(), "linear_in.bias": -np.ones(layer.training_width)})
+    assert (_cmm._subtree_split(n_rows, depth, 300, 200, 4) <= depth) == (n_rows > 100)
+    p = layer._params
+    path = n_trees * (depth + 1)
+    y = np.full((n_rows, 200), np.nan, np.float32)
+    visited = np.empty((n_rows, path), np.intp)
+    preact = np.empty((n_rows, path), np.float32)
+    args = (p["w_in"], p["b_in"], p["w_out_t"], depth, n_trees, ACTIVATIONS["relu"])
+    _cmm.ultra_forward(x, *args, y, visited, preact, True)
+    y_ref, backprop = layer.forward_train(x)
+    np.testing.assert_array_equal(y, y_ref)
+    assert not y[0].any()
+    dy = rng.standard_normal((n_rows, 200)).astype(np.float32)
+    dx = np.full_like(x, np.nan)
+    grads = [np.zeros_like(p["w_in"]), np.zeros_like(p["b_in"]), np.zeros_like(p["w_out_t"])]
+    _cmm.ultra_backward(
+        x, dy, p["w_in"], p["w_out_t"], visited, preact, ACTIVATIONS["relu"], dx, *grads
+    )
+    np.testing.assert_array_equal(dx, backprop(dy))
+
+
 def test_cpu_layout_is_one_record_per_node_and_survives_updates(rng):
     """On the CPU a node's input and output weights share one contiguous record; the anchor
     views, optimizer steps and load_state_dict write into it, and results equal those of the
