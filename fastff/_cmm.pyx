@@ -276,13 +276,14 @@ cdef void _walk(const floating[:, ::1] x, const floating[:, :] w_in, const float
             z[i] = z[i] + b_in[g]
             act_z = _act(z[i], act)
             if act_z != 0:  # relu zeros skip the output row entirely
-                k = i * MAX_PATH + n_terms[i]
-                coef[k] = act_z
-                out_rows[k] = &w_out_t[g, 0]
-                n_terms[i] += 1
+                k = n_terms[i]
                 if carry_mode == GIVE_CARRY:
-                    (<floating*>carry.coef)[r * carry.stride + k - i * MAX_PATH] = act_z
-                    carry.node[r * carry.stride + k - i * MAX_PATH] = g
+                    (<floating*>carry.coef)[r * carry.stride + k] = act_z
+                    carry.node[r * carry.stride + k] = g
+                else:
+                    coef[i * MAX_PATH + k] = act_z
+                    out_rows[i * MAX_PATH + k] = &w_out_t[g, 0]
+                n_terms[i] += 1
             if save_path:
                 visited[r, t * path_len + level] = g
                 preact[r, t * path_len + level] = z[i]

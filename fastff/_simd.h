@@ -219,11 +219,11 @@ static inline int fastff_wide_registers(void) {
 /* For r < nr: y[r][i] += alpha[r][0] * x[r][0][i] + ... + alpha[r][m[r]-1] * x[r][m[r]-1][i],
  * added in k order (row r's terms at alpha + r * stride and x + r * stride); with overwrite,
  * the sums start from 0 instead of y (the same bits as zeroing y first, without reading it:
- * a batch's y is larger than L2, and a separate zeroing pass costs a trip through L3). The same sums as
- * m[r] axpys one after another, but each y row is loaded and stored once, and all the weight
- * rows are independent streams whose fetches can be in flight at once (a walk's output rows
- * are all known before the first is needed). The rows advance together, chunk by chunk, so
- * their streams interleave; eight accumulators cover the FMA latency. */
+ * a batch's y is larger than L2, and a separate zeroing pass costs a trip through L3).
+ * The same sums as m[r] axpys one after another, but each y row is loaded and stored once,
+ * and all the weight rows are independent streams whose fetches can be in flight at once (a
+ * walk's output rows are all known before the first is needed). The rows advance together,
+ * chunk by chunk, so their streams interleave; eight accumulators cover the FMA latency. */
 #if defined(__GNUC__) || defined(__clang__)
 #define FASTFF_DEFINE_AXPYM(T, SUFFIX)                                                         \
     FASTFF_MULTIVERSION static void fastff_axpym_##SUFFIX(                                      \
