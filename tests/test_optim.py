@@ -311,3 +311,75 @@ def test_local_adam_keeps_state_of_waiting_rows_and_plain_params_update_every_st
         np.testing.assert_array_equal(after[key], before[key])
     with pytest.raises(ValueError):
         fastff.optim.SGD(model, lr=0.1, local_batch_size=0)
+
+
+OPTIMIZERS = [
+    lambda m: optim.SGD(m, lr=0.05),
+    lambda m: optim.SGD(m, lr=0.05, momentum=0.9, weight_decay=0.01),
+    lambda m: optim.SGD(m, lr=0.05, momentum=0.8, nesterov=True),
+    lambda m: optim.Adam(m, lr=1e-2, betas=(0.8, 0.99), eps=1e-6, weight_decay=0.1),
+    lambda m: optim.AdamW(m, lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1),
+]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("make_opt", OPTIMIZERS)
+def test_fused_updates_give_the_bits_of_the_numpy_expressions(monkeypatch, make_opt, dtype):
+    """On the CPU every parameter goes through one fused kernel (fastff._cmm.adam_update /
+    sgd_update), whatever its layout: a transposed Linear weight, UltraFFF's node records
+    (rows with a stride), FFF's 3-D leaf weights and (n, 1) biases. Their results equal the
+    NumPy expressions' bit for bit (the kernels are built without fused multiply-adds)."""
+
+    def make_model():
+        return nn.Sequential(
+            nn.Linear(33, 70, dtype=dtype, seed=0),
+            fastff.UltraFFF(70, 9, 5, 2, dtype=dtype, seed=1),
+            fastff.FFF(9, 4, 3, 2, dtype=dtype, seed=2),
+        )
+
+    fused_model, numpy_model = make_model(), make_model()
+    fused_opt, numpy_opt = make_opt(fused_model), make_opt(numpy_model)
+    calls = []
+    for kernel in ("adam_update", "sgd_update"):
+        real = getattr(optim._cmm, kernel)
+        monkeypatch.setattr(
+            optim._cmm, kernel, lambda *a, _real=real: (calls.append(1), _real(*a))[1]
+        )
+    rng = np.random.default_rng(0)
+    for _ in range(3):
+        grads = {k: rng.standard_normal(v.shape) for k, v in fused_model.grads.items()}
+        for model in (fused_model, numpy_model):
+            for key, g in model.grads.items():
+                g[...] = grads[key]
+        fused_opt.step()
+        with monkeypatch.context() as patch:
+            patch.setattr(optim, "_fused_views", lambda *arrays: None)
+            numpy_opt.step()
+    assert len(calls) == 3 * len(fused_model.grads)
+    fused, reference = fused_model.state_dict(), numpy_model.state_dict()
+    for key in fused:
+        np.testing.assert_array_equal(fused[key], reference[key], err_msg=key)
+
+
+def test_fused_views_and_kernel_checks():
+    """_fused_views maps same-shaped arrays to (rows, cols) views with contiguous rows, in the
+    first array's storage order, or says None; the kernels refuse what does not fit."""
+    from fastff import _cmm
+
+    a = np.zeros((4, 6), np.float32)
+    p, g = optim._fused_views(a.T, np.zeros((4, 6), np.float32).T)
+    assert p.shape == g.shape == (4, 6) and np.shares_memory(p, a)
+    (q,) = optim._fused_views(np.zeros((2, 3, 5)))
+    assert q.shape == (6, 5)
+    (b,) = optim._fused_views(np.zeros(7, np.float32))
+    assert b.shape == (1, 7)
+    assert optim._fused_views(a, np.asfortranarray(np.zeros((4, 6), np.float32))) is None
+    assert optim._fused_views(a, np.zeros((4, 6))) is None  # dtypes differ
+    assert optim._fused_views(a, np.zeros((4, 5), np.float32)) is None
+    assert optim._fused_views(np.zeros((3, 4), np.int64)) is None
+    assert optim._fused_views(np.zeros((4, 12), np.float32)[:, ::2]) is None
+    with pytest.raises(ValueError, match="one shape"):
+        _cmm.sgd_update(a, np.zeros((4, 5), np.float32), a, False, 0.1, 0.0, 0.0, False)
+    with pytest.raises(ValueError, match="contiguous rows"):
+        strided = np.zeros((4, 12), np.float32)[:, ::2]
+        _cmm.adam_update(strided, strided, strided, strided, 0.0, False, 0.1, 0.9, 0.99, 1e-8, 1)
