@@ -6,6 +6,8 @@ This is the specification the tests hold both backends to. Parameters are in the
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 from scipy.special import erf
 
@@ -213,3 +215,28 @@ def fff_train_backward(dy, cache, params, activation, hardening=0.0):
     grads["node_weights"] = dz.T @ x
     grads["node_biases"] = dz.sum(axis=0)[:, None]
     return dx + dz @ params["node_weights"], grads
+
+
+def sgd_step(p, g, buf, lr, momentum=0.0, nesterov=False, weight_decay=0.0):
+    """PyTorch's SGD update of one parameter, in its dtype, one operation at a time as
+    fastff/optim.py writes it: returns (p, buf) (buf: the momentum buffer, or None)."""
+    if weight_decay:
+        g = g + weight_decay * p
+    if momentum:
+        buf = momentum * buf + g
+        g = g + momentum * buf if nesterov else buf
+    return p - lr * g, buf
+
+
+def adam_step(p, g, m, v, t, lr, beta1, beta2, eps, weight_decay=0.0, decoupled=False):
+    """PyTorch's Adam (AdamW with decoupled) update of one parameter at step t >= 1, in its
+    dtype, one operation at a time as fastff/optim.py writes it: returns (p, m, v)."""
+    if weight_decay and decoupled:
+        p = p * (1 - lr * weight_decay)
+    elif weight_decay:
+        g = g + weight_decay * p
+    m = beta1 * m + (1 - beta1) * g
+    v = beta2 * v + (1 - beta2) * (g * g)
+    # Python-float scalars: they take the arrays' dtype (a NumPy float64 scalar would not)
+    denom = np.sqrt(v) * (1 / math.sqrt(1 - beta2**t)) + eps
+    return p - (lr / (1 - beta1**t)) * (m / denom), m, v

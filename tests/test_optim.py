@@ -1,12 +1,16 @@
 """fastff.optim: updates against hand-written formulas, in-place write-through, schedules."""
 
 import math
+import platform
 
 import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 import fastff
-from fastff import nn, optim
+from fastff import _cmm, nn, optim
+from fastff import reference as R
 
 
 def make_model():
@@ -383,3 +387,84 @@ def test_fused_views_and_kernel_checks():
     with pytest.raises(ValueError, match="contiguous rows"):
         strided = np.zeros((4, 12), np.float32)[:, ::2]
         _cmm.adam_update(strided, strided, strided, strided, 0.0, False, 0.1, 0.9, 0.99, 1e-8, 1)
+
+
+def _layout(shape, dtype, transposed, strided):
+    """A zero array of `shape`: in C order or transposed storage, its storage rows strided (a
+    view of a wider array, like UltraFFF's node records) or not."""
+    storage = shape[::-1] if transposed else shape
+    if strided and len(storage) == 2:
+        a = np.zeros((storage[0], storage[1] + 3), dtype)[:, : storage[1]]
+    else:
+        a = np.zeros(storage, dtype)
+    return a.T if transposed else a
+
+
+@st.composite
+def update_cases(draw):
+    """A parameter, its gradient and two state buffers in one orientation (the optimizer's
+    arrays share it), each with or without strided rows."""
+    dtype = draw(st.sampled_from([np.float32, np.float64]))
+    shape = draw(
+        st.one_of(
+            st.lists(st.integers(1, 9), min_size=1, max_size=3).map(tuple),
+            st.sampled_from([(70, 1000), (3, 30000)]),  # several threads, chunks across rows
+        )
+    )
+    transposed = draw(st.booleans())
+    rng = np.random.default_rng(draw(st.integers(0, 2**16)))
+    arrays = []
+    for kind in ("p", "g", "m", "v"):
+        a = _layout(shape, dtype, transposed, draw(st.booleans()))
+        values = rng.standard_normal(shape)
+        a[...] = np.abs(values) * 0.01 if kind == "v" else values  # v (squares) is >= 0
+        arrays.append(a)
+    return dtype, arrays
+
+
+EXACT = platform.machine().lower() in ("x86_64", "amd64")  # no FMA in the baseline build
+
+
+def _assert_same(got, want, dtype):
+    if EXACT:
+        np.testing.assert_array_equal(got, want)
+    else:  # a compiler that fuses multiply-adds rounds once less per pair
+        np.testing.assert_allclose(got, want, rtol=1e-5 if dtype == np.float32 else 1e-12)
+
+
+@given(
+    update_cases(),
+    st.floats(1e-4, 0.5),
+    st.sampled_from([0.0, 1e-3, 0.1]),
+    st.sampled_from([0.0, 0.5, 0.9]),
+    st.booleans(),
+)
+def test_sgd_kernel_matches_reference(case, lr, weight_decay, momentum, nesterov):
+    dtype, (p, g, buf, _) = case
+    nesterov = nesterov and momentum > 0
+    want_p, want_buf = R.sgd_step(p.copy(), g, buf.copy(), lr, momentum, nesterov, weight_decay)
+    views = optim._fused_views(p, g, buf)
+    assert views is not None
+    _cmm.sgd_update(*views, momentum > 0, lr, weight_decay, momentum, nesterov)
+    _assert_same(p, want_p, dtype)
+    if momentum:
+        _assert_same(buf, want_buf, dtype)
+
+
+@given(
+    update_cases(),
+    st.floats(1e-4, 0.1),
+    st.sampled_from([0.0, 1e-2, 0.1]),
+    st.booleans(),
+    st.sampled_from([(0.9, 0.999), (0.8, 0.95)]),
+    st.sampled_from([1e-8, 1e-6]),
+    st.integers(1, 5000),
+)
+def test_adam_kernel_matches_reference(case, lr, weight_decay, decoupled, betas, eps, t):
+    dtype, (p, g, m, v) = case
+    want = R.adam_step(p.copy(), g, m.copy(), v.copy(), t, lr, *betas, eps, weight_decay, decoupled)
+    views = optim._fused_views(p, g, m, v)
+    assert views is not None
+    _cmm.adam_update(*views, weight_decay, decoupled, lr, *betas, eps, t)
+    for got, exp in zip((p, m, v), want):
+        _assert_same(got, exp, dtype)
