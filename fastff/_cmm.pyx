@@ -1415,10 +1415,10 @@ def fff_hard_train_backward(const floating[:, ::1] x, const floating[:, ::1] dy,
 # fuse multiply-adds (x86-64 builds have no FMA in their baseline) both give the same bits.
 #
 # Arrays are (rows, cols) views whose rows are contiguous (any row stride: the node records);
-# tasks are runs of UPDATE_CHUNK elements in row-major order.
+# a task is one row's run of at most UPDATE_CHUNK columns.
 
 cdef enum:
-    UPDATE_CHUNK = 1 << 14  # elements per task
+    UPDATE_CHUNK = 1 << 14  # columns per task at most
     UPDATE_SERIAL = 1 << 16  # below this many elements one thread runs it all
 
 
@@ -1435,6 +1435,15 @@ cdef int _check_update_arrays(list arrays) except -1:
 
 cdef inline Py_ssize_t _row_stride(Py_ssize_t stride, size_t itemsize) noexcept nogil:
     return stride // <Py_ssize_t>itemsize
+
+
+cdef inline Py_ssize_t _col_blocks(Py_ssize_t n_cols) noexcept nogil:
+    """Tasks per row: a row is cut into blocks of UPDATE_CHUNK columns."""
+    return (n_cols + UPDATE_CHUNK - 1) // UPDATE_CHUNK
+
+
+cdef inline int _update_threads(Py_ssize_t n) noexcept nogil:
+    return 1 if n < UPDATE_SERIAL else omp_get_max_threads()
 
 
 def adam_update(floating[:, :] p, const floating[:, :] g, floating[:, :] m, floating[:, :] v,
@@ -1464,41 +1473,34 @@ def adam_update(floating[:, :] p, const floating[:, :] g, floating[:, :] m, floa
     cdef const floating* gp = &g[0, 0]
     cdef floating* mp = &m[0, 0]
     cdef floating* vp = &v[0, 0]
-    cdef Py_ssize_t n_chunks = (n + UPDATE_CHUNK - 1) // UPDATE_CHUNK, k, e, stop, r, c, i, o
+    cdef Py_ssize_t blocks = _col_blocks(n_cols), k, r, c0, i, o
     cdef floating gi, pi, mi, vi, d
     with nogil:
-        for k in prange(n_chunks, schedule="static",
-                        num_threads=1 if n < UPDATE_SERIAL else omp_get_max_threads()):
-            e = k * UPDATE_CHUNK
-            stop = min(e + UPDATE_CHUNK, n)
-            r = e // n_cols
-            c = e - r * n_cols
-            while e < stop:
-                for i in range(c, min(n_cols, c + stop - e)):
-                    gi = gp[r * sg + i]
-                    pi = pp[r * sp + i]
-                    if l2:  # g = g + weight_decay * p
-                        gi = gi + wd * pi
-                    elif decay:  # p *= 1 - lr * weight_decay
-                        pi = pi * keep
-                    o = r * sm + i
-                    mi = mp[o] * b1
-                    mi = mi + one_minus_b1 * gi
-                    mp[o] = mi
-                    o = r * sv + i
-                    vi = vp[o] * b2
-                    vi = vi + one_minus_b2 * (gi * gi)
-                    vp[o] = vi
-                    if floating is float:
-                        d = sqrtf(vi)
-                    else:
-                        d = sqrt(vi)
-                    d = d * unbias2
-                    d = d + eps_
-                    pp[r * sp + i] = pi - step_size * (mi / d)
-                e = e + min(n_cols - c, stop - e)
-                r = r + 1
-                c = 0
+        for k in prange(p.shape[0] * blocks, schedule="static", num_threads=_update_threads(n)):
+            r = k // blocks
+            c0 = (k - r * blocks) * UPDATE_CHUNK
+            for i in range(c0, min(c0 + UPDATE_CHUNK, n_cols)):
+                gi = gp[r * sg + i]
+                pi = pp[r * sp + i]
+                if l2:  # g = g + weight_decay * p
+                    gi = gi + wd * pi
+                elif decay:  # p *= 1 - lr * weight_decay
+                    pi = pi * keep
+                o = r * sm + i
+                mi = mp[o] * b1
+                mi = mi + one_minus_b1 * gi
+                mp[o] = mi
+                o = r * sv + i
+                vi = vp[o] * b2
+                vi = vi + one_minus_b2 * (gi * gi)
+                vp[o] = vi
+                if floating is float:
+                    d = sqrtf(vi)
+                else:
+                    d = sqrt(vi)
+                d = d * unbias2
+                d = d + eps_
+                pp[r * sp + i] = pi - step_size * (mi / d)
     return None
 
 
@@ -1518,27 +1520,20 @@ def sgd_update(floating[:, :] p, const floating[:, :] g, floating[:, :] buf, bin
     cdef floating* pp = &p[0, 0]
     cdef const floating* gp = &g[0, 0]
     cdef floating* bp = &buf[0, 0]
-    cdef Py_ssize_t n_chunks = (n + UPDATE_CHUNK - 1) // UPDATE_CHUNK, k, e, stop, r, c, i
+    cdef Py_ssize_t blocks = _col_blocks(n_cols), k, r, c0, i
     cdef floating gi, bi
     with nogil:
-        for k in prange(n_chunks, schedule="static",
-                        num_threads=1 if n < UPDATE_SERIAL else omp_get_max_threads()):
-            e = k * UPDATE_CHUNK
-            stop = min(e + UPDATE_CHUNK, n)
-            r = e // n_cols
-            c = e - r * n_cols
-            while e < stop:
-                for i in range(c, min(n_cols, c + stop - e)):
-                    gi = gp[r * sg + i]
-                    if l2:  # g = g + weight_decay * p
-                        gi = gi + wd * pp[r * sp + i]
-                    if has_buf:  # buf = momentum * buf + g; g = g + momentum * buf or buf
-                        bi = bp[r * sb + i] * mom
-                        bi = bi + gi
-                        bp[r * sb + i] = bi
-                        gi = gi + mom * bi if nesterov else bi
-                    pp[r * sp + i] = pp[r * sp + i] - lr_ * gi
-                e = e + min(n_cols - c, stop - e)
-                r = r + 1
-                c = 0
+        for k in prange(p.shape[0] * blocks, schedule="static", num_threads=_update_threads(n)):
+            r = k // blocks
+            c0 = (k - r * blocks) * UPDATE_CHUNK
+            for i in range(c0, min(c0 + UPDATE_CHUNK, n_cols)):
+                gi = gp[r * sg + i]
+                if l2:  # g = g + weight_decay * p
+                    gi = gi + wd * pp[r * sp + i]
+                if has_buf:  # buf = momentum * buf + g; g = g + momentum * buf or buf
+                    bi = bp[r * sb + i] * mom
+                    bi = bi + gi
+                    bp[r * sb + i] = bi
+                    gi = gi + mom * bi if nesterov else bi
+                pp[r * sp + i] = pp[r * sp + i] - lr_ * gi
     return None
