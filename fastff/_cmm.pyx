@@ -113,6 +113,16 @@ cdef extern from "_simd.h" nogil:
     void fastff_axpym_f64(int nr, const int* m, int stride, int n, const double* alpha,
                           const double** x, double** y, int overwrite)
     int fastff_wide_registers()
+    void fastff_adam_f32(long n, float* p, const float* g, float* m, float* v, int l2,
+                         int decay, float wd, float keep, float b1, float omb1, float b2,
+                         float omb2, float unbias2, float eps, float step)
+    void fastff_adam_f64(long n, double* p, const double* g, double* m, double* v, int l2,
+                         int decay, double wd, double keep, double b1, double omb1, double b2,
+                         double omb2, double unbias2, double eps, double step)
+    void fastff_sgd_f32(long n, float* p, const float* g, float* buf, int l2, int has_buf,
+                        int nesterov, float wd, float mom, float lr)
+    void fastff_sgd_f64(long n, double* p, const double* g, double* buf, int l2, int has_buf,
+                        int nesterov, double wd, double mom, double lr)
     float fastff_relu_f32(float z)
     double fastff_relu_f64(double z)
     void fastff_dot_block_f32(int nr, int nj, int n, const float** x, const float* w,
@@ -1473,34 +1483,21 @@ def adam_update(floating[:, :] p, const floating[:, :] g, floating[:, :] m, floa
     cdef const floating* gp = &g[0, 0]
     cdef floating* mp = &m[0, 0]
     cdef floating* vp = &v[0, 0]
-    cdef Py_ssize_t blocks = _col_blocks(n_cols), k, r, c0, i, o
-    cdef floating gi, pi, mi, vi, d
+    cdef Py_ssize_t blocks = _col_blocks(n_cols), k, r, c0
     with nogil:
         for k in prange(p.shape[0] * blocks, schedule="static", num_threads=_update_threads(n)):
             r = k // blocks
             c0 = (k - r * blocks) * UPDATE_CHUNK
-            for i in range(c0, min(c0 + UPDATE_CHUNK, n_cols)):
-                gi = gp[r * sg + i]
-                pi = pp[r * sp + i]
-                if l2:  # g = g + weight_decay * p
-                    gi = gi + wd * pi
-                elif decay:  # p *= 1 - lr * weight_decay
-                    pi = pi * keep
-                o = r * sm + i
-                mi = mp[o] * b1
-                mi = mi + one_minus_b1 * gi
-                mp[o] = mi
-                o = r * sv + i
-                vi = vp[o] * b2
-                vi = vi + one_minus_b2 * (gi * gi)
-                vp[o] = vi
-                if floating is float:
-                    d = sqrtf(vi)
-                else:
-                    d = sqrt(vi)
-                d = d * unbias2
-                d = d + eps_
-                pp[r * sp + i] = pi - step_size * (mi / d)
+            if floating is float:
+                fastff_adam_f32(min(UPDATE_CHUNK, n_cols - c0), pp + r * sp + c0,
+                                gp + r * sg + c0, mp + r * sm + c0, vp + r * sv + c0, l2, decay,
+                                wd, keep, b1, one_minus_b1, b2, one_minus_b2, unbias2, eps_,
+                                step_size)
+            else:
+                fastff_adam_f64(min(UPDATE_CHUNK, n_cols - c0), pp + r * sp + c0,
+                                gp + r * sg + c0, mp + r * sm + c0, vp + r * sv + c0, l2, decay,
+                                wd, keep, b1, one_minus_b1, b2, one_minus_b2, unbias2, eps_,
+                                step_size)
     return None
 
 
@@ -1520,20 +1517,17 @@ def sgd_update(floating[:, :] p, const floating[:, :] g, floating[:, :] buf, bin
     cdef floating* pp = &p[0, 0]
     cdef const floating* gp = &g[0, 0]
     cdef floating* bp = &buf[0, 0]
-    cdef Py_ssize_t blocks = _col_blocks(n_cols), k, r, c0, i
-    cdef floating gi, bi
+    cdef Py_ssize_t blocks = _col_blocks(n_cols), k, r, c0
     with nogil:
         for k in prange(p.shape[0] * blocks, schedule="static", num_threads=_update_threads(n)):
             r = k // blocks
             c0 = (k - r * blocks) * UPDATE_CHUNK
-            for i in range(c0, min(c0 + UPDATE_CHUNK, n_cols)):
-                gi = gp[r * sg + i]
-                if l2:  # g = g + weight_decay * p
-                    gi = gi + wd * pp[r * sp + i]
-                if has_buf:  # buf = momentum * buf + g; g = g + momentum * buf or buf
-                    bi = bp[r * sb + i] * mom
-                    bi = bi + gi
-                    bp[r * sb + i] = bi
-                    gi = gi + mom * bi if nesterov else bi
-                pp[r * sp + i] = pp[r * sp + i] - lr_ * gi
+            if floating is float:
+                fastff_sgd_f32(min(UPDATE_CHUNK, n_cols - c0), pp + r * sp + c0,
+                               gp + r * sg + c0, bp + r * sb + c0, l2, has_buf, nesterov, wd,
+                               mom, lr_)
+            else:
+                fastff_sgd_f64(min(UPDATE_CHUNK, n_cols - c0), pp + r * sp + c0,
+                               gp + r * sg + c0, bp + r * sb + c0, l2, has_buf, nesterov, wd,
+                               mom, lr_)
     return None

@@ -309,6 +309,66 @@ static inline float fastff_relu_f32(float z) { return 0.0f > z ? 0.0f : z; }
 static inline double fastff_relu_f64(double z) { return 0.0 > z ? 0.0 : z; }
 #endif
 
+/* Optimizer updates of one run of n elements (fastff._cmm.adam_update / sgd_update): the
+ * operations of fastff/optim.py's NumPy expressions, each rounded, in their order. Contraction
+ * is off (an FMA would round once less than NumPy). Built per target like the rest: gradients
+ * from GELU's tails and decaying moments are often subnormal, each vector instruction that meets
+ * one costs a microcode assist, and wider vectors take fewer of them per element. */
+#if defined(__GNUC__) && !defined(__clang__)
+#define FASTFF_NO_CONTRACT __attribute__((optimize("fp-contract=off")))
+#define FASTFF_NO_CONTRACT_BODY
+#elif defined(__clang__)
+#define FASTFF_NO_CONTRACT
+#define FASTFF_NO_CONTRACT_BODY _Pragma("clang fp contract(off)")
+#else
+#define FASTFF_NO_CONTRACT
+#define FASTFF_NO_CONTRACT_BODY
+#endif
+
+#define FASTFF_DEFINE_UPDATES(T, SUFFIX, SQRT)                                                 \
+    FASTFF_MULTIVERSION FASTFF_NO_CONTRACT static void fastff_adam_##SUFFIX(                    \
+        long n, T *p, const T *g, T *m, T *v, int l2, int decay, T wd, T keep, T b1, T omb1,    \
+        T b2, T omb2, T unbias2, T eps, T step) {                                               \
+        FASTFF_NO_CONTRACT_BODY                                                                 \
+        for (long i = 0; i < n; ++i) {                                                          \
+            T gi = g[i], pi = p[i];                                                             \
+            if (l2) /* g = g + weight_decay * p */                                              \
+                gi = gi + wd * pi;                                                              \
+            else if (decay) /* p *= 1 - lr * weight_decay */                                    \
+                pi = pi * keep;                                                                 \
+            T mi = m[i] * b1;                                                                   \
+            mi = mi + omb1 * gi;                                                                \
+            m[i] = mi;                                                                          \
+            T vi = v[i] * b2;                                                                   \
+            vi = vi + omb2 * (gi * gi);                                                         \
+            v[i] = vi;                                                                          \
+            T d = SQRT(vi) * unbias2;                                                           \
+            d = d + eps;                                                                        \
+            p[i] = pi - step * (mi / d);                                                        \
+        }                                                                                       \
+    }                                                                                           \
+    FASTFF_MULTIVERSION FASTFF_NO_CONTRACT static void fastff_sgd_##SUFFIX(                     \
+        long n, T *p, const T *g, T *buf, int l2, int has_buf, int nesterov, T wd, T mom,       \
+        T lr) {                                                                                 \
+        FASTFF_NO_CONTRACT_BODY                                                                 \
+        for (long i = 0; i < n; ++i) {                                                          \
+            T gi = g[i];                                                                        \
+            if (l2) /* g = g + weight_decay * p */                                              \
+                gi = gi + wd * p[i];                                                            \
+            if (has_buf) { /* buf = momentum * buf + g; g = g + momentum * buf, or buf */       \
+                T bi = buf[i] * mom;                                                            \
+                bi = bi + gi;                                                                   \
+                buf[i] = bi;                                                                    \
+                gi = nesterov ? gi + mom * bi : bi;                                             \
+            }                                                                                   \
+            p[i] = p[i] - lr * gi;                                                              \
+        }                                                                                       \
+    }
+
+#include <math.h>
+FASTFF_DEFINE_UPDATES(float, f32, sqrtf)
+FASTFF_DEFINE_UPDATES(double, f64, sqrt)
+
 FASTFF_DEFINE_PRIMITIVES(float, f32)
 FASTFF_DEFINE_PRIMITIVES(double, f64)
 FASTFF_DEFINE_BLOCK_PRIMITIVES(float, f32)
