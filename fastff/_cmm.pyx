@@ -1421,8 +1421,8 @@ def fff_hard_train_backward(const floating[:, ::1] x, const floating[:, ::1] dy,
 # Optimizer updates (fastff/optim.py): one pass over a parameter, its gradient and its state
 # instead of NumPy's dozen passes with temporaries (an Adam step over UltraFFF's two 12.6 MB
 # weight arrays took about 3x a whole training step). Every element gets the operations of the
-# NumPy expressions in optim.py, in their order and precision, so where the compiler does not
-# fuse multiply-adds (x86-64 builds have no FMA in their baseline) both give the same bits.
+# NumPy expressions in optim.py, in their order and precision, without fused multiply-adds
+# (fastff_adam / fastff_sgd in _simd.h), so both give the same bits.
 #
 # Arrays are (rows, cols) views whose rows are contiguous (any row stride: the node records);
 # a task is one row's run of at most UPDATE_CHUNK columns.
