@@ -1430,30 +1430,77 @@ def fff_hard_train_backward(const floating[:, ::1] x, const floating[:, ::1] dy,
 cdef enum:
     UPDATE_CHUNK = 1 << 14  # columns per task at most
     UPDATE_SERIAL = 1 << 16  # below this many elements one thread runs it all
+    RULE_SGD = 0
+    RULE_ADAM = 1
 
 
-cdef int _check_update_arrays(list arrays) except -1:
-    """The arrays share one (rows, cols) shape and each has contiguous rows."""
-    shape = (arrays[0].shape[0], arrays[0].shape[1])
-    for a in arrays:
-        _require(a.shape[0] == shape[0] and a.shape[1] == shape[1],
-                 "a parameter, its gradient and its state must have one shape")
-        _require(_rows_contiguous(a.shape[1], a.strides[1], a.itemsize)
-                 and a.strides[0] % a.itemsize == 0, "update arrays need contiguous rows")
+# An update's scalars, in double as optim.py forms them from Python floats; each is rounded to
+# the arrays' dtype once, as NumPy does with a Python-float operand.
+cdef struct _UpdateScalars:
+    bint l2  # g = g + wd * p
+    bint decay  # p *= keep (AdamW)
+    bint has_buf  # SGD's momentum buffer
+    bint nesterov
+    double wd, keep, b1, one_minus_b1, b2, one_minus_b2, unbias2, eps, step_size, mom, lr
+
+
+cdef int _check_update_array(const floating[:, :] a, const floating[:, :] p) except -1:
+    _require(a.shape[0] == p.shape[0] and a.shape[1] == p.shape[1],
+             "a parameter, its gradient and its state must have one shape")
+    return _require(_rows_contiguous(a.shape[1], a.strides[1], sizeof(floating))
+                    and a.strides[0] % <Py_ssize_t>sizeof(floating) == 0,
+                    "update arrays need contiguous rows")
+
+
+cdef int _update(int rule, floating[:, :] p, const floating[:, :] g, floating[:, :] s1,
+                 floating[:, :] s2, _UpdateScalars c) except -1:
+    """Runs `rule` over (rows, cols) arrays p, g and state s1, s2 (SGD: s1 the momentum buffer,
+    s2 unused; Adam: m, v), one task per row's run of at most UPDATE_CHUNK columns."""
+    _check_update_array(p, p)
+    _check_update_array(g, p)
+    _check_update_array(s1, p)
+    _check_update_array(s2, p)
+    cdef Py_ssize_t n_rows = p.shape[0], n_cols = p.shape[1], n = n_rows * n_cols
+    if n == 0:
+        return 0
+    # row strides in elements; rows are contiguous (checked above)
+    cdef Py_ssize_t sp = p.strides[0] // <Py_ssize_t>sizeof(floating)
+    cdef Py_ssize_t sg = g.strides[0] // <Py_ssize_t>sizeof(floating)
+    cdef Py_ssize_t s1s = s1.strides[0] // <Py_ssize_t>sizeof(floating)
+    cdef Py_ssize_t s2s = s2.strides[0] // <Py_ssize_t>sizeof(floating)
+    cdef floating* pp = &p[0, 0]
+    cdef const floating* gp = &g[0, 0]
+    cdef floating* s1p = &s1[0, 0]
+    cdef floating* s2p = &s2[0, 0]
+    cdef Py_ssize_t blocks = (n_cols + UPDATE_CHUNK - 1) // UPDATE_CHUNK, k, r, c0
+    cdef long width
+    with nogil:
+        for k in prange(n_rows * blocks, schedule="static",
+                        num_threads=1 if n < UPDATE_SERIAL else omp_get_max_threads()):
+            r = k // blocks
+            c0 = (k - r * blocks) * UPDATE_CHUNK
+            width = min(UPDATE_CHUNK, n_cols - c0)
+            if floating is float:
+                if rule == RULE_ADAM:
+                    fastff_adam_f32(width, pp + r * sp + c0, gp + r * sg + c0,
+                                    s1p + r * s1s + c0, s2p + r * s2s + c0, c.l2, c.decay, c.wd,
+                                    c.keep, c.b1, c.one_minus_b1, c.b2, c.one_minus_b2,
+                                    c.unbias2, c.eps, c.step_size)
+                else:
+                    fastff_sgd_f32(width, pp + r * sp + c0, gp + r * sg + c0,
+                                   s1p + r * s1s + c0, c.l2, c.has_buf, c.nesterov, c.wd, c.mom,
+                                   c.lr)
+            else:
+                if rule == RULE_ADAM:
+                    fastff_adam_f64(width, pp + r * sp + c0, gp + r * sg + c0,
+                                    s1p + r * s1s + c0, s2p + r * s2s + c0, c.l2, c.decay, c.wd,
+                                    c.keep, c.b1, c.one_minus_b1, c.b2, c.one_minus_b2,
+                                    c.unbias2, c.eps, c.step_size)
+                else:
+                    fastff_sgd_f64(width, pp + r * sp + c0, gp + r * sg + c0,
+                                   s1p + r * s1s + c0, c.l2, c.has_buf, c.nesterov, c.wd, c.mom,
+                                   c.lr)
     return 0
-
-
-cdef inline Py_ssize_t _row_stride(Py_ssize_t stride, size_t itemsize) noexcept nogil:
-    return stride // <Py_ssize_t>itemsize
-
-
-cdef inline Py_ssize_t _col_blocks(Py_ssize_t n_cols) noexcept nogil:
-    """Tasks per row: a row is cut into blocks of UPDATE_CHUNK columns."""
-    return (n_cols + UPDATE_CHUNK - 1) // UPDATE_CHUNK
-
-
-cdef inline int _update_threads(Py_ssize_t n) noexcept nogil:
-    return 1 if n < UPDATE_SERIAL else omp_get_max_threads()
 
 
 def adam_update(floating[:, :] p, const floating[:, :] g, floating[:, :] m, floating[:, :] v,
@@ -1461,73 +1508,33 @@ def adam_update(floating[:, :] p, const floating[:, :] g, floating[:, :] m, floa
                 double eps, long step):
     """One Adam / AdamW step in place (optim.Adam._update, fused): p, m, v updated from g,
     all (rows, cols); step is t, the 1-based step number."""
-    _check_update_arrays([p, g, m, v])
-    cdef Py_ssize_t n_cols = p.shape[1], n = p.shape[0] * p.shape[1]
-    if n == 0:
-        return None
-    # the scalars as optim.py forms them in Python floats, rounded once to the array dtype
-    cdef bint l2 = weight_decay != 0 and not decoupled
-    cdef bint decay = weight_decay != 0 and decoupled
-    cdef floating wd = <floating>weight_decay
-    cdef floating keep = <floating>(1 - lr * weight_decay)
-    cdef floating b1 = <floating>beta1, one_minus_b1 = <floating>(1 - beta1)
-    cdef floating b2 = <floating>beta2, one_minus_b2 = <floating>(1 - beta2)
-    cdef floating unbias2 = <floating>(1 / sqrt(1 - beta2 ** step))
-    cdef floating eps_ = <floating>eps
-    cdef floating step_size = <floating>(lr / (1 - beta1 ** step))
-    cdef Py_ssize_t sp = _row_stride(p.strides[0], sizeof(floating))
-    cdef Py_ssize_t sg = _row_stride(g.strides[0], sizeof(floating))
-    cdef Py_ssize_t sm = _row_stride(m.strides[0], sizeof(floating))
-    cdef Py_ssize_t sv = _row_stride(v.strides[0], sizeof(floating))
-    cdef floating* pp = &p[0, 0]
-    cdef const floating* gp = &g[0, 0]
-    cdef floating* mp = &m[0, 0]
-    cdef floating* vp = &v[0, 0]
-    cdef Py_ssize_t blocks = _col_blocks(n_cols), k, r, c0
-    with nogil:
-        for k in prange(p.shape[0] * blocks, schedule="static", num_threads=_update_threads(n)):
-            r = k // blocks
-            c0 = (k - r * blocks) * UPDATE_CHUNK
-            if floating is float:
-                fastff_adam_f32(min(UPDATE_CHUNK, n_cols - c0), pp + r * sp + c0,
-                                gp + r * sg + c0, mp + r * sm + c0, vp + r * sv + c0, l2, decay,
-                                wd, keep, b1, one_minus_b1, b2, one_minus_b2, unbias2, eps_,
-                                step_size)
-            else:
-                fastff_adam_f64(min(UPDATE_CHUNK, n_cols - c0), pp + r * sp + c0,
-                                gp + r * sg + c0, mp + r * sm + c0, vp + r * sv + c0, l2, decay,
-                                wd, keep, b1, one_minus_b1, b2, one_minus_b2, unbias2, eps_,
-                                step_size)
-    return None
+    cdef _UpdateScalars c
+    c.l2 = weight_decay != 0 and not decoupled
+    c.decay = weight_decay != 0 and decoupled
+    c.has_buf = c.nesterov = False
+    c.wd = weight_decay
+    c.keep = 1 - lr * weight_decay
+    c.b1, c.one_minus_b1 = beta1, 1 - beta1
+    c.b2, c.one_minus_b2 = beta2, 1 - beta2
+    c.unbias2 = 1 / sqrt(1 - beta2 ** step)
+    c.eps = eps
+    c.step_size = lr / (1 - beta1 ** step)
+    c.mom = c.lr = 0
+    _update(RULE_ADAM, p, g, m, v, c)
 
 
 def sgd_update(floating[:, :] p, const floating[:, :] g, floating[:, :] buf, bint has_buf,
                double lr, double weight_decay, double momentum, bint nesterov):
     """One SGD step in place (optim.SGD._update, fused): p from g, with the momentum buffer
     buf when has_buf (buf is ignored otherwise); all (rows, cols)."""
-    _check_update_arrays([p, g, buf])
-    cdef Py_ssize_t n_cols = p.shape[1], n = p.shape[0] * p.shape[1]
-    if n == 0:
-        return None
-    cdef bint l2 = weight_decay != 0
-    cdef floating wd = <floating>weight_decay, mom = <floating>momentum, lr_ = <floating>lr
-    cdef Py_ssize_t sp = _row_stride(p.strides[0], sizeof(floating))
-    cdef Py_ssize_t sg = _row_stride(g.strides[0], sizeof(floating))
-    cdef Py_ssize_t sb = _row_stride(buf.strides[0], sizeof(floating))
-    cdef floating* pp = &p[0, 0]
-    cdef const floating* gp = &g[0, 0]
-    cdef floating* bp = &buf[0, 0]
-    cdef Py_ssize_t blocks = _col_blocks(n_cols), k, r, c0
-    with nogil:
-        for k in prange(p.shape[0] * blocks, schedule="static", num_threads=_update_threads(n)):
-            r = k // blocks
-            c0 = (k - r * blocks) * UPDATE_CHUNK
-            if floating is float:
-                fastff_sgd_f32(min(UPDATE_CHUNK, n_cols - c0), pp + r * sp + c0,
-                               gp + r * sg + c0, bp + r * sb + c0, l2, has_buf, nesterov, wd,
-                               mom, lr_)
-            else:
-                fastff_sgd_f64(min(UPDATE_CHUNK, n_cols - c0), pp + r * sp + c0,
-                               gp + r * sg + c0, bp + r * sb + c0, l2, has_buf, nesterov, wd,
-                               mom, lr_)
-    return None
+    cdef _UpdateScalars c
+    c.l2 = weight_decay != 0
+    c.decay = False
+    c.has_buf = has_buf
+    c.nesterov = nesterov
+    c.wd = weight_decay
+    c.mom = momentum
+    c.lr = lr
+    c.keep = c.b1 = c.one_minus_b1 = c.b2 = c.one_minus_b2 = c.unbias2 = c.eps = 0
+    c.step_size = 0
+    _update(RULE_SGD, p, g, buf, buf, c)
