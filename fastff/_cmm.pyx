@@ -1444,6 +1444,24 @@ cdef struct _UpdateScalars:
     double wd, keep, b1, one_minus_b1, b2, one_minus_b2, unbias2, eps, step_size, mom, lr
 
 
+cdef inline void _adam(long n, floating* p, const floating* g, floating* m, floating* v,
+                       _UpdateScalars c) noexcept nogil:
+    if floating is float:
+        fastff_adam_f32(n, p, g, m, v, c.l2, c.decay, c.wd, c.keep, c.b1, c.one_minus_b1,
+                        c.b2, c.one_minus_b2, c.unbias2, c.eps, c.step_size)
+    else:
+        fastff_adam_f64(n, p, g, m, v, c.l2, c.decay, c.wd, c.keep, c.b1, c.one_minus_b1,
+                        c.b2, c.one_minus_b2, c.unbias2, c.eps, c.step_size)
+
+
+cdef inline void _sgd(long n, floating* p, const floating* g, floating* buf,
+                      _UpdateScalars c) noexcept nogil:
+    if floating is float:
+        fastff_sgd_f32(n, p, g, buf, c.l2, c.has_buf, c.nesterov, c.wd, c.mom, c.lr)
+    else:
+        fastff_sgd_f64(n, p, g, buf, c.l2, c.has_buf, c.nesterov, c.wd, c.mom, c.lr)
+
+
 cdef int _check_update_array(const floating[:, :] a, const floating[:, :] p) except -1:
     _require(a.shape[0] == p.shape[0] and a.shape[1] == p.shape[1],
              "a parameter, its gradient and its state must have one shape")
@@ -1480,26 +1498,11 @@ cdef int _update(int rule, floating[:, :] p, const floating[:, :] g, floating[:,
             r = k // blocks
             c0 = (k - r * blocks) * UPDATE_CHUNK
             width = min(UPDATE_CHUNK, n_cols - c0)
-            if floating is float:
-                if rule == RULE_ADAM:
-                    fastff_adam_f32(width, pp + r * sp + c0, gp + r * sg + c0,
-                                    s1p + r * s1s + c0, s2p + r * s2s + c0, c.l2, c.decay, c.wd,
-                                    c.keep, c.b1, c.one_minus_b1, c.b2, c.one_minus_b2,
-                                    c.unbias2, c.eps, c.step_size)
-                else:
-                    fastff_sgd_f32(width, pp + r * sp + c0, gp + r * sg + c0,
-                                   s1p + r * s1s + c0, c.l2, c.has_buf, c.nesterov, c.wd, c.mom,
-                                   c.lr)
+            if rule == RULE_ADAM:
+                _adam(width, pp + r * sp + c0, gp + r * sg + c0, s1p + r * s1s + c0,
+                      s2p + r * s2s + c0, c)
             else:
-                if rule == RULE_ADAM:
-                    fastff_adam_f64(width, pp + r * sp + c0, gp + r * sg + c0,
-                                    s1p + r * s1s + c0, s2p + r * s2s + c0, c.l2, c.decay, c.wd,
-                                    c.keep, c.b1, c.one_minus_b1, c.b2, c.one_minus_b2,
-                                    c.unbias2, c.eps, c.step_size)
-                else:
-                    fastff_sgd_f64(width, pp + r * sp + c0, gp + r * sg + c0,
-                                   s1p + r * s1s + c0, c.l2, c.has_buf, c.nesterov, c.wd, c.mom,
-                                   c.lr)
+                _sgd(width, pp + r * sp + c0, gp + r * sg + c0, s1p + r * s1s + c0, c)
     return 0
 
 
