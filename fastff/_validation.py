@@ -243,14 +243,15 @@ def check_cast_in_range(src, converted, dtype, xp, name: str) -> None:
         )
 
 
-def as_device_array(x, xp, name: str, expected: str):
+def as_device_array(x, xp, name: str, expected: str | Callable[[], str]):
     """x as an array of `xp` (NumPy for a "cpu" layer, CuPy for a "cuda" one), without a copy
     where the layout allows, refusing arrays that live on the other device.
 
     Besides anything np.asarray takes, host DLPack producers (CPU torch tensors, JAX arrays)
     are viewed through np.from_dlpack; on "cuda", objects with __cuda_array_interface__ or a
     CUDA DLPack device are taken by CuPy. `expected` completes the message of a ValueError
-    for input that is no array at all ("x must be {expected}: ...").
+    for input that is no array at all ("x must be {expected}: ..."), or is a function that
+    gives it (hot paths: the text is only formatted for an error).
     """
     if xp is np and type(x) is np.ndarray:  # the common case, and the batch-1 hot path
         return x
@@ -283,7 +284,7 @@ def as_device_array(x, xp, name: str, expected: str):
             return xp.from_dlpack(x)
         return xp.asarray(x)
     except (ValueError, TypeError) as exc:
-        raise ValueError(f"{name} must be {expected}: {exc}") from exc
+        raise ValueError(f"{name} must be {_text(expected)}: {exc}") from exc
 
 
 def as_rows(x, width: int, dtype: np.dtype, xp=np, name: str = "x"):
@@ -294,10 +295,7 @@ def as_rows(x, width: int, dtype: np.dtype, xp=np, name: str = "x"):
     Float and integer inputs are cast to `dtype`; bool, complex, object and string inputs are
     refused.
     """
-    if xp is np and type(x) is np.ndarray:  # the batch-1 hot path: no message text built
-        arr = x
-    else:
-        arr = as_device_array(x, xp, name, f"an array of shape (..., {width})")
+    arr = as_device_array(x, xp, name, lambda: f"an array of shape (..., {width})")
     if arr.dtype.kind not in "fiu":
         raise TypeError(
             f"{name} must hold real numbers (float or integer) of shape (..., {width}), "

@@ -230,7 +230,7 @@ class SGD(Optimizer):
         if self.weight_decay:
             g = g + self.weight_decay * param
         if self.momentum:
-            (buf,) = self._buffers(name, param, ("momentum",))
+            (buf,) = bufs
             buf *= self.momentum
             buf += g
             g = g + self.momentum * buf if self.nesterov else buf
