@@ -2,8 +2,14 @@
 
 __version__ = "0.1.0"
 
+# ruff: noqa: E402 (the spin policy must be set before the kernels load libgomp)
+from . import _threads
+
+# libgomp reads its spin policy once, when it is loaded (see fastff/_threads.py)
+_threads.configure_openmp_wait()
+
 try:
-    from . import _cmm
+    from . import _cmm  # noqa: F401
 except ImportError as exc:  # a source checkout without its compiled kernels
     raise ImportError(
         "fastff's compiled extension fastff._cmm is missing. From a source checkout build it with "
@@ -11,21 +17,19 @@ except ImportError as exc:  # a source checkout without its compiled kernels
     ) from exc
 
 from . import interop, reference
+from ._threads import num_threads, set_num_threads
 from .io import WeightFileError, load, save
 from .layers import FFF, UltraFFF
 from .module import Module
 
+_threads.register_threadpoolctl()
+
 
 def get_num_threads() -> int:
-    """Threads the CPU kernels use (OMP_NUM_THREADS by default)."""
-    return _cmm.get_num_threads()
-
-
-def set_num_threads(n: int) -> None:
-    """Set the thread count of the CPU kernels: 1 <= n <= 8 per CPU (at least 64 allowed)."""
-    from ._validation import check_int, max_threads
-
-    _cmm.set_num_threads(check_int(n, "n", 1, max_threads()))
+    """Threads the CPU kernels called now from this thread may use (before each kernel lowers
+    it for small work): ``num_threads`` scope, else ``set_num_threads`` or a threadpoolctl
+    limit, else OMP_NUM_THREADS, else the CPUs available to the process."""
+    return _threads.effective_n_threads()
 
 
 __all__ = [
@@ -39,5 +43,6 @@ __all__ = [
     "WeightFileError",
     "get_num_threads",
     "set_num_threads",
+    "num_threads",
     "__version__",
 ]

@@ -14,11 +14,9 @@ from cython.parallel cimport prange
 from libc.math cimport erf, erff, exp, expf, log, logf, sqrt, sqrtf
 from libc.string cimport memcpy, memset
 
-import numpy as np
+import os
 
-cdef extern from "_omp_shim.h":
-    int omp_get_max_threads() nogil
-    void omp_set_num_threads(int) nogil
+import numpy as np
 
 cdef extern from *:
     int FASTFF_HAVE_OPENMP
@@ -33,16 +31,11 @@ ACTIVATIONS = {"identity": ACT_IDENTITY, "relu": ACT_RELU, "gelu": ACT_GELU}
 HAVE_OPENMP = bool(FASTFF_HAVE_OPENMP)
 
 
-def get_num_threads():
-    """Threads the kernels use (OpenMP's max threads)."""
-    return omp_get_max_threads()
-
-
-def set_num_threads(int n):
-    """Set the OpenMP thread count of the kernels (n >= 1)."""
-    if n < 1:
-        raise ValueError(f"number of threads must be >= 1, got {n}")
-    omp_set_num_threads(n)
+# The most threads a kernel accepts (fastff._validation.max_threads, the public cap): more
+# only oversubscribes, and OpenMP ends the process, with no Python error, once the system
+# refuses to create the threads.
+cdef int _MAX_THREADS = max(64, 8 * (os.cpu_count() or 1))
+MAX_THREADS = _MAX_THREADS
 
 
 # ---------------------------------------------------------------------------------------------
@@ -199,15 +192,49 @@ cdef inline floating _act_grad(floating z, int act) noexcept nogil:
 
 
 # ---------------------------------------------------------------------------------------------
-# Threads: every kernel asks _n_threads. A batch of at most one chunk of _ROW_CHUNK rows runs on
-# the calling thread: waking the others (and waiting for them) would cost more than the work.
+# Threads. Every kernel takes n_threads from Python (fastff/_threads.py resolves it once per call)
+# and never asks OpenMP, whose setting is per OS thread. _team lowers it for small work: waking a
+# sleeping thread and joining it costs tens of microseconds (more on a shared or virtual
+# machine), so a region gets one thread per _work_per_thread multiply-adds (or element updates)
+# and per _ROW_CHUNK rows, at most n_threads. A batch of one chunk runs on the calling thread.
 
 cdef enum:
     _ROW_CHUNK = 16
 
+cdef double _work_per_thread = 1 << 18
 
-cdef inline int _n_threads(Py_ssize_t n_rows) noexcept nogil:
-    return 1 if n_rows <= _ROW_CHUNK else omp_get_max_threads()
+
+def _set_work_per_thread(double work):
+    """Set _team's work per thread (the tests use 1, so small inputs still run in parallel
+    regions); returns the previous value."""
+    global _work_per_thread
+    if not work >= 1:
+        raise ValueError(f"work per thread must be >= 1, got {work}")
+    old = _work_per_thread
+    _work_per_thread = work
+    return old
+
+
+def _team_size(int n_threads, Py_ssize_t n_rows, double work_per_row):
+    """_team, for the tests."""
+    return _team(n_threads, n_rows, work_per_row)
+
+
+cdef inline int _check_threads(int n_threads) except -1:
+    if n_threads < 1 or n_threads > _MAX_THREADS:
+        raise ValueError(f"n_threads must be in [1, {_MAX_THREADS}], got {n_threads}")
+    return 0
+
+
+cdef inline int _team(int n_threads, Py_ssize_t n_rows, double work_per_row) noexcept nogil:
+    cdef double by_work = n_rows * work_per_row / _work_per_thread
+    cdef Py_ssize_t by_rows = n_rows // _ROW_CHUNK
+    cdef int n = n_threads
+    if by_rows < n:
+        n = <int>by_rows
+    if by_work < n:
+        n = <int>by_work
+    return n if n > 1 else 1
 
 
 # Neuron-tree FFF (UltraFastBERT)
@@ -381,7 +408,7 @@ def _subtree_split(Py_ssize_t n_rows, int depth, int in_w, int out_w, int itemsi
 def ultra_forward(const floating[:, ::1] x, const floating[:, :] w_in, const floating[::1] b_in,
                   const floating[:, :] w_out_t, int depth, int n_trees, int act,
                   floating[:, ::1] y, Py_ssize_t[:, ::1] visited, floating[:, ::1] preact,
-                  bint save_path):
+                  bint save_path, int n_threads):
     """Hard-path forward of the neuron-tree FFF.
 
     x (B, in), w_in (T*n, in), b_in (T*n,), w_out_t (T*n, out) -> y (B, out), overwritten.
@@ -392,6 +419,7 @@ def ultra_forward(const floating[:, ::1] x, const floating[:, :] w_in, const flo
     batches of deep trees the rows are then counting-sorted by their node at the split level and
     each subtree is walked by its rows together (see _subtree_split). Each row still adds its
     nodes in path order, tree by tree, so the result does not depend on the grouping or threads.
+    Runs on at most n_threads threads (fewer for small batches, see _team).
     """
     cdef Py_ssize_t n_rows = x.shape[0], block, r0, i, k, n_groups
     cdef int out_w = <int>y.shape[1], path_len = depth + 1, t
@@ -399,6 +427,7 @@ def ultra_forward(const floating[:, ::1] x, const floating[:, :] w_in, const flo
     cdef Py_ssize_t n_blocks = (n_rows + ROWS_PER_BLOCK - 1) // ROWS_PER_BLOCK
     _require(0 <= depth <= MAX_DEPTH and n_trees >= 1, "depth or n_trees out of range")
     _check_act(act)
+    _check_threads(n_threads)
     n_total = n_trees * ((<object>1 << (depth + 1)) - 1)  # a Python int: cannot overflow
     _require(w_in.shape[0] == n_total and b_in.shape[0] == n_total
              and w_out_t.shape[0] == n_total,
@@ -435,12 +464,15 @@ def ultra_forward(const floating[:, ::1] x, const floating[:, :] w_in, const flo
         carry.coef = &carry_coef[0, 0]
         carry.node = &carry_node[0, 0]
         carry.n = &carry_n[0]
-    cdef int n_threads = _n_threads(n_rows)
+    cdef int team = _team(n_threads, n_rows,
+                          <double>n_trees * path_len * (x.shape[1] + out_w))
+    # Row blocks are handed out dynamically, a few at a time: a static half per thread waits
+    # for a thread the OS has descheduled (another process, or BLAS workers still spinning).
     with nogil:
         if not n_groups:
             # one parallel region: each block of rows walks every tree, top to leaf; the first
             # tree's outputs overwrite y
-            for block in prange(n_blocks, schedule="static", num_threads=n_threads):
+            for block in prange(n_blocks, schedule="dynamic", chunksize=4, num_threads=team):
                 r0 = block * ROWS_PER_BLOCK
                 for t in range(n_trees):
                     _walk_top(x, w_in, b_in, w_out_t, act, y, visited, preact, save_path, r0,
@@ -448,7 +480,7 @@ def ultra_forward(const floating[:, ::1] x, const floating[:, :] w_in, const flo
                               path_len, path_len, NULL, carry, NO_CARRY, t == 0)
         else:
             for t in range(n_trees):
-                for block in prange(n_blocks, schedule="static", num_threads=n_threads):
+                for block in prange(n_blocks, schedule="dynamic", chunksize=4, num_threads=team):
                     _walk_top(x, w_in, b_in, w_out_t, act, y, visited, preact, save_path,
                               block * ROWS_PER_BLOCK,
                               <int>(min((block + 1) * ROWS_PER_BLOCK, n_rows) - block * ROWS_PER_BLOCK),
@@ -467,7 +499,7 @@ def ultra_forward(const floating[:, ::1] x, const floating[:, :] w_in, const flo
                 for k in range(n_groups - 1, -1, -1):  # each cursor ended at the next start
                     offsets[k + 1] = offsets[k]
                 offsets[0] = 0
-                for k in prange(n_groups, schedule="dynamic", num_threads=n_threads):
+                for k in prange(n_groups, schedule="dynamic", num_threads=team):
                     _walk_subtree(x, w_in, b_in, w_out_t, act, y, visited, preact, save_path,
                                   &order[0], offsets[k], offsets[k + 1],
                                   ((<Py_ssize_t>1 << split) - 1) + k, t, n_nodes, split,
@@ -615,7 +647,7 @@ def ultra_backward(const floating[:, ::1] x, const floating[:, ::1] dy,
                    const floating[:, :] w_in, const floating[:, :] w_out_t,
                    const Py_ssize_t[:, ::1] visited, const floating[:, ::1] preact, int act,
                    floating[:, ::1] dx, floating[:, ::1] grad_w_in, floating[::1] grad_b_in,
-                   floating[:, ::1] grad_w_out_t):
+                   floating[:, ::1] grad_w_out_t, int n_threads):
     """Hard-path backward of the neuron-tree FFF; adds into the three gradient arrays.
 
     Pass 1, parallel over rows: dz of every visit and dx (B, in), overwritten (_backward_row).
@@ -628,6 +660,7 @@ def ultra_backward(const floating[:, ::1] x, const floating[:, ::1] dy,
     cdef int in_w = <int>x.shape[1], out_w = <int>dy.shape[1]
     cdef Py_ssize_t r, v, g, i, k, start, stop
     _check_act(act)
+    _check_threads(n_threads)
     _require(dy.shape[0] == n_rows and dx.shape[0] == n_rows and dx.shape[1] == in_w
              and visited.shape[0] == n_rows and preact.shape[0] == n_rows
              and preact.shape[1] == visits_per_row, "x, dy, dx, visited, preact: row counts")
@@ -644,7 +677,7 @@ def ultra_backward(const floating[:, ::1] x, const floating[:, ::1] dy,
         with nogil:
             in_range = _indices_below(&visited[0, 0], n_visits, n_total)
     _require(in_range, "visited holds a node index outside the tree")
-    cdef int n_threads = _n_threads(n_rows)
+    cdef int team = _team(n_threads, n_rows, 2.0 * visits_per_row * (in_w + out_w))
 
     dz_arr = np.empty((n_rows, visits_per_row), dtype=np.asarray(preact).dtype)
     h_arr = np.empty_like(dz_arr)
@@ -654,7 +687,7 @@ def ultra_backward(const floating[:, ::1] x, const floating[:, ::1] dy,
                                         sizeof(floating))
     cdef Py_ssize_t[::1] row_order = row_order_arr
     with nogil:
-        for k in prange(n_rows, schedule="static", num_threads=n_threads):
+        for k in prange(n_rows, schedule="dynamic", chunksize=_ROW_CHUNK, num_threads=team):
             r = row_order[k]
             if visits_per_row == 0:  # otherwise the first _backward_row overwrites dx[r]
                 memset(&dx[r, 0], 0, in_w * sizeof(floating))
@@ -679,7 +712,7 @@ def ultra_backward(const floating[:, ::1] x, const floating[:, ::1] dy,
     # Pass 2's tasks: runs of nodes (only those some row visited), see _backward_schedule
     nodes_arr, tasks_arr = _backward_schedule(np.diff(offsets_arr), visits_per_row, n_total,
                                               n_rows, (in_w + out_w) * sizeof(floating),
-                                              n_threads)
+                                              team)
     cdef Py_ssize_t[::1] nodes = nodes_arr
     cdef Py_ssize_t[::1] tasks = tasks_arr
     cdef Py_ssize_t n_tasks = tasks.shape[0] - 1, j
@@ -690,7 +723,7 @@ def ultra_backward(const floating[:, ::1] x, const floating[:, ::1] dy,
             g = flat_visited[i]
             order[cursor[g]] = i
             cursor[g] += 1
-        for k in prange(n_tasks, schedule="dynamic", num_threads=n_threads):
+        for k in prange(n_tasks, schedule="dynamic", num_threads=team):
             for j in range(tasks[k], tasks[k + 1]):
                 g = nodes[j]
                 start = offsets[g]
@@ -962,7 +995,7 @@ cdef void _leaf_block(const floating[:, ::1] x, const floating[:, :, ::1] w1t,
 def fff_infer(const floating[:, ::1] x, const floating[:, ::1] node_w,
               const floating[::1] node_b, const floating[:, :, ::1] w1t,
               const floating[:, ::1] b1, const floating[:, :, ::1] w2, const floating[:, ::1] b2,
-              int depth, int act, floating[:, ::1] y):
+              int depth, int act, floating[:, ::1] y, int n_threads):
     """Hard inference: each row goes right at node n iff x @ node_w[n] + node_b[n] >= 0 (the
     package's eval_forward), then evaluates only the reached leaf. y (B, out) is overwritten.
     O(depth * in + leaf * (in + out)) per row.
@@ -979,13 +1012,15 @@ def fff_infer(const floating[:, ::1] x, const floating[:, ::1] node_w,
     _require(node_b.shape[0] == node_w.shape[0] and b1.shape[0] == w1t.shape[0]
              and b1.shape[1] == leaf_w and b2.shape[0] == w1t.shape[0] and b2.shape[1] == out_w
              and y.shape[0] == n_rows, "node_b, b1, b2 and y must match the weights")
-    cdef int n_threads = _n_threads(n_rows)
+    _check_threads(n_threads)
+    cdef int team = _team(n_threads, n_rows,
+                          <double>depth * x.shape[1] + <double>leaf_w * (x.shape[1] + out_w))
     cdef const floating* nw = &node_w[0, 0] if depth > 0 else NULL
     cdef const floating* nb = &node_b[0] if depth > 0 else NULL
     cdef Py_ssize_t n_row_blocks = (n_rows + ROWS_PER_BLOCK - 1) // ROWS_PER_BLOCK
     if n_rows < 2 * n_leaves:
         with nogil:
-            for b in prange(n_row_blocks, schedule="static", num_threads=n_threads):
+            for b in prange(n_row_blocks, schedule="dynamic", chunksize=4, num_threads=team):
                 _infer_rows(x, nw, nb, w1t, b1, w2, b2, depth, act, y, b * ROWS_PER_BLOCK,
                             <int>min(ROWS_PER_BLOCK, n_rows - b * ROWS_PER_BLOCK))
         return None
@@ -998,7 +1033,7 @@ def fff_infer(const floating[:, ::1] x, const floating[:, ::1] node_w,
     cdef Py_ssize_t[::1] offsets = offsets_arr
     cdef Py_ssize_t[::1] block_start = block_arr
     with nogil:
-        for b in prange(n_row_blocks, schedule="static", num_threads=n_threads):
+        for b in prange(n_row_blocks, schedule="dynamic", chunksize=4, num_threads=team):
             _route_block(x, nw, nb, depth, b * ROWS_PER_BLOCK,
                          <int>min(ROWS_PER_BLOCK, n_rows - b * ROWS_PER_BLOCK),
                          &leaf[b * ROWS_PER_BLOCK])
@@ -1017,7 +1052,7 @@ def fff_infer(const floating[:, ::1] x, const floating[:, ::1] node_w,
             order[offsets[leaf[r]]] = r
             offsets[leaf[r]] += 1
         # chunks of blocks: a block prefetches the next one's rows, best done by the same thread
-        for b in prange(n_blocks, schedule="dynamic", chunksize=16, num_threads=n_threads):
+        for b in prange(n_blocks, schedule="dynamic", chunksize=16, num_threads=team):
             _leaf_block(x, w1t, b1, w2, b2, act, y, &order[0], &leaf[0], block_start[b], n_rows)
     return None
 
@@ -1044,7 +1079,8 @@ cdef inline floating _soft_mixture_row(Py_ssize_t n_nodes, const floating* z,
 
 
 def fff_soft_mixture(const floating[:, ::1] z, const unsigned char[:, ::1] swap, bint has_swap,
-                     floating[:, ::1] q, floating[:, ::1] reach, floating[::1] entropy):
+                     floating[:, ::1] q, floating[:, ::1] reach, floating[::1] entropy,
+                     int n_threads):
     """Router logits z (B, n_nodes) -> right weights q (B, n_nodes), reach (B, n_nodes +
     n_leaves) = product of the branch weights from the root (the last n_leaves columns are the
     leaf mixture), entropy (B,) = summed node entropies of each row. swap (B, n_nodes) marks
@@ -1055,9 +1091,11 @@ def fff_soft_mixture(const floating[:, ::1] z, const unsigned char[:, ::1] swap,
              "q must be (rows, n_nodes), reach (rows, 2 * n_nodes + 1), entropy (rows,)")
     _require(not has_swap or (swap.shape[0] == n_rows and swap.shape[1] == n_nodes),
              "swap must be (rows, n_nodes)")
+    _check_threads(n_threads)
+    # a sigmoid, a log-based entropy and two products per node: ~32 multiply-adds' worth
+    cdef int team = _team(n_threads, n_rows, 32.0 * n_nodes)
     with nogil:
-        for r in prange(n_rows, schedule="dynamic", chunksize=_ROW_CHUNK,
-                        num_threads=_n_threads(n_rows)):
+        for r in prange(n_rows, schedule="dynamic", chunksize=_ROW_CHUNK, num_threads=team):
             entropy[r] = _soft_mixture_row(
                 n_nodes, &z[r, 0] if n_nodes > 0 else NULL,
                 &swap[r, 0] if has_swap and n_nodes > 0 else NULL,
@@ -1094,7 +1132,7 @@ cdef inline floating _soft_router_row(Py_ssize_t n_nodes, Py_ssize_t n_leaves,
 def fff_soft_router_backward(const floating[:, ::1] dmix, const floating[:, ::1] q,
                              const floating[:, ::1] reach, const unsigned char[:, ::1] swap,
                              bint has_swap, double entropy_weight, floating[:, ::1] dreach,
-                             floating[:, ::1] dz):
+                             floating[:, ::1] dz, int n_threads):
     """dmix (B, n_leaves) -> dz (B, n_nodes), overwritten; dreach (B, n_nodes + n_leaves) is
     scratch. entropy_weight multiplies each node's entropy gradient (hardening / (B * n_nodes)
     for a mean-entropy loss)."""
@@ -1108,11 +1146,12 @@ def fff_soft_router_backward(const floating[:, ::1] dmix, const floating[:, ::1]
              "(rows, 2 * n_nodes + 1)")
     _require(not has_swap or (swap.shape[0] == n_rows and swap.shape[1] == n_nodes),
              "swap must be (rows, n_nodes)")
+    _check_threads(n_threads)
     if n_nodes == 0:
         return None
+    cdef int team = _team(n_threads, n_rows, 32.0 * n_nodes)
     with nogil:
-        for r in prange(n_rows, schedule="dynamic", chunksize=_ROW_CHUNK,
-                        num_threads=_n_threads(n_rows)):
+        for r in prange(n_rows, schedule="dynamic", chunksize=_ROW_CHUNK, num_threads=team):
             _soft_router_row(n_nodes, n_leaves, &dmix[r, 0], &q[r, 0], &reach[r, 0],
                              &swap[r, 0] if has_swap else NULL, w, &dreach[r, 0], &dz[r, 0])
     return None
@@ -1120,7 +1159,8 @@ def fff_soft_router_backward(const floating[:, ::1] dmix, const floating[:, ::1]
 
 def fff_soft_leaf_activate(floating[:, ::1] hpre, const floating[:, ::1] b1,
                            const floating[:, ::1] mix, const floating[:, ::1] drop,
-                           bint has_drop, int act, floating[:, ::1] a, floating[:, ::1] mixed):
+                           bint has_drop, int act, floating[:, ::1] a, floating[:, ::1] mixed,
+                           int n_threads):
     """Leaf hidden units of all leaves, column k = l * leaf + j: hpre (B, n_leaves * leaf) +=
     b1 (n_leaves, leaf) in place; a = act(hpre) * drop (dropout keep mask with its 1/(1-rate)
     scale); mixed = a * mix[:, l] (mix (B, n_leaves))."""
@@ -1134,9 +1174,11 @@ def fff_soft_leaf_activate(floating[:, ::1] hpre, const floating[:, ::1] b1,
              "hpre, a and mixed must be (rows, n_leaves * leaf), mix (rows, n_leaves)")
     _require(not has_drop or (drop.shape[0] == n_rows and drop.shape[1] == hpre.shape[1]),
              "drop must be (rows, n_leaves * leaf)")
+    _check_threads(n_threads)
+    # per hidden unit an activation (GELU: an erf) and a few products
+    cdef int team = _team(n_threads, n_rows, (16.0 if act == ACT_GELU else 4.0) * hpre.shape[1])
     with nogil:
-        for r in prange(n_rows, schedule="dynamic", chunksize=_ROW_CHUNK,
-                        num_threads=_n_threads(n_rows)):
+        for r in prange(n_rows, schedule="dynamic", chunksize=_ROW_CHUNK, num_threads=team):
             for l in range(n_leaves):
                 m = mix[r, l]
                 for j in range(leaf_w):
@@ -1154,7 +1196,7 @@ def fff_soft_leaf_activate(floating[:, ::1] hpre, const floating[:, ::1] b1,
 def fff_soft_leaf_backward(const floating[:, ::1] hpre, const floating[:, ::1] a,
                            floating[:, ::1] g, const floating[:, ::1] mix,
                            const floating[:, ::1] drop, bint has_drop, int act,
-                           floating[:, ::1] dmix):
+                           floating[:, ::1] dmix, int n_threads):
     """g (B, K) = dy @ w2^T on entry (the gradient of each unmixed hidden unit's output) becomes
     the pre-activation gradient mix * g * drop * act'(hpre); dmix (B, n_leaves), holding
     dy @ b2^T on entry, gets each leaf's sum of a * g added (d objective / d mixture weight)."""
@@ -1169,9 +1211,10 @@ def fff_soft_leaf_backward(const floating[:, ::1] hpre, const floating[:, ::1] a
              "hpre, a and g must be (rows, n_leaves * leaf), mix and dmix (rows, n_leaves)")
     _require(not has_drop or (drop.shape[0] == n_rows and drop.shape[1] == hpre.shape[1]),
              "drop must be (rows, n_leaves * leaf)")
+    _check_threads(n_threads)
+    cdef int team = _team(n_threads, n_rows, (16.0 if act == ACT_GELU else 4.0) * hpre.shape[1])
     with nogil:
-        for r in prange(n_rows, schedule="dynamic", chunksize=_ROW_CHUNK,
-                        num_threads=_n_threads(n_rows)):
+        for r in prange(n_rows, schedule="dynamic", chunksize=_ROW_CHUNK, num_threads=team):
             for l in range(n_leaves):
                 s = 0
                 m = mix[r, l]
@@ -1226,7 +1269,8 @@ def fff_hard_train_forward(const floating[:, ::1] x, const floating[:, ::1] node
                            const unsigned char[:, ::1] swap, bint has_swap,
                            const floating[:, ::1] drop, bint has_drop,
                            floating[:, ::1] y, Py_ssize_t[:, ::1] path, floating[:, ::1] z_path,
-                           Py_ssize_t[::1] leaf, floating[:, ::1] hpre, floating[::1] entropy):
+                           Py_ssize_t[::1] leaf, floating[:, ::1] hpre, floating[::1] entropy,
+                           int n_threads):
     """Hardened training forward (train_hardened): decisions rounded, right iff the (possibly
     swapped) right weight q > 1/2. Writes y (B, out), path (B, depth) node ids, z_path
     (B, depth) their logits, leaf (B,), hpre (B, leaf) and entropy (B,) summed over the
@@ -1247,11 +1291,13 @@ def fff_hard_train_forward(const floating[:, ::1] x, const floating[:, ::1] node
              "swap must be (rows, depth)")
     _require(not has_drop or (drop.shape[0] == n_rows and drop.shape[1] == leaf_w),
              "drop must be (rows, leaf)")
+    _check_threads(n_threads)
     cdef const floating* nw = &node_w[0, 0] if depth > 0 else NULL
     cdef const floating* nb = &node_b[0] if depth > 0 else NULL
+    cdef int team = _team(n_threads, n_rows,
+                          <double>depth * in_w + <double>leaf_w * (in_w + out_w))
     with nogil:
-        for r in prange(n_rows, schedule="dynamic", chunksize=_ROW_CHUNK,
-                        num_threads=_n_threads(n_rows)):
+        for r in prange(n_rows, schedule="dynamic", chunksize=_ROW_CHUNK, num_threads=team):
             entropy[r] = _hard_train_row(
                 depth, in_w, leaf_w, out_w, &x[r, 0], nw, nb, &w1t[0, 0, 0], &b1[0, 0],
                 &w2[0, 0, 0], &b2[0, 0], act,
@@ -1321,7 +1367,7 @@ def fff_hard_train_backward(const floating[:, ::1] x, const floating[:, ::1] dy,
                             floating[:, ::1] dx, floating[:, ::1] grad_node_w,
                             floating[::1] grad_node_b, floating[:, :, ::1] grad_w1t,
                             floating[:, ::1] grad_b1, floating[:, :, ::1] grad_w2,
-                            floating[:, ::1] grad_b2):
+                            floating[:, ::1] grad_b2, int n_threads):
     """Hardened backward; adds into the grad_* arrays, dx (B, in) is overwritten.
 
     Pass 1, parallel over rows: dh, dz and dx. Pass 2, parallel over leaves, and pass 3, over
@@ -1352,9 +1398,12 @@ def fff_hard_train_backward(const floating[:, ::1] x, const floating[:, ::1] dy,
              and grad_w2.shape[1] == leaf_w and grad_w2.shape[2] == out_w
              and grad_b2.shape[0] == n_leaves and grad_b2.shape[1] == out_w,
              "gradients must have the parameters' shapes")
+    _check_threads(n_threads)
     cdef const floating* nw = &node_w[0, 0] if depth > 0 else NULL
     if n_rows == 0:
         return None
+    cdef int team = _team(n_threads, n_rows,
+                          2.0 * (<double>depth * in_w + <double>leaf_w * (in_w + out_w)))
     cdef bint in_range
     with nogil:
         in_range = _indices_below(&leaf[0], n_rows, n_leaves) and (
@@ -1366,8 +1415,7 @@ def fff_hard_train_backward(const floating[:, ::1] x, const floating[:, ::1] dy,
     cdef floating[:, ::1] dh = dh_arr
     cdef floating[:, ::1] dz = dz_arr
     with nogil:
-        for r in prange(n_rows, schedule="dynamic", chunksize=_ROW_CHUNK,
-                        num_threads=_n_threads(n_rows)):
+        for r in prange(n_rows, schedule="dynamic", chunksize=_ROW_CHUNK, num_threads=team):
             _hard_backward_row(depth, in_w, leaf_w, out_w, &dy[r, 0], nw,
                                &w1t[leaf[r], 0, 0], &w2[leaf[r], 0, 0],
                                &path[r, 0] if depth > 0 else NULL,
@@ -1381,7 +1429,7 @@ def fff_hard_train_backward(const floating[:, ::1] x, const floating[:, ::1] dy,
     cdef Py_ssize_t[::1] offsets = offsets_arr
     cdef Py_ssize_t[::1] active = active_arr
     with nogil:
-        for k in prange(active.shape[0], schedule="dynamic"):
+        for k in prange(active.shape[0], schedule="dynamic", num_threads=team):
             l = active[k]
             for i in range(offsets[l], offsets[l + 1]):
                 r = order[i]
@@ -1404,7 +1452,7 @@ def fff_hard_train_backward(const floating[:, ::1] x, const floating[:, ::1] dy,
     offsets = offsets_arr
     active = active_arr
     with nogil:
-        for k in prange(active.shape[0], schedule="dynamic"):
+        for k in prange(active.shape[0], schedule="dynamic", num_threads=team):
             node = active[k]
             for i in range(offsets[node], offsets[node + 1]):
                 r = order[i] // depth
@@ -1471,13 +1519,14 @@ cdef int _check_update_array(const floating[:, :] a, const floating[:, :] p) exc
 
 
 cdef int _update(int rule, floating[:, :] p, const floating[:, :] g, floating[:, :] s1,
-                 floating[:, :] s2, _UpdateScalars c) except -1:
+                 floating[:, :] s2, _UpdateScalars c, int n_threads) except -1:
     """Runs `rule` over (rows, cols) arrays p, g and state s1, s2 (SGD: s1 the momentum buffer,
     s2 unused; Adam: m, v), one task per row's run of at most UPDATE_CHUNK columns."""
     _check_update_array(p, p)
     _check_update_array(g, p)
     _check_update_array(s1, p)
     _check_update_array(s2, p)
+    _check_threads(n_threads)
     cdef Py_ssize_t n_rows = p.shape[0], n_cols = p.shape[1], n = n_rows * n_cols
     if n == 0:
         return 0
@@ -1492,9 +1541,9 @@ cdef int _update(int rule, floating[:, :] p, const floating[:, :] g, floating[:,
     cdef floating* s2p = &s2[0, 0]
     cdef Py_ssize_t blocks = (n_cols + UPDATE_CHUNK - 1) // UPDATE_CHUNK, k, r, c0
     cdef long width
+    cdef int team = 1 if n < UPDATE_SERIAL else <int>min(n_threads, n_rows * blocks)
     with nogil:
-        for k in prange(n_rows * blocks, schedule="static",
-                        num_threads=1 if n < UPDATE_SERIAL else omp_get_max_threads()):
+        for k in prange(n_rows * blocks, schedule="dynamic", num_threads=team):
             r = k // blocks
             c0 = (k - r * blocks) * UPDATE_CHUNK
             width = min(UPDATE_CHUNK, n_cols - c0)
@@ -1508,7 +1557,7 @@ cdef int _update(int rule, floating[:, :] p, const floating[:, :] g, floating[:,
 
 def adam_update(floating[:, :] p, const floating[:, :] g, floating[:, :] m, floating[:, :] v,
                 double weight_decay, bint decoupled, double lr, double beta1, double beta2,
-                double eps, long step):
+                double eps, long step, int n_threads):
     """One Adam / AdamW step in place (optim.Adam._update, fused): p, m, v updated from g,
     all (rows, cols); step is t, the 1-based step number."""
     cdef _UpdateScalars c
@@ -1523,11 +1572,11 @@ def adam_update(floating[:, :] p, const floating[:, :] g, floating[:, :] m, floa
     c.eps = eps
     c.step_size = lr / (1 - beta1 ** step)
     c.mom = c.lr = 0
-    _update(RULE_ADAM, p, g, m, v, c)
+    _update(RULE_ADAM, p, g, m, v, c, n_threads)
 
 
 def sgd_update(floating[:, :] p, const floating[:, :] g, floating[:, :] buf, bint has_buf,
-               double lr, double weight_decay, double momentum, bint nesterov):
+               double lr, double weight_decay, double momentum, bint nesterov, int n_threads):
     """One SGD step in place (optim.SGD._update, fused): p from g, with the momentum buffer
     buf when has_buf (buf is ignored otherwise); all (rows, cols)."""
     cdef _UpdateScalars c
@@ -1540,4 +1589,4 @@ def sgd_update(floating[:, :] p, const floating[:, :] g, floating[:, :] buf, bin
     c.lr = lr
     c.keep = c.b1 = c.one_minus_b1 = c.b2 = c.one_minus_b2 = c.unbias2 = c.eps = 0
     c.step_size = 0
-    _update(RULE_SGD, p, g, buf, buf, c)
+    _update(RULE_SGD, p, g, buf, buf, c, n_threads)

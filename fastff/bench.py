@@ -454,11 +454,17 @@ def run(
     if "torch" in peer_names:
         torch.set_num_threads(torch_threads)
     if json_path:
-        os.makedirs(os.path.dirname(os.path.abspath(json_path)), exist_ok=True)
-        with open(json_path, "w") as f:
-            json.dump({"machine": machine, "repeat": repeat, "results": results}, f, indent=2)
-        out(f"wrote {json_path}")
+        _write_json(json_path, results, repeat, machine, out)
     return results
+
+
+def _write_json(path, results, repeat, machine=None, out=print):
+    if machine is None:
+        machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cpus"
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump({"machine": machine, "repeat": repeat, "results": results}, f, indent=2)
+    out(f"wrote {path}")
 
 
 def plot(results: list[dict], path: str) -> None:
@@ -502,7 +508,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "configs",
         nargs="*",
-        help=f"configurations to run (default: {' '.join(DEFAULT_CPU)}; cuda: gpu-ufb)",
+        help=f"configurations to run (default: {' '.join(DEFAULT_CPU)}; cuda: gpu-ufb); "
+        "`pipeline` runs pipe-fff-soft pipe-mlp pipe-ufb-loaded pipe-threads, each with 1 "
+        "thread and with --threads in fresh processes",
     )
     parser.add_argument("--threads", type=int, default=2, help="OpenMP and BLAS threads (2)")
     parser.add_argument("--repeat", type=int, default=5, help="timed repetitions (>= 5)")
@@ -530,14 +538,32 @@ def main(args: argparse.Namespace) -> int:
         raise SystemExit(
             f"--threads must be <= {max_threads()} (8 per CPU, at least 64), got {args.threads}"
         )
+    from . import bench_pipeline
+
     configs = args.configs or (["gpu-ufb"] if args.device == "cuda" else DEFAULT_CPU)
-    results = run(
-        configs,
-        threads=args.threads,
-        repeat=args.repeat,
-        device=args.device,
-        json_path=args.json_path,
+    # "pipeline" names the whole group; its cases run in processes of their own
+    configs = [
+        c for name in configs for c in (bench_pipeline.PIPELINE if name == "pipeline" else [name])
+    ]
+    pipeline = [c for c in configs if c in bench_pipeline.PIPELINE]
+    configs = [c for c in configs if c not in bench_pipeline.PIPELINE]
+    if pipeline and args.device == "cuda":
+        raise SystemExit("the pipeline cases are CPU cases; run them without --device cuda")
+    results = (
+        run(
+            configs,
+            threads=args.threads,
+            repeat=args.repeat,
+            device=args.device,
+            json_path=None,
+        )
+        if configs
+        else []
     )
+    if pipeline:
+        results += bench_pipeline.run(pipeline, threads=args.threads, repeat=args.repeat)
+    if args.json_path:
+        _write_json(args.json_path, results, args.repeat)
     if args.plot_path:
         plot(results, args.plot_path)
         print(f"wrote {args.plot_path}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ._threads import effective_n_threads
 from ._validation import (
     as_rows,
     check_bool,
@@ -196,7 +197,15 @@ class UltraFFF(Module):
         )
         p = self._params
         y, visited, preact = ops.ultra_forward(
-            rows, p["w_in"], p["b_in"], p["w_out_t"], depth, n_trees, self.activation, save_path
+            rows,
+            p["w_in"],
+            p["b_in"],
+            p["w_out_t"],
+            depth,
+            n_trees,
+            self.activation,
+            save_path,
+            effective_n_threads(),
         )
         return rows, lead, y, visited, preact
 
@@ -227,6 +236,7 @@ class UltraFFF(Module):
                 g["w_in"],
                 g["b_in"],
                 g["w_out_t"],
+                effective_n_threads(),
             )
             return dx.reshape(lead + (self.input_width,))
 
@@ -474,7 +484,7 @@ class FFF(Module):
             rows.shape[0] * self.output_width * self.dtype.itemsize,
             lambda: f"inference of FFF(depth={self.depth}) on {rows.shape[0]} rows",
         )
-        y = ops.fff_infer(rows, self._params, self.depth, self.activation)
+        y = ops.fff_infer(rows, self._params, self.depth, self.activation, effective_n_threads())
         return y.reshape(lead + (self.output_width,))
 
     def _draw_masks(self, rng, n_rows: int):
@@ -545,11 +555,14 @@ class FFF(Module):
         if drop is not None:
             drop = ops.asarray(drop)
         p = self._params
+        n_threads = effective_n_threads()
         if hardened:
-            y, saved = ops.fff_hard_forward(rows, p, self.depth, self.activation, swap, drop)
+            y, saved = ops.fff_hard_forward(
+                rows, p, self.depth, self.activation, n_threads, swap, drop
+            )
             n_decisions = n_rows * self.depth
         else:
-            y, saved = ops.fff_soft_forward(rows, p, self.activation, swap, drop)
+            y, saved = ops.fff_soft_forward(rows, p, self.activation, n_threads, swap, drop)
             n_decisions = n_rows * self.n_nodes
         self.last_mean_entropy = (
             float(saved["entropy"].sum(dtype=np.float64)) / n_decisions if n_decisions else 0.0
@@ -563,7 +576,9 @@ class FFF(Module):
             parameter gradients into layer.grads."""
             dy_rows, g = self._backprop_inputs(dy, version, device, lead, self.output_width)
             backward = ops.fff_hard_backward if hardened else ops.fff_soft_backward
-            dx = backward(rows, dy_rows, p, saved, self.activation, entropy_weight, g)
+            dx = backward(
+                rows, dy_rows, p, saved, self.activation, entropy_weight, g, effective_n_threads()
+            )
             return dx.reshape(lead + (self.input_width,))
 
         return y.reshape(out_shape), backprop

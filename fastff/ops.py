@@ -1,7 +1,9 @@
 """Backends: one Ops interface, a CPU implementation here and a CUDA twin in fastff.gpu.
 
 Layers hold their parameters in the backend's array type and call only these methods, so the
-layer code is the same on every device (thinc's Ops pattern).
+layer code is the same on every device (thinc's Ops pattern). Every kernel method takes
+``n_threads``, resolved once per call by the caller (fastff._threads.effective_n_threads): the CPU
+kernels never ask OpenMP, whose setting is per OS thread; the GPU ignores it.
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ class FFFOps:
             return self.xp.empty((0, 0), dtype=dtype), False
         return self.xp.ascontiguousarray(mask, dtype=dtype), True
 
-    def fff_infer(self, x, p, depth, act):
+    def fff_infer(self, x, p, depth, act, n_threads):
         """Hard inference, x (B, in) -> y (B, out)."""
         y = self.xp.empty((x.shape[0], p["w2"].shape[2]), dtype=x.dtype)
         self.cmm.fff_infer(
@@ -55,10 +57,11 @@ class FFFOps:
             depth,
             ACTIVATIONS[act],
             y,
+            n_threads,
         )
         return y
 
-    def fff_soft_forward(self, x, p, act, swap=None, drop=None):
+    def fff_soft_forward(self, x, p, act, n_threads, swap=None, drop=None):
         """Soft-mixture training forward: x (B, in) -> y (B, out), saved (dict for the backward;
         "q" right weights (B, n_nodes), "reach" (B, n_nodes + n_leaves) heap-order path
         products, "entropy" (B,) summed node entropies per row)."""
@@ -71,14 +74,14 @@ class FFFOps:
         q = self.xp.empty_like(z)
         reach = self.xp.empty((n_rows, n_nodes + n_leaves), dtype=x.dtype)
         entropy = self.xp.empty(n_rows, dtype=x.dtype)
-        self.cmm.fff_soft_mixture(z, swap_arr, has_swap, q, reach, entropy)
+        self.cmm.fff_soft_mixture(z, swap_arr, has_swap, q, reach, entropy, n_threads)
         mix = self.xp.ascontiguousarray(reach[:, n_nodes:])
         # Every leaf's hidden units at once: one GEMM against w1t viewed (n_leaves * leaf, in).
         hpre = x @ p["w1t"].reshape(n_leaves * leaf_w, -1).T
         a = self.xp.empty_like(hpre)
         mixed = self.xp.empty_like(hpre)
         self.cmm.fff_soft_leaf_activate(
-            hpre, p["b1"], mix, drop_arr, has_drop, ACTIVATIONS[act], a, mixed
+            hpre, p["b1"], mix, drop_arr, has_drop, ACTIVATIONS[act], a, mixed, n_threads
         )
         # sum_l mix_l (a_l @ w2_l + b2_l) is one GEMM over the mixed hidden units plus mix @ b2.
         y = mixed @ p["w2"].reshape(n_leaves * leaf_w, -1)
@@ -98,7 +101,7 @@ class FFFOps:
         }
         return y, saved
 
-    def fff_soft_backward(self, x, dy, p, saved, act, entropy_weight, g):
+    def fff_soft_backward(self, x, dy, p, saved, act, entropy_weight, g, n_threads):
         """Adds the soft-mixture gradients into g; returns dx (B, in). entropy_weight scales each
         (row, node) entropy's gradient (hardening / (B * n_nodes))."""
         n_leaves, leaf_w = p["w1t"].shape[0], p["w1t"].shape[1]
@@ -116,6 +119,7 @@ class FFFOps:
             saved["has_drop"],
             ACTIVATIONS[act],
             dmix,
+            n_threads,
         )
         g["w2"].reshape(n_leaves * leaf_w, -1)[...] += saved["mixed"].T @ dy
         g["b2"][...] += mix.T @ dy
@@ -134,13 +138,14 @@ class FFFOps:
                 entropy_weight,
                 self.xp.empty_like(saved["reach"]),
                 dz,
+                n_threads,
             )
             g["node_w"][...] += dz.T @ x
             g["node_b"].reshape(-1)[...] += dz.sum(axis=0)
             dx += dz @ p["node_w"]
         return dx
 
-    def fff_hard_forward(self, x, p, depth, act, swap=None, drop=None):
+    def fff_hard_forward(self, x, p, depth, act, n_threads, swap=None, drop=None):
         """Hardened training forward: x (B, in) -> y (B, out), saved ("path" (B, depth) visited
         nodes, "leaf" (B,), "entropy" (B,) summed over the visited nodes, ...)."""
         n_rows, leaf_w = x.shape[0], p["w1t"].shape[1]
@@ -172,6 +177,7 @@ class FFFOps:
             leaf,
             hpre,
             entropy,
+            n_threads,
         )
         saved = {
             "path": path,
@@ -186,7 +192,7 @@ class FFFOps:
         }
         return y, saved
 
-    def fff_hard_backward(self, x, dy, p, saved, act, entropy_weight, g):
+    def fff_hard_backward(self, x, dy, p, saved, act, entropy_weight, g, n_threads):
         """Adds the hardened-path gradients into g; returns dx (B, in). entropy_weight scales
         each visited node's entropy gradient (hardening / (B * depth))."""
         dx = self.xp.empty_like(x)
@@ -213,6 +219,7 @@ class FFFOps:
             g["b1"],
             g["w2"],
             g["b2"],
+            n_threads,
         )
         return dx
 
@@ -230,7 +237,7 @@ class CPUOps(FFFOps):
     def to_numpy(self, a):
         return np.asarray(a)
 
-    def ultra_forward(self, x, w_in, b_in, w_out_t, depth, n_trees, act, save_path):
+    def ultra_forward(self, x, w_in, b_in, w_out_t, depth, n_trees, act, save_path, n_threads):
         """x (B, in) -> y (B, out); with save_path also visited nodes and pre-activations,
         each (B, T*(depth+1))."""
         n_rows = x.shape[0]
@@ -242,12 +249,34 @@ class CPUOps(FFFOps):
         else:  # the kernel does not touch them: shared empty arrays, no allocation per call
             visited, preact = _NO_PATH[x.dtype.char]
         _cmm.ultra_forward(
-            x, w_in, b_in, w_out_t, depth, n_trees, ACTIVATIONS[act], y, visited, preact, save_path
+            x,
+            w_in,
+            b_in,
+            w_out_t,
+            depth,
+            n_trees,
+            ACTIVATIONS[act],
+            y,
+            visited,
+            preact,
+            save_path,
+            n_threads,
         )
         return y, visited, preact
 
     def ultra_backward(
-        self, x, dy, w_in, w_out_t, visited, preact, act, grad_w_in, grad_b_in, grad_w_out_t
+        self,
+        x,
+        dy,
+        w_in,
+        w_out_t,
+        visited,
+        preact,
+        act,
+        grad_w_in,
+        grad_b_in,
+        grad_w_out_t,
+        n_threads,
     ):
         """Adds the hard-path parameter gradients into grad_*; returns dx (B, in)."""
         dx = np.empty_like(x)
@@ -263,6 +292,7 @@ class CPUOps(FFFOps):
             grad_w_in,
             grad_b_in,
             grad_w_out_t,
+            n_threads,
         )
         return dx
 

@@ -29,6 +29,7 @@ import numbers
 import numpy as np
 
 from . import _cmm
+from ._threads import effective_n_threads
 from ._validation import check_int
 from .module import Module
 from .ops import get_array_module, to_host
@@ -224,6 +225,7 @@ class SGD(Optimizer):
                 self.weight_decay,
                 self.momentum,
                 self.nesterov,
+                effective_n_threads(),
             )
             return
         g = grad
@@ -285,6 +287,7 @@ class Adam(Optimizer):
                 beta2,
                 self.eps,
                 self.step_count,
+                effective_n_threads(),
             )
             return
         g = grad

@@ -23,7 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
-from . import __version__, get_num_threads, nn, optim, set_num_threads
+from . import __version__, get_num_threads, nn, num_threads, optim
+from ._validation import max_threads
 from .data import DatasetError, load_fashion_mnist
 from .layers import UltraFFF
 
@@ -130,10 +131,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument(
         "--threads",
         type=int,
-        default=1,
+        default=None,
         help="threads of fastff's kernels and of BLAS, for training and the inference timing "
-        "alike (default 1: batches of 128 rows gain little from more, and on a machine with "
-        "other load, 2 threads on 2 cores made training steps 10-20x slower)",
+        "alike (default: fastff.get_num_threads(), i.e. OMP_NUM_THREADS or all available CPUs)",
     )
     run.add_argument("--dtype", choices=["float32", "float64"], default="float32")
     run.add_argument(
@@ -162,6 +162,10 @@ def resolve_options(args) -> dict:
     for option, value in DEFAULTS[args.model].items():
         if options.get(option) is None:
             options[option] = value
+    if options["threads"] is None:
+        options["threads"] = get_num_threads()
+    if options["threads"] > max_threads():
+        raise UsageError(f"--threads must be <= {max_threads()}, got {options['threads']}")
     for name in ("epochs", "batch_size", "threads", "inference_repeats", "val_size"):
         if options[name] < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {options[name]}")
@@ -381,7 +385,7 @@ def _blas_limits(threads):
             file=sys.stderr,
         )
         return None
-    return threadpool_limits(threads)
+    return threadpool_limits(threads, user_api="blas")
 
 
 def main(args) -> int:
@@ -396,30 +400,30 @@ def run(args) -> int:
     """Train, evaluate and time one model; print (and with --json write) the results."""
     options = resolve_options(args)
     dtype = np.dtype(options["dtype"])
-    old_threads = get_num_threads()
-    set_num_threads(options["threads"])
     limits = _blas_limits(options["threads"])
     try:
-        train_part, val_part, (x_test, y_test), norm = prepare_data(options, dtype)
-        try:
-            model, train_kw, neurons, width = build_model(options, dtype)
-            steps_per_epoch = -(-len(train_part[0]) // options["batch_size"])
-            opt, sched = build_optimizer(model, options, steps_per_epoch)
-        except (ValueError, TypeError) as exc:  # an out-of-range option value
-            raise UsageError(str(exc)) from exc
-        print(
-            f"{options['model']}: {model.n_parameters():,} parameters, {neurons} of {width} "
-            f"neurons per inference; {len(train_part[0])} training, {len(val_part[0])} "
-            f"validation, {len(x_test)} test images; threads: {options['threads']}",
-            flush=True,
-        )
-        train_seconds, history = train(model, train_kw, opt, sched, (train_part, val_part), options)
-        inference, inference_min, logits = time_inference(
-            model, x_test, options["inference_repeats"]
-        )
-        test_acc = float((np.asarray(logits).argmax(axis=1) == y_test).mean())
+        with num_threads(options["threads"]):  # this thread's kernels; BLAS through `limits`
+            train_part, val_part, (x_test, y_test), norm = prepare_data(options, dtype)
+            try:
+                model, train_kw, neurons, width = build_model(options, dtype)
+                steps_per_epoch = -(-len(train_part[0]) // options["batch_size"])
+                opt, sched = build_optimizer(model, options, steps_per_epoch)
+            except (ValueError, TypeError) as exc:  # an out-of-range option value
+                raise UsageError(str(exc)) from exc
+            print(
+                f"{options['model']}: {model.n_parameters():,} parameters, {neurons} of {width} "
+                f"neurons per inference; {len(train_part[0])} training, {len(val_part[0])} "
+                f"validation, {len(x_test)} test images; threads: {options['threads']}",
+                flush=True,
+            )
+            train_seconds, history = train(
+                model, train_kw, opt, sched, (train_part, val_part), options
+            )
+            inference, inference_min, logits = time_inference(
+                model, x_test, options["inference_repeats"]
+            )
+            test_acc = float((np.asarray(logits).argmax(axis=1) == y_test).mean())
     finally:
-        set_num_threads(old_threads)
         if limits is not None:
             limits.restore_original_limits()
     print(

@@ -26,6 +26,18 @@ settings.register_profile(
 settings.load_profile(os.environ.get("FASTFF_HYPOTHESIS_PROFILE", "ci"))
 
 
+@pytest.fixture(autouse=True, scope="session")
+def small_inputs_run_in_parallel():
+    """The kernels give a small call one thread (fastff/_cmm.pyx, _team), and the tests' inputs
+    are small: with one multiply-add per thread, their calls still run parallel regions on
+    every thread they are given, so the thread-count tests compare real team sizes."""
+    from fastff import _cmm
+
+    before = _cmm._set_work_per_thread(1)
+    yield
+    _cmm._set_work_per_thread(before)
+
+
 def dyadic(rng, shape, levels=8, denom=16, dtype=np.float64):
     """Values k/denom with |k| <= levels. Dot products of such arrays are exact in float32 for
     widths up to a few thousand, so a kernel and the reference take identical routing decisions

@@ -383,10 +383,10 @@ def test_fused_views_and_kernel_checks():
     assert optim._fused_views(np.zeros((3, 4), np.int64)) is None
     assert optim._fused_views(np.zeros((4, 12), np.float32)[:, ::2]) is None
     with pytest.raises(ValueError, match="one shape"):
-        _cmm.sgd_update(a, np.zeros((4, 5), np.float32), a, False, 0.1, 0.0, 0.0, False)
+        _cmm.sgd_update(a, np.zeros((4, 5), np.float32), a, False, 0.1, 0.0, 0.0, False, 1)
     with pytest.raises(ValueError, match="contiguous rows"):
         strided = np.zeros((4, 12), np.float32)[:, ::2]
-        _cmm.adam_update(strided, strided, strided, strided, 0.0, False, 0.1, 0.9, 0.99, 1e-8, 1)
+        _cmm.adam_update(strided, strided, strided, strided, 0.0, False, 0.1, 0.9, 0.99, 1e-8, 1, 1)
 
 
 def _layout(shape, dtype, transposed, strided):
@@ -448,7 +448,7 @@ def test_sgd_kernel_matches_reference(case, lr, weight_decay, momentum, nesterov
     want_p, want_buf = R.sgd_step(p.copy(), g, buf.copy(), lr, momentum, nesterov, weight_decay)
     views = optim._fused_views(p, g, buf)
     assert views is not None
-    _cmm.sgd_update(*views, momentum > 0, lr, weight_decay, momentum, nesterov)
+    _cmm.sgd_update(*views, momentum > 0, lr, weight_decay, momentum, nesterov, 1)
     _assert_same(p, want_p, dtype)
     if momentum:
         _assert_same(buf, want_buf, dtype)
@@ -468,6 +468,6 @@ def test_adam_kernel_matches_reference(case, lr, weight_decay, decoupled, betas,
     want = R.adam_step(p.copy(), g, m.copy(), v.copy(), t, lr, *betas, eps, weight_decay, decoupled)
     views = optim._fused_views(p, g, m, v)
     assert views is not None
-    _cmm.adam_update(*views, weight_decay, decoupled, lr, *betas, eps, t)
+    _cmm.adam_update(*views, weight_decay, decoupled, lr, *betas, eps, t, 1)
     for got, exp in zip((p, m, v), want):
         _assert_same(got, exp, dtype)

@@ -1,4 +1,5 @@
-"""Thread safety: the kernels release the GIL, so Python threads run them concurrently.
+"""Thread safety and thread counts: the kernels release the GIL, so Python threads run them
+concurrently; the thread count each kernel is given is resolved in Python, process-wide.
 
 Guaranteed, and tested here: calling one layer's inference from many threads at once gives
 bitwise the results of serial calls, and training different layers in different threads at
@@ -6,6 +7,9 @@ once gives bitwise the gradients of training them one after the other. Training 
 several threads at once is not supported (its gradients are shared accumulators).
 """
 
+import os
+import subprocess
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -142,3 +146,155 @@ def test_kernels_release_the_gil(kernel):
         )
     finally:
         fastff.set_num_threads(before)
+
+
+# ---- which thread count a kernel is given ----------------------------------------------------
+
+
+@pytest.fixture
+def recorded_kernel_threads(monkeypatch):
+    """The n_threads argument of every fastff._cmm.ultra_forward call, in call order."""
+    from fastff import _cmm
+
+    seen = []
+    kernel = _cmm.ultra_forward
+
+    def recording(*args):
+        seen.append(args[-1])
+        return kernel(*args)
+
+    monkeypatch.setattr(_cmm, "ultra_forward", recording)
+    return seen
+
+
+@pytest.fixture
+def default_threads():
+    """No process-wide setting during the test, and none left behind."""
+    fastff._threads.reset_num_threads()
+    yield
+    fastff._threads.reset_num_threads()
+
+
+def _in_new_thread(fn):
+    out = []
+    thread = threading.Thread(target=lambda: out.append(fn()))
+    thread.start()
+    thread.join()
+    return out[0]
+
+
+def _call_and_count(layer, x):
+    return fastff.get_num_threads(), layer(x).shape
+
+
+def test_set_num_threads_reaches_threads_started_later(recorded_kernel_threads, default_threads):
+    layer = fastff.UltraFFF(16, 8, 3, seed=0)
+    x = np.ones((64, 16), np.float32)
+    fastff.set_num_threads(1)
+    assert _in_new_thread(lambda: _call_and_count(layer, x)) == (1, (64, 8))
+    with ThreadPoolExecutor(2) as pool:
+        assert pool.submit(_call_and_count, layer, x).result()[0] == 1
+    assert recorded_kernel_threads == [1, 1]
+    fastff.set_num_threads(3)  # and it changes for threads that already exist
+    with ThreadPoolExecutor(1) as pool:
+        pool.submit(layer, x).result()
+        fastff.set_num_threads(2)
+        pool.submit(layer, x).result()
+    assert recorded_kernel_threads[2:] == [3, 2]
+
+
+def test_threadpool_limits_govern_every_thread(recorded_kernel_threads, default_threads):
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    layer = fastff.UltraFFF(16, 8, 3, seed=0)
+    x = np.ones((64, 16), np.float32)
+    fastff.set_num_threads(2)
+    with threadpoolctl.threadpool_limits(1):
+        assert fastff.get_num_threads() == 1
+        layer(x)
+        assert _in_new_thread(lambda: _call_and_count(layer, x))[0] == 1
+    assert fastff.get_num_threads() == 2
+    layer(x)
+    assert recorded_kernel_threads == [1, 1, 2]
+    apis = {info["user_api"] for info in threadpoolctl.threadpool_info()}
+    assert "fastff" in apis
+    with threadpoolctl.threadpool_limits(1, user_api="fastff"):
+        assert fastff.get_num_threads() == 1
+
+
+def test_num_threads_scope_stays_in_its_thread(recorded_kernel_threads, default_threads):
+    layer = fastff.UltraFFF(16, 8, 3, seed=0)
+    x = np.ones((64, 16), np.float32)
+    fastff.set_num_threads(2)
+    with fastff.num_threads(1):
+        layer(x)
+        assert fastff.get_num_threads() == 1
+        assert _in_new_thread(fastff.get_num_threads) == 2  # the process-wide setting there
+        with fastff.num_threads(3):
+            assert fastff.get_num_threads() == 3
+        assert fastff.get_num_threads() == 1
+    layer(x)
+    assert recorded_kernel_threads == [1, 2]
+    with pytest.raises(ValueError, match="n must be >= 1"):
+        with fastff.num_threads(0):
+            pass
+    with pytest.raises(TypeError):
+        with fastff.num_threads(1.5):
+            pass
+
+
+def test_every_kernel_refuses_a_thread_count_out_of_range():
+    from fastff import _cmm
+
+    layer = fastff.UltraFFF(4, 3, 1, seed=0)
+    p = layer._params
+    x = np.ones((2, 4), np.float32)
+    y = np.empty((2, 3), np.float32)
+    no_path = np.empty((0, 0), np.intp), np.empty((0, 0), np.float32)
+    for bad in (0, -1, _cmm.MAX_THREADS + 1, 5000):
+        with pytest.raises(ValueError, match="n_threads must be in"):
+            _cmm.ultra_forward(
+                x, p["w_in"], p["b_in"], p["w_out_t"], 1, 1, 2, y, *no_path, False, bad
+            )
+    a = np.zeros((2, 3), np.float32)
+    with pytest.raises(ValueError, match="n_threads must be in"):
+        _cmm.sgd_update(a, a, a, False, 0.1, 0.0, 0.0, False, 0)
+
+
+def test_small_work_runs_on_the_calling_thread():
+    from fastff import _cmm
+
+    before = _cmm._set_work_per_thread(1 << 18)  # the shipped grain, not the tests' one
+    try:
+        assert _cmm._team_size(2, 64, 100.0) == 1  # a soft FFF kernel on a small batch
+        assert _cmm._team_size(2, 16, 1e9) == 1  # one chunk of rows
+        assert _cmm._team_size(2, 4096, 12 * 1536.0) == 2  # ufb's forward
+        assert _cmm._team_size(8, 4096, 12 * 1536.0) == 8
+        assert _cmm._team_size(8, 48, 1e9) == 3  # at most one thread per chunk of 16 rows
+    finally:
+        _cmm._set_work_per_thread(before)
+
+
+def _fresh_process(code, **env):
+    environ = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("OMP_NUM_THREADS", "GOMP_SPINCOUNT", "OMP_WAIT_POLICY")
+    }
+    environ.update(env)
+    result = subprocess.run(
+        [sys.executable, "-c", code], env=environ, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    return result.stdout.split()
+
+
+def test_defaults_follow_omp_num_threads_and_set_a_short_openmp_spin():
+    code = "import os, fastff; print(fastff.get_num_threads(), os.environ.get('GOMP_SPINCOUNT'))"
+    n, spin = _fresh_process(code, OMP_NUM_THREADS="1")
+    assert n == "1" and spin == fastff._threads.SPIN_COUNT
+    n, spin = _fresh_process(code, OMP_NUM_THREADS="3,2")
+    assert n == "3"
+    n, spin = _fresh_process(code, OMP_WAIT_POLICY="active")
+    assert int(n) == fastff._threads.available_cpus() and spin == "None"  # the user's choice
+    n, spin = _fresh_process(code, OMP_NUM_THREADS="zero", GOMP_SPINCOUNT="5")
+    assert int(n) == fastff._threads.available_cpus() and spin == "5"

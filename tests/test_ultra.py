@@ -297,7 +297,7 @@ def test_kernels_write_every_output_row_whatever_it_held(n_rows, depth, n_trees)
     visited = np.empty((n_rows, path), np.intp)
     preact = np.empty((n_rows, path), np.float32)
     args = (p["w_in"], p["b_in"], p["w_out_t"], depth, n_trees, ACTIVATIONS["relu"])
-    _cmm.ultra_forward(x, *args, y, visited, preact, True)
+    _cmm.ultra_forward(x, *args, y, visited, preact, True, 1)
     y_ref, backprop = layer.forward_train(x)
     np.testing.assert_array_equal(y, y_ref)
     assert not y[0].any()
@@ -305,7 +305,7 @@ def test_kernels_write_every_output_row_whatever_it_held(n_rows, depth, n_trees)
     dx = np.full_like(x, np.nan)
     grads = [np.zeros_like(p["w_in"]), np.zeros_like(p["b_in"]), np.zeros_like(p["w_out_t"])]
     _cmm.ultra_backward(
-        x, dy, p["w_in"], p["w_out_t"], visited, preact, ACTIVATIONS["relu"], dx, *grads
+        x, dy, p["w_in"], p["w_out_t"], visited, preact, ACTIVATIONS["relu"], dx, *grads, 1
     )
     np.testing.assert_array_equal(dx, backprop(dy))
 
@@ -337,7 +337,7 @@ def test_cpu_layout_is_one_record_per_node_and_survives_updates(rng):
     assert separate["w_in"].base is None
     ops = get_ops("cpu")
     for save_path in (False, True):
-        args = (layer.depth, layer.parallel_size, layer.activation, save_path)
+        args = (layer.depth, layer.parallel_size, layer.activation, save_path, 2)
         got = ops.ultra_forward(x, p["w_in"], p["b_in"], p["w_out_t"], *args)
         want = ops.ultra_forward(x, separate["w_in"], separate["b_in"], separate["w_out_t"], *args)
         for a, b in zip(got, want):
@@ -345,7 +345,7 @@ def test_cpu_layout_is_one_record_per_node_and_survives_updates(rng):
     np.testing.assert_array_equal(
         layer(x),
         ops.ultra_forward(
-            x, separate["w_in"], separate["b_in"], separate["w_out_t"], 3, 2, "gelu", False
+            x, separate["w_in"], separate["b_in"], separate["w_out_t"], 3, 2, "gelu", False, 2
         )[0],
     )
 
@@ -375,14 +375,16 @@ def test_kernels_reject_weights_whose_rows_are_not_contiguous(rng):
     y = np.empty((3, 4), np.float32)
     no_path = (np.empty((0, 0), np.intp), np.empty((0, 0), np.float32), False)
     with pytest.raises(ValueError, match="rows of w_in and w_out_t must be contiguous"):
-        _cmm.ultra_forward(x, w[:, ::2], b, w[:, :4], 2, 1, 0, y, *no_path)
+        _cmm.ultra_forward(x, w[:, ::2], b, w[:, :4], 2, 1, 0, y, *no_path, 1)
     with pytest.raises(ValueError, match="rows of w_in and w_out_t must be contiguous"):
-        _cmm.ultra_forward(x, w[:, :4], b, w[:, 1::2], 2, 1, 0, y, *no_path)
+        _cmm.ultra_forward(x, w[:, :4], b, w[:, 1::2], 2, 1, 0, y, *no_path, 1)
     visited = np.zeros((3, 3), np.intp)
     preact = np.zeros((3, 3), np.float32)
     grads = (np.zeros((7, 4), np.float32), np.zeros(7, np.float32), np.zeros((7, 4), np.float32))
     with pytest.raises(ValueError, match="rows of w_in and w_out_t must be contiguous"):
-        _cmm.ultra_backward(x, y, w[:, ::2], w[:, :4], visited, preact, 0, np.empty_like(x), *grads)
+        _cmm.ultra_backward(
+            x, y, w[:, ::2], w[:, :4], visited, preact, 0, np.empty_like(x), *grads, 1
+        )
 
 
 # ---- training: hard-path gradients --------------------------------------------------------

@@ -136,38 +136,44 @@ def _kernel_calls():
     return [
         (
             "ultra depth",
-            lambda: _cmm.ultra_forward(x, w_in, b_in, w_out_t, 5, 1, 0, y, visited, preact, False),
+            lambda: _cmm.ultra_forward(
+                x, w_in, b_in, w_out_t, 5, 1, 0, y, visited, preact, False, 1
+            ),
         ),
         (
             "ultra trees",
-            lambda: _cmm.ultra_forward(x, w_in, b_in, w_out_t, 2, 2, 0, y, visited, preact, False),
+            lambda: _cmm.ultra_forward(
+                x, w_in, b_in, w_out_t, 2, 2, 0, y, visited, preact, False, 1
+            ),
         ),
         (
             "ultra width",
             lambda: _cmm.ultra_forward(
-                z((5, 6), f), w_in, b_in, w_out_t, 2, 1, 0, y, visited, preact, False
+                z((5, 6), f), w_in, b_in, w_out_t, 2, 1, 0, y, visited, preact, False, 1
             ),
         ),
         (
             "ultra y",
             lambda: _cmm.ultra_forward(
-                x, w_in, b_in, w_out_t, 2, 1, 0, z((4, 3), f), visited, preact, False
+                x, w_in, b_in, w_out_t, 2, 1, 0, z((4, 3), f), visited, preact, False, 1
             ),
         ),
         (
             "ultra path",
             lambda: _cmm.ultra_forward(
-                x, w_in, b_in, w_out_t, 2, 1, 0, y, z((5, 2), np.intp), z((5, 2), f), True
+                x, w_in, b_in, w_out_t, 2, 1, 0, y, z((5, 2), np.intp), z((5, 2), f), True, 1
             ),
         ),
         (
             "ultra act",
-            lambda: _cmm.ultra_forward(x, w_in, b_in, w_out_t, 2, 1, 9, y, visited, preact, False),
+            lambda: _cmm.ultra_forward(
+                x, w_in, b_in, w_out_t, 2, 1, 9, y, visited, preact, False, 1
+            ),
         ),
         (
             "ultra visit",
             lambda: _cmm.ultra_backward(
-                x, y, w_in, w_out_t, bad_visit, preact, 0, z((5, 4), f), *ultra_grads
+                x, y, w_in, w_out_t, bad_visit, preact, 0, z((5, 4), f), *ultra_grads, 1
             ),
         ),
         (
@@ -183,11 +189,12 @@ def _kernel_calls():
                 z((5, 4), f),
                 z((6, 4), f),
                 *ultra_grads[1:],
+                1,
             ),
         ),
-        ("fff depth", lambda: _cmm.fff_infer(x, nw, nb, w1t, b1, w2, b2, 3, 0, y)),
-        ("fff width", lambda: _cmm.fff_infer(z((5, 5), f), nw, nb, w1t, b1, w2, b2, 2, 0, y)),
-        ("fff b2", lambda: _cmm.fff_infer(x, nw, nb, w1t, b1, w2, z((4, 2), f), 2, 0, y)),
+        ("fff depth", lambda: _cmm.fff_infer(x, nw, nb, w1t, b1, w2, b2, 3, 0, y, 1)),
+        ("fff width", lambda: _cmm.fff_infer(z((5, 5), f), nw, nb, w1t, b1, w2, b2, 2, 0, y, 1)),
+        ("fff b2", lambda: _cmm.fff_infer(x, nw, nb, w1t, b1, w2, z((4, 2), f), 2, 0, y, 1)),
         (
             "fff swap",
             lambda: _cmm.fff_hard_train_forward(
@@ -210,6 +217,7 @@ def _kernel_calls():
                 leaf,
                 hpre,
                 ent,
+                1,
             ),
         ),
         (
@@ -234,6 +242,7 @@ def _kernel_calls():
                 leaf,
                 hpre,
                 ent,
+                1,
             ),
         ),
         (
@@ -256,6 +265,7 @@ def _kernel_calls():
                 1.0,
                 z((5, 4), f),
                 *fff_grads,
+                1,
             ),
         ),
         (
@@ -278,12 +288,13 @@ def _kernel_calls():
                 1.0,
                 z((5, 4), f),
                 *fff_grads,
+                1,
             ),
         ),
         (
             "soft reach",
             lambda: _cmm.fff_soft_mixture(
-                z((5, 3), f), no_u8, False, z((5, 3), f), z((5, 6), f), ent
+                z((5, 3), f), no_u8, False, z((5, 3), f), z((5, 6), f), ent, 1
             ),
         ),
         (
@@ -297,18 +308,27 @@ def _kernel_calls():
                 0.0,
                 z((5, 7), f),
                 z((5, 3), f),
+                1,
             ),
         ),
         (
             "soft leaves",
             lambda: _cmm.fff_soft_leaf_activate(
-                z((5, 8), f), b1, z((5, 3), f), no_f, False, 0, z((5, 8), f), z((5, 8), f)
+                z((5, 8), f), b1, z((5, 3), f), no_f, False, 0, z((5, 8), f), z((5, 8), f), 1
             ),
         ),
         (
             "soft leaf backward",
             lambda: _cmm.fff_soft_leaf_backward(
-                z((5, 8), f), z((5, 8), f), z((5, 8), f), z((5, 0), f), no_f, False, 0, z((5, 0), f)
+                z((5, 8), f),
+                z((5, 8), f),
+                z((5, 8), f),
+                z((5, 0), f),
+                no_f,
+                False,
+                0,
+                z((5, 0), f),
+                1,
             ),
         ),
     ]

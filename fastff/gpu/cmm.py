@@ -1,4 +1,5 @@
-"""CUDA twins of the router-leaf kernels of fastff._cmm, with the same signatures.
+"""CUDA twins of the router-leaf kernels of fastff._cmm, with the same signatures (the CPU's
+trailing n_threads is accepted and ignored).
 
 The FFF ops code (GEMMs plus these kernels) is written once against an array module and a
 kernel module; on the GPU the array module is CuPy and the kernel module is this one.
@@ -84,7 +85,7 @@ def _hard_forward(
     )
 
 
-def fff_infer(x, node_w, node_b, w1t, b1, w2, b2, depth, act, y):
+def fff_infer(x, node_w, node_b, w1t, b1, w2, b2, depth, act, y, n_threads=None):
     empty = cp.empty(0, dtype=x.dtype)
     none_i = cp.empty(0, dtype=cp.int64)
     _hard_forward(
@@ -131,6 +132,7 @@ def fff_hard_train_forward(
     leaf,
     hpre,
     entropy,
+    n_threads=None,
 ):
     _hard_forward(
         x,
@@ -179,6 +181,7 @@ def fff_hard_train_backward(
     grad_b1,
     grad_w2,
     grad_b2,
+    n_threads=None,
 ):
     n_rows, in_w = x.shape
     if n_rows == 0:
@@ -219,7 +222,7 @@ def fff_hard_train_backward(
     )
 
 
-def fff_soft_mixture(z, swap, has_swap, q, reach, entropy):
+def fff_soft_mixture(z, swap, has_swap, q, reach, entropy, n_threads=None):
     n_rows, n_nodes = z.shape
     if n_rows == 0:
         return
@@ -231,7 +234,9 @@ def fff_soft_mixture(z, swap, has_swap, q, reach, entropy):
     )
 
 
-def fff_soft_router_backward(dmix, q, reach, swap, has_swap, entropy_weight, dreach, dz):
+def fff_soft_router_backward(
+    dmix, q, reach, swap, has_swap, entropy_weight, dreach, dz, n_threads=None
+):
     n_rows, n_nodes = q.shape
     if n_rows == 0 or n_nodes == 0:
         return
@@ -254,7 +259,7 @@ def fff_soft_router_backward(dmix, q, reach, swap, has_swap, entropy_weight, dre
     )
 
 
-def fff_soft_leaf_activate(hpre, b1, mix, drop, has_drop, act, a, mixed):
+def fff_soft_leaf_activate(hpre, b1, mix, drop, has_drop, act, a, mixed, n_threads=None):
     n_rows, n_units = hpre.shape
     if n_rows * n_units == 0:
         return
@@ -278,7 +283,7 @@ def fff_soft_leaf_activate(hpre, b1, mix, drop, has_drop, act, a, mixed):
     )
 
 
-def fff_soft_leaf_backward(hpre, a, g, mix, drop, has_drop, act, dmix):
+def fff_soft_leaf_backward(hpre, a, g, mix, drop, has_drop, act, dmix, n_threads=None):
     n_rows, n_leaves = mix.shape
     if n_rows * n_leaves == 0:
         return

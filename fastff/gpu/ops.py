@@ -104,7 +104,7 @@ class GPUOps(FFFOps):
         grid = (n_rows + warps - 1) // warps
         return (grid,), (32 * warps,), (per_warp * warps if use_smem else 0), use_smem
 
-    def ultra_forward(self, x, w_in, b_in, w_out_t, depth, n_trees, act, save_path):
+    def ultra_forward(self, x, w_in, b_in, w_out_t, depth, n_trees, act, save_path, n_threads):
         n_rows, in_w = x.shape
         out_w = w_out_t.shape[1]
         path = n_trees * (depth + 1) if save_path else 0
@@ -164,7 +164,18 @@ class GPUOps(FFFOps):
         return y, visited, preact
 
     def ultra_backward(
-        self, x, dy, w_in, w_out_t, visited, preact, act, grad_w_in, grad_b_in, grad_w_out_t
+        self,
+        x,
+        dy,
+        w_in,
+        w_out_t,
+        visited,
+        preact,
+        act,
+        grad_w_in,
+        grad_b_in,
+        grad_w_out_t,
+        n_threads,
     ):
         n_rows, in_w = x.shape
         out_w = dy.shape[1]
