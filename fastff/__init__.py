@@ -1,9 +1,8 @@
 """fastff: fast feedforward (FFF) layers for NumPy, with log-time CMM kernels."""
 
-__version__ = "0.1.0"
-
 # ruff: noqa: E402 (the spin policy must be set before the kernels load libgomp)
 from . import _threads
+from ._version import __version__
 
 # libgomp reads its spin policy once, when it is loaded (see fastff/_threads.py)
 _threads.configure_openmp_wait()

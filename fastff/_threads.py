@@ -27,6 +27,7 @@ from collections.abc import Iterator
 from contextvars import ContextVar
 
 from ._validation import check_int, max_threads
+from ._version import __version__
 
 _scoped: ContextVar[int | None] = ContextVar("fastff_num_threads", default=None)
 _process_wide: int | None = None
@@ -169,8 +170,6 @@ def register_threadpoolctl() -> bool:
             set_num_threads(num_threads)
 
         def get_version(self):
-            from . import __version__
-
             return __version__
 
     register(FastffController)

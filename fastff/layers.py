@@ -16,8 +16,9 @@ from ._validation import (
     check_probability,
     check_width,
 )
+from .backends import get_ops
 from .module import Module, _aligned_copy, _aligned_empty
-from .ops import ACTIVATIONS, get_ops, to_host
+from .ops import ACTIVATIONS, to_host
 
 USAGE_MODES = ("none", "soft", "hard")
 _INTP_BYTES = np.dtype(np.intp).itemsize

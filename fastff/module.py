@@ -14,7 +14,8 @@ from typing import Any, TypeVar
 import numpy as np
 
 from ._validation import as_rows, check_cast_in_range, check_fits_in_memory, check_float_dtype
-from .ops import get_ops, to_host
+from .backends import get_ops
+from .ops import to_host
 
 MODULE_KINDS: dict[str, type[Module]] = {}  # class name -> class, for rebuilding saved modules
 ModuleT = TypeVar("ModuleT", bound="Module")

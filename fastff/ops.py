@@ -8,6 +8,7 @@ kernels never ask OpenMP, whose setting is per OS thread; the GPU ignores it.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -24,12 +25,84 @@ _NO_PATH = {
 }
 
 
-class FFFOps:
-    """Router-leaf FFF ops, written once against `self.xp` (NumPy or CuPy) and `self.cmm`
-    (fastff._cmm or its CUDA twin fastff.gpu.cmm, same signatures)."""
+class Ops:
+    """Every operation the layers, nn and optim call, declared once with its signature.
 
+    Backends (CPUOps here, GPUOps in fastff.gpu.ops) implement the neuron-tree kernels and the
+    array helpers, and override what they speed up. The router-leaf FFF ops and the optimizer
+    updates are written once here against `self.xp` (NumPy or CuPy) and `self.cmm` (fastff._cmm
+    or its CUDA twin fastff.gpu.cmm, same signatures). tests/test_ops.py holds every backend's
+    public methods to these signatures.
+    """
+
+    name: str
     xp: Any
     cmm: Any
+
+    # ---- arrays --------------------------------------------------------------------------
+    def asarray(self, a, dtype=None):
+        """`a` as this backend's array (copied across devices), optionally cast to dtype."""
+        raise NotImplementedError
+
+    def to_numpy(self, a):
+        """A NumPy array of this backend's array `a`."""
+        raise NotImplementedError
+
+    # ---- neuron-tree FFF -------------------------------------------------------------------
+    def ultra_forward(self, x, w_in, b_in, w_out_t, depth, n_trees, act, save_path, n_threads):
+        """x (B, in) -> y (B, out), visited (B, T*(depth+1)) node ids and preact (same shape)
+        pre-activations; the last two are (0, 0) unless save_path."""
+        raise NotImplementedError
+
+    def ultra_backward(
+        self,
+        x,
+        dy,
+        w_in,
+        w_out_t,
+        visited,
+        preact,
+        act,
+        grad_w_in,
+        grad_b_in,
+        grad_w_out_t,
+        n_threads,
+    ):
+        """Adds the hard-path parameter gradients into grad_*; returns dx (B, in)."""
+        raise NotImplementedError
+
+    # ---- optimizer updates, in place (PyTorch's semantics; fastff/optim.py) ------------------
+    def sgd_update(self, param, grad, buf, lr, weight_decay, momentum, nesterov, n_threads):
+        """g = grad + weight_decay * p; with a momentum buffer buf (None: no momentum):
+        buf = momentum * buf + g, g = g + momentum * buf if nesterov else buf; p -= lr * g."""
+        g = grad
+        if weight_decay:
+            g = g + weight_decay * param
+        if buf is not None:
+            buf *= momentum
+            buf += g
+            g = g + momentum * buf if nesterov else buf
+        param -= lr * g
+
+    def adam_update(
+        self, param, grad, m, v, lr, betas, eps, weight_decay, decoupled, step, n_threads
+    ):
+        """One Adam (decoupled: AdamW) step of p, m, v from grad; step is the 1-based t."""
+        beta1, beta2 = betas
+        g = grad
+        if weight_decay:
+            if decoupled:
+                param *= 1 - lr * weight_decay
+            else:
+                g = g + weight_decay * param
+        m *= beta1
+        m += (1 - beta1) * g
+        v *= beta2
+        v += (1 - beta2) * (g * g)
+        denom = self.xp.sqrt(v)
+        denom *= 1 / math.sqrt(1 - beta2**step)
+        denom += eps
+        param -= (lr / (1 - beta1**step)) * (m / denom)
 
     # ---- router-leaf FFF ---------------------------------------------------------------------
     # p and g are the layer's internal parameter / gradient dicts: node_w (n_nodes, in),
@@ -224,7 +297,7 @@ class FFFOps:
         return dx
 
 
-class CPUOps(FFFOps):
+class CPUOps(Ops):
     """NumPy arrays, Cython/OpenMP kernels (fastff._cmm)."""
 
     name = "cpu"
@@ -296,19 +369,70 @@ class CPUOps(FFFOps):
         )
         return dx
 
+    def sgd_update(self, param, grad, buf, lr, weight_decay, momentum, nesterov, n_threads):
+        views = _fused_views(param, grad, *([] if buf is None else [buf]))
+        if views is None:
+            return super().sgd_update(
+                param, grad, buf, lr, weight_decay, momentum, nesterov, n_threads
+            )
+        p, g, *b = views  # the same arithmetic as Ops.sgd_update, in one pass
+        _cmm.sgd_update(
+            p, g, b[0] if b else p, bool(b), lr, weight_decay, momentum, nesterov, n_threads
+        )
+        return None
 
-_CPU = CPUOps()
+    def adam_update(
+        self, param, grad, m, v, lr, betas, eps, weight_decay, decoupled, step, n_threads
+    ):
+        views = _fused_views(param, grad, m, v)
+        if views is None:
+            return super().adam_update(
+                param, grad, m, v, lr, betas, eps, weight_decay, decoupled, step, n_threads
+            )
+        _cmm.adam_update(  # the same arithmetic as Ops.adam_update, in one pass
+            *views, weight_decay, decoupled, lr, betas[0], betas[1], eps, step, n_threads
+        )
+        return None
 
 
-def get_ops(device: str):
-    """The Ops of a device name: "cpu", or "cuda" (needs CuPy and a CUDA device)."""
-    if device == "cpu":
-        return _CPU
-    if device == "cuda":
-        from .gpu import get_gpu_ops
+def _fused_views(*arrays):
+    """(rows, cols) views of same-shaped float NumPy arrays, all with the axes in the order
+    that makes their rows contiguous (a transposed parameter view goes back to its storage
+    order; its gradient and state share that layout), for the fused update kernels of
+    fastff._cmm; None where some array's layout or type does not allow it. The order comes
+    from the first array's strides, else from another's: with a length-1 axis, an array's
+    strides may not tell its storage order (a (1, n) view of a strided (n, 1) column)."""
+    first = arrays[0]
+    if first.ndim == 0 or first.dtype not in (np.float32, np.float64):
+        return None
+    for a in arrays:
+        if type(a) is not np.ndarray or a.dtype != first.dtype or a.shape != first.shape:
+            return None
+    tried = []
+    for guide in arrays:
+        strides = guide.strides
+        axes = sorted(range(first.ndim), key=lambda k: -abs(strides[k]))
+        if axes in tried:
+            continue
+        tried.append(axes)
+        views = [_rows_view(a, axes) for a in arrays]
+        if all(v is not None for v in views):
+            return views
+    return None
 
-        return get_gpu_ops()
-    raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
+
+def _rows_view(a, axes):
+    """a with its axes in `axes` order as (rows, cols) with contiguous rows, or None."""
+    t = a.transpose(axes)
+    if t.ndim == 1:
+        t = t[np.newaxis]
+    elif t.ndim > 2:
+        if not t.flags.c_contiguous:
+            return None
+        t = t.reshape(-1, t.shape[-1])
+    if t.shape[1] > 1 and t.strides[1] != t.itemsize:
+        return None
+    return t
 
 
 def to_host(a):

@@ -4,9 +4,9 @@ An optimizer walks ``model.named_parameters()`` and updates each parameter view 
 views write through to the layers' kernel storage, whatever its internal layout. Its state
 (momentum, Adam moments) is kept per parameter name. After updating, ``step()`` calls
 ``model.mark_updated()``, so a backprop left over from before the step raises instead of
-using the new weights with old activations. On the CPU each parameter's update is one fused
-OpenMP pass (fastff._cmm.sgd_update / adam_update) with the arithmetic of the NumPy
-expressions below, which CuPy arrays (and layouts the kernels cannot take) still use.
+using the new weights with old activations. The update rules themselves are backend ops
+(``Ops.sgd_update`` / ``Ops.adam_update`` in fastff/ops.py): array expressions, which the CPU
+backend runs as one fused OpenMP pass per parameter with the same arithmetic.
 
 Typical loop::
 
@@ -26,11 +26,9 @@ from __future__ import annotations
 import math
 import numbers
 
-import numpy as np
-
-from . import _cmm
 from ._threads import effective_n_threads
 from ._validation import check_int
+from .backends import ops_of
 from .module import Module
 from .ops import get_array_module, to_host
 
@@ -129,9 +127,8 @@ class Optimizer:
         self.step_count += 1
         local = self._local_rows()
         for name, param, grad in self.model.named_parameters():
-            xp = get_array_module(param)
             if name not in local:
-                self._update(name, param, grad, xp)
+                self._update(name, param, grad)
                 continue
             ready, scale = local[name]
             if not bool(ready.any()):
@@ -144,7 +141,6 @@ class Optimizer:
                 name,
                 param,
                 grad * scale.reshape((-1,) + (1,) * (grad.ndim - 1)).astype(grad.dtype),
-                xp,
             )
             param[waiting] = kept
             for k, b in kept_state.items():
@@ -163,34 +159,8 @@ class Optimizer:
                 state[key] = xp.asarray(to_host(buf))
         return [state[key] for key in keys]
 
-    def _update(self, name, param, grad, xp):
+    def _update(self, name, param, grad):
         raise NotImplementedError
-
-
-def _fused_views(*arrays):
-    """(rows, cols) views of same-shaped float NumPy arrays, all with the axes in the order
-    that makes the first one's rows contiguous (a transposed parameter view goes back to its
-    storage order; its gradient and state share that layout), for the fused update kernels of
-    fastff._cmm; None where some array's layout or type does not allow it."""
-    first = arrays[0]
-    if first.ndim == 0 or first.dtype not in (np.float32, np.float64):
-        return None
-    axes = sorted(range(first.ndim), key=lambda k: -abs(first.strides[k]))
-    views = []
-    for a in arrays:
-        if type(a) is not np.ndarray or a.dtype != first.dtype or a.shape != first.shape:
-            return None
-        t = a.transpose(axes)
-        if t.ndim == 1:
-            t = t[np.newaxis]
-        elif t.ndim > 2:
-            if not t.flags.c_contiguous:
-                return None
-            t = t.reshape(-1, t.shape[-1])
-        if t.shape[1] > 1 and t.strides[1] != t.itemsize:
-            return None
-        views.append(t)
-    return views
 
 
 class SGD(Optimizer):
@@ -211,32 +181,18 @@ class SGD(Optimizer):
             raise ValueError("nesterov=True needs momentum > 0")
         self.nesterov = nesterov
 
-    def _update(self, name, param, grad, xp):
-        bufs = self._buffers(name, param, ("momentum",)) if self.momentum else []
-        views = _fused_views(param, grad, *bufs) if xp is np else None
-        if views is not None:  # the same arithmetic as below, in one pass
-            p, g, *buf = views
-            _cmm.sgd_update(
-                p,
-                g,
-                buf[0] if buf else p,
-                bool(buf),
-                self.lr,
-                self.weight_decay,
-                self.momentum,
-                self.nesterov,
-                effective_n_threads(),
-            )
-            return
-        g = grad
-        if self.weight_decay:
-            g = g + self.weight_decay * param
-        if self.momentum:
-            (buf,) = bufs
-            buf *= self.momentum
-            buf += g
-            g = g + self.momentum * buf if self.nesterov else buf
-        param -= self.lr * g
+    def _update(self, name, param, grad):
+        buf = self._buffers(name, param, ("momentum",))[0] if self.momentum else None
+        ops_of(param).sgd_update(
+            param,
+            grad,
+            buf,
+            self.lr,
+            self.weight_decay,
+            self.momentum,
+            self.nesterov,
+            effective_n_threads(),
+        )
 
 
 class Adam(Optimizer):
@@ -273,38 +229,21 @@ class Adam(Optimizer):
                 f"a smaller eps is 0 in float32 arithmetic), got {self.eps}"
             )
 
-    def _update(self, name, param, grad, xp):
-        beta1, beta2 = self.betas
+    def _update(self, name, param, grad):
         m, v = self._buffers(name, param, ("exp_avg", "exp_avg_sq"))
-        views = _fused_views(param, grad, m, v) if xp is np else None
-        if views is not None:  # the same arithmetic as below, in one pass
-            _cmm.adam_update(
-                *views,
-                self.weight_decay,
-                self.decoupled,
-                self.lr,
-                beta1,
-                beta2,
-                self.eps,
-                self.step_count,
-                effective_n_threads(),
-            )
-            return
-        g = grad
-        if self.weight_decay:
-            if self.decoupled:
-                param *= 1 - self.lr * self.weight_decay
-            else:
-                g = g + self.weight_decay * param
-        m *= beta1
-        m += (1 - beta1) * g
-        v *= beta2
-        v += (1 - beta2) * (g * g)
-        t = self.step_count
-        denom = xp.sqrt(v)
-        denom *= 1 / math.sqrt(1 - beta2**t)
-        denom += self.eps
-        param -= (self.lr / (1 - beta1**t)) * (m / denom)
+        ops_of(param).adam_update(
+            param,
+            grad,
+            m,
+            v,
+            self.lr,
+            self.betas,
+            self.eps,
+            self.weight_decay,
+            self.decoupled,
+            self.step_count,
+            effective_n_threads(),
+        )
 
 
 class AdamW(Adam):

@@ -460,7 +460,7 @@ def test_state_dict_keys_shapes_and_init_bounds():
 def test_weights_start_on_cache_lines():
     """Internal weights are 64-byte aligned (vector loads then never span two cache lines),
     also after the device hook has taken arrays back from the GPU."""
-    from fastff.ops import get_ops
+    from fastff.backends import get_ops
 
     layer = fastff.FFF(16, 4, 9, 3, seed=7)
     assert all(v.ctypes.data % 64 == 0 for v in layer._params.values())

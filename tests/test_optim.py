@@ -9,7 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import fastff
-from fastff import _cmm, nn, optim
+from fastff import _cmm, nn, ops, optim
 from fastff import reference as R
 
 
@@ -345,10 +345,8 @@ def test_fused_updates_give_the_bits_of_the_numpy_expressions(monkeypatch, make_
     fused_opt, numpy_opt = make_opt(fused_model), make_opt(numpy_model)
     calls = []
     for kernel in ("adam_update", "sgd_update"):
-        real = getattr(optim._cmm, kernel)
-        monkeypatch.setattr(
-            optim._cmm, kernel, lambda *a, _real=real: (calls.append(1), _real(*a))[1]
-        )
+        real = getattr(_cmm, kernel)
+        monkeypatch.setattr(_cmm, kernel, lambda *a, _real=real: (calls.append(1), _real(*a))[1])
     rng = np.random.default_rng(0)
     for _ in range(3):
         grads = {k: rng.standard_normal(v.shape) for k, v in fused_model.grads.items()}
@@ -357,7 +355,7 @@ def test_fused_updates_give_the_bits_of_the_numpy_expressions(monkeypatch, make_
                 g[...] = grads[key]
         fused_opt.step()
         with monkeypatch.context() as patch:
-            patch.setattr(optim, "_fused_views", lambda *arrays: None)
+            patch.setattr(ops, "_fused_views", lambda *arrays: None)
             numpy_opt.step()
     assert len(calls) == 3 * len(fused_model.grads)
     fused, reference = fused_model.state_dict(), numpy_model.state_dict()
@@ -371,17 +369,17 @@ def test_fused_views_and_kernel_checks():
     from fastff import _cmm
 
     a = np.zeros((4, 6), np.float32)
-    p, g = optim._fused_views(a.T, np.zeros((4, 6), np.float32).T)
+    p, g = ops._fused_views(a.T, np.zeros((4, 6), np.float32).T)
     assert p.shape == g.shape == (4, 6) and np.shares_memory(p, a)
-    (q,) = optim._fused_views(np.zeros((2, 3, 5)))
+    (q,) = ops._fused_views(np.zeros((2, 3, 5)))
     assert q.shape == (6, 5)
-    (b,) = optim._fused_views(np.zeros(7, np.float32))
+    (b,) = ops._fused_views(np.zeros(7, np.float32))
     assert b.shape == (1, 7)
-    assert optim._fused_views(a, np.asfortranarray(np.zeros((4, 6), np.float32))) is None
-    assert optim._fused_views(a, np.zeros((4, 6))) is None  # dtypes differ
-    assert optim._fused_views(a, np.zeros((4, 5), np.float32)) is None
-    assert optim._fused_views(np.zeros((3, 4), np.int64)) is None
-    assert optim._fused_views(np.zeros((4, 12), np.float32)[:, ::2]) is None
+    assert ops._fused_views(a, np.asfortranarray(np.zeros((4, 6), np.float32))) is None
+    assert ops._fused_views(a, np.zeros((4, 6))) is None  # dtypes differ
+    assert ops._fused_views(a, np.zeros((4, 5), np.float32)) is None
+    assert ops._fused_views(np.zeros((3, 4), np.int64)) is None
+    assert ops._fused_views(np.zeros((4, 12), np.float32)[:, ::2]) is None
     with pytest.raises(ValueError, match="one shape"):
         _cmm.sgd_update(a, np.zeros((4, 5), np.float32), a, False, 0.1, 0.0, 0.0, False, 1)
     with pytest.raises(ValueError, match="contiguous rows"):
@@ -446,7 +444,7 @@ def test_sgd_kernel_matches_reference(case, lr, weight_decay, momentum, nesterov
     dtype, (p, g, buf, _) = case
     nesterov = nesterov and momentum > 0
     want_p, want_buf = R.sgd_step(p.copy(), g, buf.copy(), lr, momentum, nesterov, weight_decay)
-    views = optim._fused_views(p, g, buf)
+    views = ops._fused_views(p, g, buf)
     assert views is not None
     _cmm.sgd_update(*views, momentum > 0, lr, weight_decay, momentum, nesterov, 1)
     _assert_same(p, want_p, dtype)
@@ -466,7 +464,7 @@ def test_sgd_kernel_matches_reference(case, lr, weight_decay, momentum, nesterov
 def test_adam_kernel_matches_reference(case, lr, weight_decay, decoupled, betas, eps, t):
     dtype, (p, g, m, v) = case
     want = R.adam_step(p.copy(), g, m.copy(), v.copy(), t, lr, *betas, eps, weight_decay, decoupled)
-    views = optim._fused_views(p, g, m, v)
+    views = ops._fused_views(p, g, m, v)
     assert views is not None
     _cmm.adam_update(*views, weight_decay, decoupled, lr, *betas, eps, t, 1)
     for got, exp in zip((p, m, v), want):

@@ -314,7 +314,7 @@ def test_cpu_layout_is_one_record_per_node_and_survives_updates(rng):
     """On the CPU a node's input and output weights share one contiguous record; the anchor
     views, optimizer steps and load_state_dict write into it, and results equal those of the
     same weights held as two separate arrays."""
-    from fastff.ops import get_ops
+    from fastff.backends import get_ops
     from fastff.optim import SGD
 
     layer = fastff.UltraFFF(6, 5, 3, 2, "gelu", seed=2)
@@ -353,7 +353,7 @@ def test_cpu_layout_is_one_record_per_node_and_survives_updates(rng):
 def test_device_hook_rebuilds_the_records():
     """What to("cpu") does after copying contiguous arrays back: the records are rebuilt with
     the same values (the GPU side, tested on a GPU, keeps separate contiguous arrays)."""
-    from fastff.ops import get_ops
+    from fastff.backends import get_ops
 
     layer = fastff.UltraFFF(4, 3, 2, seed=5)
     before = layer.state_dict()

@@ -2,11 +2,7 @@
 
 
 def get_gpu_ops():
-    try:
-        from .ops import GPUOps
-    except ImportError as exc:
-        raise RuntimeError(
-            "device 'cuda' needs CuPy and a CUDA GPU: `pip install fastff[gpu]` "
-            f"(or the cupy-cudaXXx wheel of your CUDA version); import failed: {exc}"
-        ) from exc
+    """The GPUOps instance; RuntimeError naming what is missing without CuPy or a GPU."""
+    from .ops import GPUOps
+
     return GPUOps.instance()

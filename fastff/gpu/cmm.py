@@ -7,16 +7,15 @@ kernel module; on the GPU the array module is CuPy and the kernel module is this
 
 from __future__ import annotations
 
-import cupy as cp
-
-from .ops import GPUOps
+from . import kernels
+from .kernels import cp
 
 THREADS = 256
 WARPS = 8
 
 
 def _k(name, dtype):
-    return GPUOps.instance()._kernel(name, cp.dtype(dtype))
+    return kernels.get(name, dtype)
 
 
 def _warp_grid(n_rows):

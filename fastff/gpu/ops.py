@@ -2,57 +2,32 @@
 
 from __future__ import annotations
 
-import os
+from ..ops import ACTIVATIONS, Ops
+from . import cmm, kernels
+from .kernels import F4_KS, cp
 
-import cupy as cp
-
-from ..ops import ACTIVATIONS, FFFOps
-
-_SOURCE = os.path.join(os.path.dirname(__file__), "kernels.cu")
-_KERNELS = (
-    "ultra_forward",
-    "ultra_backward_rows",
-    "ultra_sorted_visits",
-    "ultra_grad_chunks",
-    "ultra_grad_reduce",
-    "fff_hard_forward",
-    "fff_hard_backward",
-    "fff_soft_mixture",
-    "fff_soft_router_backward",
-    "fff_soft_leaf_activate",
-    "fff_soft_leaf_backward",
-)
-F4_KS = tuple(
-    range(1, 9)
-)  # float4s per lane of the register path (exact, to spare registers): widths <= 1024
-_CTYPE = {"float32": "float", "float64": "double"}
 WARPS_PER_BLOCK = 8
 SMEM_LIMIT = 48 * 1024  # default dynamic shared memory without an opt-in
 CHUNK_VISITS = 128  # visits a block sums serially in the weight-gradient pass (<= CHUNK_MAX)
 COL_BLOCK = 256
 
 
-class GPUOps(FFFOps):
+class GPUOps(Ops):
     """Kernels compiled once per process (lazily, on first CUDA use)."""
 
     name = "cuda"
     xp = cp
+    cmm = cmm  # the router-leaf kernels, same signatures as fastff._cmm
     _instance = None
-
-    def __init__(self):
-        with open(_SOURCE) as f:
-            code = f.read()
-        names = [f"{k}<{t}>" for k in _KERNELS for t in _CTYPE.values()]
-        names += [
-            f"{k}<{n}>" for k in ("ultra_forward_f4", "ultra_backward_rows_f4") for n in F4_KS
-        ]
-        names += ["ultra_chunk_table"]
-        self._module = cp.RawModule(code=code, options=("-std=c++17",), name_expressions=names)
-        self._cache = {}
 
     @classmethod
     def instance(cls) -> GPUOps:
         if cls._instance is None:
+            if cp is None:
+                raise RuntimeError(
+                    "device 'cuda' needs CuPy and a CUDA GPU: `pip install fastff[gpu]` (or the "
+                    "cupy-cudaXXx wheel of your CUDA version)"
+                )
             try:
                 n_devices = cp.cuda.runtime.getDeviceCount()
             except cp.cuda.runtime.CUDARuntimeError as exc:
@@ -60,22 +35,7 @@ class GPUOps(FFFOps):
             if n_devices == 0:
                 raise RuntimeError("device 'cuda' needs a CUDA GPU; none was found")
             cls._instance = cls()
-            from . import cmm  # the router-leaf kernels, same signatures as fastff._cmm
-
-            cls._instance.cmm = cmm
         return cls._instance
-
-    def _kernel(self, name, dtype=None, k=None):
-        key = (name, dtype.name if dtype is not None else None, k)
-        if key not in self._cache:
-            if k is not None:
-                full = f"{name}<{k}>"
-            elif dtype is not None:
-                full = f"{name}<{_CTYPE[dtype.name]}>"
-            else:
-                full = name
-            self._cache[key] = self._module.get_function(full)
-        return self._cache[key]
 
     @staticmethod
     def _f4_lanes(x, in_w, out_w):
@@ -115,7 +75,7 @@ class GPUOps(FFFOps):
         k = self._f4_lanes(x, in_w, out_w)
         if n_rows and k is not None:
             grid = ((n_rows + WARPS_PER_BLOCK - 1) // WARPS_PER_BLOCK,)
-            self._kernel("ultra_forward_f4", k=k)(
+            kernels.get("ultra_forward_f4", k=k)(
                 grid,
                 (32 * WARPS_PER_BLOCK,),
                 (
@@ -138,7 +98,7 @@ class GPUOps(FFFOps):
             )
         elif n_rows:
             grid, block, smem, use_smem = self._row_launch(n_rows, in_w + out_w, x.dtype.itemsize)
-            self._kernel("ultra_forward", x.dtype)(
+            kernels.get("ultra_forward", x.dtype)(
                 grid,
                 block,
                 (
@@ -188,7 +148,7 @@ class GPUOps(FFFOps):
         k = self._f4_lanes(x, in_w, out_w)
         if k is not None:
             grid = ((n_rows + WARPS_PER_BLOCK - 1) // WARPS_PER_BLOCK,)
-            self._kernel("ultra_backward_rows_f4", k=k)(
+            kernels.get("ultra_backward_rows_f4", k=k)(
                 grid,
                 (32 * WARPS_PER_BLOCK,),
                 (
@@ -209,7 +169,7 @@ class GPUOps(FFFOps):
             )
         else:
             grid, block, smem, use_smem = self._row_launch(n_rows, in_w + out_w, x.dtype.itemsize)
-            self._kernel("ultra_backward_rows", x.dtype)(
+            kernels.get("ultra_backward_rows", x.dtype)(
                 grid,
                 block,
                 (
@@ -247,7 +207,7 @@ class GPUOps(FFFOps):
         flags = cp.empty(n_visits, dtype=cp.int32)
         threads = 256
         visit_grid = ((n_visits + threads - 1) // threads,)
-        self._kernel("ultra_sorted_visits", x.dtype)(
+        kernels.get("ultra_sorted_visits", x.dtype)(
             visit_grid,
             (threads,),
             (
@@ -268,7 +228,7 @@ class GPUOps(FFFOps):
         max_chunks = -(-n_visits // CHUNK_VISITS) + min(n_visits, w_in.shape[0])
         chunk_start = cp.empty(max_chunks, dtype=cp.int32)
         chunk_node = cp.empty(max_chunks, dtype=cp.int64)
-        self._kernel("ultra_chunk_table")(
+        kernels.get("ultra_chunk_table")(
             visit_grid,
             (threads,),
             (flags, scan, order, visited_flat, cp.int64(n_visits), chunk_start, chunk_node),
@@ -278,7 +238,7 @@ class GPUOps(FFFOps):
         width = in_w + out_w + 1
         col_blocks = (width + COL_BLOCK - 1) // COL_BLOCK
         partial = cp.empty((max_chunks, width), dtype=x.dtype)
-        self._kernel("ultra_grad_chunks", x.dtype)(
+        kernels.get("ultra_grad_chunks", x.dtype)(
             (max_chunks, col_blocks),
             (COL_BLOCK,),
             (
@@ -295,7 +255,7 @@ class GPUOps(FFFOps):
                 partial,
             ),
         )
-        self._kernel("ultra_grad_reduce", x.dtype)(
+        kernels.get("ultra_grad_reduce", x.dtype)(
             (max_chunks, col_blocks),
             (COL_BLOCK,),
             (

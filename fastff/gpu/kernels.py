@@ -1,0 +1,67 @@
+"""The CUDA kernels of kernels.cu, compiled once per process (lazily) by cupy.RawModule.
+
+Both GPU modules launch through `get`: the Ops (fastff.gpu.ops: neuron tree) and the
+router-leaf twins of fastff._cmm (fastff.gpu.cmm). This module imports without CuPy, so the
+classes can be inspected (tests/test_ops.py) on machines without a GPU.
+"""
+
+from __future__ import annotations
+
+import os
+
+try:
+    import cupy as cp
+except ImportError:  # the GPU backend is then unavailable; fastff.gpu.get_gpu_ops says so
+    cp = None
+
+_SOURCE = os.path.join(os.path.dirname(__file__), "kernels.cu")
+# templated on the element type
+TYPED = (
+    "ultra_forward",
+    "ultra_backward_rows",
+    "ultra_sorted_visits",
+    "ultra_grad_chunks",
+    "ultra_grad_reduce",
+    "fff_hard_forward",
+    "fff_hard_backward",
+    "fff_soft_mixture",
+    "fff_soft_router_backward",
+    "fff_soft_leaf_activate",
+    "fff_soft_leaf_backward",
+)
+# float32 register paths, templated on K float4s per lane (exact, to spare registers): widths
+# up to 32 * 4 * 8 = 1024
+F4 = ("ultra_forward_f4", "ultra_backward_rows_f4")
+F4_KS = tuple(range(1, 9))
+CTYPE = {"float32": "float", "float64": "double"}
+
+_module = None
+_cache: dict = {}
+
+
+def _compile():
+    global _module
+    if _module is None:
+        with open(_SOURCE) as f:
+            code = f.read()
+        names = [f"{k}<{t}>" for k in TYPED for t in CTYPE.values()]
+        names += [f"{k}<{n}>" for k in F4 for n in F4_KS]
+        names += ["ultra_chunk_table"]
+        _module = cp.RawModule(code=code, options=("-std=c++17",), name_expressions=names)
+    return _module
+
+
+def get(name, dtype=None, k=None):
+    """The kernel `name`: name<K> for the float4 paths, name<T> for a dtype, else untemplated."""
+    dtype_name = None if dtype is None else cp.dtype(dtype).name
+    key = (name, dtype_name, k)
+    kernel = _cache.get(key)
+    if kernel is None:
+        if k is not None:
+            full = f"{name}<{k}>"
+        elif dtype_name is not None:
+            full = f"{name}<{CTYPE[dtype_name]}>"
+        else:
+            full = name
+        kernel = _cache[key] = _compile().get_function(full)
+    return kernel
