@@ -148,45 +148,61 @@ __device__ __forceinline__ void axpy4(float a, float4 w, float4& acc) {
     acc.x += a * w.x; acc.y += a * w.y; acc.z += a * w.z; acc.w += a * w.w;
 }
 
+// A node's w_in and w_out_t chunks are requested together, before the dot's shuffle reduction:
+// the output row does not depend on z, so its L2 latency hides behind the reduction instead of
+// following it. __launch_bounds__(256, 1) lets ptxas keep all of a node's 2K loads in flight
+// (more registers, fewer resident warps); its default register target issued them in two or
+// three dependent rounds. x is read once (streaming load) and y written once (streaming store),
+// which keeps L2 for the weights. Measured on an H200 (benchmarks/gpu_probe.py, gpu-ufb): 106.7
+// us for the previous kernel, 51.5 us for this structure.
 template <int K>
-__global__ void ultra_forward_f4(const float* __restrict__ x, const float* __restrict__ w_in,
-                                 const float* __restrict__ b_in, const float* __restrict__ w_out_t,
-                                 float* __restrict__ y, long long* __restrict__ visited,
-                                 float* __restrict__ preact, long long n_rows, int in_w, int out_w,
-                                 int depth, int n_trees, long long n_nodes, int act, int save) {
+__global__ void __launch_bounds__(256, 1)
+    ultra_forward_f4(const float* __restrict__ x, const float* __restrict__ w_in,
+                     const float* __restrict__ b_in, const float* __restrict__ w_out_t,
+                     float* __restrict__ y, long long* __restrict__ visited,
+                     float* __restrict__ preact, long long n_rows, int in_w, int out_w, int depth,
+                     int n_trees, long long n_nodes, int act, int save) {
     const int lane = threadIdx.x & 31;
     const long long row = (long long)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
     if (row >= n_rows) return;
     const int in4 = in_w >> 2, out4 = out_w >> 2;
+    const float4 zero = make_float4(0.f, 0.f, 0.f, 0.f);
     const float4* x4 = reinterpret_cast<const float4*>(x + row * in_w);
     float4 xr[K], yr[K];
 #pragma unroll
     for (int k = 0; k < K; ++k) {
         const int q = lane + 32 * k;
-        xr[k] = q < in4 ? x4[q] : make_float4(0.f, 0.f, 0.f, 0.f);
-        yr[k] = make_float4(0.f, 0.f, 0.f, 0.f);
+        xr[k] = q < in4 ? __ldcs(x4 + q) : zero;
+        yr[k] = zero;
     }
     const int path = depth + 1;
     for (int t = 0; t < n_trees; ++t) {
         long long node = 0;
+#pragma unroll 1
         for (int level = 0; level < path; ++level) {
             const long long g = t * n_nodes + node;
             const float4* w4 = reinterpret_cast<const float4*>(w_in + g * in_w);
-            float partial = 0.f;
+            const float4* wo4 = reinterpret_cast<const float4*>(w_out_t + g * out_w);
+            float4 wi[K], wo[K];
 #pragma unroll
             for (int k = 0; k < K; ++k) {
                 const int q = lane + 32 * k;
-                if (q < in4) partial += dot4(__ldg(w4 + q), xr[k]);
+                wi[k] = q < in4 ? __ldg(w4 + q) : zero;
             }
-            const float z = warp_sum(partial) + __ldg(b_in + g);
-            const float a = act_fn(z, act);
-            if (a != 0.f) {
-                const float4* wo4 = reinterpret_cast<const float4*>(w_out_t + g * out_w);
 #pragma unroll
-                for (int k = 0; k < K; ++k) {
-                    const int q = lane + 32 * k;
-                    if (q < out4) axpy4(a, __ldg(wo4 + q), yr[k]);
-                }
+            for (int k = 0; k < K; ++k) {
+                const int q = lane + 32 * k;
+                wo[k] = q < out4 ? __ldg(wo4 + q) : zero;
+            }
+            const float bias = __ldg(b_in + g);
+            float partial = 0.f;
+#pragma unroll
+            for (int k = 0; k < K; ++k) partial += dot4(wi[k], xr[k]);
+            const float z = warp_sum(partial) + bias;
+            const float a = act_fn(z, act);
+            if (a != 0.f) {  // relu zeros add nothing (and no 0 * inf from an extreme weight)
+#pragma unroll
+                for (int k = 0; k < K; ++k) axpy4(a, wo[k], yr[k]);
             }
             if (save && lane == 0) {
                 const long long v = row * (long long)(n_trees * path) + t * path + level;
@@ -200,53 +216,62 @@ __global__ void ultra_forward_f4(const float* __restrict__ x, const float* __res
 #pragma unroll
     for (int k = 0; k < K; ++k) {
         const int q = lane + 32 * k;
-        if (q < out4) y4[q] = yr[k];
+        if (q < out4) __stcs(y4 + q, yr[k]);
     }
 }
 
+// As the forward: a visit's w_out_t and w_in chunks are requested together, before the dot's
+// reduction (the visits are known, so nothing waits on dz but the axpy itself).
 template <int K>
-__global__ void ultra_backward_rows_f4(const float* __restrict__ dy, const float* __restrict__ w_in,
-                                       const float* __restrict__ w_out_t,
-                                       const long long* __restrict__ visited,
-                                       const float* __restrict__ preact, float* __restrict__ dz_out,
-                                       float* __restrict__ a_out, float* __restrict__ dx,
-                                       long long n_rows, int in_w, int out_w, int visits_per_row,
-                                       int act) {
+__global__ void __launch_bounds__(256, 1)
+    ultra_backward_rows_f4(const float* __restrict__ dy, const float* __restrict__ w_in,
+                           const float* __restrict__ w_out_t,
+                           const long long* __restrict__ visited,
+                           const float* __restrict__ preact, float* __restrict__ dz_out,
+                           float* __restrict__ a_out, float* __restrict__ dx, long long n_rows,
+                           int in_w, int out_w, int visits_per_row, int act) {
     const int lane = threadIdx.x & 31;
     const long long row = (long long)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
     if (row >= n_rows) return;
     const int in4 = in_w >> 2, out4 = out_w >> 2;
+    const float4 zero = make_float4(0.f, 0.f, 0.f, 0.f);
     const float4* dy4 = reinterpret_cast<const float4*>(dy + row * out_w);
     float4 dyr[K], dxr[K];
 #pragma unroll
     for (int k = 0; k < K; ++k) {
         const int q = lane + 32 * k;
-        dyr[k] = q < out4 ? dy4[q] : make_float4(0.f, 0.f, 0.f, 0.f);
-        dxr[k] = make_float4(0.f, 0.f, 0.f, 0.f);
+        dyr[k] = q < out4 ? dy4[q] : zero;
+        dxr[k] = zero;
     }
+#pragma unroll 1
     for (int j = 0; j < visits_per_row; ++j) {
         const long long v = row * visits_per_row + j;
         const long long g = visited[v];
         const float z = preact[v];
         const float4* wo4 = reinterpret_cast<const float4*>(w_out_t + g * out_w);
-        float partial = 0.f;
+        const float4* w4 = reinterpret_cast<const float4*>(w_in + g * in_w);
+        float4 wo[K], wi[K];
 #pragma unroll
         for (int k = 0; k < K; ++k) {
             const int q = lane + 32 * k;
-            if (q < out4) partial += dot4(__ldg(wo4 + q), dyr[k]);
+            wo[k] = q < out4 ? __ldg(wo4 + q) : zero;
         }
+#pragma unroll
+        for (int k = 0; k < K; ++k) {
+            const int q = lane + 32 * k;
+            wi[k] = q < in4 ? __ldg(w4 + q) : zero;
+        }
+        float partial = 0.f;
+#pragma unroll
+        for (int k = 0; k < K; ++k) partial += dot4(wo[k], dyr[k]);
         const float dz = warp_sum(partial) * act_grad(z, act);
         if (lane == 0) {
             dz_out[v] = dz;
             a_out[v] = act_fn(z, act);
         }
         if (dz != 0.f) {
-            const float4* w4 = reinterpret_cast<const float4*>(w_in + g * in_w);
 #pragma unroll
-            for (int k = 0; k < K; ++k) {
-                const int q = lane + 32 * k;
-                if (q < in4) axpy4(dz, __ldg(w4 + q), dxr[k]);
-            }
+            for (int k = 0; k < K; ++k) axpy4(dz, wi[k], dxr[k]);
         }
     }
     float4* dx4 = reinterpret_cast<float4*>(dx + row * in_w);
