@@ -32,6 +32,8 @@ for step in $STEPS; do
             2>&1 | tee "$OUT/bench_gpu.log" ;;
     phases)
         timeout 60 python3 benchmarks/gpu_phases.py 2>&1 | tee "$OUT/phases.log" | tail -25 ;;
+    host)
+        timeout 60 python3 benchmarks/gpu_host_profile.py 2>&1 | tee "$OUT/host.log" | head -45 ;;
     probe)
         timeout 150 python3 benchmarks/gpu_probe.py --json "$OUT/probe.json" 2>&1 \
             | tee "$OUT/probe.log" | tail -40 ;;

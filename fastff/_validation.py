@@ -253,7 +253,7 @@ def as_device_array(x, xp, name: str, expected: str | Callable[[], str]):
     for input that is no array at all ("x must be {expected}: ..."), or is a function that
     gives it (hot paths: the text is only formatted for an error).
     """
-    if xp is np and type(x) is np.ndarray:  # the common case, and the batch-1 hot path
+    if type(x) is xp.ndarray:  # the common case (NumPy on "cpu", CuPy on "cuda"): hot path
         return x
     refuse_masked(x, name)
     dl_device = dlpack_device_type(x)

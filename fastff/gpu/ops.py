@@ -37,6 +37,16 @@ class GPUOps(Ops):
             cls._instance = cls()
         return cls._instance
 
+    _no_paths: dict = {}
+
+    @classmethod
+    def _no_path(cls, dtype):
+        """(0, 0) visited and preact stand-ins for an inference call."""
+        key = cp.dtype(dtype).char
+        if key not in cls._no_paths:
+            cls._no_paths[key] = (cp.empty((0, 0), cp.int64), cp.empty((0, 0), dtype))
+        return cls._no_paths[key]
+
     @staticmethod
     def _f4_lanes(x, in_w, out_w):
         """K of the float32 register path when it applies (else None)."""
@@ -67,10 +77,13 @@ class GPUOps(Ops):
     def ultra_forward(self, x, w_in, b_in, w_out_t, depth, n_trees, act, save_path, n_threads):
         n_rows, in_w = x.shape
         out_w = w_out_t.shape[1]
-        path = n_trees * (depth + 1) if save_path else 0
         y = cp.empty((n_rows, out_w), dtype=x.dtype)
-        visited = cp.empty((n_rows if save_path else 0, path), dtype=cp.int64)
-        preact = cp.empty((n_rows if save_path else 0, path), dtype=x.dtype)
+        if save_path:
+            path = n_trees * (depth + 1)
+            visited = cp.empty((n_rows, path), dtype=cp.int64)
+            preact = cp.empty((n_rows, path), dtype=x.dtype)
+        else:  # the kernels do not touch them: shared empty arrays, no allocation per call
+            visited, preact = self._no_path(x.dtype)
         n_nodes = w_in.shape[0] // n_trees
         k = self._f4_lanes(x, in_w, out_w)
         if n_rows and k is not None:
