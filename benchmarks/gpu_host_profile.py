@@ -33,9 +33,7 @@ def main():
         host = (time.perf_counter() - t0) / a.calls
         cp.cuda.Device().synchronize()
         total = (time.perf_counter() - t0) / a.calls
-        print(
-            f"{name}: host {host * 1e6:.1f} us per call issued, {total * 1e6:.1f} us with the device"
-        )
+        print(f"{name}: host {host * 1e6:.1f} us per call issued, {total * 1e6:.1f} us in all")
     profile = cProfile.Profile()
     profile.enable()
     for _ in range(a.calls):

@@ -388,10 +388,9 @@ def run(
             except MemoryError as exc:  # depth 20 needs 12.9 GB of weights
                 out(f"{case.name:<16}skipped: {exc}")
                 continue
+            timer: Callable = _time
             if device == "cuda":
                 from .gpu.bench import time_events as timer
-            else:
-                timer = _time
             f_med, f_min, f_max = timer(fff, repeat)
             d_med = d_min = d_max = ratio = None
             dense_text, ratio_text = f"{'n/a':>12}", f"{'n/a':>10}"
