@@ -226,15 +226,20 @@ cdef inline int _check_threads(int n_threads) except -1:
     return 0
 
 
-cdef inline int _team(int n_threads, Py_ssize_t n_rows, double work_per_row) noexcept nogil:
-    cdef double by_work = n_rows * work_per_row / _work_per_thread
-    cdef Py_ssize_t by_rows = n_rows // _ROW_CHUNK
+cdef inline int _team_for(int n_threads, Py_ssize_t n_tasks, double work) noexcept nogil:
+    """Threads for `n_tasks` tasks of `work` multiply-adds in all."""
+    cdef double by_work = work / _work_per_thread
     cdef int n = n_threads
-    if by_rows < n:
-        n = <int>by_rows
+    if n_tasks < n:
+        n = <int>n_tasks
     if by_work < n:
         n = <int>by_work
     return n if n > 1 else 1
+
+
+cdef inline int _team(int n_threads, Py_ssize_t n_rows, double work_per_row) noexcept nogil:
+    """Threads for a loop over rows, handed out _ROW_CHUNK at a time."""
+    return _team_for(n_threads, n_rows // _ROW_CHUNK, n_rows * work_per_row)
 
 
 # Neuron-tree FFF (UltraFastBERT)
@@ -1477,7 +1482,6 @@ def fff_hard_train_backward(const floating[:, ::1] x, const floating[:, ::1] dy,
 
 cdef enum:
     UPDATE_CHUNK = 1 << 14  # columns per task at most
-    UPDATE_SERIAL = 1 << 16  # below this many elements one thread runs it all
     RULE_SGD = 0
     RULE_ADAM = 1
 
@@ -1541,7 +1545,8 @@ cdef int _update(int rule, floating[:, :] p, const floating[:, :] g, floating[:,
     cdef floating* s2p = &s2[0, 0]
     cdef Py_ssize_t blocks = (n_cols + UPDATE_CHUNK - 1) // UPDATE_CHUNK, k, r, c0
     cdef long width
-    cdef int team = 1 if n < UPDATE_SERIAL else <int>min(n_threads, n_rows * blocks)
+    # a few loads, multiplies and a square root per element: ~4 multiply-adds' worth
+    cdef int team = _team_for(n_threads, n_rows * blocks, 4.0 * n)
     with nogil:
         for k in prange(n_rows * blocks, schedule="dynamic", num_threads=team):
             r = k // blocks
