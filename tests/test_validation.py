@@ -566,3 +566,150 @@ def test_step_lr_overflow_is_a_value_error():
     for _ in range(5):
         frozen.step()
     assert frozen.optimizer.lr == 0.0
+
+
+# ---- Issue 18: gradients that depended on what the caller did between forward and backprop ---
+# forward_train kept a C-contiguous input by reference, so a loader writing the next batch into
+# the same buffer (or an input that was a view of layer.grads, which backprop adds into) changed
+# the gradients; in-place edits through layer.params and reassigning layer.activation did too,
+# and a second backprop call added the gradients twice. All silently.
+
+SETUPS = {
+    "ultra-gelu": lambda: fastff.UltraFFF(6, 5, 3, dtype=np.float64, seed=0),
+    "ultra-relu-2trees": lambda: fastff.UltraFFF(6, 5, 2, 2, "relu", dtype=np.float64, seed=0),
+    "ultra-float32": lambda: fastff.UltraFFF(6, 5, 3, seed=0),
+    "fff-soft": lambda: fastff.FFF(6, 3, 5, 2, dtype=np.float64, seed=0),
+    "fff-hardened": lambda: fastff.FFF(6, 3, 5, 2, train_hardened=True, dtype=np.float64, seed=0),
+    "linear": lambda: nn.Linear(6, 5, dtype=np.float64, seed=0),
+    "sequential": lambda: nn.Sequential(
+        nn.Identity(),
+        nn.Linear(6, 6, dtype=np.float64, seed=0),
+        nn.ReLU(),
+        fastff.UltraFFF(6, 5, 2, dtype=np.float64, seed=1),
+    ),
+    "relu": nn.ReLU,
+}
+
+
+def _grads_after(make, x_forward, mutate=None):
+    """(dx, grads) of one forward_train on x_forward, with mutate(x_forward, module) run
+    between the forward and the backprop."""
+    module = make()
+    y, backprop = module.forward_train(x_forward)
+    if mutate is not None:
+        mutate(x_forward, module)
+    dx = backprop(np.ones_like(y))
+    return dx, {k: v.copy() for k, v in module.grads.items()}
+
+
+@pytest.mark.parametrize("setup", sorted(SETUPS))
+def test_reusing_the_input_buffer_keeps_the_gradients(setup, rng):
+    x, next_batch = rng.standard_normal((2, 8, 6))
+    want_dx, want = _grads_after(SETUPS[setup], x.copy())
+    dtype = np.float32 if setup == "ultra-float32" else np.float64
+    buf = x.astype(dtype)  # the layer's dtype: kept without a cast, as a loader would give it
+
+    def refill(b, _):
+        b[:] = next_batch
+
+    dx, got = _grads_after(SETUPS[setup], buf, refill)
+    np.testing.assert_allclose(dx, want_dx, rtol=1e-6, atol=1e-6)
+    for k in want:
+        np.testing.assert_allclose(got[k], want[k], rtol=1e-6, atol=1e-6, err_msg=k)
+
+
+def test_an_input_aliasing_the_gradients_keeps_the_gradients(rng):
+    values = rng.standard_normal((7, 7))  # linear_in.weight of the tree below is (7, 7)
+
+    def added(alias):
+        layer = fastff.UltraFFF(7, 3, 2, dtype=np.float64, seed=0)
+        grad = layer.grads["linear_in.weight"]
+        grad[...] = values
+        y, backprop = layer.forward_train(grad if alias else values.copy())
+        backprop(np.ones_like(y))  # adds into grad, i.e. into the input when aliased
+        return layer.grads["linear_in.weight"] - values
+
+    np.testing.assert_allclose(added(True), added(False), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("setup", ["ultra-gelu", "fff-soft", "linear", "sequential"])
+def test_editing_params_between_forward_and_backprop_raises(setup, rng):
+    module = SETUPS[setup]()
+    y, backprop = module.forward_train(rng.standard_normal((4, 6)))
+    first = next(iter(module.params.values()))
+    first[...] *= 2
+    with pytest.raises(RuntimeError, match="stale"):
+        backprop(np.ones_like(y))
+
+
+@pytest.mark.parametrize("kind", ["ultra", "fff-soft", "fff-hardened"])
+def test_reassigning_activation_before_backprop_keeps_the_forward_activation(kind, rng):
+    def make(act):
+        if kind == "ultra":
+            return fastff.UltraFFF(6, 5, 3, activation=act, dtype=np.float64, seed=0)
+        return fastff.FFF(
+            6, 3, 5, 2, act, train_hardened=kind == "fff-hardened", dtype=np.float64, seed=0
+        )
+
+    x = rng.standard_normal((8, 6))
+    want_dx, want = _grads_after(lambda: make("gelu"), x)
+
+    def switch(_, layer):
+        layer.activation = "relu"
+
+    dx, got = _grads_after(lambda: make("gelu"), x, switch)
+    np.testing.assert_allclose(dx, want_dx, rtol=1e-12)
+    for k in want:
+        np.testing.assert_allclose(got[k], want[k], rtol=1e-12, err_msg=k)
+
+
+@pytest.mark.parametrize("setup", sorted(SETUPS))
+def test_backprop_runs_once(setup, rng):
+    module = SETUPS[setup]()
+    y, backprop = module.forward_train(rng.standard_normal((4, 6)))
+    backprop(np.ones_like(y))
+    once = {k: v.copy() for k, v in module.grads.items()}
+    with pytest.raises(RuntimeError, match="already ran"):
+        backprop(np.ones_like(y))
+    for k in once:
+        np.testing.assert_array_equal(module.grads[k], once[k])
+
+
+def test_writing_into_y_before_backprop_keeps_the_gradient(rng):
+    x = rng.standard_normal((4, 3))
+    for act in (nn.Tanh(), nn.Sigmoid(), nn.GELU()):
+        _, clean = act.forward_train(x)
+        y, backprop = act.forward_train(x)
+        y += 5.0
+        np.testing.assert_array_equal(backprop(np.ones_like(y)), clean(np.ones_like(y)))
+
+
+# ---- Issue 18: attributes the kernels read, checked on assignment -------------------------------
+# layer.activation = "x" gave KeyError: 'x' at the next call; FFF.dropout = 1.0 gave
+# ZeroDivisionError; usage_mode = "soft" on a layer built without usage crashed on None counters.
+
+
+def test_attribute_assignments_are_checked(rng):
+    ultra = fastff.UltraFFF(4, 2, 1)
+    with pytest.raises(ValueError, match="activation must be one of"):
+        ultra.activation = "x"
+    fff = fastff.FFF(4, 2, 2, 1)
+    for name, value, error in [
+        ("activation", "x", ValueError),
+        ("dropout", 1.0, ValueError),
+        ("region_leak", -0.1, ValueError),
+        ("train_hardened", 1, TypeError),
+        ("usage_mode", "both", ValueError),
+    ]:
+        with pytest.raises(error, match=name):
+            setattr(fff, name, value)
+    fff.dropout = 0.5
+    fff.usage_mode = "hard"
+    fff.forward_train(rng.standard_normal((3, 4)))
+    assert fff.node_usage.sum() == 3 and fff.get_config()["dropout"] == 0.5
+    dropout = nn.Dropout(0.1)
+    with pytest.raises(ValueError, match="p must be in"):
+        dropout.p = 1.0
+    linear = nn.Linear(3, 2)
+    with pytest.raises(AttributeError, match="fixed at construction"):
+        linear.input_width = 5
