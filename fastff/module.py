@@ -21,6 +21,7 @@ from ._validation import (
     check_cast_in_range,
     check_fits_in_memory,
     check_float_dtype,
+    refuse_masked,
 )
 from .ops import get_ops, to_host
 
@@ -32,8 +33,6 @@ ModuleT = TypeVar("ModuleT", bound="Module")
 _CALLER_INPUT: contextvars.ContextVar[Any] = contextvars.ContextVar(
     "fastff_caller_input", default=None
 )
-
-
 def _memory_root(a):
     """The array that owns a's memory (following views' .base), or None where the memory
     belongs to something that is not an array (a DLPack producer such as a torch tensor, a
@@ -279,6 +278,8 @@ class Module:
         """
         if not hasattr(state, "keys"):
             raise TypeError(f"state must be a dict of arrays, got {type(state).__name__}")
+        for name in state.keys():
+            refuse_masked(state[name], f"state[{name!r}]")
         targets = {name: p for name, p, _ in self._iter_params_only()}
         state = self._accept_extra_state(dict(state))
         missing = sorted(set(targets) - set(state))

@@ -713,3 +713,24 @@ def test_attribute_assignments_are_checked(rng):
     linear = nn.Linear(3, 2)
     with pytest.raises(AttributeError, match="fixed at construction"):
         linear.input_width = 5
+
+
+# ---- Issue 18: load_state_dict and masked arrays ---------------------------------------------
+# Layer inputs refused masked arrays, but load_state_dict loaded their hidden values (a masked
+# 1e30 came back as 1e30).
+
+
+@pytest.mark.parametrize("key", ["linear_in.bias", "linear_out.weight"])
+def test_load_state_dict_refuses_masked_arrays(key):
+    layer = fastff.UltraFFF(3, 2, 1, seed=0)
+    before = layer.state_dict()
+    state = dict(before)
+    state[key] = np.ma.masked_array(np.full_like(state[key], 1e30), mask=True)
+    with pytest.raises(TypeError, match="masked array"):
+        layer.load_state_dict(state)
+    for k, v in layer.state_dict().items():
+        np.testing.assert_array_equal(v, before[k])
+    fff = fastff.FFF(3, 2, 2, 1, usage_mode="soft")
+    state = {**fff.state_dict(), "node_usage": np.ma.masked_array([5.0], mask=[True])}
+    with pytest.raises(TypeError, match="masked array"):
+        fff.load_state_dict(state)
