@@ -15,6 +15,22 @@ from .io import WeightFileError, load, save
 from .layers import FFF, UltraFFF
 from .module import Module
 
+# fastff.nn, fastff.optim and fastff.data are imported on first use (`fastff.nn.Linear` after a
+# plain `import fastff`), so `import fastff` does not pay for them.
+_LAZY_SUBMODULES = ("nn", "optim", "data")
+
+
+def __getattr__(name: str):
+    if name in _LAZY_SUBMODULES:
+        import importlib
+
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module 'fastff' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY_SUBMODULES))
+
 
 def get_num_threads() -> int:
     """Threads the CPU kernels use (OMP_NUM_THREADS by default)."""
@@ -34,6 +50,9 @@ __all__ = [
     "Module",
     "reference",
     "interop",
+    "nn",
+    "optim",
+    "data",
     "save",
     "load",
     "WeightFileError",

@@ -33,6 +33,8 @@ ModuleT = TypeVar("ModuleT", bound="Module")
 _CALLER_INPUT: contextvars.ContextVar[Any] = contextvars.ContextVar(
     "fastff_caller_input", default=None
 )
+
+
 def _memory_root(a):
     """The array that owns a's memory (following views' .base), or None where the memory
     belongs to something that is not an array (a DLPack producer such as a torch tensor, a
@@ -128,6 +130,8 @@ def _aligned_zeros(shape, dtype) -> np.ndarray:
 
 def build_module(kind: str, config: dict) -> Module:
     """Rebuild a module from its kind (class name) and get_config() output."""
+    if kind not in MODULE_KINDS:  # fastff.nn's kinds register when it is imported
+        from . import nn  # noqa: F401
     if kind not in MODULE_KINDS:
         raise KeyError(f"unknown module kind {kind!r}; known: {sorted(MODULE_KINDS)}")
     return MODULE_KINDS[kind].from_config(config)

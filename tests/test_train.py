@@ -140,3 +140,14 @@ def test_tqdm_progress_bar(data_dir, tmp_path, capsys):
     assert code == 0
     assert "epoch 2/3" in captured.err and "batch" in captured.err  # the bar, on stderr
     assert "epoch 3/3  loss" in captured.out  # the summary lines stay on stdout
+
+
+def test_train_that_cannot_import_shows_the_real_error(monkeypatch, capsys):
+    """Issue 18: `python -m fastff train` said "invalid choice: 'train' (choose from 'bench')"
+    when fastff.train failed to import, hiding the ImportError."""
+    monkeypatch.delitem(sys.modules, "fastff.train", raising=False)
+    monkeypatch.setitem(sys.modules, "fastff.train", None)  # importing it raises ImportError
+    code = main(["train", "--model", "ff"])
+    err = capsys.readouterr().err
+    assert code == 2 and "import of fastff.train halted" in err  # the ImportError itself
+    assert "invalid choice" not in err
