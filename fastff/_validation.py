@@ -140,6 +140,34 @@ def physical_memory_bytes() -> int:
     return physical if limit is None else min(physical, limit)
 
 
+def available_memory_bytes() -> int:
+    """Memory that can be allocated now (not cached: it changes): the kernel's MemAvailable,
+    or within a container the cgroup limit less its current usage if that is lower; at most
+    physical_memory_bytes(). fastff.load checks a file's declared bytes against this."""
+    available = physical_memory_bytes()
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    available = min(available, int(line.split()[1]) * 1024)
+                    break
+    except (OSError, ValueError, IndexError):
+        pass
+    limit = _cgroup_limit_bytes()
+    if limit is not None:
+        for path in (
+            "/sys/fs/cgroup/memory.current",
+            "/sys/fs/cgroup/memory/memory.usage_in_bytes",
+        ):
+            try:
+                with open(path) as f:
+                    available = min(available, max(0, limit - int(f.read().strip())))
+                break
+            except (OSError, ValueError):
+                continue
+    return available
+
+
 def check_fits_in_memory(n_bytes: int, what: str | Callable[[], str]) -> None:
     """Refuse, before allocating, an array set larger than the memory this process may use,
     or than what is left of an allocation_budget in force. `what` names the arrays, or is a

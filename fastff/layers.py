@@ -15,7 +15,7 @@ from ._validation import (
     check_probability,
     check_width,
 )
-from .module import Module, _aligned_copy, _aligned_empty, keep_for_backward, run_once
+from .module import Module, _aligned_copy, _aligned_empty, initialising, keep_for_backward, run_once
 from .ops import ACTIVATIONS, get_ops, to_host
 
 USAGE_MODES = ("none", "soft", "hard")
@@ -59,8 +59,11 @@ def _check_activation(value, name):
 
 def _uniform(rng, shape, bound, dtype):
     """U(-bound, bound) drawn straight in `dtype` (no float64 temporary for huge trees), into a
-    64-byte aligned array."""
+    64-byte aligned array. Left unfilled while fastff.load rebuilds a module (its file then
+    overwrites every parameter)."""
     out = _aligned_empty(shape, dtype)
+    if not initialising():
+        return out
     rng.random(dtype=dtype, out=out)
     out *= dtype.type(2 * bound)
     out -= dtype.type(bound)
@@ -146,11 +149,12 @@ class UltraFFF(Module):
         k_in = (1.0 / self.input_width) ** 0.5
         k_out = (1.0 / ((self.depth + 1) * self.parallel_size)) ** 0.5
         w_in, w_out_t = _node_records(total_nodes, self.input_width, self.output_width, self.dtype)
-        for start, stop in _chunks(total_nodes, self.input_width):
+        fill = initialising()  # not while fastff.load rebuilds the layer
+        for start, stop in _chunks(total_nodes, self.input_width) if fill else ():
             w_in[start:stop] = _uniform(rng, (stop - start, self.input_width), k_in, self.dtype)
         b_in = _uniform(rng, (total_nodes,), k_in, self.dtype)
         # linear_out.weight (out, n) is drawn row by row, as a single draw would give it
-        for start, stop in _chunks(self.output_width, total_nodes):
+        for start, stop in _chunks(self.output_width, total_nodes) if fill else ():
             w_out_t[:, start:stop] = _uniform(rng, (stop - start, total_nodes), k_out, self.dtype).T
         self._params = {"w_in": w_in, "b_in": b_in, "w_out_t": w_out_t}
         self._anchor = {

@@ -33,6 +33,24 @@ ModuleT = TypeVar("ModuleT", bound="Module")
 _CALLER_INPUT: contextvars.ContextVar[Any] = contextvars.ContextVar(
     "fastff_caller_input", default=None
 )
+# Set by fastff.load while it rebuilds a module whose parameters the file then overwrites:
+# constructors leave the parameters uninitialised (no random fill, no pages touched).
+_SKIP_INIT: contextvars.ContextVar[bool] = contextvars.ContextVar("fastff_skip_init", default=False)
+
+
+def initialising() -> bool:
+    """Whether constructors should fill their parameters (False inside fastff.load)."""
+    return not _SKIP_INIT.get()
+
+
+@contextlib.contextmanager
+def uninitialised_parameters():
+    """Within the block, constructors allocate parameters without filling them."""
+    token = _SKIP_INIT.set(True)
+    try:
+        yield
+    finally:
+        _SKIP_INIT.reset(token)
 
 
 def _memory_root(a):
