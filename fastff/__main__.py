@@ -3,6 +3,7 @@
 import argparse
 import importlib
 import sys
+from typing import Any
 
 
 def main(argv=None) -> int:
@@ -11,6 +12,8 @@ def main(argv=None) -> int:
     from . import bench
 
     bench.add_arguments(sub.add_parser("bench", help="time fastff against the dense FF"))
+    train: Any = None
+    train_error: ImportError | None = None
     try:
         train = importlib.import_module(".train", __package__)
     except ImportError as exc:  # offer the command anyway, and say why it cannot run
