@@ -734,3 +734,38 @@ def test_load_state_dict_refuses_masked_arrays(key):
     state = {**fff.state_dict(), "node_usage": np.ma.masked_array([5.0], mask=[True])}
     with pytest.raises(TypeError, match="masked array"):
         fff.load_state_dict(state)
+
+
+# ---- Issue 18: raw fastff._cmm entry points, bounded -------------------------------------------
+# _tree_shape(10**12, 7), and ultra_backward with 0 rows and 10**12 visit columns (which calls
+# it), looped over 10**12 tree counts; adam_update with step=0 divided by 1 - beta**0 = 0.
+
+
+def test_raw_tree_shape_and_backward_are_bounded_in_the_visit_count():
+    import subprocess
+    import sys
+
+    code = (
+        "import numpy as np\n"
+        "from fastff import _cmm\n"
+        "assert _cmm._tree_shape(10**12, 7) == (0, -1)\n"
+        "assert _cmm._tree_shape(2 * 12, 2 * (2**12 - 1)) == (2, 11)\n"
+        "f = lambda *s: np.zeros(s, np.float32)\n"
+        "_cmm.ultra_backward(f(0, 3), f(0, 3), f(7, 3), f(7, 3), np.zeros((0, 10**12), np.intp),"
+        " f(0, 10**12), 0, f(0, 3), f(7, 3), f(7), f(7, 3))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+
+
+def test_raw_adam_update_refuses_step_zero():
+    from fastff import _cmm
+
+    p = np.ones((2, 3), np.float32)
+    g, m, v = np.ones_like(p), np.zeros_like(p), np.zeros_like(p)
+    for step, beta2 in ((0, 0.999), (-1, 0.999), (1, 1.0)):
+        with pytest.raises(ValueError, match="step must be >= 1|beta1 and beta2"):
+            _cmm.adam_update(p, g, m, v, 0.0, False, 1e-3, 0.9, beta2, 1e-8, step)
+    np.testing.assert_array_equal(p, 1.0)  # untouched
+    _cmm.adam_update(p, g, m, v, 0.0, False, 1e-3, 0.9, 0.999, 1e-8, 1)
+    assert np.isfinite(p).all() and (p < 1).all()
