@@ -11,6 +11,7 @@ import json
 import os
 import platform
 import statistics
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -521,24 +522,52 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def main(args: argparse.Namespace) -> int:
-    from ._validation import max_threads
+def _usage_problem(args: argparse.Namespace) -> str | None:
+    """The first bad argument, found before any timing; None if all are good."""
+    from ._validation import max_threads, output_file_problem
 
     if args.repeat < 1 or args.threads < 1:
-        raise SystemExit("--repeat and --threads must be >= 1")
+        return "--repeat and --threads must be >= 1"
     if args.threads > max_threads():
-        raise SystemExit(
-            f"--threads must be <= {max_threads()} (8 per CPU, at least 64), got {args.threads}"
+        return f"--threads must be <= {max_threads()} (8 per CPU, at least 64), got {args.threads}"
+    table = GPU_CONFIGS if args.device == "cuda" else CONFIGS
+    unknown = sorted(set(args.configs or ()) - set(table))
+    if unknown:
+        return (
+            f"unknown config(s) {unknown} for device {args.device!r}; choose from {sorted(table)}"
         )
+    if args.device == "cuda":
+        from .ops import get_ops
+
+        try:
+            get_ops("cuda")
+        except Exception as exc:  # noqa: BLE001 - any failure to reach CUDA is the message
+            return f"--device cuda: {exc}"
+    for path, flag in ((args.json_path, "--json"), (args.plot_path, "--plot")):
+        problem = output_file_problem(path, flag) if path else None
+        if problem:
+            return problem
+    return None
+
+
+def main(args: argparse.Namespace) -> int:
+    problem = _usage_problem(args)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     configs = args.configs or (["gpu-ufb"] if args.device == "cuda" else DEFAULT_CPU)
-    results = run(
-        configs,
-        threads=args.threads,
-        repeat=args.repeat,
-        device=args.device,
-        json_path=args.json_path,
-    )
-    if args.plot_path:
-        plot(results, args.plot_path)
-        print(f"wrote {args.plot_path}")
+    try:
+        results = run(
+            configs,
+            threads=args.threads,
+            repeat=args.repeat,
+            device=args.device,
+            json_path=args.json_path,
+        )
+        if args.plot_path:
+            plot(results, args.plot_path)
+            print(f"wrote {args.plot_path}")
+    except OSError as exc:  # e.g. the disk filled up while writing the results
+        print(f"error: cannot write the results: {exc}", file=sys.stderr)
+        return 2
     return 0
