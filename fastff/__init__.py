@@ -23,6 +23,22 @@ from .module import Module
 
 _threads.register_threadpoolctl()
 
+# fastff.nn, fastff.optim and fastff.data are imported on first use (`fastff.nn.Linear` after a
+# plain `import fastff`), so `import fastff` does not pay for them.
+_LAZY_SUBMODULES = ("nn", "optim", "data")
+
+
+def __getattr__(name: str):
+    if name in _LAZY_SUBMODULES:
+        import importlib
+
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module 'fastff' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY_SUBMODULES))
+
 
 def get_num_threads() -> int:
     """Threads the CPU kernels called now from this thread may use (before each kernel lowers
@@ -37,6 +53,9 @@ __all__ = [
     "Module",
     "reference",
     "interop",
+    "nn",
+    "optim",
+    "data",
     "save",
     "load",
     "WeightFileError",

@@ -592,11 +592,13 @@ def _tree_shape(Py_ssize_t visits_per_row, Py_ssize_t n_total):
     """(n_trees, depth) of a forest with n_total nodes whose rows visit visits_per_row nodes
     (n_trees * (depth + 1)), or (0, -1) when no forest has that shape."""
     cdef Py_ssize_t t, levels
-    for t in range(1, visits_per_row + 1):
-        levels = visits_per_row // t
-        if (visits_per_row % t == 0 and levels <= MAX_DEPTH + 1
-                and t * ((<object>1 << levels) - 1) == n_total):
-            return t, levels - 1
+    # by levels (at most MAX_DEPTH + 1), not by trees: O(1) whatever visits_per_row is
+    # (10**12 visit columns spun here); the shape is unique, so the order does not matter
+    for levels in range(MAX_DEPTH + 1, 0, -1):
+        if visits_per_row > 0 and visits_per_row % levels == 0:
+            t = visits_per_row // levels
+            if t * ((<object>1 << levels) - 1) == n_total:
+                return t, levels - 1
     return 0, -1
 
 
@@ -1566,6 +1568,9 @@ def adam_update(floating[:, :] p, const floating[:, :] g, floating[:, :] m, floa
     """One Adam / AdamW step in place (optim.Adam._update, fused): p, m, v updated from g,
     all (rows, cols); step is t, the 1-based step number."""
     cdef _UpdateScalars c
+    # step 0 (or betas of 1) would divide by 1 - beta**step = 0: NaN parameters
+    _require(step >= 1, "step must be >= 1 (the 1-based step number)")
+    _require(0 <= beta1 < 1 and 0 <= beta2 < 1, "beta1 and beta2 must be in [0, 1)")
     c.l2 = weight_decay != 0 and not decoupled
     c.decay = weight_decay != 0 and decoupled
     c.has_buf = c.nesterov = False

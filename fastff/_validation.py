@@ -43,6 +43,29 @@ def max_threads() -> int:
     return max(64, 8 * (os.cpu_count() or 1))
 
 
+def output_file_problem(path, flag: str) -> str | None:
+    """Why a command-line output file (--json, --plot) could not be written, found before
+    any work rather than after it; None if it looks writable. A directory, a device such as
+    /dev/full, an unwritable file or a folder that cannot be created are problems."""
+    path = os.path.abspath(os.fspath(path))
+    if os.path.isdir(path):
+        return f"{flag} {path} is a directory; give a file name"
+    if os.path.exists(path):
+        if not os.path.isfile(path):
+            return f"{flag} {path} is not a regular file"
+        if not os.access(path, os.W_OK):
+            return f"{flag} {path} is not writable"
+        return None
+    parent = os.path.dirname(path)
+    while not os.path.exists(parent):  # the folders save would create
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        return f"{flag} {path}: {parent} is not a folder"
+    if not os.access(parent, os.W_OK | os.X_OK):
+        return f"{flag} {path}: cannot create files in {parent}"
+    return None
+
+
 def check_width(value, name: str) -> int:
     """A layer width: an integer in [1, MAX_WIDTH]."""
     return check_int(value, name, 1, MAX_WIDTH)
@@ -138,6 +161,34 @@ def physical_memory_bytes() -> int:
         physical = 1 << 62
     limit = _cgroup_limit_bytes()
     return physical if limit is None else min(physical, limit)
+
+
+def available_memory_bytes() -> int:
+    """Memory that can be allocated now (not cached: it changes): the kernel's MemAvailable,
+    or within a container the cgroup limit less its current usage if that is lower; at most
+    physical_memory_bytes(). fastff.load checks a file's declared bytes against this."""
+    available = physical_memory_bytes()
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    available = min(available, int(line.split()[1]) * 1024)
+                    break
+    except (OSError, ValueError, IndexError):
+        pass
+    limit = _cgroup_limit_bytes()
+    if limit is not None:
+        for path in (
+            "/sys/fs/cgroup/memory.current",
+            "/sys/fs/cgroup/memory/memory.usage_in_bytes",
+        ):
+            try:
+                with open(path) as f:
+                    available = min(available, max(0, limit - int(f.read().strip())))
+                break
+            except (OSError, ValueError):
+                continue
+    return available
 
 
 def check_fits_in_memory(n_bytes: int, what: str | Callable[[], str]) -> None:

@@ -11,6 +11,7 @@ import json
 import os
 import platform
 import statistics
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -528,42 +529,76 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def main(args: argparse.Namespace) -> int:
-    from ._validation import max_threads
+def _usage_problem(args: argparse.Namespace) -> str | None:
+    """The first bad argument, found before any timing; None if all are good."""
+    from ._validation import max_threads, output_file_problem
 
     if args.repeat < 1 or args.threads < 1:
-        raise SystemExit("--repeat and --threads must be >= 1")
+        return "--repeat and --threads must be >= 1"
     if args.threads > max_threads():
-        raise SystemExit(
-            f"--threads must be <= {max_threads()} (8 per CPU, at least 64), got {args.threads}"
+        return f"--threads must be <= {max_threads()} (8 per CPU, at least 64), got {args.threads}"
+    from .bench_pipeline import PIPELINE
+
+    table = GPU_CONFIGS if args.device == "cuda" else CONFIGS
+    known = set(table) if args.device == "cuda" else set(table) | set(PIPELINE) | {"pipeline"}
+    if args.device == "cuda" and set(args.configs or ()) & (set(PIPELINE) | {"pipeline"}):
+        return "the pipeline cases are CPU cases; run them without --device cuda"
+    unknown = sorted(set(args.configs or ()) - known)
+    if unknown:
+        return (
+            f"unknown config(s) {unknown} for device {args.device!r}; choose from {sorted(table)}"
         )
+    if args.device == "cuda":
+        from .backends import get_ops
+
+        try:
+            get_ops("cuda")
+        except Exception as exc:  # noqa: BLE001 - any failure to reach CUDA is the message
+            return f"--device cuda: {exc}"
+    for path, flag in ((args.json_path, "--json"), (args.plot_path, "--plot")):
+        problem = output_file_problem(path, flag) if path else None
+        if problem:
+            return problem
+    return None
+
+
+def _split_pipeline(names: list[str]) -> tuple[list[str], list[str]]:
+    """(ordinary configs, pipeline cases) of the names given; "pipeline" is the whole group."""
+    from .bench_pipeline import PIPELINE
+
+    names = [c for name in names for c in (PIPELINE if name == "pipeline" else [name])]
+    return [c for c in names if c not in PIPELINE], [c for c in names if c in PIPELINE]
+
+
+def main(args: argparse.Namespace) -> int:
+    problem = _usage_problem(args)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     from . import bench_pipeline
 
     configs = args.configs or (["gpu-ufb"] if args.device == "cuda" else DEFAULT_CPU)
-    # "pipeline" names the whole group; its cases run in processes of their own
-    configs = [
-        c for name in configs for c in (bench_pipeline.PIPELINE if name == "pipeline" else [name])
-    ]
-    pipeline = [c for c in configs if c in bench_pipeline.PIPELINE]
-    configs = [c for c in configs if c not in bench_pipeline.PIPELINE]
-    if pipeline and args.device == "cuda":
-        raise SystemExit("the pipeline cases are CPU cases; run them without --device cuda")
-    results = (
-        run(
-            configs,
-            threads=args.threads,
-            repeat=args.repeat,
-            device=args.device,
-            json_path=None,
+    configs, pipeline = _split_pipeline(configs)
+    try:
+        results = (
+            run(
+                configs,
+                threads=args.threads,
+                repeat=args.repeat,
+                device=args.device,
+                json_path=None,
+            )
+            if configs
+            else []
         )
-        if configs
-        else []
-    )
-    if pipeline:
-        results += bench_pipeline.run(pipeline, threads=args.threads, repeat=args.repeat)
-    if args.json_path:
-        _write_json(args.json_path, results, args.repeat)
-    if args.plot_path:
-        plot(results, args.plot_path)
-        print(f"wrote {args.plot_path}")
+        if pipeline:
+            results += bench_pipeline.run(pipeline, threads=args.threads, repeat=args.repeat)
+        if args.json_path:
+            _write_json(args.json_path, results, args.repeat)
+        if args.plot_path:
+            plot(results, args.plot_path)
+            print(f"wrote {args.plot_path}")
+    except OSError as exc:  # e.g. the disk filled up while writing the results
+        print(f"error: cannot write the results: {exc}", file=sys.stderr)
+        return 2
     return 0

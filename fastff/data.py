@@ -137,6 +137,11 @@ def load_fashion_mnist(path=None):
             f"path must be a str, an os.PathLike or None, got {type(path).__name__} {path!r}"
         )
     folder = Path(path) if path is not None else _default_dir()
+    if folder.exists() and not folder.is_dir():
+        raise NotADirectoryError(
+            f"Fashion-MNIST path {folder} is a file, not a folder: give the folder holding the "
+            "four IDX files"
+        )
     if not folder.is_dir():
         source = (
             "path"

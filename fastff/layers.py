@@ -17,7 +17,7 @@ from ._validation import (
     check_width,
 )
 from .backends import get_ops
-from .module import Module, _aligned_copy, _aligned_empty
+from .module import Module, _aligned_copy, _aligned_empty, initialising, keep_for_backward, run_once
 from .ops import ACTIVATIONS, to_host
 
 USAGE_MODES = ("none", "soft", "hard")
@@ -41,10 +41,31 @@ def _fixed(name: str, doc: str) -> property:
     return property(get, refuse, doc=doc)
 
 
+def _checked(name: str, check, doc: str) -> property:
+    """An attribute stored as `_<name>` whose every assignment is checked like the
+    constructor's argument (layer.activation = "x" would otherwise fail only in a kernel)."""
+    private = "_" + name
+
+    def get(self):
+        return getattr(self, private)
+
+    def set_(self, value):
+        setattr(self, private, check(value, name))
+
+    return property(get, set_, doc=doc)
+
+
+def _check_activation(value, name):
+    return check_choice(value, name, ACTIVATIONS)
+
+
 def _uniform(rng, shape, bound, dtype):
     """U(-bound, bound) drawn straight in `dtype` (no float64 temporary for huge trees), into a
-    64-byte aligned array."""
+    64-byte aligned array. Left unfilled while fastff.load rebuilds a module (its file then
+    overwrites every parameter)."""
     out = _aligned_empty(shape, dtype)
+    if not initialising():
+        return out
     rng.random(dtype=dtype, out=out)
     out *= dtype.type(2 * bound)
     out -= dtype.type(bound)
@@ -100,6 +121,7 @@ class UltraFFF(Module):
     depth = _fixed("depth", "Depth of each tree (a row visits depth + 1 neurons per tree).")
     parallel_size = _fixed("parallel_size", "Number of trees, whose outputs are summed.")
     n_nodes = _fixed("n_nodes", "Neurons per tree, 2**(depth+1) - 1.")
+    activation = _checked("activation", _check_activation, "The neurons' activation.")
 
     def __init__(
         self,
@@ -117,7 +139,7 @@ class UltraFFF(Module):
         self._output_width = check_width(output_width, "output_width")
         self._parallel_size = check_int(parallel_size, "parallel_size", 1)
         self._depth = check_depth(depth, "UltraFFF")
-        self.activation = check_choice(activation, "activation", ACTIVATIONS)
+        self.activation = activation
         self._n_nodes = 2 ** (self.depth + 1) - 1
         total_nodes = self.parallel_size * self.n_nodes
         check_fits_in_memory(
@@ -129,11 +151,12 @@ class UltraFFF(Module):
         k_in = (1.0 / self.input_width) ** 0.5
         k_out = (1.0 / ((self.depth + 1) * self.parallel_size)) ** 0.5
         w_in, w_out_t = _node_records(total_nodes, self.input_width, self.output_width, self.dtype)
-        for start, stop in _chunks(total_nodes, self.input_width):
+        fill = initialising()  # not while fastff.load rebuilds the layer
+        for start, stop in _chunks(total_nodes, self.input_width) if fill else ():
             w_in[start:stop] = _uniform(rng, (stop - start, self.input_width), k_in, self.dtype)
         b_in = _uniform(rng, (total_nodes,), k_in, self.dtype)
         # linear_out.weight (out, n) is drawn row by row, as a single draw would give it
-        for start, stop in _chunks(self.output_width, total_nodes):
+        for start, stop in _chunks(self.output_width, total_nodes) if fill else ():
             w_out_t[:, start:stop] = _uniform(rng, (stop - start, total_nodes), k_out, self.dtype).T
         self._params = {"w_in": w_in, "b_in": b_in, "w_out_t": w_out_t}
         self._anchor = {
@@ -219,8 +242,11 @@ class UltraFFF(Module):
         """Training forward: returns (y, backprop). Keeps each row's visited nodes and
         pre-activations, B * T * (depth+1) numbers, for the O(depth) backward."""
         rows, lead, y, visited, preact = self._forward(x, save_path=True)
+        rows = keep_for_backward(rows, x)
         version, device, out_shape = self._version, self.device, lead + (self.output_width,)
+        activation = self.activation  # the forward's, whatever is assigned before backprop
 
+        @run_once
         def backprop(dy):
             """dy (..., output_width), the shape of y -> dx (..., input_width); adds the
             parameter gradients into layer.grads."""
@@ -233,7 +259,7 @@ class UltraFFF(Module):
                 p["w_out_t"],
                 visited,
                 preact,
-                self.activation,
+                activation,
                 g["w_in"],
                 g["b_in"],
                 g["w_out_t"],
@@ -286,6 +312,28 @@ class FFF(Module):
     depth = _fixed("depth", "Depth of the router tree (a row takes depth decisions).")
     n_nodes = _fixed("n_nodes", "Routers, 2**depth - 1.")
     n_leaves = _fixed("n_leaves", "Leaf MLPs, 2**depth.")
+    activation = _checked("activation", _check_activation, "The leaves' activation.")
+    dropout = _checked("dropout", check_probability, "Dropout rate on leaf activations, [0, 1).")
+    region_leak = _checked(
+        "region_leak", check_probability, "Probability of a swapped decision, [0, 1)."
+    )
+    train_hardened = _checked(
+        "train_hardened", check_bool, "Train on the rounded decisions' path only."
+    )
+
+    @property
+    def usage_mode(self) -> str:
+        """Usage tracking, "none", "soft" or "hard"; assigning another mode starts the
+        counters from zero (None for "none")."""
+        return self._usage_mode
+
+    @usage_mode.setter
+    def usage_mode(self, value) -> None:
+        value = check_choice(value, "usage_mode", USAGE_MODES)
+        if value != getattr(self, "_usage_mode", None):
+            self._usage_mode = value
+            self.node_usage = self.leaf_usage = None
+            self.reset_usage()
 
     def __init__(
         self,
@@ -307,11 +355,11 @@ class FFF(Module):
         self._leaf_width = check_width(leaf_width, "leaf_width")
         self._output_width = check_width(output_width, "output_width")
         self._depth = check_depth(depth, "FFF")
-        self.activation = check_choice(activation, "activation", ACTIVATIONS)
-        self.dropout = check_probability(dropout, "dropout")
-        self.train_hardened = check_bool(train_hardened, "train_hardened")
-        self.region_leak = check_probability(region_leak, "region_leak")
-        self.usage_mode = check_choice(usage_mode, "usage_mode", USAGE_MODES)
+        self.activation = activation
+        self.dropout = dropout
+        self.train_hardened = train_hardened
+        self.region_leak = region_leak
+        self._usage_mode = check_choice(usage_mode, "usage_mode", USAGE_MODES)
         self._n_nodes = 2**self.depth - 1
         self._n_leaves = 2**self.depth
         in_w, leaf_w, out_w = self.input_width, self.leaf_width, self.output_width
@@ -533,7 +581,7 @@ class FFF(Module):
         ops = self.ops
         rows, lead = as_rows(x, self.input_width, self.dtype, ops.xp)
         n_rows = rows.shape[0]
-        hardened = self.train_hardened
+        hardened, activation = self.train_hardened, self.activation
         if not hardened:  # soft training keeps every leaf's hidden units of every row
             check_fits_in_memory(
                 n_rows
@@ -558,12 +606,10 @@ class FFF(Module):
         p = self._params
         n_threads = effective_n_threads()
         if hardened:
-            y, saved = ops.fff_hard_forward(
-                rows, p, self.depth, self.activation, n_threads, swap, drop
-            )
+            y, saved = ops.fff_hard_forward(rows, p, self.depth, activation, n_threads, swap, drop)
             n_decisions = n_rows * self.depth
         else:
-            y, saved = ops.fff_soft_forward(rows, p, self.activation, n_threads, swap, drop)
+            y, saved = ops.fff_soft_forward(rows, p, activation, n_threads, swap, drop)
             n_decisions = n_rows * self.n_nodes
         self.last_mean_entropy = (
             float(saved["entropy"].sum(dtype=np.float64)) / n_decisions if n_decisions else 0.0
@@ -571,14 +617,16 @@ class FFF(Module):
         self._track_usage(saved, hardened)
         entropy_weight = hardening / n_decisions if n_decisions else 0.0
         version, device, out_shape = self._version, self.device, lead + (self.output_width,)
+        rows = keep_for_backward(rows, x)
 
+        @run_once
         def backprop(dy):
             """dy (..., output_width), the shape of y -> dx (..., input_width); adds the
             parameter gradients into layer.grads."""
             dy_rows, g = self._backprop_inputs(dy, version, device, lead, self.output_width)
             backward = ops.fff_hard_backward if hardened else ops.fff_soft_backward
             dx = backward(
-                rows, dy_rows, p, saved, self.activation, entropy_weight, g, effective_n_threads()
+                rows, dy_rows, p, saved, activation, entropy_weight, g, effective_n_threads()
             )
             return dx.reshape(lead + (self.input_width,))
 

@@ -26,8 +26,8 @@ from ._validation import (
     check_probability,
     refuse_masked,
 )
-from .layers import _uniform
-from .module import Module
+from .layers import _checked, _fixed, _uniform
+from .module import Module, caller_input, keep_for_backward, run_once
 from .ops import get_array_module
 
 
@@ -50,13 +50,17 @@ class Linear(Module):
     from U(-1/sqrt(input_width), 1/sqrt(input_width)).
     """
 
+    input_width = _fixed("input_width", "Width of the input rows.")
+    output_width = _fixed("output_width", "Width of the output rows.")
+    has_bias = _fixed("has_bias", "Whether the layer adds a bias.")
+
     def __init__(self, input_width, output_width, bias=True, *, dtype=np.float32, seed=None):
         super().__init__(dtype)
-        self.input_width = check_int(input_width, "input_width", 1)
-        self.output_width = check_int(output_width, "output_width", 1)
+        self._input_width = check_int(input_width, "input_width", 1)
+        self._output_width = check_int(output_width, "output_width", 1)
         if not isinstance(bias, (bool, np.bool_)):
             raise TypeError(f"bias must be True or False, got {type(bias).__name__} {bias!r}")
-        self.has_bias = bool(bias)
+        self._has_bias = bool(bias)
         check_fits_in_memory(
             (self.input_width + self.has_bias) * self.output_width * self.dtype.itemsize,
             f"Linear({self.input_width}, {self.output_width}) parameters",
@@ -101,8 +105,10 @@ class Linear(Module):
     def forward_train(self, x):
         """Returns (y, backprop); keeps x (as rows) for the weight gradient."""
         rows, lead, y = self._forward(x)
+        rows = keep_for_backward(rows, x)
         version, device, out_shape = self._version, self.device, lead + (self.output_width,)
 
+        @run_once
         def backprop(dy):
             """dy (..., output_width) -> dx (..., input_width); adds into grads."""
             dy_rows, grads = self._backprop_inputs(dy, version, device, lead, self.output_width)
@@ -146,13 +152,17 @@ class _Elementwise(Module):
         return self._value(as_float_array(x, xp), xp)
 
     def forward_train(self, x):
+        """(y, backprop). The derivative is formed here, from the forward's values: the caller
+        may then reuse x's buffer or write into y before backprop."""
         xp = self.ops.xp
         z = as_float_array(x, xp)
         y = self._value(z, xp)
+        derivative = self._derivative(z, y, xp)
 
+        @run_once
         def backprop(dy):
             """dy (shape of y) -> dx (shape of x)."""
-            return _check_grad_shape(dy, y, xp) * self._derivative(z, y, xp)
+            return _check_grad_shape(dy, y, xp) * derivative
 
         return y, backprop
 
@@ -224,10 +234,12 @@ class Dropout(Module):
     from a NumPy Generator: the one passed as ``rng``, else the module's own (from ``seed``).
     Like the activations it computes in the input's dtype (``dtype`` is None)."""
 
+    p = _checked("p", check_probability, "Probability of zeroing an element, [0, 1).")
+
     def __init__(self, p=0.5, *, seed=None):
         super().__init__()
         self.dtype = None
-        self.p = check_probability(p, "p")
+        self.p = p
         self.seed = seed
         self._rng = np.random.default_rng(seed)
 
@@ -252,11 +264,12 @@ class Dropout(Module):
                 f"rng must be a numpy.random.Generator or None, got {type(rng).__name__}"
             )
         if self.p == 0.0:
-            return x, lambda dy: _check_grad_shape(dy, x, xp)
+            return x, run_once(lambda dy: _check_grad_shape(dy, x, xp))
         keep = rng.random(x.shape, dtype=x.dtype) >= self.p
         mask = self.ops.asarray(keep * x.dtype.type(1 / (1 - self.p)))
         y = x * mask
 
+        @run_once
         def backprop(dy):
             return _check_grad_shape(dy, y, xp) * mask
 
@@ -359,11 +372,13 @@ class Sequential(Module):
                 f"accepted: {sorted(accepted)}"
             )
         backprops = []
-        for m, (names, var_kw) in zip(self.layers, self._options):
-            kw = {k: v for k, v in options.items() if var_kw or k in names}
-            x, child_backprop = m.forward_train(x, **kw)
-            backprops.append(child_backprop)
+        with caller_input(x):  # the children's intermediates are theirs to keep
+            for m, (names, var_kw) in zip(self.layers, self._options):
+                kw = {k: v for k, v in options.items() if var_kw or k in names}
+                x, child_backprop = m.forward_train(x, **kw)
+                backprops.append(child_backprop)
 
+        @run_once
         def backprop(dy):
             for step in reversed(backprops):
                 dy = step(dy)

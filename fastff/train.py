@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from . import __version__, get_num_threads, nn, num_threads, optim
-from ._validation import max_threads
+from ._validation import max_threads, output_file_problem
 from .data import DatasetError, load_fashion_mnist
 from .layers import UltraFFF
 
@@ -164,11 +164,26 @@ def resolve_options(args) -> dict:
             options[option] = value
     if options["threads"] is None:
         options["threads"] = get_num_threads()
-    if options["threads"] > max_threads():
-        raise UsageError(f"--threads must be <= {max_threads()}, got {options['threads']}")
     for name in ("epochs", "batch_size", "threads", "inference_repeats", "val_size"):
         if options[name] < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {options[name]}")
+    if options["threads"] > max_threads():
+        raise UsageError(
+            f"--threads must be <= {max_threads()} (8 per CPU, at least 64), "
+            f"got {options['threads']}"
+        )
+    for name in ("hardening", "lr", "weight_decay", "dropout", "region_leak"):
+        value = options.get(name)
+        if value is not None and not (0 <= value < float("inf")):
+            raise UsageError(
+                f"--{name.replace('_', '-')} must be a finite number >= 0, got {value}"
+            )
+    if options["warmup_steps"] < 0:
+        raise UsageError(f"--warmup-steps must be >= 0, got {options['warmup_steps']}")
+    if options["json"] is not None:
+        problem = output_file_problem(options["json"], "--json")
+        if problem:
+            raise UsageError(problem)
     return options
 
 
@@ -391,7 +406,7 @@ def _blas_limits(threads):
 def main(args) -> int:
     try:
         return run(args)
-    except (UsageError, FileNotFoundError, DatasetError) as exc:
+    except (UsageError, FileNotFoundError, NotADirectoryError, DatasetError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 
@@ -403,9 +418,12 @@ def run(args) -> int:
     limits = _blas_limits(options["threads"])
     try:
         with num_threads(options["threads"]):  # this thread's kernels; BLAS through `limits`
+            try:  # the model first: a bad size is found before the data is read
+                model, train_kw, neurons, width = build_model(options, dtype)
+            except (ValueError, TypeError, MemoryError, OverflowError) as exc:  # bad sizes
+                raise UsageError(str(exc)) from exc
             train_part, val_part, (x_test, y_test), norm = prepare_data(options, dtype)
             try:
-                model, train_kw, neurons, width = build_model(options, dtype)
                 steps_per_epoch = -(-len(train_part[0]) // options["batch_size"])
                 opt, sched = build_optimizer(model, options, steps_per_epoch)
             except (ValueError, TypeError) as exc:  # an out-of-range option value
@@ -457,6 +475,11 @@ def run(args) -> int:
                 "cpu_count": os.cpu_count(),
             },
         }
-        options["json"].parent.mkdir(parents=True, exist_ok=True)
-        options["json"].write_text(json.dumps(result, indent=2) + "\n")
+        text = json.dumps(result, indent=2) + "\n"
+        try:
+            options["json"].parent.mkdir(parents=True, exist_ok=True)
+            options["json"].write_text(text)
+        except OSError as exc:  # checked up front; the disk may still fill up
+            print(f"error: cannot write {options['json']}: {exc}\n{text}", file=sys.stderr)
+            return 2
     return 0

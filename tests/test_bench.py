@@ -134,3 +134,38 @@ def test_cases_beyond_the_dense_width_time_fastff_alone():
     assert dense is None and peers == {} and rows == 8
     assert info["weights_read_mb"] > 0
     fff()
+
+
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["--json", "DIR"], "is a directory"),
+        (["--json", "/dev/full"], "not a regular file"),
+        (["--json", "FILE/x.json"], "is not a folder"),
+        (["--plot", "DIR"], "is a directory"),
+        (["--threads", "100000"], "--threads must be <="),
+        (["nonsense-config"], "unknown config"),
+    ],
+)
+def test_bad_arguments_are_one_line_errors_before_any_work(args, words, tmp_path, capsys):
+    """Issue 18: these ended in tracebacks, an unwritable --json only after every timing."""
+    from fastff.__main__ import main
+
+    (tmp_path / "file").write_text("x")
+    args = [a.replace("DIR", str(tmp_path)).replace("FILE", str(tmp_path / "file")) for a in args]
+    code = main(["bench", *args])
+    err = capsys.readouterr().err
+    assert code == 2 and words in err, err
+    assert err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_cuda_without_cupy_is_a_usage_error(capsys, monkeypatch):
+    from fastff import backends
+    from fastff.__main__ import main
+
+    def no_cuda(device):
+        raise RuntimeError("device='cuda' needs CuPy")
+
+    monkeypatch.setattr(backends, "get_ops", no_cuda)
+    assert main(["bench", "--device", "cuda"]) == 2
+    assert "--device cuda" in capsys.readouterr().err

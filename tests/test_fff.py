@@ -373,6 +373,9 @@ def test_gradients_accumulate_and_zero(rng):
     _, backprop = layer.forward_train(x)
     backprop(dy)
     once = {k: v.copy() for k, v in layer.grads.items()}
+    with pytest.raises(RuntimeError, match="already ran"):  # would add the gradients twice
+        backprop(dy)
+    _, backprop = layer.forward_train(x)
     backprop(dy)
     for k in once:
         np.testing.assert_allclose(layer.grads[k], 2 * once[k])

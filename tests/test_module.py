@@ -39,3 +39,40 @@ def test_gradients_start_on_cache_lines_and_accumulate():
         layer.zero_grad()
         assert layer._grads is internal and all(g.ctypes.data % 64 == 0 for g in internal.values())
         assert all(float(np.abs(g).sum()) == 0 for g in layer.grads.values())
+
+
+# ---- Issue 18: the submodules from a plain `import fastff` -----------------------------------
+# fastff.nn.Linear raised AttributeError after `import fastff`, and fastff.load of a saved
+# Sequential failed with "unknown module kind 'Sequential'" unless fastff.nn had been imported.
+
+
+def _fresh_python(code: str) -> str:
+    import subprocess
+    import sys
+
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def test_submodules_are_reachable_from_import_fastff():
+    out = _fresh_python(
+        "import fastff\n"
+        "print(type(fastff.nn.Linear(2, 3)).__name__, fastff.optim.Adam.__name__,"
+        " fastff.data.DatasetError.__name__, 'nn' in dir(fastff))"
+    )
+    assert out.split() == ["Linear", "Adam", "DatasetError", "True"]
+
+
+def test_load_of_a_sequential_in_a_fresh_process(tmp_path):
+    path = tmp_path / "model.npz"
+    model = nn.Sequential(nn.Linear(3, 4, seed=0), nn.ReLU(), fastff.UltraFFF(4, 2, 1, seed=1))
+    fastff.save(model, path)
+    x = np.arange(6, dtype=np.float32).reshape(2, 3)
+    out = _fresh_python(
+        f"import numpy as np, fastff\nm = fastff.load({str(path)!r})\n"
+        "print(repr(m(np.arange(6, dtype=np.float32).reshape(2, 3)).tolist()))"
+    )
+    assert out.strip() == repr(model(x).tolist())

@@ -164,9 +164,10 @@ def test_step_marks_model_updated_and_zero_grad(rng):
     y, backprop = model.forward_train(rng.standard_normal((2, 3)))
     backprop(np.ones_like(y))
     assert any(g.any() for g in model.grads.values())
+    _, pending = model.forward_train(rng.standard_normal((2, 3)))
     opt.step()
     with pytest.raises(RuntimeError, match="stale"):
-        backprop(np.ones_like(y))
+        pending(np.ones_like(y))
     opt.zero_grad()
     assert not any(g.any() for g in model.grads.values())
     assert opt.step_count == 1 and set(opt.state) == set(model.state_dict())

@@ -140,3 +140,38 @@ def test_tqdm_progress_bar(data_dir, tmp_path, capsys):
     assert code == 0
     assert "epoch 2/3" in captured.err and "batch" in captured.err  # the bar, on stderr
     assert "epoch 3/3  loss" in captured.out  # the summary lines stay on stdout
+
+
+def test_train_that_cannot_import_shows_the_real_error(monkeypatch, capsys):
+    """Issue 18: `python -m fastff train` said "invalid choice: 'train' (choose from 'bench')"
+    when fastff.train failed to import, hiding the ImportError."""
+    monkeypatch.delitem(sys.modules, "fastff.train", raising=False)
+    monkeypatch.setitem(sys.modules, "fastff.train", None)  # importing it raises ImportError
+    code = main(["train", "--model", "ff"])
+    err = capsys.readouterr().err
+    assert code == 2 and "import of fastff.train halted" in err  # the ImportError itself
+    assert "invalid choice" not in err
+
+
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["--model", "ff", "--threads", "100000"], "--threads must be <="),
+        (["--model", "fff", "--hardening", "-1"], "--hardening must be a finite number >= 0"),
+        (["--model", "ultra", "--depth", "40"], "bytes"),
+        (["--model", "ff", "--width", str(10**12)], "bytes"),
+        (["--model", "ff", "--json", "DIR"], "is a directory"),
+        (["--model", "ff", "--json", "/dev/full"], "not a regular file"),
+        (["--model", "ff", "--data", "FILE"], "is a file, not a folder"),
+    ],
+)
+def test_bad_arguments_are_one_line_errors_before_any_work(args, words, tmp_path, capsys):
+    """Issue 18: these ended in tracebacks, --json a directory only after the whole run."""
+    (tmp_path / "file").write_text("x")
+    args = [a.replace("DIR", str(tmp_path)).replace("FILE", str(tmp_path / "file")) for a in args]
+    if "--data" not in args:
+        args += ["--data", str(tmp_path / "missing")]  # no data: any work would fail on it
+    code = main(["train", *args, "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and words in err, err
+    assert err.count("\n") == 1 and "Traceback" not in err

@@ -487,11 +487,15 @@ def test_backprop_errors_and_accumulation(rng):
         backprop(np.ones((4, 4)))
     backprop(np.ones((5, 4)))
     once = {k: v.copy() for k, v in layer.grads.items()}
+    with pytest.raises(RuntimeError, match="already ran"):  # would add the gradients twice
+        backprop(np.ones((5, 4)))
+    _, backprop = layer.forward_train(x)  # a second pass accumulates
     backprop(np.ones((5, 4)))
     for k, v in layer.grads.items():
         np.testing.assert_allclose(v, 2 * once[k], rtol=1e-6)
     layer.zero_grad()
     assert all((v == 0).all() for v in layer.grads.values())
+    _, backprop = layer.forward_train(x)
     layer.load_state_dict(layer.state_dict())
     with pytest.raises(RuntimeError, match="stale"):
         backprop(np.ones((5, 4)))

@@ -376,8 +376,8 @@ def test_sizes_beyond_the_kernels(make, exc, words):
 def test_bench_cli_refuses_thread_counts_openmp_cannot_create(capsys):
     from fastff.__main__ import main
 
-    with pytest.raises(SystemExit, match="--threads must be <="):
-        main(["bench", "--threads", "100000"])
+    assert main(["bench", "--threads", "100000"]) == 2  # a usage error, exit code 2
+    assert "--threads must be <=" in capsys.readouterr().err
 
 
 # ---- memory: refused before allocating, with the byte count ------------------------------------
@@ -586,3 +586,206 @@ def test_step_lr_overflow_is_a_value_error():
     for _ in range(5):
         frozen.step()
     assert frozen.optimizer.lr == 0.0
+
+
+# ---- Issue 18: gradients that depended on what the caller did between forward and backprop ---
+# forward_train kept a C-contiguous input by reference, so a loader writing the next batch into
+# the same buffer (or an input that was a view of layer.grads, which backprop adds into) changed
+# the gradients; in-place edits through layer.params and reassigning layer.activation did too,
+# and a second backprop call added the gradients twice. All silently.
+
+SETUPS = {
+    "ultra-gelu": lambda: fastff.UltraFFF(6, 5, 3, dtype=np.float64, seed=0),
+    "ultra-relu-2trees": lambda: fastff.UltraFFF(6, 5, 2, 2, "relu", dtype=np.float64, seed=0),
+    "ultra-float32": lambda: fastff.UltraFFF(6, 5, 3, seed=0),
+    "fff-soft": lambda: fastff.FFF(6, 3, 5, 2, dtype=np.float64, seed=0),
+    "fff-hardened": lambda: fastff.FFF(6, 3, 5, 2, train_hardened=True, dtype=np.float64, seed=0),
+    "linear": lambda: nn.Linear(6, 5, dtype=np.float64, seed=0),
+    "sequential": lambda: nn.Sequential(
+        nn.Identity(),
+        nn.Linear(6, 6, dtype=np.float64, seed=0),
+        nn.ReLU(),
+        fastff.UltraFFF(6, 5, 2, dtype=np.float64, seed=1),
+    ),
+    "relu": nn.ReLU,
+}
+
+
+def _grads_after(make, x_forward, mutate=None):
+    """(dx, grads) of one forward_train on x_forward, with mutate(x_forward, module) run
+    between the forward and the backprop."""
+    module = make()
+    y, backprop = module.forward_train(x_forward)
+    if mutate is not None:
+        mutate(x_forward, module)
+    dx = backprop(np.ones_like(y))
+    return dx, {k: v.copy() for k, v in module.grads.items()}
+
+
+@pytest.mark.parametrize("setup", sorted(SETUPS))
+def test_reusing_the_input_buffer_keeps_the_gradients(setup, rng):
+    x, next_batch = rng.standard_normal((2, 8, 6))
+    want_dx, want = _grads_after(SETUPS[setup], x.copy())
+    dtype = np.float32 if setup == "ultra-float32" else np.float64
+    buf = x.astype(dtype)  # the layer's dtype: kept without a cast, as a loader would give it
+
+    def refill(b, _):
+        b[:] = next_batch
+
+    dx, got = _grads_after(SETUPS[setup], buf, refill)
+    np.testing.assert_allclose(dx, want_dx, rtol=1e-6, atol=1e-6)
+    for k in want:
+        np.testing.assert_allclose(got[k], want[k], rtol=1e-6, atol=1e-6, err_msg=k)
+
+
+def test_an_input_aliasing_the_gradients_keeps_the_gradients(rng):
+    values = rng.standard_normal((7, 7))  # linear_in.weight of the tree below is (7, 7)
+
+    def added(alias):
+        layer = fastff.UltraFFF(7, 3, 2, dtype=np.float64, seed=0)
+        grad = layer.grads["linear_in.weight"]
+        grad[...] = values
+        y, backprop = layer.forward_train(grad if alias else values.copy())
+        backprop(np.ones_like(y))  # adds into grad, i.e. into the input when aliased
+        return layer.grads["linear_in.weight"] - values
+
+    np.testing.assert_allclose(added(True), added(False), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("setup", ["ultra-gelu", "fff-soft", "linear", "sequential"])
+def test_editing_params_between_forward_and_backprop_raises(setup, rng):
+    module = SETUPS[setup]()
+    y, backprop = module.forward_train(rng.standard_normal((4, 6)))
+    first = next(iter(module.params.values()))
+    first[...] *= 2
+    with pytest.raises(RuntimeError, match="stale"):
+        backprop(np.ones_like(y))
+
+
+@pytest.mark.parametrize("kind", ["ultra", "fff-soft", "fff-hardened"])
+def test_reassigning_activation_before_backprop_keeps_the_forward_activation(kind, rng):
+    def make(act):
+        if kind == "ultra":
+            return fastff.UltraFFF(6, 5, 3, activation=act, dtype=np.float64, seed=0)
+        return fastff.FFF(
+            6, 3, 5, 2, act, train_hardened=kind == "fff-hardened", dtype=np.float64, seed=0
+        )
+
+    x = rng.standard_normal((8, 6))
+    want_dx, want = _grads_after(lambda: make("gelu"), x)
+
+    def switch(_, layer):
+        layer.activation = "relu"
+
+    dx, got = _grads_after(lambda: make("gelu"), x, switch)
+    np.testing.assert_allclose(dx, want_dx, rtol=1e-12)
+    for k in want:
+        np.testing.assert_allclose(got[k], want[k], rtol=1e-12, err_msg=k)
+
+
+@pytest.mark.parametrize("setup", sorted(SETUPS))
+def test_backprop_runs_once(setup, rng):
+    module = SETUPS[setup]()
+    y, backprop = module.forward_train(rng.standard_normal((4, 6)))
+    backprop(np.ones_like(y))
+    once = {k: v.copy() for k, v in module.grads.items()}
+    with pytest.raises(RuntimeError, match="already ran"):
+        backprop(np.ones_like(y))
+    for k in once:
+        np.testing.assert_array_equal(module.grads[k], once[k])
+
+
+def test_writing_into_y_before_backprop_keeps_the_gradient(rng):
+    x = rng.standard_normal((4, 3))
+    for act in (nn.Tanh(), nn.Sigmoid(), nn.GELU()):
+        _, clean = act.forward_train(x)
+        y, backprop = act.forward_train(x)
+        y += 5.0
+        np.testing.assert_array_equal(backprop(np.ones_like(y)), clean(np.ones_like(y)))
+
+
+# ---- Issue 18: attributes the kernels read, checked on assignment -------------------------------
+# layer.activation = "x" gave KeyError: 'x' at the next call; FFF.dropout = 1.0 gave
+# ZeroDivisionError; usage_mode = "soft" on a layer built without usage crashed on None counters.
+
+
+def test_attribute_assignments_are_checked(rng):
+    ultra = fastff.UltraFFF(4, 2, 1)
+    with pytest.raises(ValueError, match="activation must be one of"):
+        ultra.activation = "x"
+    fff = fastff.FFF(4, 2, 2, 1)
+    for name, value, error in [
+        ("activation", "x", ValueError),
+        ("dropout", 1.0, ValueError),
+        ("region_leak", -0.1, ValueError),
+        ("train_hardened", 1, TypeError),
+        ("usage_mode", "both", ValueError),
+    ]:
+        with pytest.raises(error, match=name):
+            setattr(fff, name, value)
+    fff.dropout = 0.5
+    fff.usage_mode = "hard"
+    fff.forward_train(rng.standard_normal((3, 4)))
+    assert fff.node_usage.sum() == 3 and fff.get_config()["dropout"] == 0.5
+    dropout = nn.Dropout(0.1)
+    with pytest.raises(ValueError, match="p must be in"):
+        dropout.p = 1.0
+    linear = nn.Linear(3, 2)
+    with pytest.raises(AttributeError, match="fixed at construction"):
+        linear.input_width = 5
+
+
+# ---- Issue 18: load_state_dict and masked arrays ---------------------------------------------
+# Layer inputs refused masked arrays, but load_state_dict loaded their hidden values (a masked
+# 1e30 came back as 1e30).
+
+
+@pytest.mark.parametrize("key", ["linear_in.bias", "linear_out.weight"])
+def test_load_state_dict_refuses_masked_arrays(key):
+    layer = fastff.UltraFFF(3, 2, 1, seed=0)
+    before = layer.state_dict()
+    state = dict(before)
+    state[key] = np.ma.masked_array(np.full_like(state[key], 1e30), mask=True)
+    with pytest.raises(TypeError, match="masked array"):
+        layer.load_state_dict(state)
+    for k, v in layer.state_dict().items():
+        np.testing.assert_array_equal(v, before[k])
+    fff = fastff.FFF(3, 2, 2, 1, usage_mode="soft")
+    state = {**fff.state_dict(), "node_usage": np.ma.masked_array([5.0], mask=[True])}
+    with pytest.raises(TypeError, match="masked array"):
+        fff.load_state_dict(state)
+
+
+# ---- Issue 18: raw fastff._cmm entry points, bounded -------------------------------------------
+# _tree_shape(10**12, 7), and ultra_backward with 0 rows and 10**12 visit columns (which calls
+# it), looped over 10**12 tree counts; adam_update with step=0 divided by 1 - beta**0 = 0.
+
+
+def test_raw_tree_shape_and_backward_are_bounded_in_the_visit_count():
+    import subprocess
+    import sys
+
+    code = (
+        "import numpy as np\n"
+        "from fastff import _cmm\n"
+        "assert _cmm._tree_shape(10**12, 7) == (0, -1)\n"
+        "assert _cmm._tree_shape(2 * 12, 2 * (2**12 - 1)) == (2, 11)\n"
+        "f = lambda *s: np.zeros(s, np.float32)\n"
+        "_cmm.ultra_backward(f(0, 3), f(0, 3), f(7, 3), f(7, 3), np.zeros((0, 10**12), np.intp),"
+        " f(0, 10**12), 0, f(0, 3), f(7, 3), f(7), f(7, 3), 1)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+
+
+def test_raw_adam_update_refuses_step_zero():
+    from fastff import _cmm
+
+    p = np.ones((2, 3), np.float32)
+    g, m, v = np.ones_like(p), np.zeros_like(p), np.zeros_like(p)
+    for step, beta2 in ((0, 0.999), (-1, 0.999), (1, 1.0)):
+        with pytest.raises(ValueError, match="step must be >= 1|beta1 and beta2"):
+            _cmm.adam_update(p, g, m, v, 0.0, False, 1e-3, 0.9, beta2, 1e-8, step, 1)
+    np.testing.assert_array_equal(p, 1.0)  # untouched
+    _cmm.adam_update(p, g, m, v, 0.0, False, 1e-3, 0.9, 0.999, 1e-8, 1, 1)
+    assert np.isfinite(p).all() and (p < 1).all()
