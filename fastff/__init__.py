@@ -1,11 +1,13 @@
 """fastff: fast feedforward (FFF) layers for NumPy, with log-time CMM kernels."""
 
-# ruff: noqa: E402 (the spin policy must be set before the kernels load libgomp)
+# ruff: noqa: E402 (the spin settings must be made before NumPy and the kernels load)
+from . import _spin
+
+# libgomp and OpenBLAS read how long idle workers spin once, when loaded (fastff/_spin.py)
+_spin.configure()
+
 from . import _threads
 from ._version import __version__
-
-# libgomp reads its spin policy once, when it is loaded (see fastff/_threads.py)
-_threads.configure_openmp_wait()
 
 try:
     from . import _cmm  # noqa: F401

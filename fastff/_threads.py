@@ -113,36 +113,6 @@ def num_threads(n: int) -> Iterator[None]:
         _scoped.reset(token)
 
 
-# ---- libgomp's spin wait ------------------------------------------------------------------
-# After a parallel region libgomp's workers spin (300,000 rounds by default) before they sleep.
-# A NumPy GEMM's OpenBLAS workers spin too after theirs: in a pipeline that alternates the two,
-# each pool's spinning threads take the cores the other needs, and on a machine whose cores are
-# shared (another process, a VM's vCPUs) a spinning thread delays the very thread it waits for.
-# Measured on the project's 2-core VM: a depth-0 UltraFFF call on 256 rows took 14 ms with the
-# default spin and 0.4 ms with a short one; a soft FFF training step 26 ms against 0.67 ms.
-# libgomp reads its setting once, when it is loaded: fastff sets a short spin unless the user
-# chose a wait policy, and only if libgomp is not loaded yet.
-SPIN_COUNT = "10000"
-
-
-def _libgomp_loaded() -> bool:
-    try:
-        with open("/proc/self/maps") as f:
-            return "libgomp" in f.read()
-    except OSError:
-        return False
-
-
-def configure_openmp_wait() -> bool:
-    """Set GOMP_SPINCOUNT before fastff's kernels load libgomp; True if it was set."""
-    if "OMP_WAIT_POLICY" in os.environ or "GOMP_SPINCOUNT" in os.environ:
-        return False
-    if _libgomp_loaded():
-        return False
-    os.environ["GOMP_SPINCOUNT"] = SPIN_COUNT
-    return True
-
-
 # ---- threadpoolctl --------------------------------------------------------------------------
 def register_threadpoolctl() -> bool:
     """Make ``threadpoolctl.threadpool_limits`` govern fastff's kernels; True if registered."""

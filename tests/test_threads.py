@@ -276,11 +276,8 @@ def test_small_work_runs_on_the_calling_thread():
 
 
 def _fresh_process(code, **env):
-    environ = {
-        k: v
-        for k, v in os.environ.items()
-        if k not in ("OMP_NUM_THREADS", "GOMP_SPINCOUNT", "OMP_WAIT_POLICY")
-    }
+    settings = ("OMP_NUM_THREADS", "GOMP_SPINCOUNT", "OMP_WAIT_POLICY", "OPENBLAS_THREAD_TIMEOUT")
+    environ = {k: v for k, v in os.environ.items() if k not in settings}
     environ.update(env)
     result = subprocess.run(
         [sys.executable, "-c", code], env=environ, capture_output=True, text=True, timeout=120
@@ -289,13 +286,22 @@ def _fresh_process(code, **env):
     return result.stdout.split()
 
 
-def test_defaults_follow_omp_num_threads_and_set_a_short_openmp_spin():
-    code = "import os, fastff; print(fastff.get_num_threads(), os.environ.get('GOMP_SPINCOUNT'))"
-    n, spin = _fresh_process(code, OMP_NUM_THREADS="1")
-    assert n == "1" and spin == fastff._threads.SPIN_COUNT
-    n, spin = _fresh_process(code, OMP_NUM_THREADS="3,2")
+def test_defaults_follow_omp_num_threads_and_set_short_spins():
+    code = (
+        "import os, fastff; print(fastff.get_num_threads(), "
+        "os.environ.get('GOMP_SPINCOUNT'), os.environ.get('OPENBLAS_THREAD_TIMEOUT'))"
+    )
+    n, spin, timeout = _fresh_process(code, OMP_NUM_THREADS="1")
+    assert n == "1" and spin == fastff._spin.GOMP_SPINCOUNT
+    assert timeout == fastff._spin.OPENBLAS_THREAD_TIMEOUT  # fastff imported before NumPy
+    n, _, _ = _fresh_process(code, OMP_NUM_THREADS="3,2")
     assert n == "3"
-    n, spin = _fresh_process(code, OMP_WAIT_POLICY="active")
+    n, spin, _ = _fresh_process(code, OMP_WAIT_POLICY="active")
     assert int(n) == fastff._threads.available_cpus() and spin == "None"  # the user's choice
-    n, spin = _fresh_process(code, OMP_NUM_THREADS="zero", GOMP_SPINCOUNT="5")
-    assert int(n) == fastff._threads.available_cpus() and spin == "5"
+    n, spin, timeout = _fresh_process(
+        code, OMP_NUM_THREADS="zero", GOMP_SPINCOUNT="5", OPENBLAS_THREAD_TIMEOUT="20"
+    )
+    assert int(n) == fastff._threads.available_cpus() and (spin, timeout) == ("5", "20")
+    # NumPy first: its OpenBLAS is loaded already, and fastff leaves the setting alone
+    _, _, timeout = _fresh_process("import numpy\n" + code)
+    assert timeout == "None"
