@@ -37,8 +37,10 @@ for step in $STEPS; do
     probe)
         timeout 150 python3 benchmarks/gpu_probe.py --json "$OUT/probe.json" 2>&1 \
             | tee "$OUT/probe.log" | tail -40 ;;
-    sanitizer)
-        for tool in memcheck racecheck; do
+    sanitizer | memcheck)
+        tools="memcheck racecheck"
+        [ "$step" = memcheck ] && tools=memcheck
+        for tool in $tools; do
             timeout 200 compute-sanitizer --tool $tool python3 -m pytest -q -x -p no:cacheprovider \
                 tests/test_gpu.py 2>&1 | tee "$OUT/sanitizer_$tool.log" | tail -4
         done ;;

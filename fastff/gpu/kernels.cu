@@ -155,8 +155,19 @@ __device__ __forceinline__ void axpy4(float a, float4 w, float4& acc) {
 // three dependent rounds. x is read once (streaming load) and y written once (streaming store),
 // which keeps L2 for the weights. Measured on an H200 (benchmarks/gpu_probe.py, gpu-ufb): 106.7
 // us for the previous kernel, 51.5 us for this structure.
+// A read-only 16-byte load the compiler issues exactly here. A plain __ldg whose value is used
+// only inside `if (a != 0)` may be sunk into that branch, after the reduction it was meant to
+// overlap; volatile asm is never moved into a conditional.
+__device__ __forceinline__ float4 ldg_here(const float4* p) {
+    float4 v;
+    asm volatile("ld.global.nc.v4.f32 {%0, %1, %2, %3}, [%4];"
+                 : "=f"(v.x), "=f"(v.y), "=f"(v.z), "=f"(v.w)
+                 : "l"(p));
+    return v;
+}
+
 template <int K>
-__global__ void __launch_bounds__(256, 1)
+__global__ void __launch_bounds__(256, 2)
     ultra_forward_f4(const float* __restrict__ x, const float* __restrict__ w_in,
                      const float* __restrict__ b_in, const float* __restrict__ w_out_t,
                      float* __restrict__ y, long long* __restrict__ visited,
@@ -192,7 +203,7 @@ __global__ void __launch_bounds__(256, 1)
 #pragma unroll
             for (int k = 0; k < K; ++k) {
                 const int q = lane + 32 * k;
-                wo[k] = q < out4 ? __ldg(wo4 + q) : zero;
+                wo[k] = q < out4 ? ldg_here(wo4 + q) : zero;
             }
             const float bias = __ldg(b_in + g);
             float partial = 0.f;
@@ -223,7 +234,7 @@ __global__ void __launch_bounds__(256, 1)
 // As the forward: a visit's w_out_t and w_in chunks are requested together, before the dot's
 // reduction (the visits are known, so nothing waits on dz but the axpy itself).
 template <int K>
-__global__ void __launch_bounds__(256, 1)
+__global__ void __launch_bounds__(256, 2)
     ultra_backward_rows_f4(const float* __restrict__ dy, const float* __restrict__ w_in,
                            const float* __restrict__ w_out_t,
                            const long long* __restrict__ visited,
@@ -259,7 +270,7 @@ __global__ void __launch_bounds__(256, 1)
 #pragma unroll
         for (int k = 0; k < K; ++k) {
             const int q = lane + 32 * k;
-            wi[k] = q < in4 ? __ldg(w4 + q) : zero;
+            wi[k] = q < in4 ? ldg_here(w4 + q) : zero;
         }
         float partial = 0.f;
 #pragma unroll
