@@ -116,19 +116,44 @@ def test_device_mismatch_and_round_trip():
     np.testing.assert_array_equal(layer(x), y_cpu)
 
 
-def test_wide_rows_fall_back_to_global_memory():
+@pytest.fixture
+def launched(monkeypatch):
+    """Names of the kernels the GPU ops ask for, in order (the ops look them up per call)."""
+    from fastff.gpu import kernels
+
+    names = []
+    real = kernels.get
+
+    def recording(name, dtype=None, k=None):
+        names.append(name)
+        return real(name, dtype, k)
+
+    monkeypatch.setattr(kernels, "get", recording)
+    return names
+
+
+def test_wide_rows_fall_back_to_global_memory(monkeypatch):
     # in + out beyond the 48 KiB shared-memory budget of one warp (float64: > 6144 elements)
+    from fastff.gpu.ops import GPUOps
+
     layer, state, x, _ = _ultra_case(5, 5000, 3000, 2, 1, 40, np.float64, "relu")
     layer.to("cuda")
+    launches = []
+    real = GPUOps._row_launch
+    monkeypatch.setattr(
+        GPUOps, "_row_launch", staticmethod(lambda *a: launches.append(real(*a)) or launches[-1])
+    )
     y_ref, _ = R.ultra_forward(x, state, 2, 1, "relu")
     assert_close(cp.asnumpy(layer(cp.asarray(x))), y_ref, np.float64, 3 * 5000, "wide")
+    assert launches and all(use_smem == 0 for *_, use_smem in launches)  # the path ran
 
 
 @pytest.mark.parametrize("in_w, out_w", [(768, 768), (4, 1000), (128, 36), (1024, 8), (1028, 4)])
 @pytest.mark.parametrize("act", ACTS)
-def test_float32_register_path_matches_reference(in_w, out_w, act):
+def test_float32_register_path_matches_reference(in_w, out_w, act, launched):
     """float32 with widths divisible by 4 (<= 1024) takes the float4 register kernels;
     1028 is just past them and takes the general kernels."""
+    register_path = max(in_w, out_w) <= 1024
     layer, state, x, rng = _ultra_case(11, in_w, out_w, 5, 2, 257, np.float32, act)
     dy = dyadic(rng, (257, out_w), denom=8)
     layer.to("cuda")
@@ -141,6 +166,11 @@ def test_float32_register_path_matches_reference(in_w, out_w, act):
     assert_close(cp.asnumpy(dx), dx_ref, np.float32, terms, "dx")
     for key, g in layer.grads.items():
         assert_close(cp.asnumpy(g), grads_ref[key], np.float32, terms, key)
+    f4 = {"ultra_forward_f4", "ultra_backward_rows_f4"}
+    if register_path:  # the path the test is named after ran, forward and backward
+        assert f4 <= set(launched) and not {"ultra_forward", "ultra_backward_rows"} & set(launched)
+    else:
+        assert not f4 & set(launched)
 
 
 # ---- router-leaf FFF: GPU against the CPU kernels (themselves held to the reference) ----------
@@ -254,9 +284,21 @@ def test_cuda_torch_tensor_goes_in_without_conversion():
     torch = pytest.importorskip("torch")
     if not torch.cuda.is_available():
         pytest.skip("torch without CUDA")
+    from fastff.gpu.ops import GPUOps
+
     layer = fastff.UltraFFF(16, 8, 3, seed=0).to("cuda")
     t = torch.randn(5, 16, device="cuda")
-    y = layer(t)
+    seen = []
+    real = GPUOps.ultra_forward
+
+    def spy(self, x, *args):
+        seen.append(x.data.ptr)
+        return real(self, x, *args)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(GPUOps, "ultra_forward", spy)
+        y = layer(t)
+    assert seen == [t.data_ptr()]  # the kernel read the tensor's own memory: no copy
     assert isinstance(y, cp.ndarray)
     np.testing.assert_allclose(
         cp.asnumpy(y), cp.asnumpy(layer(cp.asarray(t.cpu().numpy()))), rtol=1e-6, atol=1e-6

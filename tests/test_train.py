@@ -125,12 +125,6 @@ def test_missing_data_says_how_to_get_it(tmp_path, capsys):
     assert str(tmp_path / "none") in captured.err and "apt-get install" in captured.err
 
 
-@pytest.mark.skipif(hasattr(fastff, "FFF"), reason="fastff.FFF exists in this build")
-def test_fff_before_it_exists(data_dir, tmp_path, capsys):
-    code, _, captured = run(["--model", "fff", "--data", str(data_dir), *TINY], tmp_path, capsys)
-    assert code == 2 and "fastff.FFF" in captured.err
-
-
 def test_tqdm_progress_bar(data_dir, tmp_path, capsys):
     pytest.importorskip("tqdm")
     args = [a for a in TINY if a != "--no-progress"]
