@@ -134,7 +134,7 @@ extensions = [
     Extension(
         "fastff._cmm",
         ["fastff/_cmm.pyx"],
-        include_dirs=[numpy.get_include(), "fastff"],
+        include_dirs=[numpy.get_include(), "fastff", "fastff/cpu"],
     )
 ]
 

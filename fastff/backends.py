@@ -7,7 +7,8 @@ package's import graph has no cycle (tests/test_ops.py walks it).
 
 from __future__ import annotations
 
-from .ops import CPUOps, Ops
+from .cpu.ops import CPUOps
+from .ops import Ops
 
 _CPU = CPUOps()
 

@@ -1,4 +1,4 @@
-"""Backends: one Ops interface, a CPU implementation here and a CUDA twin in fastff.gpu.
+"""Backends: one Ops interface, implemented by fastff.cpu.ops.CPUOps and fastff.gpu.ops.GPUOps.
 
 Layers hold their parameters in the backend's array type and call only these methods, so the
 layer code is the same on every device (thinc's Ops pattern). Every kernel method takes
@@ -18,20 +18,14 @@ from . import _cmm
 ACTIVATIONS = dict(_cmm.ACTIVATIONS)
 
 
-# Stand-ins for the path arrays of an inference call (0 x 0: nothing is written to them).
-_NO_PATH = {
-    np.dtype(t).char: (np.empty((0, 0), np.intp), np.empty((0, 0), t))
-    for t in (np.float32, np.float64)
-}
-
-
 class Ops:
     """Every operation the layers, nn and optim call, declared once with its signature.
 
-    Backends (CPUOps here, GPUOps in fastff.gpu.ops) implement the neuron-tree kernels and the
-    array helpers, and override what they speed up. The router-leaf FFF ops and the optimizer
-    updates are written once here against `self.xp` (NumPy or CuPy) and `self.cmm` (fastff._cmm
-    or its CUDA twin fastff.gpu.cmm, same signatures). tests/test_ops.py holds every backend's
+    Backends (CPUOps in fastff.cpu.ops, GPUOps in fastff.gpu.ops) implement the neuron-tree
+    kernels and the array helpers, and override what they speed up. The router-leaf FFF ops
+    and the optimizer updates are written once here against `self.xp` (NumPy or CuPy) and
+    `self.cmm` (fastff._cmm or its CUDA twin fastff.gpu.cmm, same signatures). tests/test_ops.py
+    holds every backend's
     public methods to these signatures.
     """
 
@@ -295,144 +289,6 @@ class Ops:
             n_threads,
         )
         return dx
-
-
-class CPUOps(Ops):
-    """NumPy arrays, Cython/OpenMP kernels (fastff._cmm)."""
-
-    name = "cpu"
-    xp = np
-    cmm = _cmm
-
-    def asarray(self, a, dtype=None):
-        return np.asarray(to_host(a), dtype=dtype)
-
-    def to_numpy(self, a):
-        return np.asarray(a)
-
-    def ultra_forward(self, x, w_in, b_in, w_out_t, depth, n_trees, act, save_path, n_threads):
-        """x (B, in) -> y (B, out); with save_path also visited nodes and pre-activations,
-        each (B, T*(depth+1))."""
-        n_rows = x.shape[0]
-        y = np.empty((n_rows, w_out_t.shape[1]), dtype=x.dtype)
-        if save_path:
-            path = n_trees * (depth + 1)
-            visited = np.empty((n_rows, path), dtype=np.intp)
-            preact = np.empty((n_rows, path), dtype=x.dtype)
-        else:  # the kernel does not touch them: shared empty arrays, no allocation per call
-            visited, preact = _NO_PATH[x.dtype.char]
-        _cmm.ultra_forward(
-            x,
-            w_in,
-            b_in,
-            w_out_t,
-            depth,
-            n_trees,
-            ACTIVATIONS[act],
-            y,
-            visited,
-            preact,
-            save_path,
-            n_threads,
-        )
-        return y, visited, preact
-
-    def ultra_backward(
-        self,
-        x,
-        dy,
-        w_in,
-        w_out_t,
-        visited,
-        preact,
-        act,
-        grad_w_in,
-        grad_b_in,
-        grad_w_out_t,
-        n_threads,
-    ):
-        """Adds the hard-path parameter gradients into grad_*; returns dx (B, in)."""
-        dx = np.empty_like(x)
-        _cmm.ultra_backward(
-            x,
-            dy,
-            w_in,
-            w_out_t,
-            visited,
-            preact,
-            ACTIVATIONS[act],
-            dx,
-            grad_w_in,
-            grad_b_in,
-            grad_w_out_t,
-            n_threads,
-        )
-        return dx
-
-    def sgd_update(self, param, grad, buf, lr, weight_decay, momentum, nesterov, n_threads):
-        views = _fused_views(param, grad, *([] if buf is None else [buf]))
-        if views is None:
-            return super().sgd_update(
-                param, grad, buf, lr, weight_decay, momentum, nesterov, n_threads
-            )
-        p, g, *b = views  # the same arithmetic as Ops.sgd_update, in one pass
-        _cmm.sgd_update(
-            p, g, b[0] if b else p, bool(b), lr, weight_decay, momentum, nesterov, n_threads
-        )
-        return None
-
-    def adam_update(
-        self, param, grad, m, v, lr, betas, eps, weight_decay, decoupled, step, n_threads
-    ):
-        views = _fused_views(param, grad, m, v)
-        if views is None:
-            return super().adam_update(
-                param, grad, m, v, lr, betas, eps, weight_decay, decoupled, step, n_threads
-            )
-        _cmm.adam_update(  # the same arithmetic as Ops.adam_update, in one pass
-            *views, weight_decay, decoupled, lr, betas[0], betas[1], eps, step, n_threads
-        )
-        return None
-
-
-def _fused_views(*arrays):
-    """(rows, cols) views of same-shaped float NumPy arrays, all with the axes in the order
-    that makes their rows contiguous (a transposed parameter view goes back to its storage
-    order; its gradient and state share that layout), for the fused update kernels of
-    fastff._cmm; None where some array's layout or type does not allow it. The order comes
-    from the first array's strides, else from another's: with a length-1 axis, an array's
-    strides may not tell its storage order (a (1, n) view of a strided (n, 1) column)."""
-    first = arrays[0]
-    if first.ndim == 0 or first.dtype not in (np.float32, np.float64):
-        return None
-    for a in arrays:
-        if type(a) is not np.ndarray or a.dtype != first.dtype or a.shape != first.shape:
-            return None
-    tried = []
-    for guide in arrays:
-        strides = guide.strides
-        axes = sorted(range(first.ndim), key=lambda k: -abs(strides[k]))
-        if axes in tried:
-            continue
-        tried.append(axes)
-        views = [_rows_view(a, axes) for a in arrays]
-        if all(v is not None for v in views):
-            return views
-    return None
-
-
-def _rows_view(a, axes):
-    """a with its axes in `axes` order as (rows, cols) with contiguous rows, or None."""
-    t = a.transpose(axes)
-    if t.ndim == 1:
-        t = t[np.newaxis]
-    elif t.ndim > 2:
-        if not t.flags.c_contiguous:
-            return None
-        t = t.reshape(-1, t.shape[-1])
-    if t.shape[1] > 1 and t.strides[1] != t.itemsize:
-        return None
-    return t
 
 
 def to_host(a):

@@ -9,8 +9,9 @@ import pathlib
 import pytest
 
 import fastff
+from fastff.cpu.ops import CPUOps
 from fastff.gpu.ops import GPUOps
-from fastff.ops import CPUOps, Ops
+from fastff.ops import Ops
 
 PACKAGE = pathlib.Path(fastff.__file__).parent
 

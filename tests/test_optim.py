@@ -9,8 +9,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import fastff
-from fastff import _cmm, nn, ops, optim
+from fastff import _cmm, nn, optim
 from fastff import reference as R
+from fastff.cpu import ops
 
 
 def make_model():
