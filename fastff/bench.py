@@ -10,15 +10,15 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
 from scipy.special import erf
+
+from ._timing import median_min_max
 
 
 @dataclass
@@ -30,23 +30,6 @@ class Case:
     kind: str
     make: Callable
     params: dict = field(default_factory=dict)
-
-
-# Idle time before each timed series. OpenBLAS worker threads spin for about 0.1 s after each
-# call before they sleep; on a 2-core machine they take a core from whatever runs next, which
-# made an OpenMP kernel timed right after the dense GEMMs up to 10x slower than on its own.
-SETTLE_S = 0.3
-
-
-def _time(fn, repeat: int):
-    time.sleep(SETTLE_S)  # let the other side's idle BLAS / OpenMP workers park first
-    fn()  # warm-up (also triggers lazy allocations)
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times), min(times), max(times)
 
 
 def _dense_ff(rng, in_w, width, out_w, dtype):
@@ -389,7 +372,7 @@ def run(
             except MemoryError as exc:  # depth 20 needs 12.9 GB of weights
                 out(f"{case.name:<16}skipped: {exc}")
                 continue
-            timer: Callable = _time
+            timer: Callable = median_min_max
             if device == "cuda":
                 from .gpu.bench import time_events as timer
             f_med, f_min, f_max = timer(fff, repeat)

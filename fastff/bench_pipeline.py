@@ -19,28 +19,16 @@ from __future__ import annotations
 
 import json
 import os
-import statistics
 import subprocess
 import sys
 import threading
 import time
-from typing import Callable
 
 import numpy as np
 
+from ._timing import median_min_max
+
 PIPELINE = ["pipe-fff-soft", "pipe-mlp", "pipe-ufb-loaded", "pipe-threads"]
-SETTLE_S = 0.3  # idle time before a timed series, as in fastff.bench
-
-
-def _median_min_max(fn: Callable[[], object], repeat: int) -> tuple[float, float, float]:
-    time.sleep(SETTLE_S)
-    fn()  # warm-up
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times), min(times), max(times)
 
 
 def _fff_soft_step(rng):
@@ -135,11 +123,11 @@ def child(case: str, threads: int, repeat: int) -> dict:
     result: dict = {"case": case, "threads": threads}
     if case == "pipe-fff-soft":
         fns = _fff_soft_step(rng)
-        result["s"] = _median_min_max(fns["step"], repeat)
+        result["s"] = median_min_max(fns["step"], repeat)
     elif case == "pipe-mlp":
         fns = _mlp_step(rng)
-        result["s"] = _median_min_max(fns["step"], repeat)
-        alone = {name: _median_min_max(fn, repeat)[0] for name, fn in fns["alone"].items()}
+        result["s"] = median_min_max(fns["step"], repeat)
+        alone = {name: median_min_max(fn, repeat)[0] for name, fn in fns["alone"].items()}
         result["parts_alone_s"] = alone
         result["sum_alone_s"] = sum(alone.values())
     elif case == "pipe-ufb-loaded":
@@ -147,7 +135,7 @@ def child(case: str, threads: int, repeat: int) -> dict:
         busy = _competitor()
         try:
             time.sleep(0.5)  # let it take its core
-            result["s"] = _median_min_max(lambda: layer(x), repeat)
+            result["s"] = median_min_max(lambda: layer(x), repeat)
         finally:
             busy.kill()
             busy.wait()
@@ -173,7 +161,7 @@ def child(case: str, threads: int, repeat: int) -> dict:
             barrier.wait()
             done.wait()
 
-        result["s"] = _median_min_max(round_of_four, repeat)
+        result["s"] = median_min_max(round_of_four, repeat)
         stop = True
         barrier.wait()
         for w in workers:

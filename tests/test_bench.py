@@ -169,3 +169,43 @@ def test_cuda_without_cupy_is_a_usage_error(capsys, monkeypatch):
     monkeypatch.setattr(backends, "get_ops", no_cuda)
     assert main(["bench", "--device", "cuda"]) == 2
     assert "--device cuda" in capsys.readouterr().err
+
+
+def test_pipeline_case_runs_with_one_and_all_threads(tmp_path):
+    """`bench pipe-fff-soft` times the case in two fresh processes (1 thread, --threads) and
+    writes both times and their ratio."""
+    import json
+    import subprocess
+    import sys
+
+    out = tmp_path / "pipe.json"
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fastff",
+            "bench",
+            "pipe-fff-soft",
+            "--repeat",
+            "1",
+            "--threads",
+            "2",
+            "--json",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    (row,) = json.loads(out.read_text())["results"]
+    assert row["config"] == "pipe-fff-soft" and row["threads"] == 2
+    assert row["one_thread_s"] > 0 and row["all_threads_s"] > 0
+    assert row["ratio"] == pytest.approx(row["all_threads_s"] / row["one_thread_s"])
+
+
+def test_pipeline_cases_are_cpu_only(capsys):
+    from fastff.__main__ import main
+
+    assert main(["bench", "--device", "cuda", "pipeline"]) == 2
+    assert "CPU cases" in capsys.readouterr().err
