@@ -222,9 +222,7 @@ class UltraFFF(Module):
         p = self._params
         y, visited, preact = ops.ultra_forward(
             rows,
-            p["w_in"],
-            p["b_in"],
-            p["w_out_t"],
+            p,
             depth,
             n_trees,
             self.activation,
@@ -253,17 +251,7 @@ class UltraFFF(Module):
             dy_rows, g = self._backprop_inputs(dy, version, device, lead, self.output_width)
             p = self._params
             dx = self.ops.ultra_backward(
-                rows,
-                dy_rows,
-                p["w_in"],
-                p["w_out_t"],
-                visited,
-                preact,
-                activation,
-                g["w_in"],
-                g["b_in"],
-                g["w_out_t"],
-                effective_n_threads(),
+                rows, dy_rows, p, g, visited, preact, activation, effective_n_threads()
             )
             return dx.reshape(lead + (self.input_width,))
 

@@ -43,26 +43,15 @@ class Ops:
         raise NotImplementedError
 
     # ---- neuron-tree FFF -------------------------------------------------------------------
-    def ultra_forward(self, x, w_in, b_in, w_out_t, depth, n_trees, act, save_path, n_threads):
+    # p and g are the layer's internal parameter / gradient dicts: w_in (T*n, in), b_in (T*n,),
+    # w_out_t (T*n, out); node g's input and output weights are rows w_in[g] and w_out_t[g].
+    def ultra_forward(self, x, p, depth, n_trees, act, save_path, n_threads):
         """x (B, in) -> y (B, out), visited (B, T*(depth+1)) node ids and preact (same shape)
         pre-activations; the last two are (0, 0) unless save_path."""
         raise NotImplementedError
 
-    def ultra_backward(
-        self,
-        x,
-        dy,
-        w_in,
-        w_out_t,
-        visited,
-        preact,
-        act,
-        grad_w_in,
-        grad_b_in,
-        grad_w_out_t,
-        n_threads,
-    ):
-        """Adds the hard-path parameter gradients into grad_*; returns dx (B, in)."""
+    def ultra_backward(self, x, dy, p, g, visited, preact, act, n_threads):
+        """Adds the hard-path parameter gradients into g; returns dx (B, in)."""
         raise NotImplementedError
 
     # ---- optimizer updates, in place (PyTorch's semantics; fastff/optim.py) ------------------

@@ -338,15 +338,13 @@ def test_cpu_layout_is_one_record_per_node_and_survives_updates(rng):
     ops = get_ops("cpu")
     for save_path in (False, True):
         args = (layer.depth, layer.parallel_size, layer.activation, save_path, 2)
-        got = ops.ultra_forward(x, p["w_in"], p["b_in"], p["w_out_t"], *args)
-        want = ops.ultra_forward(x, separate["w_in"], separate["b_in"], separate["w_out_t"], *args)
+        got = ops.ultra_forward(x, p, *args)
+        want = ops.ultra_forward(x, separate, *args)
         for a, b in zip(got, want):
             np.testing.assert_array_equal(a, b)
     np.testing.assert_array_equal(
         layer(x),
-        ops.ultra_forward(
-            x, separate["w_in"], separate["b_in"], separate["w_out_t"], 3, 2, "gelu", False, 2
-        )[0],
+        ops.ultra_forward(x, separate, 3, 2, "gelu", False, 2)[0],
     )
 
 

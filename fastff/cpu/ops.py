@@ -28,11 +28,9 @@ class CPUOps(Ops):
     def to_numpy(self, a):
         return np.asarray(a)
 
-    def ultra_forward(self, x, w_in, b_in, w_out_t, depth, n_trees, act, save_path, n_threads):
-        """x (B, in) -> y (B, out); with save_path also visited nodes and pre-activations,
-        each (B, T*(depth+1))."""
+    def ultra_forward(self, x, p, depth, n_trees, act, save_path, n_threads):
         n_rows = x.shape[0]
-        y = np.empty((n_rows, w_out_t.shape[1]), dtype=x.dtype)
+        y = np.empty((n_rows, p["w_out_t"].shape[1]), dtype=x.dtype)
         if save_path:
             path = n_trees * (depth + 1)
             visited = np.empty((n_rows, path), dtype=np.intp)
@@ -41,9 +39,9 @@ class CPUOps(Ops):
             visited, preact = _NO_PATH[x.dtype.char]
         _cmm.ultra_forward(
             x,
-            w_in,
-            b_in,
-            w_out_t,
+            p["w_in"],
+            p["b_in"],
+            p["w_out_t"],
             depth,
             n_trees,
             ACTIVATIONS[act],
@@ -55,34 +53,20 @@ class CPUOps(Ops):
         )
         return y, visited, preact
 
-    def ultra_backward(
-        self,
-        x,
-        dy,
-        w_in,
-        w_out_t,
-        visited,
-        preact,
-        act,
-        grad_w_in,
-        grad_b_in,
-        grad_w_out_t,
-        n_threads,
-    ):
-        """Adds the hard-path parameter gradients into grad_*; returns dx (B, in)."""
+    def ultra_backward(self, x, dy, p, g, visited, preact, act, n_threads):
         dx = np.empty_like(x)
         _cmm.ultra_backward(
             x,
             dy,
-            w_in,
-            w_out_t,
+            p["w_in"],
+            p["w_out_t"],
             visited,
             preact,
             ACTIVATIONS[act],
             dx,
-            grad_w_in,
-            grad_b_in,
-            grad_w_out_t,
+            g["w_in"],
+            g["b_in"],
+            g["w_out_t"],
             n_threads,
         )
         return dx

@@ -74,7 +74,8 @@ class GPUOps(Ops):
         grid = (n_rows + warps - 1) // warps
         return (grid,), (32 * warps,), (per_warp * warps if use_smem else 0), use_smem
 
-    def ultra_forward(self, x, w_in, b_in, w_out_t, depth, n_trees, act, save_path, n_threads):
+    def ultra_forward(self, x, p, depth, n_trees, act, save_path, n_threads):
+        w_in, b_in, w_out_t = p["w_in"], p["b_in"], p["w_out_t"]
         n_rows, in_w = x.shape
         out_w = w_out_t.shape[1]
         y = cp.empty((n_rows, out_w), dtype=x.dtype)
@@ -136,20 +137,9 @@ class GPUOps(Ops):
             )
         return y, visited, preact
 
-    def ultra_backward(
-        self,
-        x,
-        dy,
-        w_in,
-        w_out_t,
-        visited,
-        preact,
-        act,
-        grad_w_in,
-        grad_b_in,
-        grad_w_out_t,
-        n_threads,
-    ):
+    def ultra_backward(self, x, dy, p, g, visited, preact, act, n_threads):
+        w_in, w_out_t = p["w_in"], p["w_out_t"]
+        grad_w_in, grad_b_in, grad_w_out_t = g["w_in"], g["b_in"], g["w_out_t"]
         n_rows, in_w = x.shape
         out_w = dy.shape[1]
         visits_per_row = visited.shape[1]
