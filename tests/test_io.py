@@ -386,6 +386,9 @@ def test_load_peak_memory_is_close_to_the_declared_bytes(tmp_path, depth, width,
     import subprocess
     import sys
 
+    if "libasan" in os.environ.get("LD_PRELOAD", ""):  # tox -e asan
+        pytest.skip("AddressSanitizer keeps freed memory in quarantine: RSS is not fastff's")
+
     n = 2 ** (depth + 1) - 1
     declared = {
         "linear_in.weight": ((n, width), "<f4"),
