@@ -22,9 +22,10 @@ Region leak and dropout are not offered here (they need random masks; use the la
 
 How: each function is a ``jax.custom_vjp`` whose forward and backward call the kernels of
 ``fastff.cpu.ops.CPUOps`` through ``jax.pure_callback``. The callback copies nothing it need
-not: JAX hands it NumPy views of its CPU buffers; the anchors' transposed layouts
-(``linear_out.weight``, ``w1s``) are transposed into the kernels' layout on each call, an
-O(parameters) copy. Why pure_callback and not the XLA FFI: the FFI would need a C++ handler per
+not: JAX hands it NumPy views of its CPU buffers. The anchors' transposed layouts
+(``linear_out.weight``, ``w1s``) are transposed into the kernels' layout by XLA on each call
+(an O(parameters) copy, folded away under ``jit`` when the weights are constants), and their
+gradients back. Why pure_callback and not the XLA FFI: the FFI would need a C++ handler per
 kernel, compiled against XLA's headers and registered per platform, for fastff's kernels that
 already take NumPy arrays; pure_callback costs one host round trip per call (measured in the
 README: tens of microseconds), which is small beside an FFF layer's work and keeps this module
@@ -121,11 +122,11 @@ def _rows_then_batch(host: Callable, params, x, ranks):
 # ---- neuron-tree FFF -------------------------------------------------------------------------
 
 
-def _ultra_p(w_in, b_in, w_out):
+def _ultra_p(w_in, b_in, w_out_t):  # the CPU kernels' parameter dict
     return {
         "w_in": np.ascontiguousarray(w_in),
         "b_in": np.ascontiguousarray(b_in),
-        "w_out_t": np.ascontiguousarray(w_out.T),
+        "w_out_t": np.ascontiguousarray(w_out_t),
     }
 
 
@@ -134,22 +135,24 @@ def _ultra_op(depth: int, n_trees: int, act: str):
     path = n_trees * (depth + 1)
     ranks = (2, 1, 2)
 
-    def infer_host(w_in, b_in, w_out, x):
+    # The op takes linear_out.weight transposed, (T*n, out), the kernels' layout: the wrapper
+    # transposes in XLA (faster than NumPy's transposing copy, folded for constant weights).
+    def infer_host(w_in, b_in, w_out_t, x):
         x = np.ascontiguousarray(x)
         y, _, _ = _OPS.ultra_forward(
-            x, _ultra_p(w_in, b_in, w_out), depth, n_trees, act, False, effective_n_threads()
+            x, _ultra_p(w_in, b_in, w_out_t), depth, n_trees, act, False, effective_n_threads()
         )
         return (y,)
 
-    def train_host(w_in, b_in, w_out, x):
+    def train_host(w_in, b_in, w_out_t, x):
         x = np.ascontiguousarray(x)
         y, visited, preact = _OPS.ultra_forward(
-            x, _ultra_p(w_in, b_in, w_out), depth, n_trees, act, True, effective_n_threads()
+            x, _ultra_p(w_in, b_in, w_out_t), depth, n_trees, act, True, effective_n_threads()
         )
         return y, visited.astype(np.int32), preact
 
-    def backward_host(w_in, b_in, w_out, x, dy, visited, preact):
-        p = _ultra_p(w_in, b_in, w_out)
+    def backward_host(w_in, b_in, w_out_t, x, dy, visited, preact):
+        p = _ultra_p(w_in, b_in, w_out_t)
         g = {k: np.zeros_like(v) for k, v in p.items()}
         dx = _OPS.ultra_backward(
             np.ascontiguousarray(x),
@@ -161,47 +164,47 @@ def _ultra_op(depth: int, n_trees: int, act: str):
             act,
             effective_n_threads(),
         )
-        return g["w_in"], g["b_in"], np.ascontiguousarray(g["w_out_t"].T), dx
+        return g["w_in"], g["b_in"], g["w_out_t"], dx
 
-    def shapes(w_in, w_out, x, train):
+    def shapes(w_in, w_out_t, x, train):
         n_rows, dtype = x.shape[0], x.dtype
-        y = _sds((n_rows, w_out.shape[0]), dtype)
+        y = _sds((n_rows, w_out_t.shape[1]), dtype)
         if train:
             return (y, _sds((n_rows, path), np.int32), _sds((n_rows, path), dtype))
         return (y,)
 
     @jax.custom_vjp
-    def op(w_in, b_in, w_out, x):
+    def op(w_in, b_in, w_out_t, x):
         (y,) = _callback(
             lambda *a: _rows_then_batch(infer_host, a[:3], a[3], ranks),
-            shapes(w_in, w_out, x, False),
+            shapes(w_in, w_out_t, x, False),
             w_in,
             b_in,
-            w_out,
+            w_out_t,
             x,
         )
         return y
 
-    def op_fwd(w_in, b_in, w_out, x):
+    def op_fwd(w_in, b_in, w_out_t, x):
         y, visited, preact = _callback(
             lambda *a: _rows_then_batch(train_host, a[:3], a[3], ranks),
-            shapes(w_in, w_out, x, True),
+            shapes(w_in, w_out_t, x, True),
             w_in,
             b_in,
-            w_out,
+            w_out_t,
             x,
         )
-        return y, (w_in, b_in, w_out, x, visited, preact)
+        return y, (w_in, b_in, w_out_t, x, visited, preact)
 
     def op_bwd(res, dy):
-        w_in, b_in, w_out, x, visited, preact = res
-        out = tuple(_sds(a.shape, a.dtype) for a in (w_in, b_in, w_out, x))
+        w_in, b_in, w_out_t, x, visited, preact = res
+        out = tuple(_sds(a.shape, a.dtype) for a in (w_in, b_in, w_out_t, x))
         return _callback(
             lambda *a: _per_element(backward_host, a, (*ranks, 2, 2, 2, 2)),
             out,
             w_in,
             b_in,
-            w_out,
+            w_out_t,
             x,
             dy,
             visited,
@@ -262,7 +265,7 @@ def ultra_fff(params, x, *, depth, parallel_size=1, activation="gelu"):
     lead = x.shape[:-1]
     rows = x.astype(dtype).reshape(-1, width)
     y = _ultra_op(depth, n_trees, act)(
-        w_in.astype(dtype), b_in.astype(dtype), w_out.astype(dtype), rows
+        w_in.astype(dtype), b_in.astype(dtype), w_out.astype(dtype).T, rows
     )
     return y.reshape(lead + (w_out.shape[0],))
 
@@ -270,11 +273,11 @@ def ultra_fff(params, x, *, depth, parallel_size=1, activation="gelu"):
 # ---- router-leaf FFF -------------------------------------------------------------------------
 
 
-def _fff_p(nw, nb, w1s, b1s, w2s, b2s):
+def _fff_p(nw, nb, w1t, b1s, w2s, b2s):
     return {
         "node_w": np.ascontiguousarray(nw),
         "node_b": np.ascontiguousarray(nb),
-        "w1t": np.ascontiguousarray(w1s.transpose(0, 2, 1)),
+        "w1t": np.ascontiguousarray(w1t),
         "b1": np.ascontiguousarray(b1s),
         "w2": np.ascontiguousarray(w2s),
         "b2": np.ascontiguousarray(b2s),
@@ -283,8 +286,9 @@ def _fff_p(nw, nb, w1s, b1s, w2s, b2s):
 
 @functools.cache
 def _fff_op(depth: int, act: str, mode: str, with_entropy: bool):
-    """custom_vjp op (node_w, node_b, w1s, b1s, w2s, b2s, x (B, in)) -> (y (B, out), entropy
-    (B,) summed per row over its counted decisions)."""
+    """custom_vjp op (node_w, node_b, w1t, b1s, w2s, b2s, x (B, in)) -> (y (B, out), entropy
+    (B,) summed per row over its counted decisions); w1t is w1s transposed (n_leaves, leaf, in),
+    the kernels' layout, transposed by the wrapper in XLA."""
     ranks = (2, 2, 3, 2, 3, 2)
     soft = mode == "soft"
 
@@ -322,7 +326,7 @@ def _fff_op(depth: int, act: str, mode: str, with_entropy: bool):
         return (
             g["node_w"],
             g["node_b"],
-            np.ascontiguousarray(g["w1t"].transpose(0, 2, 1)),
+            g["w1t"],
             g["b1"],
             g["w2"],
             g["b2"],
@@ -404,7 +408,8 @@ def fff(params, x, *, depth, activation="relu", mode="hard", return_entropy=Fals
     _check_shape("b2s", b2s, (n_leaves, out))
     lead = x.shape[:-1]
     rows = x.astype(dtype).reshape(-1, width)
-    y, entropy = _fff_op(depth, act, mode, bool(return_entropy))(nw, nb, w1s, b1s, w2s, b2s, rows)
+    w1t = w1s.transpose(0, 2, 1)
+    y, entropy = _fff_op(depth, act, mode, bool(return_entropy))(nw, nb, w1t, b1s, w2s, b2s, rows)
     y = y.reshape(lead + (out,))
     if not return_entropy:
         return y
