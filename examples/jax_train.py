@@ -4,8 +4,8 @@
     python examples/jax_train.py --quick    # CI-sized run
     python examples/jax_train.py --json out.json
 
-Needs JAX (`pip install "fastff[jax]"`); uses optax's Adam if optax is installed, plain SGD in
-JAX otherwise. The task is examples/train_ultra_mlp.py's: 3 interleaved noisy spiral arms,
+Needs JAX (`pip install "fastff[jax]"`); uses optax's Adam if optax is installed, the same
+Adam written in plain JAX otherwise. The task is examples/train_ultra_mlp.py's: 3 interleaved noisy spiral arms,
 classified by dense(2 -> 32) + GELU, then ultra_fff(32 -> 3, depth 4, 4 trees). The whole
 training step (forward, fastff's hard-path backward, update) is one jax.jit function.
 """
@@ -63,11 +63,26 @@ def loss_fn(params, x, labels):
 
 
 def make_optimizer(lr):
-    """(init, update) of optax's Adam if installed, else plain SGD."""
+    """(name, init, update) of optax's Adam if installed, else the same Adam in a few lines."""
     try:
         import optax
     except ImportError:
-        return "sgd", (lambda p: None), (lambda g, s, p: (jax.tree.map(lambda a: -lr * a, g), s))
+        b1, b2, eps = 0.9, 0.999, 1e-8
+
+        def init(params):
+            zeros = jax.tree.map(jnp.zeros_like, params)
+            return zeros, zeros, jnp.zeros((), jnp.int32)
+
+        def update(grads, state, params):
+            m, v, t = state
+            t = t + 1
+            m = jax.tree.map(lambda m, g: b1 * m + (1 - b1) * g, m, grads)
+            v = jax.tree.map(lambda v, g: b2 * v + (1 - b2) * g * g, v, grads)
+            scale = lr * jnp.sqrt(1 - b2**t) / (1 - b1**t)
+            updates = jax.tree.map(lambda m, v: -scale * m / (jnp.sqrt(v) + eps), m, v)
+            return updates, (m, v, t)
+
+        return "adam (plain JAX)", init, update
     opt = optax.adam(lr)
     return "optax.adam", opt.init, opt.update
 
