@@ -5,8 +5,9 @@
     python examples/jax_train.py --json out.json
 
 Needs JAX (`pip install "fastff[jax]"`); uses optax's Adam if optax is installed, the same
-Adam written in plain JAX otherwise. The task is examples/train_ultra_mlp.py's: 3 interleaved noisy spiral arms,
-classified by dense(2 -> 32) + GELU, then ultra_fff(32 -> 3, depth 4, 4 trees). The whole
+Adam written in plain JAX otherwise. The task is examples/train_ultra_mlp.py's: 3 interleaved
+noisy spiral arms, classified by dense(2 -> 32) + GELU, then ultra_fff(32 -> 3, depth 4, 4
+trees). The whole
 training step (forward, fastff's hard-path backward, update) is one jax.jit function.
 """
 
