@@ -305,7 +305,10 @@ class _BaseFFF(BaseEstimator):
             y_numeric=not self._is_classifier,
         )
         target = self._encode_targets(y, first=first, classes=classes)
-        rng = check_random_state(self.random_state)
+        if first or not hasattr(self, "_random_state"):
+            # one stream for the whole fit, kept for partial_fit and warm_start's next epochs
+            self._random_state = check_random_state(self.random_state)
+        rng = self._random_state
         if first:
             self._build(X.shape[1], self._n_outputs(), rng)
             self.loss_curve_ = []

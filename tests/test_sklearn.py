@@ -19,6 +19,9 @@ from sklearn.utils.estimator_checks import parametrize_with_checks  # noqa: E402
 import fastff  # noqa: E402
 from fastff.sklearn import FFFClassifier, FFFRegressor  # noqa: E402
 
+# the short fits here stop at max_iter on purpose
+pytestmark = pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning")
+
 # tests/conftest.py makes every kernel call, however small, run on all threads (its
 # work-per-thread is 1); on this suite's tiny batches that costs more than the work on a busy
 # 2-core machine (the digits fit: 41 s instead of 1 s), so the tests train on one thread
