@@ -43,6 +43,7 @@ def fuzz_tests(body):
         def count(name):
             fuzz_cases[name] += 1
 
+        _JUNK_DRAWN[0] = False
         with np.errstate(all="ignore"):  # NaN/Inf inputs make NumPy warn; they are the point
             body(data, count)
 
@@ -60,13 +61,24 @@ def fuzz_tests(body):
     return fast, slow
 
 
-def attempt(count, name, call, allowed=DOCUMENTED):
-    """(True, result) or (False, exception) for an allowed exception; anything else fails."""
+# Whether the running example has drawn from a junk branch of `mostly` yet. A `strict` attempt
+# whose arguments all come from `mostly` strategies whose valid branches are valid must then
+# succeed: otherwise a function that always raised a documented exception would pass.
+_JUNK_DRAWN = [False]
+
+
+def attempt(count, name, call, allowed=DOCUMENTED, strict=False):
+    """(True, result) or (False, exception) for an allowed exception; anything else fails, and
+    so does any exception of a strict attempt while only valid branches were drawn."""
     count(name)
     try:
         return True, call()
     except allowed as exc:
         assert str(exc), f"{name}: {type(exc).__name__} without a message"
+        assert not strict or _JUNK_DRAWN[0], (
+            f"{name} raised on arguments drawn from valid branches only: "
+            f"{type(exc).__name__}: {exc}"
+        )
         return False, exc
 
 
@@ -161,13 +173,18 @@ def mostly(valid, junk):
     """Valid values four times in five: a call taking several arguments still gets past its
     checks often enough for its results (and what follows) to be checked."""
     return st.sampled_from((True, True, True, True, False)).flatmap(
-        lambda use_valid: valid if use_valid else junk
+        lambda use_valid: valid if use_valid else junk.map(_junk)
     )
 
 
+def _junk(value):
+    _JUNK_DRAWN[0] = True
+    return value
+
+
 def junk_ints(lo, hi):
-    """Integers in [lo, hi] (the valid ones small enough to build quickly) or non-integers and
-    out-of-range ones: negative, huge, NaN, bools, None, strings, numpy scalars, arrays."""
+    """Integers in [lo, hi], the valid ones (small enough to build quickly), or non-integers and
+    out-of-range ones: below lo, huge, NaN, bools, None, strings, numpy scalars, arrays."""
     return mostly(
         st.integers(lo, hi),
         st.one_of(
@@ -224,15 +241,15 @@ DTYPE_ARGS = mostly(
 
 def check_ultra_constructor(data, count):
     args = dict(
-        input_width=data.draw(junk_ints(-2, 40)),
-        output_width=data.draw(junk_ints(-2, 40)),
-        depth=data.draw(junk_ints(-2, 7)),
-        parallel_size=data.draw(junk_ints(-1, 3)),
+        input_width=data.draw(junk_ints(1, 40)),
+        output_width=data.draw(junk_ints(1, 40)),
+        depth=data.draw(junk_ints(0, 7)),
+        parallel_size=data.draw(junk_ints(1, 3)),
         activation=data.draw(junk_choices(["gelu", "relu", "identity"])),
         dtype=data.draw(DTYPE_ARGS),
         seed=data.draw(st.one_of(st.none(), st.integers(0, 9))),
     )
-    ok, layer = attempt(count, "UltraFFF()", lambda: fastff.UltraFFF(**args))
+    ok, layer = attempt(count, "UltraFFF()", lambda: fastff.UltraFFF(**args), strict=True)
     if ok:
         n = layer.parallel_size * (2 ** (layer.depth + 1) - 1)
         shapes = {k: v.shape for k, v in layer.state_dict().items()}
@@ -246,18 +263,18 @@ def check_ultra_constructor(data, count):
 
 def check_fff_constructor(data, count):
     args = dict(
-        input_width=data.draw(junk_ints(-2, 30)),
-        leaf_width=data.draw(junk_ints(-2, 8)),
-        output_width=data.draw(junk_ints(-2, 30)),
-        depth=data.draw(junk_ints(-2, 6)),
+        input_width=data.draw(junk_ints(1, 30)),
+        leaf_width=data.draw(junk_ints(1, 8)),
+        output_width=data.draw(junk_ints(1, 30)),
+        depth=data.draw(junk_ints(0, 6)),
         activation=data.draw(junk_choices(["gelu", "relu", "identity"])),
         dropout=data.draw(junk_reals(0, 0.99)),
-        train_hardened=data.draw(st.one_of(st.booleans(), st.integers(0, 1), st.none())),
+        train_hardened=data.draw(mostly(st.booleans(), st.one_of(st.integers(0, 1), st.none()))),
         region_leak=data.draw(junk_reals(0, 0.99)),
         usage_mode=data.draw(junk_choices(["none", "soft", "hard"])),
         dtype=data.draw(DTYPE_ARGS),
     )
-    ok, layer = attempt(count, "FFF()", lambda: fastff.FFF(**args))
+    ok, layer = attempt(count, "FFF()", lambda: fastff.FFF(**args), strict=True)
     if ok:
         n_leaves = 2**layer.depth
         shapes = {k: v.shape for k, v in layer.state_dict().items()}
@@ -277,13 +294,14 @@ def check_nn_constructors(data, count):
         count,
         "nn.Linear()",
         lambda: nn.Linear(
-            data.draw(junk_ints(-2, 30)),
-            data.draw(junk_ints(-2, 30)),
-            bias=data.draw(st.one_of(st.booleans(), st.integers(0, 1), st.none())),
+            data.draw(junk_ints(1, 30)),
+            data.draw(junk_ints(1, 30)),
+            bias=data.draw(mostly(st.booleans(), st.one_of(st.integers(0, 1), st.none()))),
             dtype=data.draw(DTYPE_ARGS),
         ),
+        strict=True,
     )
-    attempt(count, "nn.Dropout()", lambda: nn.Dropout(data.draw(junk_reals(0, 0.99))))
+    attempt(count, "nn.Dropout()", lambda: nn.Dropout(data.draw(junk_reals(0, 0.99))), strict=True)
     parts = data.draw(
         st.lists(
             st.sampled_from(["linear", "gelu", "ultra", "float64", "junk", "same"]), max_size=4
@@ -498,7 +516,9 @@ def check_optimizers(data, count):
     kwargs = {
         "lr": data.draw(junk_reals(0, 1)),
         "weight_decay": data.draw(junk_reals(0, 0.1)),
-        "local_batch_size": data.draw(st.one_of(st.none(), junk_ints(-1, 8))),
+        "local_batch_size": data.draw(
+            mostly(st.one_of(st.none(), st.integers(1, 8)), junk_ints(1, 8))
+        ),
     }
     if kind == "SGD":
         kwargs["momentum"] = data.draw(junk_reals(0, 0.99))
@@ -512,7 +532,11 @@ def check_optimizers(data, count):
         )
         kwargs["eps"] = data.draw(junk_reals(1e-12, 1e-3))
     target = data.draw(mostly(st.just(model), st.sampled_from(["not a model", nn.ReLU()])))
-    ok, opt = attempt(count, f"optim.{kind}()", lambda: getattr(optim, kind)(target, **kwargs))
+    # nesterov needs momentum: the one rule across two arguments
+    strict = not (kwargs.get("nesterov") is True and kwargs.get("momentum") == 0)
+    ok, opt = attempt(
+        count, f"optim.{kind}()", lambda: getattr(optim, kind)(target, **kwargs), strict=strict
+    )
     if not ok or target is not model:
         return
     rng = np.random.default_rng(data.draw(st.integers(0, 2**16)))
@@ -748,14 +772,19 @@ test_idx_bytes, test_idx_bytes_slow = fuzz_tests(check_idx_bytes)
 
 
 def check_set_num_threads(data, count):
-    n = data.draw(junk_ints(-2, 70))
-    before = fastff.get_num_threads()
+    n = data.draw(junk_ints(1, fastff._validation.max_threads()))
+    before = fastff._threads._process_wide
     try:
-        ok, _ = attempt(count, "fastff.set_num_threads", lambda: fastff.set_num_threads(n))
+        ok, _ = attempt(
+            count, "fastff.set_num_threads", lambda: fastff.set_num_threads(n), strict=True
+        )
         if ok:
             assert fastff.get_num_threads() == int(n)
     finally:
-        fastff.set_num_threads(before)
+        if before is None:
+            fastff._threads.reset_num_threads()
+        else:
+            fastff.set_num_threads(before)
 
 
 test_set_num_threads, test_set_num_threads_slow = fuzz_tests(check_set_num_threads)
