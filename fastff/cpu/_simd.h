@@ -4,6 +4,13 @@
  * x86-64-v4 (AVX-512), x86-64-v3 (AVX2+FMA) and baseline versions and an ifunc resolver picks
  * one for the running CPU. Elsewhere (clang, macOS, arm64) the portable loop is compiled for
  * the default target. `omp simd` (-fopenmp-simd) vectorises the axpy; the dot keeps four accumulators.
+ *
+ * Why macros and not C++ templates (as fastff/gpu/kernels.cu uses): GCC 12 does multiversion
+ * template instances (checked: target_clones on a function template gives each explicit
+ * instance its v4/v3/default clones and resolver), so templates would work here. But they would
+ * turn fastff/_cmm into a C++ extension (Cython's language="c++") on every platform and
+ * compiler, for two instances (float, double) per function; the macros keep the module C and
+ * stamp out the same code. Revisit when a third element type (bfloat16 storage) arrives.
  */
 #ifndef FASTFF_SIMD_H
 #define FASTFF_SIMD_H
