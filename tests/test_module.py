@@ -76,3 +76,15 @@ def test_load_of_a_sequential_in_a_fresh_process(tmp_path):
         "print(repr(m(np.arange(6, dtype=np.float32).reshape(2, 3)).tolist()))"
     )
     assert out.strip() == repr(model(x).tolist())
+
+
+def test_import_fastff_does_not_import_mpi_or_dask():
+    """fastff.distributed and fastff.dask are opt-in: a plain import needs neither engine."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, fastff; banned = ('mpi4py', 'dask', 'distributed', 'fastff.distributed', "
+        "'fastff.dask'); assert not [m for m in banned if m in sys.modules], sys.modules.keys()"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
