@@ -24,7 +24,7 @@ float32 and rounded back, GPU arrays go through host copies. Before moving any d
 compare their parameter names, shapes and dtypes (one small ``allgather``): a mismatch raises
 the same ``ValueError`` on every rank instead of hanging or mixing unrelated buffers.
 
-Tree-parallel ``shard(layer, comm)`` (issue 22) is not implemented yet; it raises
+Tree-parallel ``shard(layer, comm)`` is not implemented yet; it raises
 ``NotImplementedError``.
 """
 
