@@ -19,8 +19,16 @@
     !defined(FASTFF_NO_MULTIVERSION)
 #define FASTFF_MULTIVERSION \
     __attribute__((noinline, target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+/* The register-blocked primitives come in two vector widths (see fastff_use_w64 below). */
+#define FASTFF_VECTOR_ATTR_64 __attribute__((noinline, target("arch=x86-64-v4")))
+#define FASTFF_VECTOR_ATTR_32 \
+    __attribute__((noinline, target_clones("arch=x86-64-v3", "default")))
+#define FASTFF_USE_W64() __builtin_cpu_supports("x86-64-v4")
 #else
 #define FASTFF_MULTIVERSION
+#define FASTFF_VECTOR_ATTR_64
+#define FASTFF_VECTOR_ATTR_32
+#define FASTFF_USE_W64() 0
 #endif
 
 #include <string.h>
@@ -29,7 +37,17 @@
 /* Sum of a 64-byte vector's lanes by halving (3 vector adds, then 4 or 2 scalars): a lane-by-
  * lane sum is a chain of 16 dependent adds, as long as the dot's main loop for short rows.
  * Every dot in this file ends with it. */
-#define FASTFF_DEFINE_HSUM(T, SUFFIX)                                                          \
+#define FASTFF_DEFINE_HSUM32(T, SUFFIX)                                                        \
+    typedef T fastff_quarter_##SUFFIX __attribute__((vector_size(16)));                         \
+    static inline __attribute__((always_inline)) T fastff_hsum_##SUFFIX(                       \
+        const fastff_vec_##SUFFIX *c) {                                                         \
+        fastff_quarter_##SUFFIX q0, q1;                                                         \
+        memcpy(&q0, c, 16); memcpy(&q1, (const char *)c + 16, 16); q0 += q1;                    \
+        T s = q0[0];                                                                            \
+        for (unsigned k = 1; k < 16 / sizeof(T); ++k) s += q0[k];                               \
+        return s;                                                                               \
+    }
+#define FASTFF_DEFINE_HSUM64(T, SUFFIX)                                                        \
     typedef T fastff_half_##SUFFIX __attribute__((vector_size(32)));                            \
     typedef T fastff_quarter_##SUFFIX __attribute__((vector_size(16)));                         \
     static inline __attribute__((always_inline)) T fastff_hsum_##SUFFIX(                       \
@@ -43,7 +61,8 @@
         return s;                                                                               \
     }
 #else
-#define FASTFF_DEFINE_HSUM(T, SUFFIX)
+#define FASTFF_DEFINE_HSUM32(T, SUFFIX)
+#define FASTFF_DEFINE_HSUM64(T, SUFFIX)
 #endif
 
 #if defined(__GNUC__) || defined(__clang__)
@@ -52,23 +71,23 @@
  * bound; this form measured 1.8x faster on L1-resident rows. memcpy compiles to unaligned
  * vector loads. Each target clone maps the 64-byte vectors onto its own registers (one zmm,
  * two ymm or four xmm). */
-#define FASTFF_DEFINE_DOT(T, SUFFIX)                                                           \
-    typedef T fastff_vec_##SUFFIX __attribute__((vector_size(64)));                            \
-    FASTFF_DEFINE_HSUM(T, SUFFIX)                                                               \
-    FASTFF_MULTIVERSION static T fastff_dot_##SUFFIX(int n, const T *a, const T *b) {         \
-        enum { L = 64 / sizeof(T) };                                                            \
+#define FASTFF_DEFINE_DOT(T, SUFFIX, VB)                                                       \
+    typedef T fastff_vec_##SUFFIX __attribute__((vector_size(VB)));                            \
+    FASTFF_DEFINE_HSUM##VB(T, SUFFIX)                                                           \
+    FASTFF_VECTOR_ATTR_##VB static T fastff_dot_##SUFFIX(int n, const T *a, const T *b) {     \
+        enum { VBYTES = VB, L = VB / sizeof(T) };                                               \
         fastff_vec_##SUFFIX c0 = {0}, c1 = {0}, c2 = {0}, c3 = {0}, u0, u1, u2, u3, v0, v1,    \
                             v2, v3;                                                             \
         int i = 0;                                                                              \
         for (; i + 4 * L <= n; i += 4 * L) {                                                    \
-            memcpy(&u0, a + i, 64); memcpy(&u1, a + i + L, 64);                                 \
-            memcpy(&u2, a + i + 2 * L, 64); memcpy(&u3, a + i + 3 * L, 64);                     \
-            memcpy(&v0, b + i, 64); memcpy(&v1, b + i + L, 64);                                 \
-            memcpy(&v2, b + i + 2 * L, 64); memcpy(&v3, b + i + 3 * L, 64);                     \
+            memcpy(&u0, a + i, VBYTES); memcpy(&u1, a + i + L, VBYTES);                                 \
+            memcpy(&u2, a + i + 2 * L, VBYTES); memcpy(&u3, a + i + 3 * L, VBYTES);                     \
+            memcpy(&v0, b + i, VBYTES); memcpy(&v1, b + i + L, VBYTES);                                 \
+            memcpy(&v2, b + i + 2 * L, VBYTES); memcpy(&v3, b + i + 3 * L, VBYTES);                     \
             c0 += u0 * v0; c1 += u1 * v1; c2 += u2 * v2; c3 += u3 * v3;                         \
         }                                                                                       \
         for (; i + L <= n; i += L) {                                                            \
-            memcpy(&u0, a + i, 64); memcpy(&v0, b + i, 64);                                     \
+            memcpy(&u0, a + i, VBYTES); memcpy(&v0, b + i, VBYTES);                                     \
             c0 += u0 * v0;                                                                      \
         }                                                                                       \
         c0 = (c0 + c1) + (c2 + c3);                                                             \
@@ -77,7 +96,7 @@
         return s;                                                                               \
     }
 #else
-#define FASTFF_DEFINE_DOT(T, SUFFIX)                                                           \
+#define FASTFF_DEFINE_DOT(T, SUFFIX, VB)                                                       \
     static T fastff_dot_##SUFFIX(int n, const T *a, const T *b) {                              \
         T s = 0;                                                                                \
         for (int i = 0; i < n; ++i) s += a[i] * b[i];                                           \
@@ -86,7 +105,8 @@
 #endif
 
 #define FASTFF_DEFINE_PRIMITIVES(T, SUFFIX)                                                    \
-    FASTFF_DEFINE_DOT(T, SUFFIX)                                                                \
+    FASTFF_DEFINE_DOT(T, SUFFIX##_w64, 64)                                                      \
+    FASTFF_DEFINE_DOT(T, SUFFIX##_w32, 32)                                                      \
     FASTFF_MULTIVERSION static void fastff_axpy_##SUFFIX(int n, T alpha, const T *x, T *y) {  \
         _Pragma("omp simd")                                                                     \
         for (int i = 0; i < n; ++i) y[i] += alpha * x[i];                                       \
@@ -100,7 +120,7 @@
 #if defined(__GNUC__) || defined(__clang__)
 #define FASTFF_DOTN_BODY(T, SUFFIX, N)                                                         \
     do {                                                                                        \
-        enum { L = 64 / sizeof(T) };                                                            \
+        enum { VBYTES = sizeof(fastff_vec_##SUFFIX), L = VBYTES / sizeof(T) };                                                       \
         fastff_vec_##SUFFIX c0[N], c1[N], u, v;                                                 \
         memset(c0, 0, sizeof(c0));                                                              \
         memset(c1, 0, sizeof(c1));                                                              \
@@ -111,13 +131,13 @@
                 __builtin_prefetch((const char *)(prefetch + i + L), 0, 2);                     \
             }                                                                                   \
             _Pragma("GCC unroll 4") for (int r = 0; r < N; ++r) {                               \
-                memcpy(&u, a[r] + i, 64); memcpy(&v, b[r] + i, 64); c0[r] += u * v;             \
-                memcpy(&u, a[r] + i + L, 64); memcpy(&v, b[r] + i + L, 64); c1[r] += u * v;     \
+                memcpy(&u, a[r] + i, VBYTES); memcpy(&v, b[r] + i, VBYTES); c0[r] += u * v;             \
+                memcpy(&u, a[r] + i + L, VBYTES); memcpy(&v, b[r] + i + L, VBYTES); c1[r] += u * v;     \
             }                                                                                   \
         }                                                                                       \
         for (; i + L <= n; i += L) {                                                            \
             _Pragma("GCC unroll 4") for (int r = 0; r < N; ++r) {                               \
-                memcpy(&u, a[r] + i, 64); memcpy(&v, b[r] + i, 64); c0[r] += u * v;             \
+                memcpy(&u, a[r] + i, VBYTES); memcpy(&v, b[r] + i, VBYTES); c0[r] += u * v;             \
             }                                                                                   \
         }                                                                                       \
         for (int r = 0; r < N; ++r) {                                                           \
@@ -138,8 +158,8 @@
 /* out[r] = dot(a[r], b[r]) for r < nr (1..4), rows of length n.
  * The dots request prefetch[0..n) (unless NULL), a row the caller needs next, into L2 as they
  * go, two lines per step (see fastff_dot_block). */
-#define FASTFF_DEFINE_BLOCK_PRIMITIVES(T, SUFFIX)                                              \
-    FASTFF_MULTIVERSION static void fastff_dotn_##SUFFIX(int nr, int n, const T *const *a,      \
+#define FASTFF_DEFINE_BLOCK_PRIMITIVES(T, SUFFIX, VB)                                          \
+    FASTFF_VECTOR_ATTR_##VB static void fastff_dotn_##SUFFIX(int nr, int n, const T *const *a,      \
                                                          const T *const *b, T *out,             \
                                                          const T *prefetch) {                   \
         switch (nr) {                                                                           \
@@ -171,15 +191,15 @@ static inline int fastff_wide_registers(void) {
 #if defined(__GNUC__) || defined(__clang__)
 #define FASTFF_DOT_BLOCK_BODY(T, SUFFIX, NR, NJ)                                               \
     do {                                                                                        \
-        enum { L = 64 / sizeof(T) };                                                            \
+        enum { VBYTES = sizeof(fastff_vec_##SUFFIX), L = VBYTES / sizeof(T) };                                                       \
         fastff_vec_##SUFFIX c[NR][NJ], u[NR], v;                                                \
         memset(c, 0, sizeof(c));                                                                \
         int i = 0;                                                                              \
         for (; i + L <= n; i += L) {                                                            \
             if (prefetch) __builtin_prefetch((const char *)prefetch + i * sizeof(T), 0, 2);     \
-            _Pragma("GCC unroll 4") for (int r = 0; r < NR; ++r) memcpy(&u[r], x[r] + i, 64);   \
+            _Pragma("GCC unroll 4") for (int r = 0; r < NR; ++r) memcpy(&u[r], x[r] + i, VBYTES);   \
             _Pragma("GCC unroll 4") for (int j = 0; j < NJ; ++j) {                              \
-                memcpy(&v, w + j * w_stride + i, 64);                                           \
+                memcpy(&v, w + j * w_stride + i, VBYTES);                                           \
                 _Pragma("GCC unroll 4") for (int r = 0; r < NR; ++r) c[r][j] += u[r] * v;       \
             }                                                                                   \
         }                                                                                       \
@@ -200,8 +220,8 @@ static inline int fastff_wide_registers(void) {
         default: FASTFF_DOT_BLOCK_BODY(T, SUFFIX, NR, 1); break;                                \
         }                                                                                       \
         break;
-#define FASTFF_DEFINE_DOT_BLOCK(T, SUFFIX)                                                     \
-    FASTFF_MULTIVERSION static void fastff_dot_block_##SUFFIX(                                  \
+#define FASTFF_DEFINE_DOT_BLOCK(T, SUFFIX, VB)                                                 \
+    FASTFF_VECTOR_ATTR_##VB static void fastff_dot_block_##SUFFIX(                                  \
         int nr, int nj, int n, const T *const *x, const T *w, long w_stride, T *out,           \
         int out_stride, const T *prefetch) {                                                    \
         switch (nr) {                                                                           \
@@ -212,7 +232,7 @@ static inline int fastff_wide_registers(void) {
         }                                                                                       \
     }
 #else
-#define FASTFF_DEFINE_DOT_BLOCK(T, SUFFIX)                                                     \
+#define FASTFF_DEFINE_DOT_BLOCK(T, SUFFIX, VB)                                                 \
     static void fastff_dot_block_##SUFFIX(int nr, int nj, int n, const T *const *x,             \
                                           const T *w, long w_stride, T *out, int out_stride,    \
                                           const T *prefetch) {                                  \
@@ -232,11 +252,11 @@ static inline int fastff_wide_registers(void) {
  * walk's output rows are all known before the first is needed). The rows advance together,
  * chunk by chunk, so their streams interleave; eight accumulators cover the FMA latency. */
 #if defined(__GNUC__) || defined(__clang__)
-#define FASTFF_DEFINE_AXPYM(T, SUFFIX)                                                         \
-    FASTFF_MULTIVERSION static void fastff_axpym_##SUFFIX(                                      \
+#define FASTFF_DEFINE_AXPYM(T, SUFFIX, VB)                                                     \
+    FASTFF_VECTOR_ATTR_##VB static void fastff_axpym_##SUFFIX(                                      \
         int nr, const int *m, int stride, int n, const T *alpha, const T *const *x,             \
         T *const *y, int overwrite) {                                                           \
-        enum { L = 64 / sizeof(T), W = 8 };                                                     \
+        enum { VBYTES = sizeof(fastff_vec_##SUFFIX), L = VBYTES / sizeof(T), W = 8 };                                              \
         fastff_vec_##SUFFIX c[W], u;                                                            \
         int i = 0;                                                                              \
         for (; i + W * L <= n; i += W * L) {                                                    \
@@ -250,7 +270,7 @@ static inline int fastff_wide_registers(void) {
                 for (int k = 0; k < m[r]; ++k) {                                                \
                     const T a = ar[k], *xk = xr[k] + i;                                         \
                     _Pragma("GCC unroll 8") for (int w = 0; w < W; ++w) {                       \
-                        memcpy(&u, xk + w * L, 64); c[w] += a * u;                              \
+                        memcpy(&u, xk + w * L, VBYTES); c[w] += a * u;                              \
                     }                                                                           \
                 }                                                                               \
                 memcpy(y[r] + i, c, sizeof(c));                                                 \
@@ -262,13 +282,13 @@ static inline int fastff_wide_registers(void) {
             int j = i;                                                                          \
             for (; j + L <= n; j += L) {                                                        \
                 if (overwrite)                                                                  \
-                    memset(&c[0], 0, 64);                                                       \
+                    memset(&c[0], 0, VBYTES);                                                       \
                 else                                                                            \
-                    memcpy(&c[0], y[r] + j, 64);                                                \
+                    memcpy(&c[0], y[r] + j, VBYTES);                                                \
                 for (int k = 0; k < m[r]; ++k) {                                                \
-                    memcpy(&u, xr[k] + j, 64); c[0] += ar[k] * u;                               \
+                    memcpy(&u, xr[k] + j, VBYTES); c[0] += ar[k] * u;                               \
                 }                                                                               \
-                memcpy(y[r] + j, &c[0], 64);                                                    \
+                memcpy(y[r] + j, &c[0], VBYTES);                                                    \
             }                                                                                   \
             if (j < n) { /* under one vector left (all of a short row: an FFF leaf's 10     \
                           * outputs): term by term in a buffer, so the partial vector loop  \
@@ -288,7 +308,7 @@ static inline int fastff_wide_registers(void) {
         }                                                                                       \
     }
 #else
-#define FASTFF_DEFINE_AXPYM(T, SUFFIX)                                                         \
+#define FASTFF_DEFINE_AXPYM(T, SUFFIX, VB)                                                     \
     static void fastff_axpym_##SUFFIX(int nr, const int *m, int stride, int n, const T *alpha,  \
                                       const T *const *x, T *const *y, int overwrite) {          \
         for (int r = 0; r < nr; ++r)                                                            \
@@ -378,11 +398,57 @@ FASTFF_DEFINE_UPDATES(double, f64, sqrt)
 
 FASTFF_DEFINE_PRIMITIVES(float, f32)
 FASTFF_DEFINE_PRIMITIVES(double, f64)
-FASTFF_DEFINE_BLOCK_PRIMITIVES(float, f32)
-FASTFF_DEFINE_BLOCK_PRIMITIVES(double, f64)
-FASTFF_DEFINE_DOT_BLOCK(float, f32)
-FASTFF_DEFINE_DOT_BLOCK(double, f64)
-FASTFF_DEFINE_AXPYM(float, f32)
-FASTFF_DEFINE_AXPYM(double, f64)
+
+/* The register-blocked primitives in two vector widths. They keep up to 16 (dot_block 4x4) or
+ * 10 (dotn, axpym) vector accumulators and operands live: 64-byte vectors fit AVX-512's 32 zmm
+ * registers, but on AVX2 each is two of only 16 ymm registers, and GCC spilled most of them to
+ * the stack (measured on an AVX2 VM, calls through the clones, operands in L1: dotn 3.8 and
+ * axpym 1.5 GMAC/s with 64-byte vectors, 14.2 and 5.7 with 32-byte ones). So x86-64-v4 runs the
+ * 64-byte family and everything else the 32-byte one; fastff_use_w64 picks per call (a cached
+ * CPU-feature test). A result does not depend on the block it was computed in, as before, but
+ * it does on the width: CPUs with and without AVX-512 sum in different orders. */
+#define FASTFF_DEFINE_VECTOR_KERNELS(T, SUFFIX, VB)                                            \
+    FASTFF_DEFINE_BLOCK_PRIMITIVES(T, SUFFIX, VB)                                               \
+    FASTFF_DEFINE_DOT_BLOCK(T, SUFFIX, VB)                                                      \
+    FASTFF_DEFINE_AXPYM(T, SUFFIX, VB)
+FASTFF_DEFINE_VECTOR_KERNELS(float, f32_w64, 64)
+FASTFF_DEFINE_VECTOR_KERNELS(float, f32_w32, 32)
+FASTFF_DEFINE_VECTOR_KERNELS(double, f64_w64, 64)
+FASTFF_DEFINE_VECTOR_KERNELS(double, f64_w32, 32)
+
+static inline int fastff_use_w64(void) { return FASTFF_USE_W64(); }
+
+#define FASTFF_DEFINE_DISPATCH(T, SUFFIX)                                                      \
+    static inline T fastff_dot_##SUFFIX(int n, const T *a, const T *b) {                       \
+        return fastff_use_w64() ? fastff_dot_##SUFFIX##_w64(n, a, b)                            \
+                                : fastff_dot_##SUFFIX##_w32(n, a, b);                           \
+    }                                                                                           \
+    static inline void fastff_dotn_##SUFFIX(int nr, int n, const T *const *a, const T *const *b, \
+                                            T *out, const T *prefetch) {                        \
+        if (fastff_use_w64())                                                                   \
+            fastff_dotn_##SUFFIX##_w64(nr, n, a, b, out, prefetch);                             \
+        else                                                                                    \
+            fastff_dotn_##SUFFIX##_w32(nr, n, a, b, out, prefetch);                             \
+    }                                                                                           \
+    static inline void fastff_dot_block_##SUFFIX(int nr, int nj, int n, const T *const *x,      \
+                                                 const T *w, long w_stride, T *out,             \
+                                                 int out_stride, const T *prefetch) {           \
+        if (fastff_use_w64())                                                                   \
+            fastff_dot_block_##SUFFIX##_w64(nr, nj, n, x, w, w_stride, out, out_stride,         \
+                                            prefetch);                                          \
+        else                                                                                    \
+            fastff_dot_block_##SUFFIX##_w32(nr, nj, n, x, w, w_stride, out, out_stride,         \
+                                            prefetch);                                          \
+    }                                                                                           \
+    static inline void fastff_axpym_##SUFFIX(int nr, const int *m, int stride, int n,           \
+                                             const T *alpha, const T *const *x, T *const *y,    \
+                                             int overwrite) {                                   \
+        if (fastff_use_w64())                                                                   \
+            fastff_axpym_##SUFFIX##_w64(nr, m, stride, n, alpha, x, y, overwrite);              \
+        else                                                                                    \
+            fastff_axpym_##SUFFIX##_w32(nr, m, stride, n, alpha, x, y, overwrite);              \
+    }
+FASTFF_DEFINE_DISPATCH(float, f32)
+FASTFF_DEFINE_DISPATCH(double, f64)
 
 #endif
