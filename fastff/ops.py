@@ -33,6 +33,11 @@ class Ops:
     xp: Any
     cmm: Any
 
+    def _run(self, kernel, *args):
+        """kernel(*args): every kernel call goes through here (its last argument is n_threads),
+        so a backend can adjust it (CPUOps shares the cores among concurrent calls)."""
+        return kernel(*args)
+
     # ---- arrays --------------------------------------------------------------------------
     def asarray(self, a, dtype=None):
         """`a` as this backend's array (copied across devices), optionally cast to dtype."""
@@ -102,7 +107,8 @@ class Ops:
     def fff_infer(self, x, p, depth, act, n_threads):
         """Hard inference, x (B, in) -> y (B, out)."""
         y = self.xp.empty((x.shape[0], p["w2"].shape[2]), dtype=x.dtype)
-        self.cmm.fff_infer(
+        self._run(
+            self.cmm.fff_infer,
             x,
             p["node_w"],
             p["node_b"].reshape(-1),
@@ -130,14 +136,23 @@ class Ops:
         q = self.xp.empty_like(z)
         reach = self.xp.empty((n_rows, n_nodes + n_leaves), dtype=x.dtype)
         entropy = self.xp.empty(n_rows, dtype=x.dtype)
-        self.cmm.fff_soft_mixture(z, swap_arr, has_swap, q, reach, entropy, n_threads)
+        self._run(self.cmm.fff_soft_mixture, z, swap_arr, has_swap, q, reach, entropy, n_threads)
         mix = self.xp.ascontiguousarray(reach[:, n_nodes:])
         # Every leaf's hidden units at once: one GEMM against w1t viewed (n_leaves * leaf, in).
         hpre = x @ p["w1t"].reshape(n_leaves * leaf_w, -1).T
         a = self.xp.empty_like(hpre)
         mixed = self.xp.empty_like(hpre)
-        self.cmm.fff_soft_leaf_activate(
-            hpre, p["b1"], mix, drop_arr, has_drop, ACTIVATIONS[act], a, mixed, n_threads
+        self._run(
+            self.cmm.fff_soft_leaf_activate,
+            hpre,
+            p["b1"],
+            mix,
+            drop_arr,
+            has_drop,
+            ACTIVATIONS[act],
+            a,
+            mixed,
+            n_threads,
         )
         # sum_l mix_l (a_l @ w2_l + b2_l) is one GEMM over the mixed hidden units plus mix @ b2.
         y = mixed @ p["w2"].reshape(n_leaves * leaf_w, -1)
@@ -166,7 +181,8 @@ class Ops:
         mix = saved["mix"]
         dh = dy @ w2_flat.T  # becomes the hidden pre-activation gradient in place
         dmix = dy @ p["b2"].T
-        self.cmm.fff_soft_leaf_backward(
+        self._run(
+            self.cmm.fff_soft_leaf_backward,
             saved["hpre"],
             saved["a"],
             dh,
@@ -185,7 +201,8 @@ class Ops:
         q = saved["q"]
         if q.shape[1] > 0:
             dz = self.xp.empty_like(q)
-            self.cmm.fff_soft_router_backward(
+            self._run(
+                self.cmm.fff_soft_router_backward,
                 dmix,
                 q,
                 saved["reach"],
@@ -213,7 +230,8 @@ class Ops:
         leaf = self.xp.empty(n_rows, dtype=np.intp)
         hpre = self.xp.empty((n_rows, leaf_w), dtype=x.dtype)
         entropy = self.xp.empty(n_rows, dtype=x.dtype)
-        self.cmm.fff_hard_train_forward(
+        self._run(
+            self.cmm.fff_hard_train_forward,
             x,
             p["node_w"],
             p["node_b"].reshape(-1),
@@ -252,7 +270,8 @@ class Ops:
         """Adds the hardened-path gradients into g; returns dx (B, in). entropy_weight scales
         each visited node's entropy gradient (hardening / (B * depth))."""
         dx = self.xp.empty_like(x)
-        self.cmm.fff_hard_train_backward(
+        self._run(
+            self.cmm.fff_hard_train_backward,
             x,
             dy,
             p["node_w"],

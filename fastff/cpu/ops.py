@@ -3,10 +3,16 @@ concern are the .pxi files beside this module), the twin of fastff.gpu.ops.GPUOp
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 
 from .. import _cmm
 from ..ops import ACTIVATIONS, Ops, to_host
+
+# Kernel calls running now, from any Python thread (CPUOps._run).
+_ACTIVE = [0]
+_ACTIVE_LOCK = threading.Lock()
 
 # Stand-ins for the path arrays of an inference call (0 x 0: nothing is written to them).
 _NO_PATH = {
@@ -21,6 +27,19 @@ class CPUOps(Ops):
     name = "cpu"
     xp = np
     cmm = _cmm
+
+    def _run(self, kernel, *args):
+        # Kernels called from several Python threads at once share the cores: each gets its
+        # n_threads divided by the calls running (4 threads calling ufb with 2 OpenMP threads
+        # each put 8 threads on 2 cores, and lost 1.1-1.2x to 1 OpenMP thread each).
+        with _ACTIVE_LOCK:
+            _ACTIVE[0] += 1
+            active = _ACTIVE[0]
+        try:
+            return kernel(*args[:-1], max(1, args[-1] // active))
+        finally:
+            with _ACTIVE_LOCK:
+                _ACTIVE[0] -= 1
 
     def asarray(self, a, dtype=None):
         return np.asarray(to_host(a), dtype=dtype)
@@ -37,7 +56,8 @@ class CPUOps(Ops):
             preact = np.empty((n_rows, path), dtype=x.dtype)
         else:  # the kernel does not touch them: shared empty arrays, no allocation per call
             visited, preact = _NO_PATH[x.dtype.char]
-        _cmm.ultra_forward(
+        self._run(
+            _cmm.ultra_forward,
             x,
             p["w_in"],
             p["b_in"],
@@ -55,7 +75,8 @@ class CPUOps(Ops):
 
     def ultra_backward(self, x, dy, p, g, visited, preact, act, n_threads):
         dx = np.empty_like(x)
-        _cmm.ultra_backward(
+        self._run(
+            _cmm.ultra_backward,
             x,
             dy,
             p["w_in"],
@@ -78,8 +99,17 @@ class CPUOps(Ops):
                 param, grad, buf, lr, weight_decay, momentum, nesterov, n_threads
             )
         p, g, *b = views  # the same arithmetic as Ops.sgd_update, in one pass
-        _cmm.sgd_update(
-            p, g, b[0] if b else p, bool(b), lr, weight_decay, momentum, nesterov, n_threads
+        self._run(
+            _cmm.sgd_update,
+            p,
+            g,
+            b[0] if b else p,
+            bool(b),
+            lr,
+            weight_decay,
+            momentum,
+            nesterov,
+            n_threads,
         )
         return None
 
@@ -91,8 +121,17 @@ class CPUOps(Ops):
             return super().adam_update(
                 param, grad, m, v, lr, betas, eps, weight_decay, decoupled, step, n_threads
             )
-        _cmm.adam_update(  # the same arithmetic as Ops.adam_update, in one pass
-            *views, weight_decay, decoupled, lr, betas[0], betas[1], eps, step, n_threads
+        self._run(  # the same arithmetic as Ops.adam_update, in one pass
+            _cmm.adam_update,
+            *views,
+            weight_decay,
+            decoupled,
+            lr,
+            betas[0],
+            betas[1],
+            eps,
+            step,
+            n_threads,
         )
         return None
 
