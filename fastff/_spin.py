@@ -25,21 +25,24 @@ GOMP_SPINCOUNT = "10000"  # spin rounds of an idle libgomp worker before it slee
 OPENBLAS_THREAD_TIMEOUT = "16"  # an idle OpenBLAS worker spins 2**16 cycles (~25 us)
 
 
-def _loaded(fragment: str) -> bool:
-    """Whether a shared library whose path contains `fragment` is mapped in this process."""
+def _mapped_libraries() -> str | None:
+    """This process's memory map (the shared libraries loaded); None where it cannot be read."""
     try:
         with open("/proc/self/maps") as f:
-            return fragment in f.read()
-    except OSError:  # not Linux: assume loaded, change nothing
-        return True
+            return f.read()
+    except OSError:  # not Linux
+        return None
 
 
 def configure() -> dict[str, str]:
     """Set the short spins where the user chose nothing; returns what was set."""
+    maps = _mapped_libraries()
+    if maps is None:  # cannot tell what is loaded: change nothing
+        return {}
     chosen = {}
-    if not {"OMP_WAIT_POLICY", "GOMP_SPINCOUNT"} & set(os.environ) and not _loaded("libgomp"):
+    if not {"OMP_WAIT_POLICY", "GOMP_SPINCOUNT"} & set(os.environ) and "libgomp" not in maps:
         chosen["GOMP_SPINCOUNT"] = GOMP_SPINCOUNT
-    if "OPENBLAS_THREAD_TIMEOUT" not in os.environ and not _loaded("openblas"):
+    if "OPENBLAS_THREAD_TIMEOUT" not in os.environ and "openblas" not in maps:
         chosen["OPENBLAS_THREAD_TIMEOUT"] = OPENBLAS_THREAD_TIMEOUT
     os.environ.update(chosen)
     return chosen

@@ -133,7 +133,9 @@ def register_threadpoolctl() -> bool:
         check_symbols = ("PyInit__cmm",)
 
         def get_num_threads(self):
-            return effective_n_threads()
+            # the process-wide count, not a num_threads scope: threadpool_limits restores what
+            # this reports on exit, and a scope must not become the process-wide setting
+            return _process_wide if _process_wide is not None else _DEFAULT
 
         def set_num_threads(self, num_threads):
             # threadpool_limits restores the value get_num_threads reported on exit

@@ -220,6 +220,10 @@ def test_threadpool_limits_govern_every_thread(recorded_kernel_threads, default_
     assert "fastff" in apis
     with threadpoolctl.threadpool_limits(1, user_api="fastff"):
         assert fastff.get_num_threads() == 1
+    with fastff.num_threads(3):  # a scope in force is not what the limit restores afterwards
+        with threadpoolctl.threadpool_limits(1):
+            pass
+        assert fastff._threads._process_wide == 2
 
 
 def test_num_threads_scope_stays_in_its_thread(recorded_kernel_threads, default_threads):
