@@ -36,10 +36,10 @@ def main():
     med, _, _ = time_events(lambda: cp.argsort(flat), 20)
     print(f"{'argsort of visits':<24} {med * 1e3:8.3f} ms")
     del ops
-    import fastff.gpu.ops as gpu_ops
+    import fastff.gpu.cmm as gpu_cmm
 
     for chunk in (64, 128, 256):
-        gpu_ops.CHUNK_VISITS = chunk
+        gpu_cmm.CHUNK_VISITS = chunk
         med, _, _ = time_events(lambda: bp(dy), 20)
         print(f"backprop, chunk {chunk:<4}     {med * 1e3:8.3f} ms")
 

@@ -21,11 +21,12 @@ import numpy as np
 cdef extern from *:
     int FASTFF_HAVE_OPENMP
 
-# Activation codes; fastff/ops.py and the GPU kernels use the same numbers.
-cdef enum:
-    ACT_IDENTITY = 0
-    ACT_RELU = 1
-    ACT_GELU = 2
+# Activation codes, shared with the CUDA kernels through the header.
+cdef extern from "activations.h":
+    enum:
+        ACT_IDENTITY
+        ACT_RELU
+        ACT_GELU
 
 ACTIVATIONS = {"identity": ACT_IDENTITY, "relu": ACT_RELU, "gelu": ACT_GELU}
 HAVE_OPENMP = bool(FASTFF_HAVE_OPENMP)

@@ -21,12 +21,11 @@ ACTIVATIONS = dict(_cmm.ACTIVATIONS)
 class Ops:
     """Every operation the layers, nn and optim call, declared once with its signature.
 
-    Backends (CPUOps in fastff.cpu.ops, GPUOps in fastff.gpu.ops) implement the neuron-tree
-    kernels and the array helpers, and override what they speed up. The router-leaf FFF ops
-    and the optimizer updates are written once here against `self.xp` (NumPy or CuPy) and
-    `self.cmm` (fastff._cmm or its CUDA twin fastff.gpu.cmm, same signatures). tests/test_ops.py
-    holds every backend's
-    public methods to these signatures.
+    The ops are written once here, against `self.xp` (NumPy or CuPy) and `self.cmm` (the kernel
+    module: fastff._cmm or its CUDA twin fastff.gpu.cmm, same function names and arguments);
+    every kernel call goes through `self._run`. A backend (CPUOps in fastff.cpu.ops, GPUOps in
+    fastff.gpu.ops) sets xp and cmm, implements the array helpers and overrides what it does
+    differently. tests/test_ops.py holds every backend's public methods to these signatures.
     """
 
     name: str
@@ -53,11 +52,39 @@ class Ops:
     def ultra_forward(self, x, p, depth, n_trees, act, save_path, n_threads):
         """x (B, in) -> y (B, out), visited (B, T*(depth+1)) node ids and preact (same shape)
         pre-activations; the last two are (0, 0) unless save_path."""
-        raise NotImplementedError
+        n_rows = x.shape[0]
+        y = self.xp.empty((n_rows, p["w_out_t"].shape[1]), dtype=x.dtype)
+        if save_path:
+            path = n_trees * (depth + 1)
+            visited = self.xp.empty((n_rows, path), dtype=np.intp)
+            preact = self.xp.empty((n_rows, path), dtype=x.dtype)
+        else:  # the kernels do not touch them: shared empty arrays, no allocation per call
+            visited, preact = self._no_path(x.dtype)
+        weights = (p["w_in"], p["b_in"], p["w_out_t"])
+        act_code = ACTIVATIONS[act]
+        outputs = (y, visited, preact, save_path)
+        self._run(
+            self.cmm.ultra_forward, x, *weights, depth, n_trees, act_code, *outputs, n_threads
+        )
+        return y, visited, preact
 
     def ultra_backward(self, x, dy, p, g, visited, preact, act, n_threads):
         """Adds the hard-path parameter gradients into g; returns dx (B, in)."""
-        raise NotImplementedError
+        dx = self.xp.empty_like(x)
+        saved = (visited, preact, ACTIVATIONS[act])
+        grads = (g["w_in"], g["b_in"], g["w_out_t"])
+        self._run(
+            self.cmm.ultra_backward, x, dy, p["w_in"], p["w_out_t"], *saved, dx, *grads, n_threads
+        )
+        return dx
+
+    def _no_path(self, dtype):
+        """(0, 0) visited and preact stand-ins for an inference call, made once per dtype."""
+        cache = self.__dict__.setdefault("_no_paths", {})
+        key = np.dtype(dtype).char
+        if key not in cache:
+            cache[key] = (self.xp.empty((0, 0), np.intp), self.xp.empty((0, 0), dtype))
+        return cache[key]
 
     # ---- optimizer updates, in place (PyTorch's semantics; fastff/optim.py) ------------------
     def sgd_update(self, param, grad, buf, lr, weight_decay, momentum, nesterov, n_threads):
@@ -98,29 +125,24 @@ class Ops:
     # out), b2 (n_leaves, out). Optional masks: swap (bool; soft (B, n_nodes), hardened
     # (B, depth)), drop (scaled keep mask; soft (B, n_leaves * leaf), hardened (B, leaf)).
 
-    def _optional(self, mask, dtype):
-        """(array, present) for a kernel's optional mask argument."""
-        if mask is None:
-            return self.xp.empty((0, 0), dtype=dtype), False
-        return self.xp.ascontiguousarray(mask, dtype=dtype), True
+    def _masks(self, swap, drop, dtype):
+        """The kernels' optional mask arguments: {"swap", "has_swap", "drop", "has_drop"} in
+        their argument order (an absent mask is an empty array and a False flag)."""
+        masks = {}
+        for name, mask, mask_dtype in (("swap", swap, np.uint8), ("drop", drop, dtype)):
+            present = mask is not None
+            masks[name] = (
+                self.xp.ascontiguousarray(mask, dtype=mask_dtype)
+                if present
+                else self.xp.empty((0, 0), dtype=mask_dtype)
+            )
+            masks["has_" + name] = present
+        return masks
 
     def fff_infer(self, x, p, depth, act, n_threads):
         """Hard inference, x (B, in) -> y (B, out)."""
         y = self.xp.empty((x.shape[0], p["w2"].shape[2]), dtype=x.dtype)
-        self._run(
-            self.cmm.fff_infer,
-            x,
-            p["node_w"],
-            p["node_b"].reshape(-1),
-            p["w1t"],
-            p["b1"],
-            p["w2"],
-            p["b2"],
-            depth,
-            ACTIVATIONS[act],
-            y,
-            n_threads,
-        )
+        self._run(self.cmm.fff_infer, x, *_fff_weights(p), depth, ACTIVATIONS[act], y, n_threads)
         return y
 
     def fff_soft_forward(self, x, p, act, n_threads, swap=None, drop=None):
@@ -129,8 +151,8 @@ class Ops:
         products, "entropy" (B,) summed node entropies per row)."""
         n_rows = x.shape[0]
         n_nodes, n_leaves, leaf_w = p["node_w"].shape[0], p["w1t"].shape[0], p["w1t"].shape[1]
-        swap_arr, has_swap = self._optional(swap, np.uint8)
-        drop_arr, has_drop = self._optional(drop, x.dtype)
+        masks = self._masks(swap, drop, x.dtype)
+        swap_arr, has_swap, drop_arr, has_drop = masks.values()
         z = x @ p["node_w"].T
         z += p["node_b"].reshape(1, -1)
         q = self.xp.empty_like(z)
@@ -164,11 +186,8 @@ class Ops:
             "hpre": hpre,
             "a": a,
             "mixed": mixed,
-            "swap": swap_arr,
-            "has_swap": has_swap,
-            "drop": drop_arr,
-            "has_drop": has_drop,
             "entropy": entropy,
+            **masks,
         }
         return y, saved
 
@@ -222,48 +241,27 @@ class Ops:
         """Hardened training forward: x (B, in) -> y (B, out), saved ("path" (B, depth) visited
         nodes, "leaf" (B,), "entropy" (B,) summed over the visited nodes, ...)."""
         n_rows, leaf_w = x.shape[0], p["w1t"].shape[1]
-        swap_arr, has_swap = self._optional(swap, np.uint8)
-        drop_arr, has_drop = self._optional(drop, x.dtype)
         y = self.xp.empty((n_rows, p["w2"].shape[2]), dtype=x.dtype)
-        path = self.xp.empty((n_rows, depth), dtype=np.intp)
-        z_path = self.xp.empty((n_rows, depth), dtype=x.dtype)
-        leaf = self.xp.empty(n_rows, dtype=np.intp)
-        hpre = self.xp.empty((n_rows, leaf_w), dtype=x.dtype)
-        entropy = self.xp.empty(n_rows, dtype=x.dtype)
+        saved = {
+            "path": self.xp.empty((n_rows, depth), dtype=np.intp),
+            "z_path": self.xp.empty((n_rows, depth), dtype=x.dtype),
+            "leaf": self.xp.empty(n_rows, dtype=np.intp),
+            "hpre": self.xp.empty((n_rows, leaf_w), dtype=x.dtype),
+            "entropy": self.xp.empty(n_rows, dtype=x.dtype),
+        }
+        masks = self._masks(swap, drop, x.dtype)
         self._run(
             self.cmm.fff_hard_train_forward,
             x,
-            p["node_w"],
-            p["node_b"].reshape(-1),
-            p["w1t"],
-            p["b1"],
-            p["w2"],
-            p["b2"],
+            *_fff_weights(p),
             depth,
             ACTIVATIONS[act],
-            swap_arr,
-            has_swap,
-            drop_arr,
-            has_drop,
+            *masks.values(),
             y,
-            path,
-            z_path,
-            leaf,
-            hpre,
-            entropy,
+            *saved.values(),  # path, z_path, leaf, hpre, entropy: the kernel's outputs
             n_threads,
         )
-        saved = {
-            "path": path,
-            "z_path": z_path,
-            "leaf": leaf,
-            "hpre": hpre,
-            "swap": swap_arr,
-            "has_swap": has_swap,
-            "drop": drop_arr,
-            "has_drop": has_drop,
-            "entropy": entropy,
-        }
+        saved.update(masks)
         return y, saved
 
     def fff_hard_backward(self, x, dy, p, saved, act, entropy_weight, g, n_threads):
@@ -297,6 +295,11 @@ class Ops:
             n_threads,
         )
         return dx
+
+
+def _fff_weights(p):
+    """The router-leaf weights in the kernels' order (node_b flat)."""
+    return p["node_w"], p["node_b"].reshape(-1), p["w1t"], p["b1"], p["w2"], p["b2"]
 
 
 def to_host(a):

@@ -134,15 +134,13 @@ def launched(monkeypatch):
 
 def test_wide_rows_fall_back_to_global_memory(monkeypatch):
     # in + out beyond the 48 KiB shared-memory budget of one warp (float64: > 6144 elements)
-    from fastff.gpu.ops import GPUOps
+    from fastff.gpu import cmm
 
     layer, state, x, _ = _ultra_case(5, 5000, 3000, 2, 1, 40, np.float64, "relu")
     layer.to("cuda")
     launches = []
-    real = GPUOps._row_launch
-    monkeypatch.setattr(
-        GPUOps, "_row_launch", staticmethod(lambda *a: launches.append(real(*a)) or launches[-1])
-    )
+    real = cmm._row_launch
+    monkeypatch.setattr(cmm, "_row_launch", lambda *a: launches.append(real(*a)) or launches[-1])
     y_ref, _ = R.ultra_forward(x, state, 2, 1, "relu")
     assert_close(cp.asnumpy(layer(cp.asarray(x))), y_ref, np.float64, 3 * 5000, "wide")
     assert launches and all(use_smem == 0 for *_, use_smem in launches)  # the path ran

@@ -5,6 +5,7 @@ are compared as classes, and imports are read from the sources."""
 import ast
 import inspect
 import pathlib
+import re
 
 import pytest
 
@@ -112,3 +113,30 @@ def test_no_import_cycle_in_the_package():
     for module in sorted(graph):
         if module not in state:
             visit(module, [module])
+
+
+def test_gpu_kernel_module_mirrors_the_cpu_one():
+    """Ops calls self.cmm.<kernel>(...) on either backend: every CUDA launcher has a CPU twin
+    of the same name taking n_threads last, and every kernel Ops calls exists on both."""
+    from fastff import _cmm
+    from fastff.gpu import cmm as gpu_cmm
+
+    launchers = {
+        name
+        for name, f in vars(gpu_cmm).items()
+        if not name.startswith("_") and inspect.isfunction(f) and f.__module__ == gpu_cmm.__name__
+    }
+    assert launchers, "no launchers found"
+    missing = sorted(n for n in launchers if not callable(getattr(_cmm, n, None)))
+    assert not missing, f"CUDA launchers without a CPU twin: {missing}"
+    called = set()
+    for method in _public_methods(Ops).values():
+        called |= set(re.findall(r"self\.cmm\.(\w+)", inspect.getsource(method)))
+    assert called and called <= launchers, sorted(called - launchers)
+
+
+def test_unknown_device_names_the_registered_ones():
+    from fastff.backends import get_ops
+
+    with pytest.raises(ValueError, match="'cpu' or 'cuda', got 'tpu'"):
+        get_ops("tpu")

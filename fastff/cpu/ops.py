@@ -8,17 +8,11 @@ import threading
 import numpy as np
 
 from .. import _cmm
-from ..ops import ACTIVATIONS, Ops, to_host
+from ..ops import Ops, to_host
 
 # Kernel calls running now, from any Python thread (CPUOps._run).
 _ACTIVE = [0]
 _ACTIVE_LOCK = threading.Lock()
-
-# Stand-ins for the path arrays of an inference call (0 x 0: nothing is written to them).
-_NO_PATH = {
-    np.dtype(t).char: (np.empty((0, 0), np.intp), np.empty((0, 0), t))
-    for t in (np.float32, np.float64)
-}
 
 
 class CPUOps(Ops):
@@ -46,51 +40,6 @@ class CPUOps(Ops):
 
     def to_numpy(self, a):
         return np.asarray(a)
-
-    def ultra_forward(self, x, p, depth, n_trees, act, save_path, n_threads):
-        n_rows = x.shape[0]
-        y = np.empty((n_rows, p["w_out_t"].shape[1]), dtype=x.dtype)
-        if save_path:
-            path = n_trees * (depth + 1)
-            visited = np.empty((n_rows, path), dtype=np.intp)
-            preact = np.empty((n_rows, path), dtype=x.dtype)
-        else:  # the kernel does not touch them: shared empty arrays, no allocation per call
-            visited, preact = _NO_PATH[x.dtype.char]
-        self._run(
-            _cmm.ultra_forward,
-            x,
-            p["w_in"],
-            p["b_in"],
-            p["w_out_t"],
-            depth,
-            n_trees,
-            ACTIVATIONS[act],
-            y,
-            visited,
-            preact,
-            save_path,
-            n_threads,
-        )
-        return y, visited, preact
-
-    def ultra_backward(self, x, dy, p, g, visited, preact, act, n_threads):
-        dx = np.empty_like(x)
-        self._run(
-            _cmm.ultra_backward,
-            x,
-            dy,
-            p["w_in"],
-            p["w_out_t"],
-            visited,
-            preact,
-            ACTIVATIONS[act],
-            dx,
-            g["w_in"],
-            g["b_in"],
-            g["w_out_t"],
-            n_threads,
-        )
-        return dx
 
     def sgd_update(self, param, grad, buf, lr, weight_decay, momentum, nesterov, n_threads):
         views = _fused_views(param, grad, *([] if buf is None else [buf]))

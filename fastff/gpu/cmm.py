@@ -1,21 +1,28 @@
-"""CUDA twins of the router-leaf kernels of fastff._cmm, with the same signatures (the CPU's
-trailing n_threads is accepted and ignored).
+"""The CUDA kernel module: one launcher per kernel of kernels.cu, with the signature of its twin
+in fastff._cmm (the CPU's trailing n_threads is accepted and ignored), so the Ops code is
+written once against an array module and a kernel module (fastff.ops.Ops).
 
-The FFF ops code (GEMMs plus these kernels) is written once against an array module and a
-kernel module; on the GPU the array module is CuPy and the kernel module is this one.
+Each launcher checks nothing the layers have not checked, sizes the grid and launches on the
+current stream through `_launch`; each kernel's argument list is written here once.
 """
 
 from __future__ import annotations
 
 from . import kernels
-from .kernels import cp
+from .kernels import F4_KS, cp
 
-THREADS = 256
-WARPS = 8
+THREADS = 256  # one thread per element or row
+WARPS = 8  # warp-per-row kernels: rows per block
+SMEM_LIMIT = 48 * 1024  # default dynamic shared memory without an opt-in
+CHUNK_VISITS = 128  # visits a block sums serially in the weight-gradient pass (<= CHUNK_MAX)
+COL_BLOCK = 256
 
 
-def _k(name, dtype):
-    return kernels.get(name, dtype)
+def _launch(name, config, *args, dtype=None, k=None, shared_mem=0):
+    """Launch kernel `name` (name<T> for dtype, name<K> for k; compiled once) with config =
+    (grid, block) and the kernel's arguments in its C order."""
+    grid, block = config
+    kernels.get(name, dtype, k)(grid, block, args, shared_mem=shared_mem)
 
 
 def _warp_grid(n_rows):
@@ -26,7 +33,200 @@ def _thread_grid(n):
     return ((n + THREADS - 1) // THREADS,), (THREADS,)
 
 
+def _row_launch(n_rows, per_row_elems, itemsize):
+    """Grid, block, shared bytes and smem flag for the general warp-per-row kernels."""
+    per_warp = per_row_elems * itemsize
+    warps = WARPS
+    use_smem = 1
+    if per_warp * warps > SMEM_LIMIT:
+        warps = max(1, SMEM_LIMIT // per_warp)
+        if per_warp > SMEM_LIMIT:  # rows too wide for shared memory: work in global memory
+            warps, use_smem = WARPS, 0
+    grid = (n_rows + warps - 1) // warps
+    return (grid,), (32 * warps,), (per_warp * warps if use_smem else 0), use_smem
+
+
+def _f4_lanes(x, in_w, out_w):
+    """K of the float32 register path when it applies (else None)."""
+    if x.dtype != cp.float32 or in_w % 4 or out_w % 4:
+        return None
+    need = -(-max(in_w, out_w) // 128)
+    return next((k for k in F4_KS if k >= need), None)
+
+
+def _row_kernel(name, x, in_w, out_w, *args):
+    """Launch the float4 register twin `name_f4` where it applies, else the general kernel
+    (which takes a trailing use_smem flag and shared memory)."""
+    n_rows = x.shape[0]
+    k = _f4_lanes(x, in_w, out_w)
+    if k is not None:
+        _launch(f"{name}_f4", _warp_grid(n_rows), *args, k=k)
+    else:
+        grid, block, smem, use_smem = _row_launch(n_rows, in_w + out_w, x.dtype.itemsize)
+        _launch(name, (grid, block), *args, cp.int32(use_smem), dtype=x.dtype, shared_mem=smem)
+
+
+# ---- neuron tree ---------------------------------------------------------------------------
+
+
+def ultra_forward(
+    x, w_in, b_in, w_out_t, depth, n_trees, act, y, visited, preact, save_path, n_threads=None
+):
+    n_rows, in_w = x.shape
+    out_w = w_out_t.shape[1]
+    if n_rows == 0:
+        return
+    _row_kernel(
+        "ultra_forward",
+        x,
+        in_w,
+        out_w,
+        x,
+        w_in,
+        b_in,
+        w_out_t,
+        y,
+        visited,
+        preact,
+        cp.int64(n_rows),
+        cp.int32(in_w),
+        cp.int32(out_w),
+        cp.int32(depth),
+        cp.int32(n_trees),
+        cp.int64(w_in.shape[0] // n_trees),
+        cp.int32(act),
+        cp.int32(save_path),
+    )
+
+
+def ultra_backward(
+    x,
+    dy,
+    w_in,
+    w_out_t,
+    visited,
+    preact,
+    act,
+    dx,
+    grad_w_in,
+    grad_b_in,
+    grad_w_out_t,
+    n_threads=None,
+):
+    n_rows, in_w = x.shape
+    out_w = dy.shape[1]
+    visits_per_row = visited.shape[1]
+    if n_rows == 0:
+        return
+    dz = cp.empty_like(preact)
+    a = cp.empty_like(preact)
+    _row_kernel(
+        "ultra_backward_rows",
+        x,
+        in_w,
+        out_w,
+        dy,
+        w_in,
+        w_out_t,
+        visited,
+        preact,
+        dz,
+        a,
+        dx,
+        cp.int64(n_rows),
+        cp.int32(in_w),
+        cp.int32(out_w),
+        cp.int32(visits_per_row),
+        cp.int32(act),
+    )
+
+    # Weight gradients: visits sorted by node, cut into chunks (see kernels.cu). int32 keys
+    # halve the radix-sort passes; the chunk count never leaves the device.
+    n_visits = visited.size
+    if n_visits >= 2**31 or w_in.shape[0] >= 2**31:
+        raise MemoryError(
+            "the CUDA gradient pass indexes visits with int32: "
+            f"{n_visits:,} visits is too many; use smaller batches"
+        )
+    visited_flat = visited.ravel()
+    order = cp.argsort(visited_flat.astype(cp.int32)).astype(cp.int32)
+    row_sorted = cp.empty(n_visits, dtype=cp.int32)
+    dz_sorted = cp.empty(n_visits, dtype=x.dtype)
+    a_sorted = cp.empty(n_visits, dtype=x.dtype)
+    flags = cp.empty(n_visits, dtype=cp.int32)
+    by_visit = _thread_grid(n_visits)
+    _launch(
+        "ultra_sorted_visits",
+        by_visit,
+        order,
+        visited_flat,
+        dz,
+        a,
+        cp.int64(n_visits),
+        cp.int32(visits_per_row),
+        cp.int32(CHUNK_VISITS),
+        row_sorted,
+        dz_sorted,
+        a_sorted,
+        flags,
+        dtype=x.dtype,
+    )
+    scan = cp.cumsum(flags, dtype=cp.int32)
+    max_chunks = -(-n_visits // CHUNK_VISITS) + min(n_visits, w_in.shape[0])
+    chunk_start = cp.empty(max_chunks, dtype=cp.int32)
+    chunk_node = cp.empty(max_chunks, dtype=cp.int64)
+    _launch(
+        "ultra_chunk_table",
+        by_visit,
+        flags,
+        scan,
+        order,
+        visited_flat,
+        cp.int64(n_visits),
+        chunk_start,
+        chunk_node,
+    )
+    n_chunks = scan[-1:]  # device scalar read by the kernels
+
+    width = in_w + out_w + 1
+    by_chunk = (max_chunks, (width + COL_BLOCK - 1) // COL_BLOCK), (COL_BLOCK,)
+    partial = cp.empty((max_chunks, width), dtype=x.dtype)
+    _launch(
+        "ultra_grad_chunks",
+        by_chunk,
+        x,
+        dy,
+        row_sorted,
+        dz_sorted,
+        a_sorted,
+        chunk_start,
+        n_chunks,
+        cp.int64(n_visits),
+        cp.int32(in_w),
+        cp.int32(out_w),
+        partial,
+        dtype=x.dtype,
+    )
+    _launch(
+        "ultra_grad_reduce",
+        by_chunk,
+        partial,
+        chunk_node,
+        n_chunks,
+        cp.int32(in_w),
+        cp.int32(out_w),
+        grad_w_in,
+        grad_b_in,
+        grad_w_out_t,
+        dtype=x.dtype,
+    )
+
+
+# ---- router-leaf FFF -----------------------------------------------------------------------
+
+
 def _hard_forward(
+    mode,
     x,
     node_w,
     node_b,
@@ -36,7 +236,6 @@ def _hard_forward(
     b2,
     depth,
     act,
-    mode,
     swap,
     has_swap,
     drop,
@@ -48,113 +247,34 @@ def _hard_forward(
     hpre,
     entropy,
 ):
+    """fff_hard_forward<T>: mode 0 is inference (path arrays empty, untouched), 1 training."""
     n_rows, in_w = x.shape
     if n_rows == 0:
         return
-    grid, block = _warp_grid(n_rows)
-    _k("fff_hard_forward", x.dtype)(
-        grid,
-        block,
-        (
-            x,
-            node_w,
-            node_b,
-            w1t,
-            b1,
-            w2,
-            b2,
-            cp.int64(n_rows),
-            cp.int32(in_w),
-            cp.int32(w1t.shape[1]),
-            cp.int32(y.shape[1]),
-            cp.int32(depth),
-            cp.int32(act),
-            cp.int32(mode),
-            swap,
-            cp.int32(has_swap),
-            drop,
-            cp.int32(has_drop),
-            y,
-            path,
-            z_path,
-            leaf,
-            hpre,
-            entropy,
-        ),
+    sizes = (cp.int64(n_rows), cp.int32(in_w), cp.int32(w1t.shape[1]), cp.int32(y.shape[1]))
+    weights = (node_w, node_b, w1t, b1, w2, b2)
+    masks = (swap, cp.int32(has_swap), drop, cp.int32(has_drop))
+    flags = (cp.int32(depth), cp.int32(act), cp.int32(mode))
+    outputs = (y, path, z_path, leaf, hpre, entropy)
+    _launch(
+        "fff_hard_forward",
+        _warp_grid(n_rows),
+        *(x, *weights, *sizes, *flags, *masks, *outputs),
+        dtype=x.dtype,
     )
 
 
 def fff_infer(x, node_w, node_b, w1t, b1, w2, b2, depth, act, y, n_threads=None):
-    empty = cp.empty(0, dtype=x.dtype)
+    none_f = cp.empty(0, dtype=x.dtype)
     none_i = cp.empty(0, dtype=cp.int64)
-    _hard_forward(
-        x,
-        node_w,
-        node_b,
-        w1t,
-        b1,
-        w2,
-        b2,
-        depth,
-        act,
-        0,
-        cp.empty(0, cp.uint8),
-        0,
-        empty,
-        0,
-        y,
-        none_i,
-        empty,
-        none_i,
-        empty,
-        empty,
-    )
+    no_mask = (cp.empty(0, cp.uint8), 0, none_f, 0)
+    weights = (node_w, node_b, w1t, b1, w2, b2)
+    _hard_forward(0, x, *weights, depth, act, *no_mask, y, none_i, none_f, none_i, none_f, none_f)
 
 
-def fff_hard_train_forward(
-    x,
-    node_w,
-    node_b,
-    w1t,
-    b1,
-    w2,
-    b2,
-    depth,
-    act,
-    swap,
-    has_swap,
-    drop,
-    has_drop,
-    y,
-    path,
-    z_path,
-    leaf,
-    hpre,
-    entropy,
-    n_threads=None,
-):
-    _hard_forward(
-        x,
-        node_w,
-        node_b,
-        w1t,
-        b1,
-        w2,
-        b2,
-        depth,
-        act,
-        1,
-        swap,
-        int(has_swap),
-        drop,
-        int(has_drop),
-        y,
-        path,
-        z_path,
-        leaf,
-        hpre,
-        entropy,
-    )
+def fff_hard_train_forward(*args):
+    """fastff._cmm.fff_hard_train_forward's arguments (x, node_w, ..., entropy, n_threads)."""
+    _hard_forward(1, *args[:19])
 
 
 def fff_hard_train_backward(
@@ -185,122 +305,52 @@ def fff_hard_train_backward(
     n_rows, in_w = x.shape
     if n_rows == 0:
         return
-    grid, block = _warp_grid(n_rows)
-    _k("fff_hard_backward", x.dtype)(
-        grid,
-        block,
-        (
-            x,
-            dy,
-            node_w,
-            w1t,
-            w2,
-            path,
-            z_path,
-            leaf,
-            swap,
-            cp.int32(has_swap),
-            drop,
-            cp.int32(has_drop),
-            hpre,
-            cp.int64(n_rows),
-            cp.int32(in_w),
-            cp.int32(w1t.shape[1]),
-            cp.int32(dy.shape[1]),
-            cp.int32(path.shape[1]),
-            cp.int32(act),
-            x.dtype.type(entropy_weight),
-            dx,
-            grad_node_w,
-            grad_node_b,
-            grad_w1t,
-            grad_b1,
-            grad_w2,
-            grad_b2,
-        ),
+    widths = (cp.int32(in_w), cp.int32(w1t.shape[1]), cp.int32(dy.shape[1]))
+    sizes = (cp.int64(n_rows), *widths, cp.int32(path.shape[1]))
+    saved = (path, z_path, leaf, swap, cp.int32(has_swap), drop, cp.int32(has_drop), hpre)
+    grads = (grad_node_w, grad_node_b, grad_w1t, grad_b1, grad_w2, grad_b2)
+    entropy = (cp.int32(act), x.dtype.type(entropy_weight))
+    _launch(
+        "fff_hard_backward",
+        _warp_grid(n_rows),
+        *(x, dy, node_w, w1t, w2, *saved, *sizes, *entropy, dx, *grads),
+        dtype=x.dtype,
     )
+
+
+def _per_thread(name, n, *args, dtype):
+    """Launch an elementwise kernel with one thread per item (n of them; none for n = 0)."""
+    if n:
+        _launch(name, _thread_grid(n), *args, dtype=dtype)
 
 
 def fff_soft_mixture(z, swap, has_swap, q, reach, entropy, n_threads=None):
     n_rows, n_nodes = z.shape
-    if n_rows == 0:
-        return
-    grid, block = _thread_grid(n_rows)
-    _k("fff_soft_mixture", reach.dtype)(
-        grid,
-        block,
-        (z, swap, cp.int32(has_swap), cp.int64(n_rows), cp.int64(n_nodes), q, reach, entropy),
-    )
+    sizes = cp.int64(n_rows), cp.int64(n_nodes)
+    args = (z, swap, cp.int32(has_swap), *sizes, q, reach, entropy)
+    _per_thread("fff_soft_mixture", n_rows, *args, dtype=reach.dtype)
 
 
 def fff_soft_router_backward(
     dmix, q, reach, swap, has_swap, entropy_weight, dreach, dz, n_threads=None
 ):
     n_rows, n_nodes = q.shape
-    if n_rows == 0 or n_nodes == 0:
-        return
-    grid, block = _thread_grid(n_rows)
-    _k("fff_soft_router_backward", q.dtype)(
-        grid,
-        block,
-        (
-            dmix,
-            q,
-            reach,
-            swap,
-            cp.int32(has_swap),
-            cp.int64(n_rows),
-            cp.int64(n_nodes),
-            q.dtype.type(entropy_weight),
-            dreach,
-            dz,
-        ),
+    sizes = cp.int64(n_rows), cp.int64(n_nodes)
+    args = (dmix, q, reach, swap, cp.int32(has_swap), *sizes, q.dtype.type(entropy_weight))
+    _per_thread(
+        "fff_soft_router_backward", n_rows * (n_nodes > 0), *args, dreach, dz, dtype=q.dtype
     )
 
 
 def fff_soft_leaf_activate(hpre, b1, mix, drop, has_drop, act, a, mixed, n_threads=None):
     n_rows, n_units = hpre.shape
-    if n_rows * n_units == 0:
-        return
-    grid, block = _thread_grid(n_rows * n_units)
-    _k("fff_soft_leaf_activate", hpre.dtype)(
-        grid,
-        block,
-        (
-            hpre,
-            b1,
-            mix,
-            drop,
-            cp.int32(has_drop),
-            cp.int64(n_rows),
-            cp.int64(n_units),
-            cp.int32(b1.shape[1]),
-            cp.int32(act),
-            a,
-            mixed,
-        ),
-    )
+    sizes = cp.int64(n_rows), cp.int64(n_units), cp.int32(b1.shape[1])
+    args = (hpre, b1, mix, drop, cp.int32(has_drop), *sizes, cp.int32(act), a, mixed)
+    _per_thread("fff_soft_leaf_activate", n_rows * n_units, *args, dtype=hpre.dtype)
 
 
 def fff_soft_leaf_backward(hpre, a, g, mix, drop, has_drop, act, dmix, n_threads=None):
     n_rows, n_leaves = mix.shape
-    if n_rows * n_leaves == 0:
-        return
-    grid, block = _thread_grid(n_rows * n_leaves)
-    _k("fff_soft_leaf_backward", hpre.dtype)(
-        grid,
-        block,
-        (
-            hpre,
-            a,
-            g,
-            mix,
-            drop,
-            cp.int32(has_drop),
-            cp.int64(n_rows),
-            cp.int64(n_leaves),
-            cp.int32(hpre.shape[1] // n_leaves),
-            cp.int32(act),
-            dmix,
-        ),
-    )
+    sizes = cp.int64(n_rows), cp.int64(n_leaves), cp.int32(hpre.shape[1] // max(n_leaves, 1))
+    args = (hpre, a, g, mix, drop, cp.int32(has_drop), *sizes, cp.int32(act), dmix)
+    _per_thread("fff_soft_leaf_backward", n_rows * n_leaves, *args, dtype=hpre.dtype)

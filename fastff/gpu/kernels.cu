@@ -6,9 +6,7 @@
 // gradients are summed without atomics: visits sorted by node, cut into chunks, each chunk
 // summed by one block in fixed order, then chunks reduced in fixed order (deterministic).
 
-#define ACT_IDENTITY 0
-#define ACT_RELU 1
-#define ACT_GELU 2
+#include "activations.h"  // inlined by fastff.gpu.kernels
 
 __device__ __forceinline__ float erf_t(float v) { return erff(v); }
 __device__ __forceinline__ double erf_t(double v) { return erf(v); }

@@ -1,7 +1,6 @@
 """The CUDA kernels of kernels.cu, compiled once per process (lazily) by cupy.RawModule.
 
-Both GPU modules launch through `get`: the Ops (fastff.gpu.ops: neuron tree) and the
-router-leaf twins of fastff._cmm (fastff.gpu.cmm). This module imports without CuPy, so the
+fastff.gpu.cmm launches every kernel through `get`. This module imports without CuPy, so the
 classes can be inspected (tests/test_ops.py) on machines without a GPU.
 """
 
@@ -15,6 +14,7 @@ except ImportError:  # the GPU backend is then unavailable; fastff.gpu.get_gpu_o
     cp = None
 
 _SOURCE = os.path.join(os.path.dirname(__file__), "kernels.cu")
+_ACTIVATIONS = os.path.join(os.path.dirname(os.path.dirname(__file__)), "activations.h")
 # templated on the element type
 TYPED = (
     "ultra_forward",
@@ -44,6 +44,8 @@ def _compile():
     if _module is None:
         with open(_SOURCE) as f:
             code = f.read()
+        with open(_ACTIVATIONS) as f:  # inlined: NVRTC then needs no include path
+            code = code.replace('#include "activations.h"', f.read(), 1)
         names = [f"{k}<{t}>" for k in TYPED for t in CTYPE.values()]
         names += [f"{k}<{n}>" for k in F4 for n in F4_KS]
         names += ["ultra_chunk_table"]
