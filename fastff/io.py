@@ -189,14 +189,23 @@ def _named(exc: OSError, path: str) -> OSError:
 
 
 def save(obj, path, *, format=None) -> None:
-    """Write `obj` (an UltraFFF, FFF or fastff.nn module) to `path` (.npz or .safetensors).
+    """Write `obj` (an UltraFFF, FFF or fastff.nn module, or a fitted fastff.sklearn
+    estimator) to `path` (.npz or .safetensors).
 
     The file is written next to `path` and renamed over it, so a failed save leaves any
     existing file intact."""
     from .module import Module
 
+    extra = {}
+    if not isinstance(obj, Module) and hasattr(obj, "__fastff_save__"):
+        # an estimator of fastff.sklearn: its network plus JSON of its parameters and fitted
+        # attributes, rebuilt by load() through fastff.sklearn (never unpickled)
+        obj, extra["estimator"] = obj.__fastff_save__()
     if not isinstance(obj, Module):
-        raise TypeError(f"save() takes a fastff module, got {type(obj).__name__}")
+        raise TypeError(
+            f"save() takes a fastff module or fitted fastff.sklearn estimator, got "
+            f"{type(obj).__name__}"
+        )
     path = _check_path(path, writing=True)
     fmt = _kind_of(path, format)
     meta = {
@@ -204,6 +213,7 @@ def save(obj, path, *, format=None) -> None:
         "format_version": FORMAT_VERSION,
         "kind": type(obj).__name__,
         "config": obj.get_config(),
+        **extra,
     }
     state = obj.state_dict()
     if META_KEY in state:
@@ -565,13 +575,28 @@ def _rebuild(path: str, meta_text):
         raise WeightFileError(f"{path}: written by a newer fastff (format version {version})")
     _check_module_tree(path, config)
     try:
-        return build_module(kind, config)
+        return build_module(kind, config), meta.get("estimator")
     except (TypeError, ValueError, KeyError, MemoryError, RecursionError) as exc:
         raise WeightFileError(f"{path}: cannot rebuild {kind} from its config: {exc}") from exc
 
 
+def _rebuild_estimator(path: str, module, estimator):
+    """The fastff.sklearn estimator a file describes around its network `module`."""
+    try:
+        from .sklearn import estimator_from_saved
+    except ImportError as exc:
+        raise ImportError(
+            f"{path} holds a fastff.sklearn estimator; loading it needs scikit-learn "
+            '(pip install "fastff[sklearn]")'
+        ) from exc
+    try:
+        return estimator_from_saved(estimator, module)
+    except (TypeError, ValueError, KeyError) as exc:
+        raise WeightFileError(f"{path}: cannot rebuild its estimator: {exc}") from exc
+
+
 def load(path, *, format=None):
-    """Rebuild the module stored at `path` by save().
+    """Rebuild the module (or fastff.sklearn estimator) stored at `path` by save().
 
     Raises WeightFileError (a ValueError) for truncated, foreign or inconsistent files and for
     anything that is not a regular file (FIFOs, devices), FileNotFoundError for missing ones,
@@ -604,7 +629,7 @@ def load(path, *, format=None):
             allocation_budget(stored + BUDGET_SLACK, f"the {stored:,} bytes of arrays in {path}"),
             uninitialised_parameters(),
         ):
-            module = _rebuild(path, contents.meta_text)
+            module, estimator = _rebuild(path, contents.meta_text)
         kind = type(module).__name__
         targets = {name: p for name, p, _ in module._iter_params_only()}
         missing = sorted(set(targets) - set(contents.entries))
@@ -629,4 +654,6 @@ def load(path, *, format=None):
     finally:
         contents.close()
     module.mark_updated()
+    if estimator is not None:
+        return _rebuild_estimator(path, module, estimator)
     return module

@@ -23,8 +23,9 @@ Both layers end in their own linear output projection; the read-out adds a share
 lets ``hidden_width`` be chosen apart from the number of outputs. Training minimises the cross
 entropy (classifier, softmax over ``classes_``) or the squared error (regressor) plus the L2
 penalty ``alpha``, with ``fastff.optim.Adam`` or ``SGD`` on mini-batches, as ``MLPClassifier``
-does. Fitted estimators pickle (joblib, ``n_jobs``) with the standard protocol; to keep only
-the weights without pickle, ``fastff.save(est.model_, path)`` writes the fitted network.
+does. Fitted estimators pickle (joblib, ``n_jobs``) with the standard protocol, and
+``fastff.save(est, path)`` / ``fastff.load(path)`` store and rebuild them without pickle (the
+network's arrays plus the parameters and fitted attributes as JSON; not the optimizer state).
 """
 
 from __future__ import annotations
@@ -54,11 +55,23 @@ except ImportError:  # scikit-learn 1.3 - 1.5: the estimator method
         return estimator._validate_data(*args, **kwargs)
 
 
-__all__ = ["FFFClassifier", "FFFRegressor"]
+__all__ = ["FFFClassifier", "FFFRegressor", "estimator_from_saved"]
 
 _KINDS = ("fff", "ultra")
 _SOLVERS = ("adam", "sgd")
 _DTYPES = {"float32": np.float32, "float64": np.float64}
+# What fastff.save keeps of a fitted estimator besides its network and parameters.
+_SAVED_FITTED = (
+    "n_outputs_",
+    "n_features_in_",
+    "loss_curve_",
+    "n_iter_",
+    "t_",
+    "best_loss_",
+    "validation_scores_",
+    "best_validation_score_",
+)
+_SAVED_ARRAYS = ("classes_", "feature_names_in_")
 
 
 def _check(ok: bool, message: str) -> None:
@@ -399,6 +412,32 @@ class _BaseFFF(BaseEstimator):
         with _thread_scope(self.n_threads):
             return self.model_(X)
 
+    # ---- fastff.save / fastff.load (JSON metadata and the network's arrays, no pickle) -----
+    def __fastff_save__(self):
+        """(network, metadata) for fastff.save: the fitted ``model_`` and, as JSON, the
+        estimator's parameters and fitted attributes. The optimizer's state is not kept:
+        ``partial_fit`` or ``warm_start`` after a load start new Adam moments or momenta."""
+        check_is_fitted(self, "model_")
+        params = self.get_params(deep=False)
+        if not (params["random_state"] is None or _is_int(params["random_state"])):
+            warnings.warn(
+                "fastff.save keeps an integer random_state or None; this estimator's "
+                f"{type(params['random_state']).__name__} is saved as None",
+                UserWarning,
+                stacklevel=3,
+            )
+            params["random_state"] = None
+        fitted: dict[str, Any] = {
+            name: getattr(self, name) for name in _SAVED_FITTED if hasattr(self, name)
+        }
+        for name in _SAVED_ARRAYS:
+            if hasattr(self, name):
+                values = getattr(self, name)
+                fitted[name] = {"dtype": values.dtype.str, "values": values.tolist()}
+        if not self._is_classifier:
+            fitted["y_1d"] = bool(self._y_1d)
+        return self.model_, {"class": type(self).__name__, "params": params, "fitted": fitted}
+
     def _more_tags(self):  # scikit-learn < 1.6
         return {"multioutput": not self._is_classifier}
 
@@ -548,3 +587,62 @@ class FFFRegressor(RegressorMixin, _BaseFFF):
         """Predictions of y's shape: (n_samples,) or (n_samples, n_outputs)."""
         out = np.asarray(self._raw_output(X), dtype=np.float64)
         return out.ravel() if self._y_1d else out
+
+
+def estimator_from_saved(saved: dict, model) -> _BaseFFF:
+    """The estimator fastff.load rebuilds from a file's metadata `saved` (written by
+    ``__fastff_save__``) around its loaded network `model`. The metadata is untrusted: its
+    class, parameters and fitted attributes are checked against each other and the network;
+    anything else raises ValueError or TypeError."""
+    classes = {"FFFClassifier": FFFClassifier, "FFFRegressor": FFFRegressor}
+    if not isinstance(saved, dict) or saved.get("class") not in classes:
+        raise ValueError(
+            f"unknown estimator {saved.get('class') if isinstance(saved, dict) else saved!r}"
+        )
+    params, fitted = saved.get("params"), saved.get("fitted")
+    if not isinstance(params, dict) or not isinstance(fitted, dict):
+        raise ValueError("estimator metadata without params or fitted attributes")
+    cls = classes[saved["class"]]
+    unknown = set(params) - set(cls().get_params())
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} parameters {sorted(unknown)}")
+    est = cls(**params)
+    est._check_params()
+    layers = getattr(model, "layers", None)
+    if not isinstance(model, nn.Sequential) or not layers or len(layers) != 2:
+        raise ValueError("the network is not an FFF hidden layer and a read-out")
+    hidden, readout = layers
+    want = FFF if est.kind == "fff" else UltraFFF
+    if not isinstance(hidden, want) or not isinstance(readout, nn.Linear):
+        raise ValueError(f"kind={est.kind!r} does not match the saved network")
+    for name in _SAVED_FITTED:
+        if name in fitted:
+            setattr(est, name, fitted[name])
+    for name in _SAVED_ARRAYS:
+        if name in fitted:
+            entry = fitted[name]
+            if not isinstance(entry, dict) or not isinstance(entry.get("values"), list):
+                raise ValueError(f"{name} is not a saved array")
+            dtype = np.dtype(entry.get("dtype"))
+            setattr(est, name, np.asarray(entry["values"], dtype=dtype))
+    checks = {
+        "n_features_in_": hidden.input_width,
+        "n_outputs_": readout.output_width,
+    }
+    for name, width in checks.items():
+        if getattr(est, name, None) != width:
+            raise ValueError(
+                f"{name} {getattr(est, name, None)!r} does not match the network ({width})"
+            )
+    if est._is_classifier:
+        if not hasattr(est, "classes_") or est.classes_.shape != (est.n_outputs_,):
+            raise ValueError("classes_ does not match the network's outputs")
+    else:
+        est._y_1d = bool(fitted.get("y_1d", est.n_outputs_ == 1))
+    if not isinstance(est.loss_curve_, list) or not _is_int(est.n_iter_):
+        raise ValueError("corrupt loss_curve_ or n_iter_")
+    est.model_ = model
+    est._random_state = check_random_state(est.random_state)
+    est._train_rng = np.random.default_rng(est._random_state.randint(2**31))
+    est._optimizer = None
+    return est

@@ -124,6 +124,81 @@ def test_regressor_pickle_and_save(tmp_path):
     )
 
 
+@pytest.mark.parametrize("fmt", ["npz", "safetensors"])
+@pytest.mark.parametrize("kind", ["fff", "ultra"])
+def test_fitted_classifier_saves_and_loads_without_pickle(digits, tmp_path, kind, fmt):
+    X_train, X_test, y_train, _ = digits
+    labels = np.array(["zero", "one", "two", "three", "four", "5", "6", "7", "8", "nine"])
+    clf = FFFClassifier(kind=kind, max_iter=3, random_state=0, **ONE)
+    clf.fit(X_train, labels[y_train])
+    path = tmp_path / f"clf.{fmt}"
+    fastff.save(clf, path)
+    if fmt == "npz":  # every member reads without pickle
+        with np.load(path, allow_pickle=False) as members:
+            assert all(members[name].dtype != object for name in members.files)
+    loaded = fastff.load(path)
+    assert type(loaded) is FFFClassifier
+    assert loaded.get_params() == clf.get_params()
+    np.testing.assert_array_equal(loaded.classes_, clf.classes_)
+    assert loaded.classes_.dtype == clf.classes_.dtype
+    assert (loaded.n_features_in_, loaded.n_iter_, loaded.loss_curve_) == (
+        clf.n_features_in_,
+        clf.n_iter_,
+        clf.loss_curve_,
+    )
+    np.testing.assert_array_equal(loaded.predict(X_test), clf.predict(X_test))
+    np.testing.assert_array_equal(loaded.predict_proba(X_test), clf.predict_proba(X_test))
+    loaded.partial_fit(X_train, labels[y_train])  # trains on, with a new optimizer state
+    assert loaded.n_iter_ == clf.n_iter_ + 1
+
+
+def test_fitted_regressor_saves_and_loads(tmp_path):
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(120, 3))
+    y = X @ np.array([1.0, -2.0, 0.5])
+    reg = FFFRegressor(max_iter=5, random_state=0, **ONE).fit(X, y)
+    fastff.save(reg, tmp_path / "reg.safetensors")
+    loaded = fastff.load(tmp_path / "reg.safetensors")
+    assert type(loaded) is FFFRegressor and loaded.get_params() == reg.get_params()
+    np.testing.assert_array_equal(loaded.predict(X), reg.predict(X))
+    assert loaded.predict(X).shape == (120,)
+
+
+def test_feature_names_survive_save_and_load(tmp_path):
+    pd = pytest.importorskip("pandas")
+    rng = np.random.default_rng(0)
+    X = pd.DataFrame(rng.normal(size=(60, 3)), columns=["a", "b", "c"])
+    clf = FFFClassifier(max_iter=2, random_state=0, **ONE).fit(X, rng.integers(0, 2, 60))
+    fastff.save(clf, tmp_path / "clf.npz")
+    loaded = fastff.load(tmp_path / "clf.npz")
+    np.testing.assert_array_equal(loaded.feature_names_in_, clf.feature_names_in_)
+    np.testing.assert_array_equal(loaded.predict(X), clf.predict(X))
+
+
+def test_saving_needs_a_fitted_estimator_and_a_loaded_file_is_checked(tmp_path):
+    with pytest.raises(sklearn.exceptions.NotFittedError):
+        fastff.save(FFFClassifier(), tmp_path / "x.npz")
+    rng = np.random.default_rng(0)
+    X, y = rng.normal(size=(60, 4)), rng.integers(0, 3, 60)
+    clf = FFFClassifier(max_iter=2, random_state=0, **ONE).fit(X, y)
+    # a file whose estimator metadata disagrees with its network is refused
+    meta_model, saved = clf.__fastff_save__()
+    saved["fitted"]["n_outputs_"] = 4
+    saved["fitted"]["classes_"]["values"] = [0, 1, 2, 3]
+    from fastff.sklearn import estimator_from_saved
+
+    with pytest.raises(ValueError, match="n_outputs_"):
+        estimator_from_saved(saved, meta_model)
+    saved = clf.__fastff_save__()[1]
+    saved["params"]["depth"] = -1
+    with pytest.raises(ValueError, match="depth"):
+        estimator_from_saved(saved, meta_model)
+    saved = clf.__fastff_save__()[1]
+    saved["class"] = "os.system"
+    with pytest.raises(ValueError, match="unknown estimator"):
+        estimator_from_saved(saved, meta_model)
+
+
 def test_partial_fit(digits):
     X_train, X_test, y_train, y_test = digits
     clf = FFFClassifier(learning_rate_init=0.01, random_state=0, **ONE)
