@@ -126,6 +126,62 @@ cdef extern from "_simd.h" nogil:
                               const double* prefetch)
 
 
+cdef extern from "_half.h" nogil:
+    float fastff_half_to_f32(int kind, unsigned short h)
+    void fastff_dotn_half(int kind, int nr, int n, const unsigned short** w, const float** x,
+                          float* out)
+    void fastff_axpym_half(int kind, int nr, const int* m, int stride, int n,
+                           const float* alpha, const unsigned short** w, float** y,
+                           int overwrite)
+
+# Half-precision storage: bfloat16 or float16 bits (which one: the kernels' half_kind).
+ctypedef unsigned short half_bits
+HALF_KINDS = {"bfloat16": 1, "float16": 2}  # FASTFF_BF16, FASTFF_F16 of _half.h
+
+# The element type of a kernel's weights: its input's type, or half-precision bits (with
+# float32 inputs). The entry points pair them; other pairs are compiled but never called.
+ctypedef fused weight_t:
+    float
+    double
+    half_bits
+
+
+cdef inline double _wide(weight_t v, int half_kind) noexcept nogil:
+    if weight_t is half_bits:
+        return fastff_half_to_f32(half_kind, v)
+    else:
+        return v
+
+
+cdef inline void _dotn_w(int nr, int n, const weight_t** w, const floating** x, floating* out,
+                         const floating* prefetch, int half_kind) noexcept nogil:
+    """out[r] = dot(w[r], x[r]), r < nr, with w of the weights' storage type."""
+    if weight_t is half_bits:
+        if floating is float:
+            fastff_dotn_half(half_kind, nr, n, w, x, out)
+    elif weight_t is float:
+        if floating is float:
+            fastff_dotn_f32(nr, n, w, x, out, prefetch)
+    else:
+        if floating is double:
+            fastff_dotn_f64(nr, n, w, x, out, prefetch)
+
+
+cdef inline void _axpym_w(int nr, const int* m, int stride, int n, const floating* alpha,
+                          const weight_t** w, floating** y, bint overwrite,
+                          int half_kind) noexcept nogil:
+    """y[r] (+)= sum_k alpha[r*stride+k] * w[r*stride+k], with w of the storage type."""
+    if weight_t is half_bits:
+        if floating is float:
+            fastff_axpym_half(half_kind, nr, m, stride, n, alpha, w, y, overwrite)
+    elif weight_t is float:
+        if floating is float:
+            fastff_axpym_f32(nr, m, stride, n, alpha, w, y, overwrite)
+    else:
+        if floating is double:
+            fastff_axpym_f64(nr, m, stride, n, alpha, w, y, overwrite)
+
+
 cdef inline floating _dot(int n, const floating* a, const floating* b) noexcept nogil:
     if floating is float:
         return fastff_dot_f32(n, a, b)

@@ -16,6 +16,14 @@ from collections.abc import Callable
 import numpy as np
 
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+try:  # bfloat16 as a NumPy dtype (the one JAX uses); importing it registers the name
+    import ml_dtypes
+
+    BFLOAT16: np.dtype | None = np.dtype(ml_dtypes.bfloat16)
+except ImportError:  # pragma: no cover - a dependency; half precision then means float16 only
+    BFLOAT16 = None
+# Half-precision storage: weights kept in 16 bits, widened to float32 by the kernels.
+HALF_DTYPES = tuple(d for d in (BFLOAT16, np.dtype(np.float16)) if d is not None)
 
 # The CPU kernels index within a row with C ints: a width beyond this would wrap around.
 MAX_WIDTH = 2**31 - 1
@@ -118,16 +126,32 @@ def check_choice(value, name: str, choices) -> str:
     return value
 
 
-def check_float_dtype(dtype, name: str = "dtype") -> np.dtype:
+def check_float_dtype(dtype, name: str = "dtype", *, half: bool = False) -> np.dtype:
+    """The np.dtype of a layer's dtype argument: float32 or float64, and with `half` also the
+    half-precision storage types bfloat16 (ml_dtypes; "bfloat16" works as a name) and
+    float16. An unknown name is a TypeError, a known but unsupported dtype a ValueError; both
+    name the supported ones."""
+    allowed = (
+        "numpy.float32, numpy.float64, 'bfloat16' or numpy.float16"
+        if half
+        else "numpy.float32 or numpy.float64"
+    )
     if dtype is None:  # numpy reads None as float64; a layer's default is float32: be explicit
-        raise TypeError(f"{name} must be numpy.float32 or numpy.float64, got None")
+        raise TypeError(f"{name} must be {allowed}, got None")
+    if isinstance(dtype, str) and dtype == "bfloat16" and BFLOAT16 is None:
+        raise TypeError(f"{name} 'bfloat16' needs the ml_dtypes package: pip install ml_dtypes")
     try:
         dt = np.dtype(dtype)
     except TypeError as exc:
-        raise TypeError(f"{name} must be numpy.float32 or numpy.float64, got {dtype!r}") from exc
-    if dt not in FLOAT_DTYPES:
-        raise ValueError(f"{name} must be numpy.float32 or numpy.float64, got {dt}")
-    return dt
+        raise TypeError(f"{name} must be {allowed}, got {dtype!r}") from exc
+    if dt in FLOAT_DTYPES or (half and dt in HALF_DTYPES):
+        return dt
+    raise ValueError(f"{name} must be {allowed}, got {dt}")
+
+
+def compute_dtype(dtype: np.dtype) -> np.dtype:
+    """The dtype a layer stored in `dtype` computes in: float32 for half-precision storage."""
+    return np.dtype(np.float32) if dtype in HALF_DTYPES else dtype
 
 
 CGROUP_LIMIT_FILES = (
@@ -347,7 +371,7 @@ def as_rows(x, width: int, dtype: np.dtype, xp=np, name: str = "x"):
     refused.
     """
     arr = as_device_array(x, xp, name, lambda: f"an array of shape (..., {width})")
-    if arr.dtype.kind not in "fiu":
+    if arr.dtype.kind not in "fiu" and arr.dtype not in HALF_DTYPES:
         raise TypeError(
             f"{name} must hold real numbers (float or integer) of shape (..., {width}), "
             f"got dtype {arr.dtype}"

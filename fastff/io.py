@@ -31,7 +31,7 @@ import zlib
 
 import numpy as np
 
-from ._validation import allocation_budget, available_memory_bytes
+from ._validation import BFLOAT16, allocation_budget, available_memory_bytes
 
 FORMAT = "fastff"
 FORMAT_VERSION = 1
@@ -44,6 +44,8 @@ _ST_DTYPES: dict[str, np.dtype] = {
     "I32": np.dtype("<i4"),
     "U8": np.dtype("u1"),
 }
+if BFLOAT16 is not None:  # ml_dtypes' bfloat16 is the format's BF16
+    _ST_DTYPES["BF16"] = BFLOAT16
 _ST_NAMES = {v: k for k, v in _ST_DTYPES.items()}
 MAX_HEADER = 100 * 2**20  # a safetensors header larger than this is not a weight file
 # fastff's own metadata (kind and config) is small: a Sequential of MAX_MODULES modules takes
@@ -219,6 +221,11 @@ def save(obj, path, *, format=None) -> None:
     if META_KEY in state:
         raise ValueError(f"parameter name {META_KEY!r} is reserved")
     if fmt == "npz":
+        if any(a.dtype == BFLOAT16 for a in state.values()):
+            raise TypeError(
+                f"cannot save bfloat16 parameters to {path}: .npz has no bfloat16 type (NumPy "
+                "would store untyped bytes); save to .safetensors, which stores BF16"
+            )
         payload = dict(state)
         payload[META_KEY] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
         _atomic_write(path, lambda f: np.savez(f, **payload))

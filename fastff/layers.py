@@ -6,6 +6,7 @@ import numpy as np
 
 from ._threads import effective_n_threads
 from ._validation import (
+    HALF_DTYPES,
     as_rows,
     check_bool,
     check_choice,
@@ -66,6 +67,9 @@ def _uniform(rng, shape, bound, dtype):
     out = _aligned_empty(shape, dtype)
     if not initialising():
         return out
+    if dtype in HALF_DTYPES:  # drawn in float32 (NumPy draws no 16-bit floats), then rounded
+        out[...] = _uniform(rng, shape, bound, np.dtype(np.float32))
+        return out
     rng.random(dtype=dtype, out=out)
     out *= dtype.type(2 * bound)
     out -= dtype.type(bound)
@@ -110,9 +114,12 @@ class UltraFFF(Module):
 
     Arguments: ``input_width``, ``output_width`` (>= 1); ``depth`` (>= 0; depth 11 is
     UltraFastBERT's 4095 neurons); ``parallel_size`` T (>= 1); ``activation`` "gelu" (exact,
-    erf-based), "relu" or "identity"; ``dtype`` numpy.float32 or numpy.float64; ``seed`` for
-    the initialisation, U(+-1/sqrt(input_width)) for ``linear_in`` and
-    U(+-1/sqrt(T * (depth+1))) for ``linear_out``. Inputs may be NumPy arrays, anything
+    erf-based), "relu" or "identity"; ``dtype`` numpy.float32, numpy.float64, or for
+    inference half precision, "bfloat16" or numpy.float16 (weights stored in 16 bits, inputs
+    and outputs float32, every dot and sum accumulated in float32; train in float32 and
+    convert with ``layer.astype("bfloat16")``); ``seed`` for the initialisation,
+    U(+-1/sqrt(input_width)) for ``linear_in`` and U(+-1/sqrt(T * (depth+1))) for
+    ``linear_out``. Inputs may be NumPy arrays, anything
     numpy.asarray takes, or CPU DLPack producers (torch, JAX); on "cuda", CuPy arrays.
     """
 
@@ -134,7 +141,7 @@ class UltraFFF(Module):
         dtype=np.float32,
         seed=None,
     ):
-        super().__init__(dtype)
+        super().__init__(dtype, half=True)
         self._input_width = check_width(input_width, "input_width")
         self._output_width = check_width(output_width, "output_width")
         self._parallel_size = check_int(parallel_size, "parallel_size", 1)
@@ -206,7 +213,13 @@ class UltraFFF(Module):
 
     def _forward(self, x, save_path):
         # plain attributes, not the public properties: a batch-1 call is a few microseconds
-        ops, dtype, depth, n_trees = self.ops, self.dtype, self._depth, self._parallel_size
+        ops, dtype, depth, n_trees = self.ops, self.compute_dtype, self._depth, self._parallel_size
+        if save_path and dtype != self.dtype:
+            raise TypeError(
+                f"forward_train of a {self.dtype.name} UltraFFF: half-precision layers are for "
+                "inference; train in float32 and convert with layer.astype"
+                f"({self.dtype.name!r})"
+            )
         rows, lead = as_rows(x, self._input_width, dtype, ops.xp)
         # y, and for training each row's visited nodes (intp) and pre-activations
         row_bytes = self._output_width * dtype.itemsize

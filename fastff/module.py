@@ -17,10 +17,12 @@ from typing import Any, TypeVar
 import numpy as np
 
 from ._validation import (
+    HALF_DTYPES,
     as_rows,
     check_cast_in_range,
     check_fits_in_memory,
     check_float_dtype,
+    compute_dtype,
     refuse_masked,
 )
 from .backends import get_ops
@@ -181,8 +183,11 @@ class Module:
             raise TypeError(f"config must be a dict, got {type(config).__name__}")
         return cls(**config)
 
-    def __init__(self, dtype=np.float32):
-        self.dtype: Any = check_float_dtype(dtype)  # a np.dtype; parameterless modules: None
+    def __init__(self, dtype=np.float32, *, half: bool = False):
+        # the parameters' np.dtype (parameterless modules: None); with `half`, bfloat16 and
+        # float16 storage too, computed in float32 (compute_dtype: inputs, outputs)
+        self.dtype: Any = check_float_dtype(dtype, half=half)
+        self.compute_dtype: Any = compute_dtype(self.dtype)
         self.device = "cpu"
         self._params: dict[str, Any] = {}  # internal key -> array (kernel layout)
         self._grads: dict[str, Any] | None = None  # allocated on first use
@@ -314,7 +319,7 @@ class Module:
         for name, target in targets.items():
             value = state[name]
             src = to_host(value)
-            if src.dtype.kind not in "fiu":
+            if src.dtype.kind not in "fiu" and src.dtype not in HALF_DTYPES:
                 raise TypeError(
                     f"state[{name!r}] must be a real numeric array, got dtype {src.dtype}"
                 )
@@ -362,6 +367,20 @@ class Module:
 
     def _on_device_change(self, ops) -> None:
         """Hook for modules holding device arrays outside `_params`."""
+
+    def astype(self: ModuleT, dtype) -> ModuleT:
+        """A copy of this module with its parameters stored in `dtype`, on the same device:
+        float32, float64, or for UltraFFF "bfloat16" / numpy.float16 (half precision, for
+        inference: train in float32, then convert). Values round to nearest; values beyond the
+        new type's range raise ValueError and nothing is converted."""
+        config = self.get_config()
+        if self.dtype is not None:
+            config["dtype"] = check_float_dtype(dtype, half=True).name
+        with uninitialised_parameters():
+            new = type(self).from_config(config)
+        if self._params:
+            new.load_state_dict(self.state_dict())
+        return new.to(self.device)
 
     def get_config(self) -> dict:
         """Constructor arguments that rebuild this module (used by save/load)."""

@@ -24,6 +24,7 @@ from ._validation import (
     check_fits_in_memory,
     check_int,
     check_probability,
+    compute_dtype,
     refuse_masked,
 )
 from .layers import _checked, _fixed, _uniform
@@ -131,7 +132,7 @@ class _Elementwise(Module):
 
     def __init__(self):
         super().__init__()
-        self.dtype = None
+        self.dtype = self.compute_dtype = None
 
     def __repr__(self):
         return f"{type(self).__name__}()"
@@ -238,7 +239,7 @@ class Dropout(Module):
 
     def __init__(self, p=0.5, *, seed=None):
         super().__init__()
-        self.dtype = None
+        self.dtype = self.compute_dtype = None
         self.p = p
         self.seed = seed
         self._rng = np.random.default_rng(seed)
@@ -322,6 +323,7 @@ class Sequential(Module):
                 "one device first (or move the Sequential afterwards with .to())"
             )
         self.dtype = dtypes.pop() if dtypes else None
+        self.compute_dtype = None if self.dtype is None else compute_dtype(self.dtype)
         self.device = devices.pop()
         self.layers = list(modules)
         self._options = [_keyword_options(m) for m in self.layers]  # inspected once
@@ -346,6 +348,10 @@ class Sequential(Module):
         return {
             "modules": [{"kind": type(m).__name__, "config": m.get_config()} for m in self.layers]
         }
+
+    def astype(self, dtype) -> Sequential:
+        """A Sequential of every module's astype(dtype) (parameterless modules are copied)."""
+        return Sequential(*(m.astype(dtype) for m in self.layers))
 
     @classmethod
     def from_config(cls, config: dict) -> Sequential:

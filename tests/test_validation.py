@@ -517,7 +517,7 @@ def test_non_finite_inputs_pass_through():
     ],
 )
 def test_dtype_none_is_refused(make):
-    with pytest.raises(TypeError, match="dtype must be numpy.float32 or numpy.float64, got None"):
+    with pytest.raises(TypeError, match=r"dtype must be numpy.float32.* got None"):
         make()
 
 

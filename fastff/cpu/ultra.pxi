@@ -22,12 +22,13 @@ cdef struct _Carry:
     Py_ssize_t stride
 
 
-cdef void _walk(const floating[:, ::1] x, const floating[:, :] w_in, const floating[::1] b_in,
-                const floating[:, :] w_out_t, int act, floating[:, ::1] y,
+cdef void _walk(const floating[:, ::1] x, const weight_t[:, :] w_in, const weight_t[::1] b_in,
+                const weight_t[:, :] w_out_t, int act, floating[:, ::1] y,
                 Py_ssize_t[:, ::1] visited, floating[:, ::1] preact, bint save_path,
                 const Py_ssize_t* rows, int n, Py_ssize_t* node, int t, Py_ssize_t n_nodes,
                 int level0, int level1, int path_len, const Py_ssize_t* next_rows,
-                int n_next, _Carry carry, int carry_mode, bint overwrite) noexcept nogil:
+                int n_next, _Carry carry, int carry_mode, bint overwrite,
+                int half_kind) noexcept nogil:
     """Rows rows[0..n) (n <= ROWS_PER_BLOCK) of tree t walk levels level0..level1 in lockstep
     from node[i] (index within the tree; updated to the node at level1), then add their
     visited nodes' outputs into y (into zeros with overwrite).
@@ -49,12 +50,12 @@ cdef void _walk(const floating[:, ::1] x, const floating[:, :] w_in, const float
     cdef Py_ssize_t g, r
     cdef floating z[ROWS_PER_BLOCK]
     cdef floating act_z
-    cdef const floating* w_rows[ROWS_PER_BLOCK]
+    cdef const weight_t* w_rows[ROWS_PER_BLOCK]
     cdef const floating* x_rows[ROWS_PER_BLOCK]
     cdef floating* y_rows[ROWS_PER_BLOCK]
     # per row: the nonzero activations of its walk and their output rows, in path order
     cdef floating coef[ROWS_PER_BLOCK * MAX_PATH]
-    cdef const floating* out_rows[ROWS_PER_BLOCK * MAX_PATH]
+    cdef const weight_t* out_rows[ROWS_PER_BLOCK * MAX_PATH]
     cdef int n_terms[ROWS_PER_BLOCK]
     for i in range(n):
         x_rows[i] = &x[rows[i], 0]
@@ -69,12 +70,12 @@ cdef void _walk(const floating[:, ::1] x, const floating[:, :] w_in, const float
         for i in range(n):
             w_rows[i] = &w_in[t * n_nodes + node[i], 0]
         # the first levels' dots fetch the next block's input rows, one each
-        _dotn(n, in_w, w_rows, x_rows, z,
-              &x[next_rows[level - level0], 0] if level - level0 < n_next else NULL)
+        _dotn_w(n, in_w, w_rows, x_rows, z,
+                &x[next_rows[level - level0], 0] if level - level0 < n_next else NULL, half_kind)
         for i in range(n):
             r = rows[i]
             g = t * n_nodes + node[i]
-            z[i] = z[i] + b_in[g]
+            z[i] = z[i] + <floating>_wide(b_in[g], half_kind)
             act_z = _act(z[i], act)
             if act_z != 0:  # relu zeros skip the output row entirely
                 k = n_terms[i]
@@ -95,15 +96,15 @@ cdef void _walk(const floating[:, ::1] x, const floating[:, :] w_in, const float
         return
     for i in range(n):
         y_rows[i] = &y[rows[i], 0]
-    _axpym(n, n_terms, MAX_PATH, out_w, coef, out_rows, y_rows, overwrite)
+    _axpym_w(n, n_terms, MAX_PATH, out_w, coef, out_rows, y_rows, overwrite, half_kind)
 
 
-cdef void _walk_top(const floating[:, ::1] x, const floating[:, :] w_in,
-                    const floating[::1] b_in, const floating[:, :] w_out_t, int act,
+cdef void _walk_top(const floating[:, ::1] x, const weight_t[:, :] w_in,
+                    const weight_t[::1] b_in, const weight_t[:, :] w_out_t, int act,
                     floating[:, ::1] y, Py_ssize_t[:, ::1] visited, floating[:, ::1] preact,
                     bint save_path, Py_ssize_t r0, int n, int t, Py_ssize_t n_nodes, int split,
                     int path_len, Py_ssize_t* split_node, _Carry carry, int carry_mode,
-                    bint overwrite) noexcept nogil:
+                    bint overwrite, int half_kind) noexcept nogil:
     """Rows r0..r0+n walk tree t from its root down to level `split`; with split_node, record
     where each stopped (index among the split level's nodes)."""
     cdef Py_ssize_t rows[ROWS_PER_BLOCK]
@@ -116,19 +117,19 @@ cdef void _walk_top(const floating[:, ::1] x, const floating[:, :] w_in,
     for j in range(n_next):
         next_rows[j] = r0 + n + j
     _walk(x, w_in, b_in, w_out_t, act, y, visited, preact, save_path, rows, n, node, t, n_nodes,
-          0, split, path_len, next_rows, n_next, carry, carry_mode, overwrite)
+          0, split, path_len, next_rows, n_next, carry, carry_mode, overwrite, half_kind)
     if split_node != NULL:
         for j in range(n):
             split_node[rows[j]] = node[j] - ((<Py_ssize_t>1 << split) - 1)
 
 
-cdef void _walk_subtree(const floating[:, ::1] x, const floating[:, :] w_in,
-                        const floating[::1] b_in, const floating[:, :] w_out_t, int act,
+cdef void _walk_subtree(const floating[:, ::1] x, const weight_t[:, :] w_in,
+                        const weight_t[::1] b_in, const weight_t[:, :] w_out_t, int act,
                         floating[:, ::1] y, Py_ssize_t[:, ::1] visited,
                         floating[:, ::1] preact, bint save_path, const Py_ssize_t* order,
                         Py_ssize_t start, Py_ssize_t stop, Py_ssize_t root, int t,
                         Py_ssize_t n_nodes, int split, int path_len, _Carry carry,
-                        bint overwrite) noexcept nogil:
+                        bint overwrite, int half_kind) noexcept nogil:
     """Rows order[start..stop), which all reached node `root` of tree t at level `split`, walk
     the rest of the way together, ROWS_PER_BLOCK at a time, and add their whole paths' outputs
     (the top walk's carried terms first) into y."""
@@ -143,7 +144,7 @@ cdef void _walk_subtree(const floating[:, ::1] x, const floating[:, :] w_in,
             node[j] = root
         _walk(x, w_in, b_in, w_out_t, act, y, visited, preact, save_path, rows, n, node, t,
               n_nodes, split, path_len, path_len, &order[start + n], n_next, carry, TAKE_CARRY,
-              overwrite)
+              overwrite, half_kind)
         start = start + n
 
 
@@ -185,6 +186,27 @@ def ultra_forward(const floating[:, ::1] x, const floating[:, :] w_in, const flo
     nodes in path order, tree by tree, so the result does not depend on the grouping or threads.
     Runs on at most n_threads threads (fewer for small batches, see _team).
     """
+    _ultra_forward(x, w_in, b_in, w_out_t, depth, n_trees, act, y, visited, preact, save_path,
+                   0, n_threads)
+
+
+def ultra_forward_half(const float[:, ::1] x, const half_bits[:, :] w_in,
+                       const half_bits[::1] b_in, const half_bits[:, :] w_out_t, int depth,
+                       int n_trees, int act, float[:, ::1] y, int half_kind, int n_threads):
+    """ultra_forward (inference) with half-precision weights: w_in, b_in and w_out_t hold
+    bfloat16 (half_kind 1) or float16 (2) bits, viewed as uint16; x and y are float32 and every
+    dot and sum accumulates in float32."""
+    _require(half_kind == 1 or half_kind == 2, "half_kind must be 1 (bfloat16) or 2 (float16)")
+    cdef Py_ssize_t[:, ::1] no_visits = np.empty((0, 0), dtype=np.intp)
+    cdef float[:, ::1] no_preact = np.empty((0, 0), dtype=np.float32)
+    _ultra_forward(x, w_in, b_in, w_out_t, depth, n_trees, act, y, no_visits, no_preact, False,
+                   half_kind, n_threads)
+
+
+cdef _ultra_forward(const floating[:, ::1] x, const weight_t[:, :] w_in,
+                    const weight_t[::1] b_in, const weight_t[:, :] w_out_t, int depth,
+                    int n_trees, int act, floating[:, ::1] y, Py_ssize_t[:, ::1] visited,
+                    floating[:, ::1] preact, bint save_path, int half_kind, int n_threads):
     cdef Py_ssize_t n_rows = x.shape[0], block, r0, i, k, n_groups
     cdef int out_w = <int>y.shape[1], path_len = depth + 1, t
     cdef Py_ssize_t n_nodes = (<Py_ssize_t>1 << (depth + 1)) - 1
@@ -197,15 +219,15 @@ def ultra_forward(const floating[:, ::1] x, const floating[:, :] w_in, const flo
              and w_out_t.shape[0] == n_total,
              "w_in, b_in and w_out_t must have n_trees * (2**(depth+1) - 1) rows")
     _require(w_in.shape[1] == x.shape[1], "w_in and x must have the same width")
-    _require(_rows_contiguous(w_in.shape[1], w_in.strides[1], sizeof(floating))
-             and _rows_contiguous(w_out_t.shape[1], w_out_t.strides[1], sizeof(floating)),
+    _require(_rows_contiguous(w_in.shape[1], w_in.strides[1], sizeof(weight_t))
+             and _rows_contiguous(w_out_t.shape[1], w_out_t.strides[1], sizeof(weight_t)),
              "the rows of w_in and w_out_t must be contiguous")
     _require(y.shape[0] == n_rows and y.shape[1] == w_out_t.shape[1], "y must be (rows, out)")
     if save_path:
         _require(visited.shape[0] == n_rows and visited.shape[1] == n_trees * (depth + 1)
                  and preact.shape[0] == n_rows and preact.shape[1] == visited.shape[1],
                  "visited and preact must be (rows, n_trees * (depth + 1))")
-    cdef int split = _split_level(n_rows, depth, <int>x.shape[1], out_w, sizeof(floating))
+    cdef int split = _split_level(n_rows, depth, <int>x.shape[1], out_w, sizeof(weight_t))
     n_groups = (<Py_ssize_t>1 << split) if split < path_len else 0
     cdef Py_ssize_t[::1] split_node, offsets, order
     cdef Py_ssize_t* split_node_ptr = NULL
@@ -241,7 +263,7 @@ def ultra_forward(const floating[:, ::1] x, const floating[:, :] w_in, const flo
                 for t in range(n_trees):
                     _walk_top(x, w_in, b_in, w_out_t, act, y, visited, preact, save_path, r0,
                               <int>(min(r0 + ROWS_PER_BLOCK, n_rows) - r0), t, n_nodes,
-                              path_len, path_len, NULL, carry, NO_CARRY, t == 0)
+                              path_len, path_len, NULL, carry, NO_CARRY, t == 0, half_kind)
         else:
             for t in range(n_trees):
                 for block in prange(n_blocks, schedule="dynamic", chunksize=4, num_threads=team):
@@ -249,7 +271,7 @@ def ultra_forward(const floating[:, ::1] x, const floating[:, :] w_in, const flo
                               block * ROWS_PER_BLOCK,
                               <int>(min((block + 1) * ROWS_PER_BLOCK, n_rows) - block * ROWS_PER_BLOCK),
                               t, n_nodes, split, path_len, split_node_ptr, carry, GIVE_CARRY,
-                              False)
+                              False, half_kind)
                 # counting sort of rows by subtree (rows stay ascending within one)
                 for k in range(n_groups + 1):
                     offsets[k] = 0
@@ -267,7 +289,7 @@ def ultra_forward(const floating[:, ::1] x, const floating[:, :] w_in, const flo
                     _walk_subtree(x, w_in, b_in, w_out_t, act, y, visited, preact, save_path,
                                   &order[0], offsets[k], offsets[k + 1],
                                   ((<Py_ssize_t>1 << split) - 1) + k, t, n_nodes, split,
-                                  path_len, carry, t == 0)
+                                  path_len, carry, t == 0, half_kind)
     return None
 
 
