@@ -12,7 +12,7 @@ import contextlib
 import contextvars
 import functools
 from collections.abc import Iterator
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import numpy as np
 
@@ -377,7 +377,7 @@ class Module:
         if self.dtype is not None:
             config["dtype"] = check_float_dtype(dtype, half=True).name
         with uninitialised_parameters():
-            new = type(self).from_config(config)
+            new = cast(ModuleT, type(self).from_config(config))
         if self._params:
             new.load_state_dict(self.state_dict())
         return new.to(self.device)
