@@ -31,6 +31,17 @@ cdef extern from "activations.h":
 ACTIVATIONS = {"identity": ACT_IDENTITY, "relu": ACT_RELU, "gelu": ACT_GELU}
 HAVE_OPENMP = bool(FASTFF_HAVE_OPENMP)
 
+# Half-precision storage: bfloat16 or float16 bits (which one: the kernels' half_kind).
+ctypedef unsigned short half_bits
+HALF_KINDS = {"bfloat16": 1, "float16": 2}  # FASTFF_BF16, FASTFF_F16 of _half.h
+
+# The element type of a kernel's weights: its input's type, or half-precision bits (with
+# float32 inputs). The entry points pair them; other pairs are compiled but never called.
+ctypedef fused weight_t:
+    float
+    double
+    half_bits
+
 
 # The most threads a kernel accepts (fastff._validation.max_threads, the public cap): more
 # only oversubscribes, and OpenMP ends the process, with no Python error, once the system
@@ -68,8 +79,8 @@ cdef inline int _check_act(int act) except -1:
 
 
 cdef int _check_fff_weights(int depth, Py_ssize_t in_w, Py_ssize_t out_w,
-                            const floating[:, ::1] node_w, const floating[:, :, ::1] w1t,
-                            const floating[:, :, ::1] w2) except -1:
+                            const weight_t[:, ::1] node_w, const weight_t[:, :, ::1] w1t,
+                            const weight_t[:, :, ::1] w2) except -1:
     """The router-leaf weights of a depth-`depth` tree for rows of width in_w and out_w."""
     _require(0 <= depth <= MAX_DEPTH, "depth out of range")
     n_leaves = <object>1 << depth
@@ -133,18 +144,9 @@ cdef extern from "_half.h" nogil:
     void fastff_axpym_half(int kind, int nr, const int* m, int stride, int n,
                            const float* alpha, const unsigned short** w, float** y,
                            int overwrite)
-
-# Half-precision storage: bfloat16 or float16 bits (which one: the kernels' half_kind).
-ctypedef unsigned short half_bits
-HALF_KINDS = {"bfloat16": 1, "float16": 2}  # FASTFF_BF16, FASTFF_F16 of _half.h
-
-# The element type of a kernel's weights: its input's type, or half-precision bits (with
-# float32 inputs). The entry points pair them; other pairs are compiled but never called.
-ctypedef fused weight_t:
-    float
-    double
-    half_bits
-
+    void fastff_dot_block_half(int kind, int nr, int nj, int n, const float** x,
+                               const unsigned short* w, long w_stride, float* out,
+                               int out_stride)
 
 cdef inline double _wide(weight_t v, int half_kind) noexcept nogil:
     if weight_t is half_bits:
@@ -180,6 +182,21 @@ cdef inline void _axpym_w(int nr, const int* m, int stride, int n, const floatin
     else:
         if floating is double:
             fastff_axpym_f64(nr, m, stride, n, alpha, w, y, overwrite)
+
+
+cdef inline void _dot_block_w(int nr, int nj, int n, const floating** x, const weight_t* w,
+                              Py_ssize_t w_stride, floating* out, int out_stride,
+                              const floating* prefetch, int half_kind) noexcept nogil:
+    """_dot_block with w of the weights' storage type."""
+    if weight_t is half_bits:
+        if floating is float:
+            fastff_dot_block_half(half_kind, nr, nj, n, x, w, w_stride, out, out_stride)
+    elif weight_t is float:
+        if floating is float:
+            fastff_dot_block_f32(nr, nj, n, x, w, w_stride, out, out_stride, prefetch)
+    else:
+        if floating is double:
+            fastff_dot_block_f64(nr, nj, n, x, w, w_stride, out, out_stride, prefetch)
 
 
 cdef inline floating _dot(int n, const floating* a, const floating* b) noexcept nogil:

@@ -23,8 +23,9 @@ from ._timing import median_min_max
 
 @dataclass
 class Case:
-    """One measured comparison: `make()` returns (dense_fn, fastff_fn, rows, info, peers),
-    peers mapping a peer's name to its function (or None: no counterpart)."""
+    """One measured comparison: `make(storage)` returns (dense_fn, fastff_fn, rows, info,
+    peers), peers mapping a peer's name to its function (or None: no counterpart); storage is
+    the fastff layer's parameter dtype (the dense FF and the inputs stay float32)."""
 
     name: str
     kind: str
@@ -119,16 +120,23 @@ def _dense_train_step(x, w1, b1, w2, activation, dy):
 
 
 # ---- peers: extra columns when installed, never required (../shared/BENCHMARKS.md) ----------
+FLOAT32_PEER = "fastff-float32"
 PEERS = {
     "torch": "PyTorch's dense FF on the same weights (its CPU BLAS, same thread count)",
     "fastfeedforward": "the fastfeedforward package's FFF, hard inference (router-leaf only)",
+    FLOAT32_PEER: "fastff with float32 weights, the layer the half-precision one was rounded "
+    "from (with --dtype bfloat16/float16)",
 }
 
 
 def installed_peers() -> list[str]:
     import importlib.util
 
-    return [name for name in PEERS if importlib.util.find_spec(name) is not None]
+    return [
+        name
+        for name in PEERS
+        if name != FLOAT32_PEER and importlib.util.find_spec(name) is not None
+    ]
 
 
 def _torch_dense(x, w1, b1, w2, activation, dy=None):
@@ -199,7 +207,7 @@ def make_ultra(
 ):
     from .layers import UltraFFF
 
-    def make():
+    def make(storage=dtype):
         rng = np.random.default_rng(0)
         layer = UltraFFF(in_w, out_w, depth, parallel_size, activation, dtype=dtype, seed=0)
         width = layer.training_width
@@ -209,13 +217,21 @@ def make_ultra(
             "neurons_per_row": layer.neurons_per_inference,
         }
         if device == "cpu" and not train:
-            info["weights_read_mb"] = _distinct_weight_bytes(layer, x) / 1e6
+            itemsize = np.dtype(storage).itemsize
+            info["weights_read_mb"] = _distinct_weight_bytes(layer, x, itemsize) / 1e6
+        if np.dtype(storage) != np.dtype(dtype):
+            if train:
+                raise ValueError(f"{np.dtype(storage).name} layers are for inference")
+            peers: dict = {FLOAT32_PEER: lambda layer=layer: layer(x)}
+            layer = layer.astype(storage)  # the float32 layer's weights, rounded
+        else:
+            peers = {}
         if width > MAX_DENSE_WIDTH and device == "cpu" and not train:
 
             def fff():
                 layer(x)
 
-            return None, fff, batch, info, {}
+            return None, fff, batch, info, peers
         w1, b1, w2 = _dense_ff(rng, in_w, width, out_w, dtype)
         if device == "cuda":
             return _make_cuda_pair(layer, x, (w1, b1, w2), activation, train)
@@ -236,29 +252,35 @@ def make_ultra(
             def dense():
                 _dense_forward(x, w1, b1, w2, activation)
 
-        return dense, fff, batch, info, {"torch": _torch_dense(x, w1, b1, w2, activation, dy)}
+        peers["torch"] = _torch_dense(x, w1, b1, w2, activation, dy)
+        return dense, fff, batch, info, peers
 
     return make
 
 
-def _distinct_weight_bytes(layer, x) -> int:
-    """Bytes of the distinct nodes' weights (input and output rows) that one inference of x
-    reads: for a tree that does not fit in cache, about what the batch fetches from DRAM."""
+def _distinct_weight_bytes(layer, x, itemsize) -> int:
+    """Bytes of the distinct nodes' weights (input and output rows, `itemsize` bytes a value)
+    that one inference of x reads: for a tree that does not fit in cache, about what the batch
+    fetches from DRAM."""
     _, _, _, visited, _ = layer._forward(x, save_path=True)
     distinct = np.unique(visited).size
-    return distinct * (layer.input_width + layer.output_width) * layer.dtype.itemsize
+    return distinct * (layer.input_width + layer.output_width) * itemsize
 
 
 def make_fff(in_w, leaf_w, out_w, depth, batch, *, activation="relu", dtype=np.float32):
     """Router-leaf FFF hard inference against the dense FF of width 2**depth * leaf_width."""
     from .layers import FFF
 
-    def make():
+    def make(storage=dtype):
         rng = np.random.default_rng(0)
         layer = FFF(in_w, leaf_w, out_w, depth, activation, dtype=dtype, seed=0)
         width = layer.training_width
         x = rng.standard_normal((batch, in_w)).astype(dtype)
         w1, b1, w2 = _dense_ff(rng, in_w, width, out_w, dtype)
+        float32_peer = {}
+        if np.dtype(storage) != np.dtype(dtype):
+            float32_peer = {FLOAT32_PEER: lambda layer=layer: layer(x)}
+            layer = layer.astype(storage)  # the float32 layer's weights, rounded
 
         def fff():
             layer(x)
@@ -269,6 +291,7 @@ def make_fff(in_w, leaf_w, out_w, depth, batch, *, activation="relu", dtype=np.f
         peers = {
             "torch": _torch_dense(x, w1, b1, w2, activation),
             "fastfeedforward": _package_fff(in_w, leaf_w, out_w, depth, x, activation),
+            **float32_peer,
         }
         info = {"dense_width": width, "neurons_per_row": leaf_w + depth}
         return dense, fff, batch, info, peers
@@ -331,6 +354,7 @@ def run(
     device: str = "cpu",
     json_path: str | None = None,
     out=print,
+    dtype: str = "float32",
 ) -> list[dict]:
     table = GPU_CONFIGS if device == "cuda" else CONFIGS
     unknown = [c for c in config_names if c not in table]
@@ -338,8 +362,13 @@ def run(
         raise SystemExit(
             f"unknown config(s) {unknown} for device {device!r}; choose from {sorted(table)}"
         )
+    from ._validation import check_float_dtype
+
+    storage = check_float_dtype(dtype, "--dtype", half=True)
     limiter = _limit_threads(threads) if device == "cpu" else None
     peer_names = installed_peers() if device == "cpu" else []
+    if storage != np.float32:  # the same configs' float32 layers, timed in the same run
+        peer_names.append(FLOAT32_PEER)
     if "torch" in peer_names:
         import torch
 
@@ -354,7 +383,7 @@ def run(
         machine = device_name()
     out(
         f"fastff bench on {machine} (median of {repeat}, dense = NumPy/BLAS"
-        f"{' via cuBLAS' if device == 'cuda' else ''})"
+        f"{' via cuBLAS' if device == 'cuda' else ''}, fastff weights {storage.name})"
     )
     for name in peer_names:  # peer columns: that peer's time, and how much faster fastff is
         out(f"  {name} ms: {PEERS[name]}")
@@ -368,8 +397,8 @@ def run(
     for name in config_names:
         for case in table[name]:
             try:
-                dense, fff, rows, info, peer_fns = case.make()
-            except MemoryError as exc:  # depth 20 needs 12.9 GB of weights
+                dense, fff, rows, info, peer_fns = case.make(storage=storage)
+            except (MemoryError, ValueError) as exc:  # depth 20: 12.9 GB; no such dtype path
                 out(f"{case.name:<16}skipped: {exc}")
                 continue
             timer: Callable = median_min_max
@@ -414,6 +443,7 @@ def run(
                     "kind": case.kind,
                     "device": device,
                     "threads": threads,
+                    "dtype": storage.name,
                     "dense_s": d_med,
                     "dense_min_s": d_min,
                     "dense_max_s": d_max,
@@ -499,6 +529,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeat", type=int, default=5, help="timed repetitions (>= 5)")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16", "float16"],
+        default="float32",
+        help="fastff's weight storage (the float32 layer's weights rounded); inputs and the "
+        "dense baseline stay float32 (default float32)",
+    )
+    parser.add_argument(
         "--json",
         dest="json_path",
         default=None,
@@ -570,6 +607,7 @@ def main(args: argparse.Namespace) -> int:
                 repeat=args.repeat,
                 device=args.device,
                 json_path=None,
+                dtype=args.dtype,
             )
             if configs
             else []

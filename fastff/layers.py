@@ -303,8 +303,10 @@ class FFF(Module):
     ``activation`` of the leaves, "relu" (the package's default), "gelu" or "identity";
     ``dropout`` rate on leaf activations and ``region_leak`` swap probability, both in [0, 1)
     and used by ``forward_train`` only; ``train_hardened``; ``usage_mode`` "none", "soft" or
-    "hard"; ``dtype`` numpy.float32 or numpy.float64; ``seed`` for the initialisation (the
-    package's) and the default stream of training masks.
+    "hard"; ``dtype`` numpy.float32, numpy.float64, or for inference "bfloat16" or
+    numpy.float16 (16-bit weights, float32 inputs, outputs and sums; train in float32, then
+    ``layer.astype("bfloat16")``); ``seed`` for the initialisation (the package's) and the
+    default stream of training masks.
     """
 
     input_width = _fixed("input_width", "Width of the input rows.")
@@ -351,7 +353,7 @@ class FFF(Module):
         dtype=np.float32,
         seed=None,
     ):
-        super().__init__(dtype)
+        super().__init__(dtype, half=True)
         self._input_width = check_width(input_width, "input_width")
         self._leaf_width = check_width(leaf_width, "leaf_width")
         self._output_width = check_width(output_width, "output_width")
@@ -529,9 +531,9 @@ class FFF(Module):
     def __call__(self, x):
         """Hard inference: x (..., input_width) -> y (..., output_width)."""
         ops = self.ops
-        rows, lead = as_rows(x, self.input_width, self.dtype, ops.xp)
+        rows, lead = as_rows(x, self.input_width, self.compute_dtype, ops.xp)
         check_fits_in_memory(
-            rows.shape[0] * self.output_width * self.dtype.itemsize,
+            rows.shape[0] * self.output_width * self.compute_dtype.itemsize,
             lambda: f"inference of FFF(depth={self.depth}) on {rows.shape[0]} rows",
         )
         y = ops.fff_infer(rows, self._params, self.depth, self.activation, effective_n_threads())
@@ -572,6 +574,11 @@ class FFF(Module):
         rng: NumPy Generator for the region-leak and dropout masks (default: the layer's own
         stream, seeded from ``seed``). Usage counters are updated here.
         """
+        if self.compute_dtype != self.dtype:
+            raise TypeError(
+                f"forward_train of a {self.dtype.name} FFF: half-precision layers are for "
+                f"inference; train in float32 and convert with layer.astype({self.dtype.name!r})"
+            )
         hardening = check_nonnegative(hardening, "hardening")
         if rng is None:
             rng = self._train_rng

@@ -350,6 +350,11 @@ class Module:
     def to(self: ModuleT, device: str) -> ModuleT:
         """Move parameters and gradients to "cpu" (NumPy) or "cuda" (CuPy); returns self."""
         ops = get_ops(device)  # raises a clear error for unknown devices or missing CUDA
+        if device != "cpu" and any(m.dtype in HALF_DTYPES for m in self.modules()):
+            raise TypeError(
+                "half-precision (bfloat16/float16) layers run on the CPU only so far; convert "
+                "with .astype(numpy.float32) before .to('cuda')"
+            )
         for m in self.modules():
             if m.device == device:
                 continue

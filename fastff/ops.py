@@ -149,7 +149,14 @@ class Ops:
     def fff_infer(self, x, p, depth, act, n_threads):
         """Hard inference, x (B, in) -> y (B, out)."""
         y = self.xp.empty((x.shape[0], p["w2"].shape[2]), dtype=x.dtype)
-        self._run(self.cmm.fff_infer, x, *_fff_weights(p), depth, ACTIVATIONS[act], y, n_threads)
+        weights = _fff_weights(p)
+        half_kind = HALF_KINDS.get(weights[0].dtype.name)
+        if half_kind is not None:  # 16-bit storage: the kernels take the bits and the format
+            bits = [w.view(np.uint16) for w in weights]
+            args = (x, *bits, depth, ACTIVATIONS[act], y, half_kind, n_threads)
+            self._run(self.cmm.fff_infer_half, *args)
+            return y
+        self._run(self.cmm.fff_infer, x, *weights, depth, ACTIVATIONS[act], y, n_threads)
         return y
 
     def fff_soft_forward(self, x, p, act, n_threads, swap=None, drop=None):

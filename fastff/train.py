@@ -137,6 +137,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     run.add_argument("--dtype", choices=["float32", "float64"], default="float32")
     run.add_argument(
+        "--half",
+        choices=["bfloat16", "float16", "none"],
+        default="bfloat16",
+        help="ultra, fff: after training, also evaluate and time the model converted to this "
+        "half-precision storage (layer.astype); default bfloat16",
+    )
+    run.add_argument(
         "--inference-repeats",
         type=int,
         default=5,
@@ -441,6 +448,18 @@ def run(args) -> int:
                 model, x_test, options["inference_repeats"]
             )
             test_acc = float((np.asarray(logits).argmax(axis=1) == y_test).mean())
+            half: dict | None = None
+            if getattr(args, "half", "none") != "none" and options["model"] != "ff":
+                half_model = model.astype(args.half)
+                h_med, h_min, h_logits = time_inference(
+                    half_model, x_test, options["inference_repeats"]
+                )
+                half = {
+                    "dtype": args.half,
+                    "test_accuracy": float((np.asarray(h_logits).argmax(axis=1) == y_test).mean()),
+                    "inference_seconds": h_med,
+                    "inference_seconds_min": h_min,
+                }
     finally:
         if limits is not None:
             limits.restore_original_limits()
@@ -450,6 +469,14 @@ def run(args) -> int:
         f"{options['inference_repeats']}, min {inference_min * 1e3:.2f} ms)",
         flush=True,
     )
+    if half is not None:
+        print(
+            f"converted to {half['dtype']}: test accuracy {half['test_accuracy']:.4f} "
+            f"({100 * (half['test_accuracy'] - test_acc):+.2f} points); inference "
+            f"{half['inference_seconds'] * 1e3:.2f} ms "
+            f"(min {half['inference_seconds_min'] * 1e3:.2f})",
+            flush=True,
+        )
     if options["json"] is not None:
         config = {k: (str(v) if isinstance(v, Path) else v) for k, v in options.items()}
         config.update(model=options["model"], model_config=model.get_config(), normalisation=norm)
@@ -465,6 +492,7 @@ def run(args) -> int:
             "neurons_per_inference": int(neurons),
             "training_width": int(width),
             "params": int(model.n_parameters()),
+            "half_precision": half,
             "history": history,
             "config": config,
             "environment": {

@@ -24,9 +24,9 @@ def test_bench_runs_a_small_config_and_writes_json(tmp_path):
 def test_distinct_weights_count_each_shared_node_once():
     layer = UltraFFF(8, 5, 3, 2, "gelu", seed=0)
     row = np.random.default_rng(0).standard_normal((1, 8)).astype(np.float32)
-    one = bench._distinct_weight_bytes(layer, row)
+    one = bench._distinct_weight_bytes(layer, row, 4)
     assert one == 2 * 4 * (8 + 5) * 4  # 2 trees x 4 levels, float32
-    assert bench._distinct_weight_bytes(layer, np.repeat(row, 3, axis=0)) == one
+    assert bench._distinct_weight_bytes(layer, np.repeat(row, 3, axis=0), 4) == one
 
 
 def test_unknown_config_is_refused():
@@ -209,3 +209,19 @@ def test_pipeline_cases_are_cpu_only(capsys):
 
     assert main(["bench", "--device", "cuda", "pipeline"]) == 2
     assert "CPU cases" in capsys.readouterr().err
+
+
+def test_half_precision_bench_times_the_float32_layer_in_the_same_run():
+    from fastff.bench import FLOAT32_PEER, run
+
+    lines = []
+    results = run(
+        ["ufb-b1", "paper-mnist"], threads=1, repeat=1, dtype="bfloat16", out=lines.append
+    )
+    assert [r["config"] for r in results] == ["ufb-b1", "paper-mnist"]
+    for r in results:
+        assert r["dtype"] == "bfloat16" and r["fastff_s"] > 0
+        assert r["peers"][FLOAT32_PEER]["s"] > 0
+    assert "fastff weights bfloat16" in lines[0]
+    assert run(["ufb-train"], threads=1, repeat=1, dtype="bfloat16", out=lines.append) == []
+    assert "skipped: bfloat16 layers are for inference" in lines[-1]

@@ -60,6 +60,28 @@ def test_half_inference_matches_reference(
     assert_close(y, y_ref, np.float32, trees * (depth + 1) * in_w, "y")
 
 
+@given(
+    in_w=st.integers(1, 40),
+    leaf_w=st.integers(1, 8) | st.sampled_from([63, 64, 65, 130]),
+    out_w=st.integers(1, 40),
+    depth=st.integers(0, 6),
+    batch=st.integers(0, 300),
+    half=st.sampled_from(HALVES),
+    act=st.sampled_from(ACTS),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_half_fff_inference_matches_reference(in_w, leaf_w, out_w, depth, batch, half, act, seed):
+    """Router-leaf FFF, both of its row orders (batches under and over 2 rows per leaf)."""
+    rng = np.random.default_rng(seed)
+    layer = fastff.FFF(in_w, leaf_w, out_w, depth, act, seed=seed)
+    state = dyadic_state(layer, rng)
+    half_layer = layer.astype(half)
+    x = dyadic(rng, (batch, in_w), denom=8, dtype=np.float32)
+    y = half_layer(x)
+    assert y.dtype == np.float32 and y.shape == (batch, out_w)
+    assert_close(y, R.fff_infer(x.astype(np.float64), state, act), np.float32, in_w + leaf_w, "y")
+
+
 @pytest.mark.parametrize("half", HALVES, ids=IDS)
 def test_gaussian_data_error_is_the_formats_rounding(half):
     """Against the reference on the same (rounded) weights: float32 accumulation error only;
@@ -105,9 +127,10 @@ def test_portable_and_vector_paths_agree():
         "import json, sys, numpy as np, fastff\n"
         "out = {}\n"
         "for dt in ('bfloat16', 'float16'):\n"
-        "    layer = fastff.UltraFFF(37, 53, 6, 2, seed=4).astype(dt)\n"
         "    x = np.random.default_rng(5).standard_normal((300, 37)).astype(np.float32)\n"
-        "    out[dt] = layer(x).tolist()\n"
+        "    ultra = fastff.UltraFFF(37, 53, 6, 2, seed=4).astype(dt)\n"
+        "    fff = fastff.FFF(37, 19, 53, 4, seed=4).astype(dt)\n"
+        "    out[dt] = [ultra(x).tolist(), fff(x).tolist(), fff(x[:5]).tolist()]\n"
         "json.dump(out, sys.stdout)\n"
     )
     results = []
@@ -121,8 +144,8 @@ def test_portable_and_vector_paths_agree():
         assert done.returncode == 0, done.stderr
         results.append(json.loads(done.stdout))
     for dt in ("bfloat16", "float16"):
-        vector, portable = (np.array(r[dt]) for r in results)
-        np.testing.assert_allclose(vector, portable, rtol=1e-5, atol=1e-5, err_msg=dt)
+        for vector, portable in zip(results[0][dt], results[1][dt]):
+            np.testing.assert_allclose(vector, portable, rtol=1e-5, atol=1e-5, err_msg=dt)
 
 
 def test_conversion_round_trips_and_rounds_to_nearest():
@@ -155,13 +178,15 @@ def test_half_precision_errors_name_the_supported_dtypes():
         fastff.UltraFFF(4, 4, 1, dtype="bfloat8")
     with pytest.raises(TypeError, match="numpy.float32, numpy.float64, 'bfloat16'"):
         fastff.UltraFFF(4, 4, 1, seed=0).astype("half-ish")
-    with pytest.raises(ValueError, match="float32 or numpy.float64, got bfloat16"):
-        fastff.FFF(4, 4, 4, 1, dtype="bfloat16")  # router-leaf FFF: not in half precision yet
     with pytest.raises(ValueError, match="got float16"):
         fastff.nn.Linear(4, 4, dtype=np.float16)
-    layer = fastff.UltraFFF(4, 4, 1, seed=0).astype("bfloat16")
-    with pytest.raises(TypeError, match="half-precision layers are for inference"):
-        layer.forward_train(np.zeros((2, 4), np.float32))
+    for layer in (fastff.UltraFFF(4, 4, 1, seed=0), fastff.FFF(4, 2, 4, 1, seed=0)):
+        half = layer.astype("bfloat16")
+        with pytest.raises(TypeError, match="half-precision layers are for inference"):
+            half.forward_train(np.zeros((2, 4), np.float32))
+        with pytest.raises((TypeError, RuntimeError), match="CPU only|CuPy|GPU"):
+            half.to("cuda")  # no half-precision CUDA kernels yet (nor CuPy here)
+        assert half.device == "cpu"
 
 
 @pytest.mark.parametrize("half", HALVES, ids=IDS)

@@ -5,7 +5,6 @@ import sys
 
 import pytest
 
-import fastff
 from fastff.__main__ import main
 
 from conftest import write_fashion_mnist
@@ -45,8 +44,6 @@ def run(args, tmp_path, capsys):
 
 @pytest.mark.parametrize("model", ["ff", "ultra", "fff"])
 def test_end_to_end(model, data_dir, tmp_path, capsys):
-    if model == "fff" and not hasattr(fastff, "FFF"):
-        pytest.skip("fastff.FFF is not in this build yet (branch fff)")
     extra, neurons, width, params = MODELS[model]
     code, result, captured = run(
         ["--model", model, "--data", str(data_dir), *TINY, *extra], tmp_path, capsys
@@ -66,6 +63,13 @@ def test_end_to_end(model, data_dir, tmp_path, capsys):
     assert result["config"]["model"] == model and result["config"]["epochs"] == 3
     assert result["config"]["model_config"]
     assert result["config"]["normalisation"]["std"] > 0
+    half = result["half_precision"]
+    if model == "ff":  # nn.Linear has no half-precision kernels: nothing converted
+        assert half is None
+    else:  # the model converted to bfloat16 after training, evaluated and timed
+        assert half["dtype"] == "bfloat16" and half["inference_seconds"] > 0
+        assert abs(half["test_accuracy"] - result["test_accuracy"]) <= 0.05
+        assert "converted to bfloat16: test accuracy" in captured.out
 
 
 @pytest.mark.parametrize(

@@ -77,6 +77,19 @@ static void fastff_axpym_half_portable(int kind, int nr, const int *m, int strid
         }
 }
 
+/* Portable: out[r * out_stride + j] = dot(x[r], w + j * w_stride), r < nr, j < nj. */
+static void fastff_dot_block_half_portable(int kind, int nr, int nj, int n,
+                                           const float *const *x, const uint16_t *w,
+                                           long w_stride, float *out, int out_stride) {
+    for (int r = 0; r < nr; ++r)
+        for (int j = 0; j < nj; ++j) {
+            const uint16_t *wj = w + j * w_stride;
+            float s = 0.0f;
+            for (int i = 0; i < n; ++i) s += x[r][i] * fastff_half_to_f32(kind, wj[i]);
+            out[r * out_stride + j] = s;
+        }
+}
+
 #if (defined(__GNUC__) || defined(__clang__)) && defined(__x86_64__)
 #include <immintrin.h>
 #define FASTFF_HALF_ATTR __attribute__((target("avx2,fma,f16c")))
@@ -176,6 +189,52 @@ FASTFF_HALF_ATTR static void fastff_axpym_half_avx2(int kind, int nr, const int 
         FASTFF_AXPYM_HALF(FASTFF_F16);
 }
 
+/* A register-blocked tile (the router-leaf FFF's leaves and top routers): each widened
+ * weight vector serves nr rows and each input vector nj weight rows. Up to 2x2 tiles keep the
+ * accumulators in AVX2's 16 registers; larger ones go as 2x2 tiles. */
+#define FASTFF_DOT_BLOCK_HALF(KIND)                                                            \
+    do {                                                                                        \
+        __m256 acc[2][2];                                                                       \
+        for (int r = 0; r < nr; ++r)                                                            \
+            for (int j = 0; j < nj; ++j) acc[r][j] = _mm256_setzero_ps();                       \
+        int i = 0;                                                                              \
+        for (; i + 8 <= n; i += 8) {                                                            \
+            __m256 wv[2];                                                                       \
+            for (int j = 0; j < nj; ++j) wv[j] = fastff_widen8(KIND, w + j * w_stride + i);     \
+            for (int r = 0; r < nr; ++r) {                                                      \
+                const __m256 xv = _mm256_loadu_ps(x[r] + i);                                    \
+                for (int j = 0; j < nj; ++j) acc[r][j] = _mm256_fmadd_ps(xv, wv[j], acc[r][j]); \
+            }                                                                                   \
+        }                                                                                       \
+        for (int r = 0; r < nr; ++r)                                                            \
+            for (int j = 0; j < nj; ++j) {                                                      \
+                float s = fastff_hsum8(acc[r][j]);                                              \
+                const uint16_t *wj = w + j * w_stride;                                          \
+                for (int e = i; e < n; ++e) s += x[r][e] * fastff_half_to_f32(KIND, wj[e]);     \
+                out[r * out_stride + j] = s;                                                    \
+            }                                                                                   \
+    } while (0)
+
+FASTFF_HALF_ATTR static void fastff_dot_block_half_2x2(int kind, int nr, int nj, int n,
+                                                       const float *const *x, const uint16_t *w,
+                                                       long w_stride, float *out,
+                                                       int out_stride) {
+    if (kind == FASTFF_BF16)
+        FASTFF_DOT_BLOCK_HALF(FASTFF_BF16);
+    else
+        FASTFF_DOT_BLOCK_HALF(FASTFF_F16);
+}
+
+static void fastff_dot_block_half_avx2(int kind, int nr, int nj, int n, const float *const *x,
+                                       const uint16_t *w, long w_stride, float *out,
+                                       int out_stride) {
+    for (int r = 0; r < nr; r += 2)
+        for (int j = 0; j < nj; j += 2)
+            fastff_dot_block_half_2x2(kind, nr - r < 2 ? nr - r : 2, nj - j < 2 ? nj - j : 2, n,
+                                      x + r, w + j * w_stride, w_stride, out + r * out_stride + j,
+                                      out_stride);
+}
+
 static inline int fastff_half_fast(void) {
     static int fast = -1; /* benign race: every thread computes the same value */
     if (fast < 0)
@@ -187,7 +246,17 @@ static inline int fastff_half_fast(void) {
 static inline int fastff_half_fast(void) { return 0; }
 #define fastff_dotn_half_avx2 fastff_dotn_half_portable
 #define fastff_axpym_half_avx2 fastff_axpym_half_portable
+#define fastff_dot_block_half_avx2 fastff_dot_block_half_portable
 #endif
+
+static inline void fastff_dot_block_half(int kind, int nr, int nj, int n, const float *const *x,
+                                         const uint16_t *w, long w_stride, float *out,
+                                         int out_stride) {
+    if (fastff_half_fast())
+        fastff_dot_block_half_avx2(kind, nr, nj, n, x, w, w_stride, out, out_stride);
+    else
+        fastff_dot_block_half_portable(kind, nr, nj, n, x, w, w_stride, out, out_stride);
+}
 
 static inline void fastff_dotn_half(int kind, int nr, int n, const uint16_t *const *w,
                                     const float *const *x, float *out) {

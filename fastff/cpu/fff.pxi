@@ -104,8 +104,9 @@ def _set_leaf_tile(int tile):
 
 
 cdef inline int _tiled_dots(int nr, int n_units, int in_w, const floating** x_rows,
-                            const floating* w, floating* out, int out_stride,
-                            const floating** next_rows, int n_next) noexcept nogil:
+                            const weight_t* w, floating* out, int out_stride,
+                            const floating** next_rows, int n_next,
+                            int half_kind) noexcept nogil:
     """out[r * out_stride + j] = dot(x_rows[r], w[j * in_w:]) for r < nr <= ROWS_PER_BLOCK and
     j < n_units, in _TILE x _TILE register-blocked tiles; tile call k fetches next_rows[k] (for
     k < n_next) meanwhile. Returns the number of tile calls."""
@@ -113,9 +114,9 @@ cdef inline int _tiled_dots(int nr, int n_units, int in_w, const floating** x_ro
     while r0 < nr:
         j = 0
         while j < n_units:
-            _dot_block(min(_TILE, nr - r0), min(_TILE, n_units - j), in_w, &x_rows[r0],
-                       w + <Py_ssize_t>j * in_w, in_w, &out[r0 * out_stride + j], out_stride,
-                       next_rows[n_calls] if n_calls < n_next else NULL)
+            _dot_block_w(min(_TILE, nr - r0), min(_TILE, n_units - j), in_w, &x_rows[r0],
+                         w + <Py_ssize_t>j * in_w, in_w, &out[r0 * out_stride + j], out_stride,
+                         next_rows[n_calls] if n_calls < n_next else NULL, half_kind)
             n_calls = n_calls + 1
             j = j + _TILE
         r0 = r0 + _TILE
@@ -123,9 +124,9 @@ cdef inline int _tiled_dots(int nr, int n_units, int in_w, const floating** x_ro
 
 
 cdef inline void _route_rows(int nr, int depth, int in_w, const floating** x_rows,
-                             const floating* node_w, const floating* node_b,
+                             const weight_t* node_w, const weight_t* node_b,
                              Py_ssize_t* leaf, const floating** next_rows,
-                             int n_next) noexcept nogil:
+                             int n_next, int half_kind) noexcept nogil:
     """The leaves nr <= ROWS_PER_BLOCK rows reach at inference (right at node n iff its logit
     is >= 0), walking the routers in lockstep.
 
@@ -135,7 +136,7 @@ cdef inline void _route_rows(int nr, int depth, int in_w, const floating** x_row
     unused). Below that, every row needs its own router. Each of these dot calls requests
     one of the n_next rows next_rows (the caller's next block) meanwhile."""
     cdef Py_ssize_t node[ROWS_PER_BLOCK]
-    cdef const floating* w_rows[ROWS_PER_BLOCK]
+    cdef const weight_t* w_rows[ROWS_PER_BLOCK]
     cdef floating z[ROWS_PER_BLOCK]
     cdef floating top[ROWS_PER_BLOCK * 3]
     cdef int level, i, top_levels = min(depth, 2), n_calls = 0
@@ -143,25 +144,29 @@ cdef inline void _route_rows(int nr, int depth, int in_w, const floating** x_row
     for i in range(nr):
         node[i] = 0
     if top_levels:
-        n_calls = _tiled_dots(nr, n_top, in_w, x_rows, node_w, top, 3, next_rows, n_next)
+        n_calls = _tiled_dots(nr, n_top, in_w, x_rows, node_w, top, 3, next_rows, n_next,
+                              half_kind)
         for level in range(top_levels):
             for i in range(nr):
-                node[i] = 2 * node[i] + 1 + (top[i * 3 + node[i]] + node_b[node[i]] >= 0)
+                node[i] = 2 * node[i] + 1 + (
+                    top[i * 3 + node[i]] + <floating>_wide(node_b[node[i]], half_kind) >= 0)
     for level in range(top_levels, depth):
         for i in range(nr):
             w_rows[i] = node_w + node[i] * in_w
-        _dotn(nr, in_w, w_rows, x_rows, z, next_rows[n_calls] if n_calls < n_next else NULL)
+        _dotn_w(nr, in_w, w_rows, x_rows, z, next_rows[n_calls] if n_calls < n_next else NULL,
+                half_kind)
         n_calls = n_calls + 1
         for i in range(nr):
-            node[i] = 2 * node[i] + 1 + (z[i] + node_b[node[i]] >= 0)
+            node[i] = 2 * node[i] + 1 + (z[i] + <floating>_wide(node_b[node[i]], half_kind) >= 0)
     for i in range(nr):
         leaf[i] = node[i] - ((<Py_ssize_t>1 << depth) - 1)
 
 
 cdef inline void _leaf_rows(int nr, int in_w, int leaf_w, int out_w, const floating** x_rows,
-                            const floating* w1t_l, const floating* b1_l, const floating* w2_l,
-                            const floating* b2_l, int act, floating** y_rows,
-                            const floating** next_rows, int n_next) noexcept nogil:
+                            const weight_t* w1t_l, const weight_t* b1_l, const weight_t* w2_l,
+                            const weight_t* b2_l, int act, floating** y_rows,
+                            const floating** next_rows, int n_next,
+                            int half_kind) noexcept nogil:
     """y[r] = act(w1t_l @ x[r] + b1_l) @ w2_l + b2_l for nr <= ROWS_PER_BLOCK rows that share
     one leaf: the hidden units come from the register-blocked _dot_block, LEAF_CHUNK at a time.
     Meanwhile the n_next rows next_rows (the caller's next block) are fetched, one per tile."""
@@ -170,19 +175,24 @@ cdef inline void _leaf_rows(int nr, int in_w, int leaf_w, int out_w, const float
     cdef int j0, j, width, r, n
     # per row: the chunk's nonzero activations and their output rows, added by one _axpym
     cdef floating coef[ROWS_PER_BLOCK * LEAF_CHUNK]
-    cdef const floating* out_rows[ROWS_PER_BLOCK * LEAF_CHUNK]
+    cdef const weight_t* out_rows[ROWS_PER_BLOCK * LEAF_CHUNK]
     cdef int n_terms[ROWS_PER_BLOCK]
     for r in range(nr):
-        memcpy(y_rows[r], b2_l, out_w * sizeof(floating))
+        if weight_t is half_bits:
+            for j in range(out_w):
+                y_rows[r][j] = <floating>_wide(b2_l[j], half_kind)
+        else:
+            memcpy(y_rows[r], b2_l, out_w * sizeof(floating))
     j0 = 0
     while j0 < leaf_w:
         width = min(LEAF_CHUNK, leaf_w - j0)
         # the first chunk's tiles fetch the next block's rows
         _tiled_dots(nr, width, in_w, x_rows, w1t_l + <Py_ssize_t>j0 * in_w, h, LEAF_CHUNK,
-                    next_rows, n_next if j0 == 0 else 0)
+                    next_rows, n_next if j0 == 0 else 0, half_kind)
         for r in range(nr):
             for j in range(width):
-                h[r * LEAF_CHUNK + j] = _act(h[r * LEAF_CHUNK + j] + b1_l[j0 + j], act)
+                h[r * LEAF_CHUNK + j] = _act(
+                    h[r * LEAF_CHUNK + j] + <floating>_wide(b1_l[j0 + j], half_kind), act)
             # Branch-free compaction of the nonzero units: each is written, and a zero (relu's
             # half of the units, at random) is then overwritten. Testing the activation in
             # the same loop compiles to a branch that mispredicts for half the units.
@@ -193,14 +203,15 @@ cdef inline void _leaf_rows(int nr, int in_w, int leaf_w, int out_w, const float
                 out_rows[r * LEAF_CHUNK + n] = w2_l + <Py_ssize_t>(j0 + j) * out_w
                 n = n + (a != 0)
             n_terms[r] = n
-        _axpym(nr, n_terms, LEAF_CHUNK, out_w, coef, out_rows, y_rows, False)
+        _axpym_w(nr, n_terms, LEAF_CHUNK, out_w, coef, out_rows, y_rows, False, half_kind)
         j0 = j0 + width
 
 
-cdef void _infer_rows(const floating[:, ::1] x, const floating* node_w, const floating* node_b,
-                      const floating[:, :, ::1] w1t, const floating[:, ::1] b1,
-                      const floating[:, :, ::1] w2, const floating[:, ::1] b2, int depth,
-                      int act, floating[:, ::1] y, Py_ssize_t r0, int nr) noexcept nogil:
+cdef void _infer_rows(const floating[:, ::1] x, const weight_t* node_w, const weight_t* node_b,
+                      const weight_t[:, :, ::1] w1t, const weight_t[:, ::1] b1,
+                      const weight_t[:, :, ::1] w2, const weight_t[:, ::1] b2, int depth,
+                      int act, floating[:, ::1] y, Py_ssize_t r0, int nr,
+                      int half_kind) noexcept nogil:
     """Rows r0..r0+nr (nr <= ROWS_PER_BLOCK): route together, then each evaluates its leaf."""
     cdef Py_ssize_t leaves[ROWS_PER_BLOCK]
     cdef const floating* x_rows[ROWS_PER_BLOCK]
@@ -210,16 +221,16 @@ cdef void _infer_rows(const floating[:, ::1] x, const floating* node_w, const fl
     for j in range(nr):
         x_rows[j] = &x[r0 + j, 0]
         y_rows[j] = &y[r0 + j, 0]
-    _route_rows(nr, depth, in_w, x_rows, node_w, node_b, leaves, NULL, 0)
+    _route_rows(nr, depth, in_w, x_rows, node_w, node_b, leaves, NULL, 0, half_kind)
     for j in range(nr):
         l = leaves[j]
         _leaf_rows(1, in_w, leaf_w, out_w, &x_rows[j], &w1t[l, 0, 0], &b1[l, 0], &w2[l, 0, 0],
-                   &b2[l, 0], act, &y_rows[j], NULL, 0)
+                   &b2[l, 0], act, &y_rows[j], NULL, 0, half_kind)
 
 
-cdef void _route_block(const floating[:, ::1] x, const floating* node_w,
-                       const floating* node_b, int depth, Py_ssize_t r0, int nr,
-                       Py_ssize_t* leaf) noexcept nogil:
+cdef void _route_block(const floating[:, ::1] x, const weight_t* node_w,
+                       const weight_t* node_b, int depth, Py_ssize_t r0, int nr,
+                       Py_ssize_t* leaf, int half_kind) noexcept nogil:
     """leaf[0..nr) = the leaves of rows r0..r0+nr (nr <= ROWS_PER_BLOCK)."""
     cdef const floating* x_rows[ROWS_PER_BLOCK]
     cdef const floating* next_rows[ROWS_PER_BLOCK]
@@ -228,14 +239,15 @@ cdef void _route_block(const floating[:, ::1] x, const floating* node_w,
         x_rows[j] = &x[r0 + j, 0]
     for j in range(n_next):  # the next block: rows from DRAM, the first touch of each
         next_rows[j] = &x[r0 + nr + j, 0]
-    _route_rows(nr, depth, <int>x.shape[1], x_rows, node_w, node_b, leaf, next_rows, n_next)
+    _route_rows(nr, depth, <int>x.shape[1], x_rows, node_w, node_b, leaf, next_rows, n_next,
+                half_kind)
 
 
-cdef void _leaf_block(const floating[:, ::1] x, const floating[:, :, ::1] w1t,
-                      const floating[:, ::1] b1, const floating[:, :, ::1] w2,
-                      const floating[:, ::1] b2, int act, floating[:, ::1] y,
+cdef void _leaf_block(const floating[:, ::1] x, const weight_t[:, :, ::1] w1t,
+                      const weight_t[:, ::1] b1, const weight_t[:, :, ::1] w2,
+                      const weight_t[:, ::1] b2, int act, floating[:, ::1] y,
                       const Py_ssize_t* order, const Py_ssize_t* leaf, Py_ssize_t i,
-                      Py_ssize_t n_rows) noexcept nogil:
+                      Py_ssize_t n_rows, int half_kind) noexcept nogil:
     """The rows order[i], order[i+1], ... (up to ROWS_PER_BLOCK, while they share a leaf)
     evaluate their leaf together."""
     cdef const floating* x_rows[ROWS_PER_BLOCK]
@@ -254,7 +266,7 @@ cdef void _leaf_block(const floating[:, ::1] x, const floating[:, :, ::1] w1t,
         next_rows[n_next] = &x[order[i + nr + n_next], 0]
         n_next = n_next + 1
     _leaf_rows(nr, <int>x.shape[1], <int>w1t.shape[1], <int>y.shape[1], x_rows, &w1t[l, 0, 0],
-               &b1[l, 0], &w2[l, 0, 0], &b2[l, 0], act, y_rows, next_rows, n_next)
+               &b1[l, 0], &w2[l, 0, 0], &b2[l, 0], act, y_rows, next_rows, n_next, half_kind)
 
 
 def fff_infer(const floating[:, ::1] x, const floating[:, ::1] node_w,
@@ -270,6 +282,25 @@ def fff_infer(const floating[:, ::1] x, const floating[:, ::1] node_w,
     one leaf, so each leaf weight loaded serves several rows; smaller batches evaluate each
     row's leaf as they go. Every row's arithmetic is the same either way.
     """
+    _fff_infer(x, node_w, node_b, w1t, b1, w2, b2, depth, act, y, 0, n_threads)
+
+
+def fff_infer_half(const float[:, ::1] x, const half_bits[:, ::1] node_w,
+                   const half_bits[::1] node_b, const half_bits[:, :, ::1] w1t,
+                   const half_bits[:, ::1] b1, const half_bits[:, :, ::1] w2,
+                   const half_bits[:, ::1] b2, int depth, int act, float[:, ::1] y,
+                   int half_kind, int n_threads):
+    """fff_infer with half-precision weights (bfloat16 bits for half_kind 1, float16 for 2,
+    viewed as uint16); x and y are float32 and every dot and sum accumulates in float32."""
+    _require(half_kind == 1 or half_kind == 2, "half_kind must be 1 (bfloat16) or 2 (float16)")
+    _fff_infer(x, node_w, node_b, w1t, b1, w2, b2, depth, act, y, half_kind, n_threads)
+
+
+cdef _fff_infer(const floating[:, ::1] x, const weight_t[:, ::1] node_w,
+                const weight_t[::1] node_b, const weight_t[:, :, ::1] w1t,
+                const weight_t[:, ::1] b1, const weight_t[:, :, ::1] w2,
+                const weight_t[:, ::1] b2, int depth, int act, floating[:, ::1] y,
+                int half_kind, int n_threads):
     cdef Py_ssize_t n_rows = x.shape[0], n_leaves = w1t.shape[0], r, k, l, b, n_blocks
     cdef int leaf_w = <int>w1t.shape[1], out_w = <int>y.shape[1]
     _check_act(act)
@@ -280,14 +311,14 @@ def fff_infer(const floating[:, ::1] x, const floating[:, ::1] node_w,
     _check_threads(n_threads)
     cdef int team = _team(n_threads, n_rows,
                           <double>depth * x.shape[1] + <double>leaf_w * (x.shape[1] + out_w))
-    cdef const floating* nw = &node_w[0, 0] if depth > 0 else NULL
-    cdef const floating* nb = &node_b[0] if depth > 0 else NULL
+    cdef const weight_t* nw = &node_w[0, 0] if depth > 0 else NULL
+    cdef const weight_t* nb = &node_b[0] if depth > 0 else NULL
     cdef Py_ssize_t n_row_blocks = (n_rows + ROWS_PER_BLOCK - 1) // ROWS_PER_BLOCK
     if n_rows < 2 * n_leaves:
         with nogil:
             for b in prange(n_row_blocks, schedule="dynamic", chunksize=4, num_threads=team):
                 _infer_rows(x, nw, nb, w1t, b1, w2, b2, depth, act, y, b * ROWS_PER_BLOCK,
-                            <int>min(ROWS_PER_BLOCK, n_rows - b * ROWS_PER_BLOCK))
+                            <int>min(ROWS_PER_BLOCK, n_rows - b * ROWS_PER_BLOCK), half_kind)
         return None
     leaf_arr = np.empty(n_rows, dtype=np.intp)
     order_arr = np.empty(n_rows, dtype=np.intp)
@@ -301,7 +332,7 @@ def fff_infer(const floating[:, ::1] x, const floating[:, ::1] node_w,
         for b in prange(n_row_blocks, schedule="dynamic", chunksize=4, num_threads=team):
             _route_block(x, nw, nb, depth, b * ROWS_PER_BLOCK,
                          <int>min(ROWS_PER_BLOCK, n_rows - b * ROWS_PER_BLOCK),
-                         &leaf[b * ROWS_PER_BLOCK])
+                         &leaf[b * ROWS_PER_BLOCK], half_kind)
         # counting sort by leaf; blocks of up to ROWS_PER_BLOCK rows that share a leaf
         for r in range(n_rows):
             offsets[leaf[r] + 1] += 1
@@ -318,7 +349,8 @@ def fff_infer(const floating[:, ::1] x, const floating[:, ::1] node_w,
             offsets[leaf[r]] += 1
         # chunks of blocks: a block prefetches the next one's rows, best done by the same thread
         for b in prange(n_blocks, schedule="dynamic", chunksize=16, num_threads=team):
-            _leaf_block(x, w1t, b1, w2, b2, act, y, &order[0], &leaf[0], block_start[b], n_rows)
+            _leaf_block(x, w1t, b1, w2, b2, act, y, &order[0], &leaf[0], block_start[b], n_rows,
+                        half_kind)
     return None
 
 

@@ -99,11 +99,14 @@ def ultra_forward(
     )
 
 
-def ultra_forward_half(x, w_in, b_in, w_out_t, depth, n_trees, act, y, half_kind, n_threads=None):
+def _no_half_kernels(*args):
     raise TypeError(
         "half-precision (bfloat16/float16) weights run on the CPU only so far; keep the layer "
         "on 'cpu' or convert it with layer.astype(numpy.float32) before .to('cuda')"
     )
+
+
+ultra_forward_half = fff_infer_half = _no_half_kernels
 
 
 def ultra_backward(
