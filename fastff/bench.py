@@ -208,8 +208,14 @@ def make_ultra(
     from .layers import UltraFFF
 
     def make(storage=dtype):
+        from ._validation import available_memory_bytes
+
+        storage = np.dtype(storage)
+        if storage != np.dtype(dtype) and train:
+            raise ValueError(f"{storage.name} layers are for inference")
         rng = np.random.default_rng(0)
-        layer = UltraFFF(in_w, out_w, depth, parallel_size, activation, dtype=dtype, seed=0)
+        # built in its storage type: the float32 layer's draws, rounded (as .astype gives)
+        layer = UltraFFF(in_w, out_w, depth, parallel_size, activation, dtype=storage, seed=0)
         width = layer.training_width
         x = rng.standard_normal((batch, in_w)).astype(dtype)
         info: dict[str, float] = {
@@ -217,15 +223,13 @@ def make_ultra(
             "neurons_per_row": layer.neurons_per_inference,
         }
         if device == "cpu" and not train:
-            itemsize = np.dtype(storage).itemsize
-            info["weights_read_mb"] = _distinct_weight_bytes(layer, x, itemsize) / 1e6
-        if np.dtype(storage) != np.dtype(dtype):
-            if train:
-                raise ValueError(f"{np.dtype(storage).name} layers are for inference")
-            peers: dict = {FLOAT32_PEER: lambda layer=layer: layer(x)}
-            layer = layer.astype(storage)  # the float32 layer's weights, rounded
-        else:
-            peers = {}
+            info["weights_read_mb"] = _distinct_weight_bytes(layer, x) / 1e6
+        peers: dict = {}
+        full_bytes = layer.n_parameters() * np.dtype(dtype).itemsize
+        if storage != np.dtype(dtype) and full_bytes < available_memory_bytes() / 3:
+            # the float32 layer it was rounded from, timed in the same run where it fits
+            full = UltraFFF(in_w, out_w, depth, parallel_size, activation, dtype=dtype, seed=0)
+            peers[FLOAT32_PEER] = lambda: full(x)
         if width > MAX_DENSE_WIDTH and device == "cpu" and not train:
 
             def fff():
@@ -258,13 +262,12 @@ def make_ultra(
     return make
 
 
-def _distinct_weight_bytes(layer, x, itemsize) -> int:
-    """Bytes of the distinct nodes' weights (input and output rows, `itemsize` bytes a value)
-    that one inference of x reads: for a tree that does not fit in cache, about what the batch
-    fetches from DRAM."""
+def _distinct_weight_bytes(layer, x) -> int:
+    """Bytes of the distinct nodes' weights (input and output rows) that one inference of x
+    reads: for a tree that does not fit in cache, about what the batch fetches from DRAM."""
     _, _, _, visited, _ = layer._forward(x, save_path=True)
     distinct = np.unique(visited).size
-    return distinct * (layer.input_width + layer.output_width) * itemsize
+    return distinct * (layer.input_width + layer.output_width) * layer.dtype.itemsize
 
 
 def make_fff(in_w, leaf_w, out_w, depth, batch, *, activation="relu", dtype=np.float32):

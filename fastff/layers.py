@@ -214,12 +214,6 @@ class UltraFFF(Module):
     def _forward(self, x, save_path):
         # plain attributes, not the public properties: a batch-1 call is a few microseconds
         ops, dtype, depth, n_trees = self.ops, self.compute_dtype, self._depth, self._parallel_size
-        if save_path and dtype != self.dtype:
-            raise TypeError(
-                f"forward_train of a {self.dtype.name} UltraFFF: half-precision layers are for "
-                "inference; train in float32 and convert with layer.astype"
-                f"({self.dtype.name!r})"
-            )
         rows, lead = as_rows(x, self._input_width, dtype, ops.xp)
         # y, and for training each row's visited nodes (intp) and pre-activations
         row_bytes = self._output_width * dtype.itemsize
@@ -252,6 +246,11 @@ class UltraFFF(Module):
     def forward_train(self, x):
         """Training forward: returns (y, backprop). Keeps each row's visited nodes and
         pre-activations, B * T * (depth+1) numbers, for the O(depth) backward."""
+        if self.compute_dtype != self.dtype:
+            raise TypeError(
+                f"forward_train of a {self.dtype.name} UltraFFF: half-precision layers are for "
+                f"inference; train in float32 and convert with layer.astype({self.dtype.name!r})"
+            )
         rows, lead, y, visited, preact = self._forward(x, save_path=True)
         rows = keep_for_backward(rows, x)
         version, device, out_shape = self._version, self.device, lead + (self.output_width,)

@@ -63,13 +63,13 @@ class Ops:
             visited, preact = self._no_path(x.dtype)
         weights = (p["w_in"], p["b_in"], p["w_out_t"])
         act_code = ACTIVATIONS[act]
+        outputs = (y, visited, preact, save_path)
         half_kind = HALF_KINDS.get(weights[0].dtype.name)
         if half_kind is not None:  # 16-bit storage: the kernels take the bits and the format
             bits = [w.view(np.uint16) for w in weights]
-            args = (x, *bits, depth, n_trees, act_code, y, half_kind, n_threads)
+            args = (x, *bits, depth, n_trees, act_code, *outputs, half_kind, n_threads)
             self._run(self.cmm.ultra_forward_half, *args)
             return y, visited, preact
-        outputs = (y, visited, preact, save_path)
         self._run(
             self.cmm.ultra_forward, x, *weights, depth, n_trees, act_code, *outputs, n_threads
         )

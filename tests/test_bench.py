@@ -24,9 +24,9 @@ def test_bench_runs_a_small_config_and_writes_json(tmp_path):
 def test_distinct_weights_count_each_shared_node_once():
     layer = UltraFFF(8, 5, 3, 2, "gelu", seed=0)
     row = np.random.default_rng(0).standard_normal((1, 8)).astype(np.float32)
-    one = bench._distinct_weight_bytes(layer, row, 4)
+    one = bench._distinct_weight_bytes(layer, row)
     assert one == 2 * 4 * (8 + 5) * 4  # 2 trees x 4 levels, float32
-    assert bench._distinct_weight_bytes(layer, np.repeat(row, 3, axis=0), 4) == one
+    assert bench._distinct_weight_bytes(layer, np.repeat(row, 3, axis=0)) == one
 
 
 def test_unknown_config_is_refused():

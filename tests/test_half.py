@@ -237,3 +237,16 @@ def test_reference_safetensors_reads_bf16_with_the_anchor_keys(tmp_path):
         np.testing.assert_array_equal(
             tensors[k].view(torch.int16).numpy().view(np.uint16), v.view(np.uint16)
         )
+
+
+@pytest.mark.parametrize("half", HALVES, ids=IDS)
+def test_built_in_half_equals_the_float32_layer_rounded(half):
+    """A layer built in half precision draws what the float32 layer draws, rounded: the bench
+    builds deep half trees directly, without a float32 copy twice their size."""
+    for make in (
+        lambda dt: fastff.UltraFFF(33, 17, 5, 2, seed=7, dtype=dt),
+        lambda dt: fastff.FFF(33, 4, 17, 3, seed=7, dtype=dt),
+    ):
+        direct, rounded = make(half).state_dict(), make(np.float32).astype(half).state_dict()
+        for k, v in rounded.items():
+            np.testing.assert_array_equal(direct[k].view(np.uint16), v.view(np.uint16))

@@ -192,14 +192,13 @@ def ultra_forward(const floating[:, ::1] x, const floating[:, :] w_in, const flo
 
 def ultra_forward_half(const float[:, ::1] x, const half_bits[:, :] w_in,
                        const half_bits[::1] b_in, const half_bits[:, :] w_out_t, int depth,
-                       int n_trees, int act, float[:, ::1] y, int half_kind, int n_threads):
-    """ultra_forward (inference) with half-precision weights: w_in, b_in and w_out_t hold
-    bfloat16 (half_kind 1) or float16 (2) bits, viewed as uint16; x and y are float32 and every
+                       int n_trees, int act, float[:, ::1] y, Py_ssize_t[:, ::1] visited,
+                       float[:, ::1] preact, bint save_path, int half_kind, int n_threads):
+    """ultra_forward with half-precision weights: w_in, b_in and w_out_t hold bfloat16
+    (half_kind 1) or float16 (2) bits, viewed as uint16; x, y and preact are float32 and every
     dot and sum accumulates in float32."""
     _require(half_kind == 1 or half_kind == 2, "half_kind must be 1 (bfloat16) or 2 (float16)")
-    cdef Py_ssize_t[:, ::1] no_visits = np.empty((0, 0), dtype=np.intp)
-    cdef float[:, ::1] no_preact = np.empty((0, 0), dtype=np.float32)
-    _ultra_forward(x, w_in, b_in, w_out_t, depth, n_trees, act, y, no_visits, no_preact, False,
+    _ultra_forward(x, w_in, b_in, w_out_t, depth, n_trees, act, y, visited, preact, save_path,
                    half_kind, n_threads)
 
 
