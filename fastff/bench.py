@@ -492,29 +492,39 @@ def plot(results: list[dict], path: str) -> None:
         import matplotlib.pyplot as plt
     except ImportError as exc:
         raise SystemExit("--plot needs matplotlib: pip install fastff[plot]") from exc
-    series = sorted((r for r in results if "depth" in r), key=lambda r: r["depth"])
-    if not series:
+    with_depth = [r for r in results if "depth" in r]
+    if not with_depth:
         raise SystemExit("--plot draws the `scaling` configuration; include it in the run")
-    depths = [r["depth"] for r in series]
     fig, (ax_time, ax_speed) = plt.subplots(1, 2, figsize=(10, 4))
-    ax_time.plot(depths, [r["fastff_s"] * 1e3 for r in series], "o-", label="fastff UltraFFF")
-    dense = [(r["depth"], r["dense_s"] * 1e3) for r in series if r["dense_s"]]
+    dtypes = sorted({r.get("dtype", "float32") for r in with_depth}, key=lambda d: d != "float32")
+    for dtype in dtypes:  # one line per weight storage type, float32 first
+        series = sorted(
+            (r for r in with_depth if r.get("dtype", "float32") == dtype), key=lambda r: r["depth"]
+        )
+        depths = [r["depth"] for r in series]
+        label = f"fastff UltraFFF, {dtype} weights"
+        ax_time.plot(depths, [r["fastff_s"] * 1e3 for r in series], "o-", label=label)
+        speed = [(r["depth"], r["speedup"]) for r in series if r["speedup"]]
+        ax_speed.plot([d for d, _ in speed], [v for _, v in speed], "o-", label=label)
+    dense = sorted({(r["depth"], r["dense_s"] * 1e3) for r in with_depth if r["dense_s"]})
     ax_time.plot([d for d, _ in dense], [t for _, t in dense], "s--", label="dense FF (BLAS)")
     ax_time.set(
         yscale="log",
         xlabel="depth",
         ylabel="ms per batch of 4096",
-        title="time vs depth (768->768, float32)",
+        title="time vs depth (768->768; inputs float32)",
     )
     ax_time.legend()
-    speed = [(r["depth"], r["speedup"]) for r in series if r["speedup"]]
-    ax_speed.plot([d for d, _ in speed], [v for _, v in speed], "o-")
     ax_speed.set(
-        yscale="log", xlabel="depth", ylabel="speedup over dense FF", title="speedup vs depth"
+        yscale="log",
+        xlabel="depth",
+        ylabel="speedup over float32 dense FF",
+        title="speedup vs depth",
     )
+    ax_speed.legend()
     for ax in (ax_time, ax_speed):
         ax.grid(True, which="both", alpha=0.3)
-    fig.suptitle(f"fastff, {series[0]['threads']} threads")
+    fig.suptitle(f"fastff, {with_depth[0]['threads']} threads")
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=120)
@@ -533,10 +543,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument(
         "--dtype",
+        nargs="+",
         choices=["float32", "bfloat16", "float16"],
-        default="float32",
-        help="fastff's weight storage (the float32 layer's weights rounded); inputs and the "
-        "dense baseline stay float32 (default float32)",
+        default=["float32"],
+        help="fastff's weight storage, one or several (each a pass over the configs; the "
+        "float32 layer's weights rounded); inputs and the dense baseline stay float32",
     )
     parser.add_argument(
         "--json",
@@ -603,18 +614,16 @@ def main(args: argparse.Namespace) -> int:
     configs = args.configs or (["gpu-ufb"] if args.device == "cuda" else DEFAULT_CPU)
     configs, pipeline = _split_pipeline(configs)
     try:
-        results = (
-            run(
+        results = []
+        for dtype in args.dtype if configs else ():
+            results += run(
                 configs,
                 threads=args.threads,
                 repeat=args.repeat,
                 device=args.device,
                 json_path=None,
-                dtype=args.dtype,
+                dtype=dtype,
             )
-            if configs
-            else []
-        )
         if pipeline:
             results += bench_pipeline.run(pipeline, threads=args.threads, repeat=args.repeat)
         if args.json_path:
