@@ -111,6 +111,14 @@ cdef inline int _tiled_dots(int nr, int n_units, int in_w, const floating** x_ro
     j < n_units, in _TILE x _TILE register-blocked tiles; tile call k fetches next_rows[k] (for
     k < n_next) meanwhile. Returns the number of tile calls."""
     cdef int r0 = 0, j, n_calls = 0
+    if weight_t is half_bits:  # every row per call: each widened weight vector serves them all
+        j = 0
+        while j < n_units:
+            _dot_block_w(nr, min(2, n_units - j), in_w, x_rows, w + <Py_ssize_t>j * in_w, in_w,
+                         &out[j], out_stride, NULL, half_kind)
+            n_calls = n_calls + 1
+            j = j + 2
+        return n_calls
     while r0 < nr:
         j = 0
         while j < n_units:
