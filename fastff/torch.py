@@ -16,8 +16,8 @@
   ``forward`` and ``eval_forward``. Deviations from the package, all documented on the class:
   ``eval_forward`` keeps the reached leaf's ``b2s`` (as fastff.FFF's inference and the
   package's own training forward do; the package's eval leaves it out); hardened training
-  draws its region-leak and dropout masks for the visited path only; ``node_usage`` counts
-  the rows that reach a node.
+  draws its region-leak and dropout masks for the visited path only; the usage counters count
+  the rows that reach a node or leaf, as fastff.FFF's do.
 
 Activations: the names "relu", "gelu", "identity", or torch's ``ReLU``, exact ``GELU`` and
 ``Identity`` (class or instance), the only ones with kernels.
@@ -70,6 +70,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 from fastff._threads import effective_n_threads
 from fastff._validation import (
@@ -85,6 +86,7 @@ from fastff._validation import (
 from fastff.backends import get_ops
 from fastff.layers import USAGE_MODES, usage_increments
 from fastff.ops import ACTIVATIONS
+from fastff.reference import ENTROPY_EPS
 
 __all__ = ["UltraFFF", "FFF"]
 
@@ -95,7 +97,6 @@ _NUMPY_DTYPES: dict[Any, np.dtype] = {
     torch.float64: np.dtype(np.float64),
 }
 _WIDENED = (torch.float16, torch.bfloat16)  # NumPy cannot view them: cast in torch
-_ENTROPY_EPS = 1e-6  # the package's compute_entropy_safe clamp
 
 
 # ---- shared plumbing -------------------------------------------------------------------------
@@ -251,7 +252,8 @@ class _UltraCall:
                 save_path,
                 _n_threads(),
             )
-        return self.place.tensor(y).reshape(lead + (y.shape[1],)), rows, visited, preact
+            y_t = self.place.tensor(y).reshape(lead + (y.shape[1],))
+        return y_t, rows, visited, preact
 
 
 class _UltraFunction(torch.autograd.Function):
@@ -265,6 +267,7 @@ class _UltraFunction(torch.autograd.Function):
         return y
 
     @staticmethod
+    @once_differentiable  # the kernels' backward is not itself differentiable
     def backward(ctx, dy):
         x, *params = ctx.saved_tensors
         call: _UltraCall = ctx.call
@@ -282,7 +285,8 @@ class _UltraFunction(torch.autograd.Function):
                 call.act,
                 _n_threads(),
             )
-        return (_dx(place, dx, x) if ctx.needs_input_grad[0] else None, *grads, None)
+            dx_t = _dx(place, dx, x) if ctx.needs_input_grad[0] else None
+        return (dx_t, *grads, None)
 
 
 @torch.compiler.disable
@@ -403,7 +407,8 @@ class _FFFCall:
                     )
                 else:
                     y, self.saved = ops.fff_soft_forward(rows, p, self.act, n_threads, swap, drop)
-        return place.tensor(y).reshape(lead + (y.shape[1],)), rows
+            y_t = place.tensor(y).reshape(lead + (y.shape[1],))
+        return y_t, rows
 
 
 class _FFFFunction(torch.autograd.Function):
@@ -419,6 +424,7 @@ class _FFFFunction(torch.autograd.Function):
         return y
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dy):
         x, *params = ctx.saved_tensors
         call: _FFFCall = ctx.call
@@ -437,7 +443,8 @@ class _FFFFunction(torch.autograd.Function):
                 call.params(grads),
                 _n_threads(),
             )
-        return (_dx(place, dx, x) if ctx.needs_input_grad[0] else None, *grads, None)
+            dx_t = _dx(place, dx, x) if ctx.needs_input_grad[0] else None
+        return (dx_t, *grads, None)
 
 
 @torch.compiler.disable
@@ -484,10 +491,12 @@ class FFF(nn.Module):
     two agree when ``b2s`` is zero). Under autograd ``eval_forward`` runs the hardened training
     kernels, whose path differs only where a logit is exactly 0.
 
-    Usage counters (``usage_mode`` "soft" or "hard"), added to by ``training_forward``:
-    ``leaf_usage`` as the package counts it; ``node_usage`` counts the rows that reach each node
-    (soft: their reach probability), where the package adds, below the root, its parent's
-    decision weight over every row (fastff.FFF's documented deviation).
+    Usage counters (``usage_mode`` "soft" or "hard"), added to by ``training_forward``, count
+    as fastff.FFF's do: "soft" sums each row's probability of reaching a node or leaf
+    (``leaf_usage`` is then the package's), "hard" and hardened training count the rows whose
+    rounded path reaches it. The package differs below the root, where it adds the parent's
+    decision weight summed over every row, and in "hard" mode during soft training, where it
+    rounds each leaf's mixture weight (a row whose weights are all below 1/2 counts nowhere).
     """
 
     def __init__(
@@ -609,8 +618,8 @@ class FFF(nn.Module):
         rows = x.reshape(-1, self.input_width).to(self.node_weights.dtype)
         z = torch.addmm(self.node_biases.reshape(1, -1), rows, self.node_weights.t())
         s = torch.sigmoid(z)  # the entropy is symmetric: region-leak swaps do not change it
-        p = s.clamp(_ENTROPY_EPS, 1 - _ENTROPY_EPS)
-        m = (1 - s).clamp(_ENTROPY_EPS, 1 - _ENTROPY_EPS)
+        p = s.clamp(ENTROPY_EPS, 1 - ENTROPY_EPS)  # the package's compute_entropy_safe
+        m = (1 - s).clamp(ENTROPY_EPS, 1 - ENTROPY_EPS)
         return (-p * torch.log(p) - m * torch.log(m)).mean(dim=0)
 
     # ---- forwards ---------------------------------------------------------------------------
@@ -625,12 +634,13 @@ class FFF(nn.Module):
         masks = self._masks(hardened, w.dtype, w.device)
         y, call = _fff(self, x, "hard" if hardened else "soft", masks)
         if self.usage_mode != "none" and call.saved is not None:
-            node, leaf = usage_increments(
-                call.saved, hardened, self.usage_mode, self.n_nodes, self.n_leaves, call.place.xp
-            )
-            with torch.no_grad():
-                self.node_usage.add_(call.place.tensor(node).to(self.node_usage))
-                self.leaf_usage.add_(call.place.tensor(leaf).to(self.leaf_usage))
+            place = call.place
+            with place.scope(), torch.no_grad():
+                node, leaf = usage_increments(
+                    call.saved, hardened, self.usage_mode, self.n_nodes, self.n_leaves, place.xp
+                )
+                self.node_usage.add_(place.tensor(node).to(self.node_usage))
+                self.leaf_usage.add_(place.tensor(leaf).to(self.leaf_usage))
         call.saved = None
         if return_entropies:
             return y, self._entropies(_input(x, w.dtype))

@@ -4,6 +4,8 @@ float64, input errors as the NumPy layers', zero-copy, threads and torch.compile
 without torch; the package comparisons skip without fastfeedforward, the CUDA ones without a
 GPU."""
 
+import json
+import pathlib
 import subprocess
 import sys
 
@@ -480,6 +482,34 @@ def test_torch_compile_breaks_the_graph_at_fastff():
     captured = [" ".join(str(t) for t in graph) for graph in graphs]
     assert len(captured) == 3
     assert "linear" in captured[0] and "relu" in captured[1] and "mul" in captured[2]
+
+
+def test_double_backward_is_refused():
+    module = ft.UltraFFF(4, 3, 2, dtype=torch.float64)
+    x = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
+    (dx,) = torch.autograd.grad((module(x) ** 2).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable"):  # not a silent zero
+        dx.sum().backward()
+
+
+def test_encoder_benchmark_runs(tmp_path):
+    """benchmarks/encoder.py at a toy size: the table's rows and the split add up."""
+    out = tmp_path / "encoder.json"
+    args = "--layers 2 --hidden 16 --heads 2 --intermediate 32 --depth 3 --seq 4 --repeat 1"
+    subprocess.run(
+        [sys.executable, "benchmarks/encoder.py", *args.split(), "--json", str(out)],
+        check=True,
+        capture_output=True,
+        cwd=pathlib.Path(__file__).parent.parent,
+        timeout=300,
+    )
+    results = json.loads(out.read_text())["results"]
+    assert [row["batch"] for row in results] == [1, 8]
+    for row in results:
+        for kind in ("dense", "fff"):
+            t = row[kind]
+            assert 0 < t["attention_s"] + t["ff_s"] <= t["total_s"]
+        assert row["ff_speedup"] == row["dense"]["ff_s"] / row["fff"]["ff_s"]
 
 
 def test_import_fastff_needs_no_torch():
