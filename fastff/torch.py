@@ -4,10 +4,10 @@
 
 - ``UltraFFF(input_width, output_width, depth, parallel_size=1, activation=torch.nn.GELU)``:
   UltraFastBERT's intermediate FFF. Its state dict is UltraFastBERT's, ``linear_in.weight``
-  (T*n, in), ``linear_in.bias`` (T*n,), ``linear_out.weight`` (out, T*n) with n = 2**(depth+1)
-  - 1, and it computes what UltraFastBERT's masked dense module computes (DESIGN.md section 1):
-  the hard path forward and the hard-path backward (the decisions are not differentiated), at
-  O(depth) per row instead of O(2**depth).
+  (T*n, in), ``linear_in.bias`` (T*n,), ``linear_out.weight`` (out, T*n) with
+  n = 2**(depth+1) - 1, and it computes what UltraFastBERT's masked dense module computes
+  (DESIGN.md section 1): the hard path forward and the hard-path backward (the decisions are
+  not differentiated), at O(depth) per row instead of O(2**depth).
 - ``FFF(input_width, leaf_width, output_width, depth, activation=torch.nn.ReLU(), dropout=0.0,
   train_hardened=False, region_leak=0.0, usage_mode="none")``: the ``fastfeedforward``
   package's ``FFF``, with its state dict (``depth``, ``node_weights``, ``node_biases``,
@@ -50,9 +50,9 @@ Threads: the kernels take fastff's thread count (``fastff.num_threads`` scope, e
 capped at ``torch.get_num_threads()``, so that neither budget is exceeded: a model set to
 ``torch.set_num_threads(1)`` runs fastff on one thread too. fastff's kernels and torch's CPU
 ops share one OpenMP runtime in the process (torch's libgomp and the system's have the same
-soname, and whichever loads first serves both), so the two run one after the other on one
-team of threads rather than on two pools. Soft FFF training's GEMMs are NumPy's (its BLAS
-threads, which threadpoolctl sets).
+soname, and whichever loads first serves both; checked on Linux with torch's wheels), so the
+two run one after the other on one team of threads rather than on two pools. Soft FFF
+training's GEMMs are NumPy's (its BLAS threads, which threadpoolctl sets).
 
 torch.compile: the kernel calls are wrapped in ``torch.compiler.disable``: a compiled model
 runs the rest of its graph compiled and breaks the graph at each FFF layer, which runs eagerly
