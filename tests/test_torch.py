@@ -456,6 +456,22 @@ class _Model(torch.nn.Module):
         return self.fff(torch.relu(self.ultra(self.linear(x)))) * 2
 
 
+def test_one_openmp_runtime_serves_torch_and_fastff():
+    """The docstring's claim: torch's libgomp and the one fastff links share a soname, so the
+    process maps one of them, whichever loaded first (here both are loaded by now)."""
+    torch.ones(64, 64) @ torch.ones(64, 64)  # torch's parallel runtime in use
+    ft.UltraFFF(4, 3, 2)(torch.ones(300, 4))  # and fastff's
+    try:
+        with open("/proc/self/maps") as f:
+            maps = f.read()
+    except OSError:
+        pytest.skip("no /proc/self/maps")
+    paths = {line.split()[-1] for line in maps.splitlines() if "libgomp" in line}
+    if not paths:
+        pytest.skip("neither torch nor fastff uses libgomp here")
+    assert len(paths) == 1, paths
+
+
 def test_torch_compile_breaks_the_graph_at_fastff():
     torch.manual_seed(4)
     model = _Model()
