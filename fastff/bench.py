@@ -124,9 +124,12 @@ FLOAT32_PEER = "fastff-float32"
 PEERS = {
     "torch": "PyTorch's dense FF on the same weights (its CPU BLAS, same thread count)",
     "fastfeedforward": "the fastfeedforward package's FFF, hard inference (router-leaf only)",
+    "fastff.torch": "fastff.torch.FFF on the same weights: fastff's kernels inside a torch module",
     FLOAT32_PEER: "fastff with float32 weights, the layer the half-precision one was rounded "
     "from (with --dtype bfloat16/float16)",
 }
+# What a peer needs installed, where that is not the peer's own name.
+_PEER_NEEDS = {"fastff.torch": "torch"}
 
 
 def installed_peers() -> list[str]:
@@ -135,7 +138,8 @@ def installed_peers() -> list[str]:
     return [
         name
         for name in PEERS
-        if name != FLOAT32_PEER and importlib.util.find_spec(name) is not None
+        if name != FLOAT32_PEER
+        and importlib.util.find_spec(_PEER_NEEDS.get(name, name)) is not None
     ]
 
 
@@ -179,6 +183,39 @@ def _package_fff(in_w, leaf_w, out_w, depth, x, activation):
 
     torch.manual_seed(0)
     module = fastfeedforward.FFF(in_w, leaf_w, out_w, depth).eval()
+    tx = torch.from_numpy(x)
+
+    def forward():
+        with torch.no_grad():
+            return module(tx)
+
+    return forward
+
+
+def _fastff_torch_fff(layer, x):
+    """fastff.torch.FFF holding `layer`'s weights, hard inference under torch.no_grad (the
+    eval forward a PyTorch model runs). None without torch."""
+    if "fastff.torch" not in installed_peers():
+        return None
+    import torch
+
+    import fastff.torch
+
+    from .interop import to_torch_state_dict
+
+    dtype = {np.float32: torch.float32, np.float64: torch.float64}.get(layer.dtype.type)
+    if dtype is None:
+        return None
+    module = fastff.torch.FFF(
+        layer.input_width,
+        layer.leaf_width,
+        layer.output_width,
+        layer.depth,
+        layer.activation,
+        dtype=dtype,
+    )
+    module.load_state_dict(to_torch_state_dict(layer))
+    module.eval()
     tx = torch.from_numpy(x)
 
     def forward():
@@ -280,6 +317,7 @@ def make_fff(in_w, leaf_w, out_w, depth, batch, *, activation="relu", dtype=np.f
         width = layer.training_width
         x = rng.standard_normal((batch, in_w)).astype(dtype)
         w1, b1, w2 = _dense_ff(rng, in_w, width, out_w, dtype)
+        torch_fff = _fastff_torch_fff(layer, x)  # float32, as a PyTorch model holds it
         float32_peer = {}
         if np.dtype(storage) != np.dtype(dtype):
             float32_peer = {FLOAT32_PEER: lambda layer=layer: layer(x)}
@@ -294,6 +332,7 @@ def make_fff(in_w, leaf_w, out_w, depth, batch, *, activation="relu", dtype=np.f
         peers = {
             "torch": _torch_dense(x, w1, b1, w2, activation),
             "fastfeedforward": _package_fff(in_w, leaf_w, out_w, depth, x, activation),
+            "fastff.torch": torch_fff,
             **float32_peer,
         }
         info = {"dense_width": width, "neurons_per_row": leaf_w + depth}
@@ -440,6 +479,10 @@ def run(
                 f"{case.name:<16}{case.kind:<22}{dense_text}{f_med * 1e3:>12.3f}{ratio_text}"
                 f"{rows / f_med:>12.3g}{ns_per_node:>10.1f}{read_text}{peer_text}"
             )
+            if "fastfeedforward" in peers and "fastff.torch" in peers:  # PyTorch vs PyTorch
+                ratio_torch = peers["fastfeedforward"]["s"] / peers["fastff.torch"]["s"]
+                peers["fastff.torch"]["fastfeedforward_speedup"] = ratio_torch
+                out(f"{'':<16}fastff.torch.FFF is {ratio_torch:.1f}x fastfeedforward.FFF")
             results.append(
                 {
                     "config": case.name,

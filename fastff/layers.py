@@ -452,22 +452,11 @@ class FFF(Module):
     def _track_usage(self, saved, hardened: bool) -> None:
         if self.usage_mode == "none":
             return
-        xp = self.ops.xp
-        if hardened:  # rounded decisions: "soft" and "hard" both count visits
-            self.node_usage += xp.bincount(saved["path"].reshape(-1), minlength=self.n_nodes)
-            self.leaf_usage += xp.bincount(saved["leaf"], minlength=self.n_leaves)
-        elif self.usage_mode == "soft":
-            reach = saved["reach"]
-            self.node_usage += reach[:, : self.n_nodes].sum(axis=0, dtype=np.float64)
-            self.leaf_usage += reach[:, self.n_nodes :].sum(axis=0, dtype=np.float64)
-        else:  # the rounded path of each row (right iff q > 1/2), though training is soft
-            q = saved["q"]
-            rows = xp.arange(q.shape[0])
-            node = xp.zeros(q.shape[0], dtype=np.intp)
-            for _ in range(self.depth):
-                self.node_usage += xp.bincount(node, minlength=self.n_nodes)
-                node = 2 * node + 1 + (q[rows, node] > 0.5)
-            self.leaf_usage += xp.bincount(node - self.n_nodes, minlength=self.n_leaves)
+        node, leaf = usage_increments(
+            saved, hardened, self.usage_mode, self.n_nodes, self.n_leaves, self.ops.xp
+        )
+        self.node_usage += node
+        self.leaf_usage += leaf
 
     def to(self, device: str) -> FFF:
         ops = get_ops(device)
@@ -638,3 +627,24 @@ class FFF(Module):
             return dx.reshape(lead + (self.input_width,))
 
         return y.reshape(out_shape), backprop
+
+
+def usage_increments(saved, hardened: bool, usage_mode: str, n_nodes: int, n_leaves: int, xp):
+    """What one training forward adds to FFF's usage counters (see FFF): (node (n_nodes,), leaf
+    (n_leaves,)) from the forward's saved arrays. Shared with fastff.torch.FFF."""
+    if hardened:  # rounded decisions: "soft" and "hard" both count visits
+        node = xp.bincount(saved["path"].reshape(-1), minlength=n_nodes)
+        return node, xp.bincount(saved["leaf"], minlength=n_leaves)
+    if usage_mode == "soft":
+        reach = saved["reach"]
+        node = reach[:, :n_nodes].sum(axis=0, dtype=np.float64)
+        return node, reach[:, n_nodes:].sum(axis=0, dtype=np.float64)
+    # "hard": the rounded path of each row (right iff q > 1/2), though training is soft
+    q = saved["q"]
+    rows = xp.arange(q.shape[0])
+    at = xp.zeros(q.shape[0], dtype=np.intp)
+    node = xp.zeros(n_nodes, dtype=np.float64)
+    for _ in range(n_leaves.bit_length() - 1):  # depth levels
+        node += xp.bincount(at, minlength=n_nodes)
+        at = 2 * at + 1 + (q[rows, at] > 0.5)
+    return node, xp.bincount(at - n_nodes, minlength=n_leaves)

@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from fastff import UltraFFF, bench, reference
+from fastff import FFF, UltraFFF, bench, reference
 
 
 def test_bench_runs_a_small_config_and_writes_json(tmp_path):
@@ -85,13 +85,24 @@ def test_peers_appear_as_columns_when_installed():
     lines = []
     results = bench.run(["paper-mnist"], threads=1, repeat=1, out=lines.append)
     peers, fastff_s = results[0]["peers"], results[0]["fastff_s"]
-    assert set(peers) == {"torch", "fastfeedforward"}
+    assert set(peers) == {"torch", "fastfeedforward", "fastff.torch"}
     for peer in peers.values():
         assert peer["s"] > 0 and peer["fastff_speedup"] == peer["s"] / fastff_s
+    ratio = peers["fastfeedforward"]["s"] / peers["fastff.torch"]["s"]
+    assert peers["fastff.torch"]["fastfeedforward_speedup"] == ratio
     assert any("torch ms" in line and "fastfeedforward ms" in line for line in lines)
+    assert any("fastff.torch ms" in line for line in lines)
     assert torch.get_num_threads() == threads_before  # restored after the run
     y = bench._package_fff(20, 4, 3, 2, np.ones((5, 20), np.float32), "relu")()
     assert tuple(y.shape) == (5, 3)
+
+
+def test_fastff_torch_peer_is_the_same_layer():
+    pytest.importorskip("torch")
+    for dtype in (np.float32, np.float64):
+        layer = FFF(20, 4, 3, 2, "gelu", dtype=dtype, seed=0)
+        x = np.random.default_rng(0).standard_normal((5, 20)).astype(dtype)
+        np.testing.assert_array_equal(bench._fastff_torch_fff(layer, x)().numpy(), layer(x))
 
 
 @pytest.mark.parametrize("activation", ["relu", "gelu", "identity"])
