@@ -50,11 +50,20 @@ class Ops:
     # ---- neuron-tree FFF -------------------------------------------------------------------
     # p and g are the layer's internal parameter / gradient dicts: w_in (T*n, in), b_in (T*n,),
     # w_out_t (T*n, out); node g's input and output weights are rows w_in[g] and w_out_t[g].
-    def ultra_forward(self, x, p, depth, n_trees, act, save_path, n_threads):
+    def ultra_forward(self, x, p, depth, n_trees, act, save_path, n_threads, y=None):
         """x (B, in) -> y (B, out), visited (B, T*(depth+1)) node ids and preact (same shape)
-        pre-activations; the last two are (0, 0) unless save_path."""
+        pre-activations; the last two are (0, 0) unless save_path.
+
+        y given (a C-contiguous (B, out) array of x's dtype; float32 or float64 weights): the
+        walk adds into it and returns it. On the CPU each row's sum goes on from y's value in
+        path order, so a walk split in two calls (a tree's top levels, then the subtree below
+        the node they reach, given as a tree of its own) is bitwise one call's; the GPU adds
+        its walk's sum into y."""
         n_rows = x.shape[0]
-        y = self.xp.empty((n_rows, p["w_out_t"].shape[1]), dtype=x.dtype)
+        kernel = self.cmm.ultra_forward_add
+        if y is None:
+            kernel = self.cmm.ultra_forward
+            y = self.xp.empty((n_rows, p["w_out_t"].shape[1]), dtype=x.dtype)
         if save_path:
             path = n_trees * (depth + 1)
             visited = self.xp.empty((n_rows, path), dtype=np.intp)
@@ -66,13 +75,13 @@ class Ops:
         outputs = (y, visited, preact, save_path)
         half_kind = HALF_KINDS.get(weights[0].dtype.name)
         if half_kind is not None:  # 16-bit storage: the kernels take the bits and the format
+            if kernel is self.cmm.ultra_forward_add:
+                raise TypeError("ultra_forward adds into y with float32 or float64 weights only")
             bits = [w.view(np.uint16) for w in weights]
             args = (x, *bits, depth, n_trees, act_code, *outputs, half_kind, n_threads)
             self._run(self.cmm.ultra_forward_half, *args)
             return y, visited, preact
-        self._run(
-            self.cmm.ultra_forward, x, *weights, depth, n_trees, act_code, *outputs, n_threads
-        )
+        self._run(kernel, x, *weights, depth, n_trees, act_code, *outputs, n_threads)
         return y, visited, preact
 
     def ultra_backward(self, x, dy, p, g, visited, preact, act, n_threads):

@@ -310,6 +310,45 @@ def test_kernels_write_every_output_row_whatever_it_held(n_rows, depth, n_trees)
     np.testing.assert_array_equal(dx, backprop(dy))
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("act", ACTS)
+@pytest.mark.parametrize("n_rows", [1, 7, 3000])
+def test_a_walk_split_at_a_level_adds_up_to_the_same_bits(n_rows, act, dtype):
+    """ultra_forward(..., y=y) adds into y, each row's sum going on from y's value in path
+    order: walking the top 3 levels (a tree of their own), then with each row's subtree as a
+    tree of its own, gives bitwise the one walk (what fastff.distributed's shards rely on),
+    on the regrouped path (3000 rows) and the row-by-row one. Without y, y is new."""
+    from fastff.backends import get_ops
+
+    ops, depth, top = get_ops("cpu"), 9, 3
+    layer = fastff.UltraFFF(40, 24, depth, activation=act, dtype=dtype, seed=1)
+    x = np.random.default_rng(2).standard_normal((n_rows, 40)).astype(dtype)
+    p, n_top = layer._params, 2**top - 1
+    y, visited, preact = ops.ultra_forward(
+        x, {k: v[:n_top] for k, v in p.items()}, top - 1, 1, act, True, 2
+    )
+    subtree = 2 * visited[:, -1] + 1 + (preact[:, -1] > 0) - n_top
+    for j in np.unique(subtree):
+        rows = np.flatnonzero(subtree == j)
+        nodes = np.concatenate(
+            [2**lv - 1 + j * 2 ** (lv - top) + np.arange(2 ** (lv - top)) for lv in range(top, 10)]
+        )
+        part = np.ascontiguousarray(y[rows])
+        out, _, _ = ops.ultra_forward(
+            np.ascontiguousarray(x[rows]),
+            {k: np.ascontiguousarray(v[nodes]) for k, v in p.items()},
+            depth - top,
+            1,
+            act,
+            False,
+            2,
+            y=part,
+        )
+        assert out is part
+        y[rows] = part
+    np.testing.assert_array_equal(y, layer(x))
+
+
 def test_cpu_layout_is_one_record_per_node_and_survives_updates(rng):
     """On the CPU a node's input and output weights share one contiguous record; the anchor
     views, optimizer steps and load_state_dict write into it, and results equal those of the

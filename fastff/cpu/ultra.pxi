@@ -176,7 +176,8 @@ def ultra_forward(const floating[:, ::1] x, const floating[:, :] w_in, const flo
                   bint save_path, int n_threads):
     """Hard-path forward of the neuron-tree FFF.
 
-    x (B, in), w_in (T*n, in), b_in (T*n,), w_out_t (T*n, out) -> y (B, out), overwritten.
+    x (B, in), w_in (T*n, in), b_in (T*n,), w_out_t (T*n, out) -> y (B, out), overwritten
+    (ultra_forward_add: added into).
     With save_path, visited[r, t*(depth+1)+l] gets the global node index of row r's level-l node in
     tree t and preact[r, ...] its pre-activation z; both are (B, T*(depth+1)).
 
@@ -187,7 +188,20 @@ def ultra_forward(const floating[:, ::1] x, const floating[:, :] w_in, const flo
     Runs on at most n_threads threads (fewer for small batches, see _team).
     """
     _ultra_forward(x, w_in, b_in, w_out_t, depth, n_trees, act, y, visited, preact, save_path,
-                   0, n_threads)
+                   0, False, n_threads)
+
+
+def ultra_forward_add(const floating[:, ::1] x, const floating[:, :] w_in,
+                      const floating[::1] b_in, const floating[:, :] w_out_t, int depth,
+                      int n_trees, int act, floating[:, ::1] y, Py_ssize_t[:, ::1] visited,
+                      floating[:, ::1] preact, bint save_path, int n_threads):
+    """As ultra_forward, but the walk adds into y: each row's sum starts from its value in y
+    and goes on adding the walk's terms in path order, tree by tree, exactly as one walk adds
+    a later node's. So a walk split in two calls (the top levels of a tree, then with the
+    weights of the subtree below the node they reach) gives bitwise the y of one call: the
+    tree-parallel layers of fastff.distributed walk a row's subtree on another process."""
+    _ultra_forward(x, w_in, b_in, w_out_t, depth, n_trees, act, y, visited, preact, save_path,
+                   0, True, n_threads)
 
 
 def ultra_forward_half(const float[:, ::1] x, const half_bits[:, :] w_in,
@@ -199,13 +213,14 @@ def ultra_forward_half(const float[:, ::1] x, const half_bits[:, :] w_in,
     dot and sum accumulates in float32."""
     _require(half_kind == 1 or half_kind == 2, "half_kind must be 1 (bfloat16) or 2 (float16)")
     _ultra_forward(x, w_in, b_in, w_out_t, depth, n_trees, act, y, visited, preact, save_path,
-                   half_kind, n_threads)
+                   half_kind, False, n_threads)
 
 
 cdef _ultra_forward(const floating[:, ::1] x, const weight_t[:, :] w_in,
                     const weight_t[::1] b_in, const weight_t[:, :] w_out_t, int depth,
                     int n_trees, int act, floating[:, ::1] y, Py_ssize_t[:, ::1] visited,
-                    floating[:, ::1] preact, bint save_path, int half_kind, int n_threads):
+                    floating[:, ::1] preact, bint save_path, int half_kind, bint accumulate,
+                    int n_threads):
     cdef Py_ssize_t n_rows = x.shape[0], block, r0, i, k, n_groups
     cdef int out_w = <int>y.shape[1], path_len = depth + 1, t
     cdef Py_ssize_t n_nodes = (<Py_ssize_t>1 << (depth + 1)) - 1
@@ -262,7 +277,8 @@ cdef _ultra_forward(const floating[:, ::1] x, const weight_t[:, :] w_in,
                 for t in range(n_trees):
                     _walk_top(x, w_in, b_in, w_out_t, act, y, visited, preact, save_path, r0,
                               <int>(min(r0 + ROWS_PER_BLOCK, n_rows) - r0), t, n_nodes,
-                              path_len, path_len, NULL, carry, NO_CARRY, t == 0, half_kind)
+                              path_len, path_len, NULL, carry, NO_CARRY,
+                              t == 0 and not accumulate, half_kind)
         else:
             for t in range(n_trees):
                 for block in prange(n_blocks, schedule="dynamic", chunksize=4, num_threads=team):
@@ -288,7 +304,7 @@ cdef _ultra_forward(const floating[:, ::1] x, const weight_t[:, :] w_in,
                     _walk_subtree(x, w_in, b_in, w_out_t, act, y, visited, preact, save_path,
                                   &order[0], offsets[k], offsets[k + 1],
                                   ((<Py_ssize_t>1 << split) - 1) + k, t, n_nodes, split,
-                                  path_len, carry, t == 0, half_kind)
+                                  path_len, carry, t == 0 and not accumulate, half_kind)
     return None
 
 

@@ -99,6 +99,17 @@ def ultra_forward(
     )
 
 
+def ultra_forward_add(
+    x, w_in, b_in, w_out_t, depth, n_trees, act, y, visited, preact, save_path, n_threads=None
+):
+    """ultra_forward's walk, its sums added into y (the kernels start each row's sum from zero:
+    not bitwise a split walk, as on the CPU)."""
+    walked = cp.empty_like(y)
+    args = (depth, n_trees, act, walked, visited, preact, save_path, n_threads)
+    ultra_forward(x, w_in, b_in, w_out_t, *args)
+    y += walked
+
+
 def _no_half_kernels(*args):
     raise TypeError(
         "half-precision (bfloat16/float16) weights run on the CPU only so far; keep the layer "
