@@ -38,7 +38,9 @@ def run_mpi(tmp_path, body, n=2, timeout=120):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
     try:
         out = subprocess.run(
-            [MPIEXEC, "-n", str(n), sys.executable, str(script)],
+            # -m mpi4py: an uncaught exception on one rank aborts them all (MPI_Abort) at
+            # once, rather than leaving the others waiting in a collective until the timeout
+            [MPIEXEC, "-n", str(n), sys.executable, "-m", "mpi4py", str(script)],
             capture_output=True,
             text=True,
             timeout=timeout,
