@@ -206,5 +206,5 @@ def test_bad_arguments():
         fd.allreduce_grads(layer, op="max")
     with pytest.raises(TypeError, match="Module"):
         fd.allreduce_grads(object())
-    with pytest.raises(NotImplementedError, match="shard"):
-        fd.shard(layer)
+    with pytest.raises(TypeError, match="mpi4py communicator"):
+        fd.shard(layer, comm=object())

@@ -1,32 +1,5 @@
-"""Data-parallel training on MPI: ``broadcast_parameters`` and ``allreduce_grads``.
-
-``import fastff.distributed`` (needs mpi4py and an MPI, ``pip install "fastff[mpi]"``: the
-``mpich`` wheel brings ``mpiexec``); a plain ``import fastff`` does not import this module::
-
-    from mpi4py import MPI
-    import fastff, fastff.distributed as fd
-    comm = MPI.COMM_WORLD
-    fd.broadcast_parameters(model, comm)        # every rank starts from rank 0's weights
-    for xb, tb in batches:                      # each rank: its own part of the global batch
-        y, backprop = model.forward_train(xb); model.zero_grad(); backprop(dloss(y, tb))
-        fd.allreduce_grads(model, comm)         # mean over the ranks, in place
-        opt.step()                              # same update on every rank
-
-Run with ``mpiexec -n R python train.py``. With equal local batches and a loss that is a mean
-over the local rows, ``op="mean"`` gives every rank the full batch's gradient, so R ranks end
-with the weights one process would reach on the whole batches (to rounding: the sums are
-associated differently). The result is deterministic for a given rank count: each gradient is
-one ``MPI_Allreduce`` of fixed size on every step, whose reduction order MPI fixes per size.
-
-Collectives run over every parameter (and gradient) array in ``named_parameters`` order, on the
-module's own storage, so nothing is copied on the CPU; float16/bfloat16 arrays are reduced in
-float32 and rounded back, GPU arrays go through host copies. Before moving any data, the ranks
-compare their parameter names, shapes and dtypes (one small ``allgather``): a mismatch raises
-the same ``ValueError`` on every rank instead of hanging or mixing unrelated buffers.
-
-Tree-parallel ``shard(layer, comm)`` is not implemented yet; it raises
-``NotImplementedError``.
-"""
+"""Data-parallel training on MPI: ``broadcast_parameters`` and ``allreduce_grads`` (see the
+package's docstring)."""
 
 from __future__ import annotations
 
@@ -34,9 +7,10 @@ from typing import Any
 
 import numpy as np
 
-from .module import Module
+from ..module import Module
+from ._base import _Sharded
 
-__all__ = ["allreduce_grads", "broadcast_parameters", "shard"]
+__all__ = ["allreduce_grads", "broadcast_parameters"]
 
 _MPI_FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
 
@@ -51,9 +25,11 @@ def _comm(comm):
 
 def _arrays(module: Module, which: str):
     """(name, array) of the module's storage, contiguous, each array once, in the order of
-    named_parameters (anchor names; transposed anchors share their internal array)."""
+    named_parameters (anchor names; transposed anchors share their internal array). Sharded
+    layers are left out: their subtrees differ by rank, and their backprop has already summed
+    their replicated top levels' gradients over the ranks."""
     for prefix, m in module._prefixed_modules():
-        if not m._params:
+        if not m._params or isinstance(m, _Sharded):
             continue
         store = m._params if which == "params" else m._allocate_grads()
         seen: set[str] = set()
@@ -146,12 +122,3 @@ def allreduce_grads(module: Module, comm=None, op: str = "mean") -> None:
             host /= size
         if copied:
             _write_back(arr, host)
-
-
-def shard(layer, comm=None):
-    """Tree-parallel (expert-parallel) layers: not implemented in this version."""
-    raise NotImplementedError(
-        "fastff.distributed.shard (tree-parallel UltraFFF/FFF over MPI ranks) is not "
-        "implemented yet; use data-parallel training (broadcast_parameters + allreduce_grads) "
-        "with the whole layer on every rank"
-    )

@@ -1,0 +1,519 @@
+"""ShardedUltraFFF: a neuron-tree FFF whose subtrees live on different MPI ranks."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .._threads import effective_n_threads
+from .._validation import (
+    as_rows,
+    check_choice,
+    check_depth,
+    check_fits_in_memory,
+    check_int,
+    check_width,
+)
+from ..backends import get_ops
+from ..layers import UltraFFF, _node_records
+from ..module import initialising, run_once
+from ..ops import ACTIVATIONS
+from ._base import _Sharded, check_shard_dtype
+from ._common import (
+    InitStream,
+    agree,
+    agree_seed,
+    allreduce_sum,
+    blocks,
+    choose_top_levels,
+    default_comm,
+    exchange,
+    fingerprint,
+    record_dtype,
+    same_everywhere,
+    subtree_rows,
+)
+
+_OUT_CHUNK = 64  # linear_out.weight rows drawn together when a shard initialises itself
+_COL_CHUNK = 1 << 16  # ... and at most this many of their columns at a time
+
+
+class ShardedUltraFFF(_Sharded):
+    """An UltraFFF split over the ranks of an MPI communicator (tree / expert parallelism).
+
+    Every rank holds the top ``top_levels`` levels of each tree (``2**top_levels - 1`` neurons
+    per tree) and a contiguous run of the ``parallel_size * 2**top_levels`` subtrees below
+    them (see ``subtrees``). ``layer(x)``, ``forward_train`` and ``backprop`` are collective:
+    every rank calls them, each with its own rows (any number, zero included), and gets the
+    outputs of its own rows, in their order, bitwise those of the whole UltraFFF.
+
+    A call: each rank walks its rows through the top levels to find their subtree in every
+    tree (routing), sends each row to the rank owning its tree-0 subtree (``Alltoallv``),
+    which walks that tree's path from the root (the top levels again, then the subtree, with
+    fastff's CPU kernels, adding into the row's output in path order) and passes the row and
+    its partial output on to the owner of its tree-1 subtree, and so on; the last owner sends
+    the output back. With ``parallel_size`` T that is T + 1 exchanges (2 for one tree).
+    ``backprop(dy)`` sends dy to the T owners of each row's paths (one exchange) and brings
+    dx back (another); each rank adds the gradients of its own subtrees into ``grads`` and
+    those of the top levels into a buffer summed over the ranks (one ``Allreduce``), so the
+    top levels get the whole batch's gradient on every rank and an optimizer on each rank
+    keeps them identical. The gradients are those of the sum over ranks of sum(y * dy): with
+    a loss averaged over the global batch, pass dy divided by the global row count.
+
+    Build it from its config (``ShardedUltraFFF(in, out, depth, ..., seed=s, comm=comm)``:
+    each rank draws only its own weights, exactly those ``UltraFFF(in, out, depth, ...,
+    seed=s)`` would hold there, so the whole layer never exists) or from a whole layer
+    (``fastff.distributed.shard``). Its state dict holds this rank's part:
+    ``top.linear_in.weight`` (T * (2**k - 1), in) ... for the top levels, tree by tree in heap
+    order, and ``subtrees.linear_in.weight`` (m * (2**(depth - k + 1) - 1), in),
+    ``subtrees.linear_in.bias``, ``subtrees.linear_out.weight`` (out, ...) for its m subtrees,
+    each in its own heap order.
+    """
+
+    KIND = "UltraFFF"
+
+    def __init__(
+        self,
+        input_width,
+        output_width,
+        depth,
+        parallel_size=1,
+        activation="gelu",
+        *,
+        dtype=np.float32,
+        seed=None,
+        comm=None,
+        top_levels=None,
+    ):
+        comm = default_comm(comm)
+        error: BaseException | None = None
+        config: dict = {}
+        try:
+            config = self._normalize(
+                {
+                    "input_width": input_width,
+                    "output_width": output_width,
+                    "depth": depth,
+                    "parallel_size": parallel_size,
+                    "activation": activation,
+                    "dtype": dtype,
+                }
+            )
+            top_levels = choose_top_levels(
+                top_levels, config["parallel_size"], config["depth"], comm.Get_size(), "UltraFFF"
+            )
+        except (TypeError, ValueError, MemoryError) as exc:
+            error = exc
+        described = {"config": config, "top_levels": top_levels}
+        everyone = agree(comm, ("ShardedUltraFFF",), error, described)
+        same_everywhere(everyone, "ShardedUltraFFF")
+        seed = agree_seed(comm, seed)
+        error = None
+        try:
+            self._init_local(config, top_levels, comm.Get_rank(), comm.Get_size(), comm)
+            if initialising():
+                self._draw(seed)
+        except MemoryError as exc:
+            error = exc
+        agree(comm, ("ShardedUltraFFF built",), error)
+
+    @classmethod
+    def _normalize(cls, config: dict) -> dict:
+        known = {"input_width", "output_width", "depth", "parallel_size", "activation", "dtype"}
+        if set(config) - known or not {"input_width", "output_width", "depth"} <= set(config):
+            raise ValueError(f"an UltraFFF config holds {sorted(known)}, got {sorted(config)}")
+        out = {
+            "input_width": check_width(config["input_width"], "input_width"),
+            "output_width": check_width(config["output_width"], "output_width"),
+            "depth": check_depth(config["depth"], "UltraFFF"),
+            "parallel_size": check_int(config.get("parallel_size", 1), "parallel_size", 1),
+            "activation": check_choice(config.get("activation", "gelu"), "activation", ACTIVATIONS),
+            "dtype": check_shard_dtype(config.get("dtype", np.float32)).name,
+        }
+        return out
+
+    @staticmethod
+    def _tree_shape(config: dict) -> tuple[int, int]:
+        return config["parallel_size"], config["depth"]
+
+    def _allocate(self) -> None:
+        c, k = self._layer_config, self._top_levels
+        in_w, out_w, depth = c["input_width"], c["output_width"], c["depth"]
+        self._n_top = (1 << k) - 1  # top neurons per tree
+        self._n_sub = (1 << (depth - k + 1)) - 1  # neurons per subtree
+        n_top = c["parallel_size"] * self._n_top
+        n_local = self._plan.n_local * self._n_sub
+        check_fits_in_memory(
+            (n_top + n_local) * (in_w + 1 + out_w) * self.dtype.itemsize,
+            f"rank {self.rank}'s shard of UltraFFF(depth={depth}, {in_w}->{out_w})",
+        )
+        top_w_in, top_w_out_t = _node_records(n_top, in_w, out_w, self.dtype)
+        w_in, w_out_t = _node_records(n_local, in_w, out_w, self.dtype)
+        self._params = {
+            "top_w_in": top_w_in,
+            "top_b_in": np.empty(n_top, dtype=self.dtype),
+            "top_w_out_t": top_w_out_t,
+            "w_in": w_in,
+            "b_in": np.empty(n_local, dtype=self.dtype),
+            "w_out_t": w_out_t,
+        }
+        self._anchor = {
+            "top.linear_in.weight": ("top_w_in", None),
+            "top.linear_in.bias": ("top_b_in", None),
+            "top.linear_out.weight": ("top_w_out_t", (1, 0)),
+            "subtrees.linear_in.weight": ("w_in", None),
+            "subtrees.linear_in.bias": ("b_in", None),
+            "subtrees.linear_out.weight": ("w_out_t", (1, 0)),
+        }
+
+    # ---- the layer's attributes -------------------------------------------------------------
+    @property
+    def input_width(self) -> int:
+        return self._layer_config["input_width"]
+
+    @property
+    def output_width(self) -> int:
+        return self._layer_config["output_width"]
+
+    @property
+    def depth(self) -> int:
+        return self._layer_config["depth"]
+
+    @property
+    def parallel_size(self) -> int:
+        return self._layer_config["parallel_size"]
+
+    @property
+    def activation(self) -> str:
+        return self._layer_config["activation"]
+
+    @activation.setter
+    def activation(self, value) -> None:
+        self._layer_config["activation"] = check_choice(value, "activation", ACTIVATIONS)
+
+    # ---- where a rank's rows come from in the whole layer -----------------------------------
+    def _tree_nodes(self) -> int:
+        return (1 << (self.depth + 1)) - 1
+
+    def _blocks(self, plan=None):
+        plan = self._plan if plan is None else plan
+        return blocks(self._tree_nodes(), self._top_levels, self.depth - self._top_levels + 1, plan)
+
+    def node_ids(self, rank: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(top, subtrees): the whole layer's neuron index (``t * n_nodes + heap index``) of each
+        row of the shard's top and subtree arrays (this rank's, or those of rank `rank`)."""
+        plan = self._plan if rank is None else self._plan.of(rank)
+        n = self._tree_nodes()
+        top = (np.arange(self.parallel_size)[:, None] * n + np.arange(self._n_top)).reshape(-1)
+        sub = np.empty(plan.n_local * self._n_sub, dtype=np.int64)
+        for g0, local0, count, level in self._blocks(plan):
+            ids = g0 + np.arange(count << level).reshape(count, 1 << level)
+            subtree_rows(sub, self._n_sub, local0, count, level)[...] = ids
+        return top.astype(np.int64), sub
+
+    def _copy_from(self, layer: UltraFFF) -> None:
+        """Take this rank's rows of a whole layer's parameters."""
+        src, p, n = layer._params, self._params, self._tree_nodes()
+        for t in range(self.parallel_size):
+            rows = slice(t * n, t * n + self._n_top)
+            mine = slice(t * self._n_top, (t + 1) * self._n_top)
+            for key in ("w_in", "b_in", "w_out_t"):
+                p["top_" + key][mine] = src[key][rows]
+        for g0, local0, count, level in self._blocks():
+            rows = slice(g0, g0 + (count << level))
+            for key in ("w_in", "b_in", "w_out_t"):
+                block = src[key][rows].reshape((count, 1 << level) + src[key].shape[1:])
+                subtree_rows(p[key], self._n_sub, local0, count, level)[...] = block
+
+    def _draw(self, seed) -> None:
+        """This rank's weights, drawn from UltraFFF's initialisation stream at their positions
+        (UltraFFF fills linear_in.weight, linear_in.bias, then linear_out.weight, each in C
+        order), so they equal UltraFFF(..., seed=seed)'s bitwise."""
+        stream = InitStream(seed, self.dtype)
+        in_w, out_w, p = self.input_width, self.output_width, self._params
+        n, n_trees = self._tree_nodes(), self.parallel_size
+        total = n_trees * n
+        k_in = (1.0 / in_w) ** 0.5
+        k_out = (1.0 / ((self.depth + 1) * n_trees)) ** 0.5
+        bias_at, out_at = total * in_w, total * in_w + total
+
+        def fill(w_in_rows, b_rows, w_out_rows, g0: int, count: int) -> None:
+            step = max(1, (1 << 22) // in_w)
+            for r0 in range(0, count, step):
+                r1 = min(count, r0 + step)
+                values = stream.uniform((g0 + r0) * in_w, (r1 - r0) * in_w, k_in)
+                w_in_rows[r0:r1] = values.reshape(r1 - r0, in_w)
+            b_rows[...] = stream.uniform(bias_at + g0, count, k_in)
+            for c0 in range(0, count, _COL_CHUNK):
+                c1 = min(count, c0 + _COL_CHUNK)
+                for o0 in range(0, out_w, _OUT_CHUNK):
+                    o1 = min(out_w, o0 + _OUT_CHUNK)
+                    block = np.empty((o1 - o0, c1 - c0), dtype=self.dtype)
+                    for o in range(o0, o1):
+                        block[o - o0] = stream.uniform(out_at + o * total + g0 + c0, c1 - c0, k_out)
+                    w_out_rows[c0:c1, o0:o1] = block.T
+
+        for t in range(n_trees):
+            mine = slice(t * self._n_top, (t + 1) * self._n_top)
+            top = (p["top_w_in"][mine], p["top_b_in"][mine], p["top_w_out_t"][mine])
+            fill(*top, t * n, self._n_top)
+        for g0, local0, count, level in self._blocks():
+            width = 1 << level
+            for c in range(count):
+                start = (local0 + c) * self._n_sub + width - 1
+                rows = slice(start, start + width)
+                fill(p["w_in"][rows], p["b_in"][rows], p["w_out_t"][rows], g0 + c * width, width)
+
+    # ---- kernels' views ----------------------------------------------------------------------
+    def _top(self, t: int) -> dict:
+        rows = slice(t * self._n_top, (t + 1) * self._n_top)
+        p = self._params
+        return {
+            "w_in": p["top_w_in"][rows],
+            "b_in": p["top_b_in"][rows],
+            "w_out_t": p["top_w_out_t"][rows],
+        }
+
+    def _top_all(self) -> dict:
+        p = self._params
+        return {"w_in": p["top_w_in"], "b_in": p["top_b_in"], "w_out_t": p["top_w_out_t"]}
+
+    def _sub(self, local: int) -> dict:
+        rows = slice(local * self._n_sub, (local + 1) * self._n_sub)
+        p = self._params
+        return {"w_in": p["w_in"][rows], "b_in": p["b_in"][rows], "w_out_t": p["w_out_t"][rows]}
+
+    # ---- forward ---------------------------------------------------------------------------
+    def _routes(self, rows, act, n_threads) -> np.ndarray:
+        """(B, T): each row's subtree in every tree (global ids), from walks of the top levels."""
+        ops, k, n_trees = get_ops("cpu"), self._top_levels, self.parallel_size
+        routes = np.empty((rows.shape[0], n_trees), dtype=np.int64)
+        for t in range(n_trees):
+            if k == 0 or rows.shape[0] == 0:
+                routes[:, t] = t << k
+                continue
+            _, visited, preact = ops.ultra_forward(
+                rows, self._top(t), k - 1, 1, act, True, n_threads
+            )
+            child = 2 * visited[:, -1] + 1 + (preact[:, -1] > 0)
+            routes[:, t] = (t << k) + child - self._n_top
+        return routes
+
+    def _forward(self, x, train: bool):
+        dtype, plan = self.dtype, self._plan
+        in_w, out_w, n_trees = self.input_width, self.output_width, self.parallel_size
+        error: BaseException | None = None
+        rows = lead = None
+        try:
+            rows, lead = as_rows(x, in_w, dtype, np)
+            per_row = (in_w + 2 * out_w) * dtype.itemsize
+            if train:  # each rank keeps its units' inputs and paths
+                per_row += n_trees * (in_w + (self.depth + 1) * 2) * 8
+            check_fits_in_memory(
+                rows.shape[0] * per_row,
+                lambda: (
+                    f"{'forward_train' if train else 'inference'} of {self!r} on "
+                    f"{rows.shape[0]} rows"
+                ),
+            )
+        except (TypeError, ValueError, MemoryError) as exc:
+            error = exc
+        act = self.activation
+        self._begin("forward_train" if train else "call", error, None, act)
+        assert rows is not None and lead is not None
+        comm, n_threads = self._comm, effective_n_threads()
+        n_rows = rows.shape[0]
+        routes = self._routes(rows, act, n_threads)
+        meta_w = 2 + n_trees  # origin rank, row, the row's subtree in each tree
+        first = np.empty(n_rows, dtype=record_dtype(dtype, meta_w, x=in_w))
+        first["meta"][:, 0] = plan.rank
+        first["meta"][:, 1] = np.arange(n_rows)
+        first["meta"][:, 2:] = routes
+        first["x"] = rows
+        send, dest = first, plan.owner(routes[:, 0])
+        units = []
+        for t in range(n_trees):
+            _, got = exchange(comm, send, dest, self.traffic)
+            rec = got.records
+            local = rec["meta"][:, 2 + t] - plan.first
+            group = np.argsort(local, kind="stable")
+            local = local[group]
+            meta = rec["meta"][group]
+            xs = np.ascontiguousarray(rec["x"][group])
+            if t:
+                ys = np.ascontiguousarray(rec["y"][group])
+            else:  # the first walk's sums start from zero
+                ys = np.zeros((len(group), out_w), dtype)
+            paths = self._walk(xs, ys, t, local, act, train, n_threads)
+            if train:
+                units.append((t, xs, meta[:, :2], paths))
+            if t + 1 < n_trees:
+                send = np.empty(len(group), dtype=record_dtype(dtype, meta_w, x=in_w, y=out_w))
+                send["meta"], send["x"], send["y"] = meta, xs, ys
+                dest = plan.owner(meta[:, 3 + t])
+            else:
+                send = np.empty(len(group), dtype=record_dtype(dtype, 1, y=out_w))
+                send["meta"][:, 0], send["y"] = meta[:, 1], ys
+                dest = meta[:, 0].astype(np.intp)
+        _, got = exchange(comm, send, dest, self.traffic)
+        y = np.empty((n_rows, out_w), dtype=dtype)
+        y[got.records["meta"][:, 0]] = got.records["y"]
+        saved = self._units(units, routes) if train else None
+        return rows, lead, y, saved
+
+    def _walk(self, xs, ys, t, local, act, train, n_threads):
+        """Rows xs (grouped by their local subtree `local`) walk tree t from its root: the top
+        levels, then their subtree, adding into ys. Returns their paths when training: top
+        neuron ids (into the top arrays) and pre-activations, subtree neuron ids (into the
+        subtree arrays) and pre-activations."""
+        ops, k, depth = get_ops("cpu"), self._top_levels, self.depth
+        n = xs.shape[0]
+        top_v = np.empty((n, k), dtype=np.intp)
+        top_z = np.empty((n, k), dtype=self.dtype)
+        sub_v = np.empty((n, depth - k + 1), dtype=np.intp)
+        sub_z = np.empty((n, depth - k + 1), dtype=self.dtype)
+        if n == 0:
+            return top_v, top_z, sub_v, sub_z
+        if k:
+            _, v, z = ops.ultra_forward(xs, self._top(t), k - 1, 1, act, train, n_threads, y=ys)
+            if train:
+                top_v[...] = v + t * self._n_top
+                top_z[...] = z
+        starts = np.searchsorted(local, np.arange(self._plan.n_local + 1))
+        for sub in np.flatnonzero(np.diff(starts)):
+            a, b = starts[sub], starts[sub + 1]
+            _, v, z = ops.ultra_forward(
+                xs[a:b], self._sub(int(sub)), depth - k, 1, act, train, n_threads, y=ys[a:b]
+            )
+            if train:
+                sub_v[a:b] = v + sub * self._n_sub
+                sub_z[a:b] = z
+        return top_v, top_z, sub_v, sub_z
+
+    def _units(self, units, routes) -> dict:
+        """What backprop needs: this rank's units (a row's path in one tree), in (origin
+        rank, row, tree) order, the order in which their dy arrive."""
+        tree = np.concatenate([np.full(len(u[1]), u[0], dtype=np.int64) for u in units])
+        origin_row = np.concatenate([u[2] for u in units])
+        order = np.lexsort((tree, origin_row[:, 1], origin_row[:, 0]))
+        cat = [np.concatenate([u[3][i] for u in units]) for i in range(4)]
+        return {
+            "x": np.concatenate([u[1] for u in units])[order],
+            "origin": origin_row[order, 0].astype(np.intp),
+            "top_v": cat[0][order],
+            "top_z": cat[1][order],
+            "sub_v": cat[2][order],
+            "sub_z": cat[3][order],
+            "holders": self._plan.owner(routes),
+        }
+
+    def __call__(self, x):
+        """Hard inference of this rank's rows, x (..., input_width) -> (..., output_width);
+        collective: every rank calls it."""
+        _, lead, y, _ = self._forward(x, train=False)
+        return y.reshape(lead + (self.output_width,))
+
+    def forward_train(self, x):
+        """Training forward of this rank's rows: (y, backprop); collective, as backprop."""
+        _, lead, y, saved = self._forward(x, train=True)  # saved holds copies of the rows
+        version, act, call = self._version, self.activation, self._calls
+        in_w, out_w = self.input_width, self.output_width
+
+        @run_once
+        def backprop(dy):
+            """dy (..., output_width) -> dx (..., input_width); adds into grads. Collective."""
+            error: BaseException | None = None
+            dy_rows = None
+            try:
+                self._check_fresh(version, "cpu")
+                dy_rows, dy_lead = as_rows(dy, out_w, self.dtype, np, name="dy")
+                if dy_lead != lead:
+                    raise ValueError(
+                        f"dy must have the shape of y, {lead + (out_w,)}, got {dy_lead + (out_w,)}"
+                    )
+            except (TypeError, ValueError, RuntimeError, MemoryError) as exc:
+                error = exc
+            self._begin("backprop", error, None, call)
+            assert dy_rows is not None
+            dx = self._backward(dy_rows, saved, act)
+            return dx.reshape(lead + (in_w,))
+
+        return y.reshape(lead + (out_w,)), backprop
+
+    def _backward(self, dy, saved, act):
+        ops, comm, dtype = get_ops("cpu"), self._comm, self.dtype
+        in_w, out_w, n_trees = self.input_width, self.output_width, self.parallel_size
+        n_threads = effective_n_threads()
+        n_rows = dy.shape[0]
+        # dy to the owner of each (row, tree): sent by destination, then row, then tree
+        send = np.empty(n_rows * n_trees, dtype=record_dtype(dtype, 0, dy=out_w))
+        send["dy"] = np.repeat(dy, n_trees, axis=0)
+        order, got = exchange(comm, send, saved["holders"].reshape(-1), self.traffic)
+        dys = np.ascontiguousarray(got.records["dy"])
+        xs = saved["x"]
+        grads = self._allocate_grads()
+        top_g = {
+            "w_in": np.zeros_like(grads["top_w_in"]),
+            "b_in": np.zeros_like(grads["top_b_in"]),
+            "w_out_t": np.zeros_like(grads["top_w_out_t"]),
+        }
+        dxs = np.zeros((xs.shape[0], in_w), dtype=dtype)
+        if xs.shape[0]:
+            sub_g = {"w_in": grads["w_in"], "b_in": grads["b_in"], "w_out_t": grads["w_out_t"]}
+            p = self._params
+            sub_p = {"w_in": p["w_in"], "b_in": p["b_in"], "w_out_t": p["w_out_t"]}
+            dxs = ops.ultra_backward(
+                xs, dys, sub_p, sub_g, saved["sub_v"], saved["sub_z"], act, n_threads
+            )
+            if self._top_levels:
+                dxs += ops.ultra_backward(
+                    xs, dys, self._top_all(), top_g, saved["top_v"], saved["top_z"], act, n_threads
+                )
+        back = np.empty(xs.shape[0], dtype=record_dtype(dtype, 0, dx=in_w))
+        back["dx"] = dxs
+        _, got = exchange(comm, back, saved["origin"], self.traffic)
+        # the partial dx come back in the order the dy went out: row `order // n_trees`
+        parts = np.empty((n_rows * n_trees, in_w), dtype=dtype)
+        parts[order] = got.records["dx"]
+        parts = parts.reshape(n_rows, n_trees, in_w)
+        dx = parts[:, 0].copy()
+        for t in range(1, n_trees):
+            dx += parts[:, t]
+        allreduce_sum(comm, list(top_g.values()), self.traffic)
+        for key in ("w_in", "b_in", "w_out_t"):
+            grads["top_" + key] += top_g[key]
+        return dx
+
+
+def shard_ultra(layer: UltraFFF, comm, top_levels) -> ShardedUltraFFF:
+    """fastff.distributed.shard for an UltraFFF (see there)."""
+    error: BaseException | None = None
+    described = None
+    try:
+        config = ShardedUltraFFF._normalize(layer.get_config())
+        top_levels = choose_top_levels(
+            top_levels, layer.parallel_size, layer.depth, comm.Get_size(), "UltraFFF"
+        )
+        described = {"config": config, "top_levels": top_levels, "weights": _sample(layer)}
+    except (TypeError, ValueError, MemoryError) as exc:
+        error = exc
+    same_everywhere(agree(comm, ("shard UltraFFF",), error, described), "shard")
+    shard = ShardedUltraFFF.__new__(ShardedUltraFFF)
+    error = None
+    try:
+        shard._init_local(config, top_levels, comm.Get_rank(), comm.Get_size(), comm)
+        shard._copy_from(layer)
+    except MemoryError as exc:
+        error = exc
+    agree(comm, ("shard UltraFFF built",), error)
+    return shard
+
+
+def _sample(layer: UltraFFF) -> str:
+    """A fingerprint of a few rows of every level (the whole top would do for the replicated
+    part, but a layer built with seed=None on each rank differs everywhere)."""
+    p, n = layer._params, layer.n_nodes
+    picks = [0]
+    for level in range(layer.depth + 1):
+        picks += [(1 << level) - 1, (1 << (level + 1)) - 2]
+    ids = np.unique([t * n + i for t in range(layer.parallel_size) for i in picks])
+    return fingerprint(p["w_in"][ids], p["b_in"][ids], p["w_out_t"][ids])
