@@ -201,46 +201,55 @@ def _record_type(itemsize: int):
     return dt
 
 
-def record_dtype(dtype: np.dtype, n_meta: int, **widths: int) -> np.dtype:
-    """A packed record: `n_meta` int64 bookkeeping numbers, then one float vector per name."""
-    fields: list[tuple] = [("meta", np.int64, (n_meta,))] if n_meta else []
-    fields += [(name, dtype, (w,)) for name, w in widths.items()]
-    return np.dtype(fields)
+def send_order(dest: np.ndarray, *keys: np.ndarray) -> np.ndarray:
+    """The order in which rows go out: by destination, then by `keys` (the first most
+    significant), then by row; a stable sort."""
+    return np.lexsort(tuple(reversed(keys)) + (dest,)) if keys else np.argsort(dest, kind="stable")
 
 
-class Exchanged:
-    """The records one rank received in an exchange, and how many came from each rank."""
-
-    def __init__(self, records: np.ndarray, counts: np.ndarray):
-        self.records, self.counts = records, counts
+def sources(counts: np.ndarray) -> np.ndarray:
+    """The source rank of each received row (they come by source rank)."""
+    return np.repeat(np.arange(len(counts)), counts).astype(np.intp)
 
 
-def exchange(comm, send: np.ndarray, dest: np.ndarray, traffic: dict | None = None):
-    """Send record i of `send` to rank dest[i] (one Alltoall of counts, one Alltoallv of
-    records). Returns (order, received): `send` went out in `order` (stably sorted by
-    destination), and the received records come by source rank, each rank's in its order."""
+def exchange(comm, dest: np.ndarray, arrays, order=None, traffic: dict | None = None):
+    """Send row i of each array in `arrays` to rank dest[i]: one Alltoall of the counts, then
+    one Alltoallv per array, rows as whole units. The rows go out in `order` (default
+    ``send_order(dest)``; it must list them by destination; None where they already are);
+    every rank receives its rows by source rank, each source's in the order it sent them.
+    Returns (order, received counts by source, received arrays)."""
     size = comm.Get_size()
-    order = np.argsort(dest, kind="stable")
+    dest = np.asarray(dest, dtype=np.intp)
+    if order is None and len(dest) and np.any(dest[1:] < dest[:-1]):
+        order = np.argsort(dest, kind="stable")
     send_counts = np.bincount(dest, minlength=size).astype(np.int64)
     recv_counts = np.empty(size, dtype=np.int64)
     comm.Alltoall(send_counts, recv_counts)
-    out = np.ascontiguousarray(send[order])
-    received = np.empty(int(recv_counts.sum()), dtype=send.dtype)
-    dt = _record_type(send.dtype.itemsize)
     send_displ = np.concatenate([[0], np.cumsum(send_counts)[:-1]])
     recv_displ = np.concatenate([[0], np.cumsum(recv_counts)[:-1]])
-    too_many = max(send_counts.max(initial=0), recv_counts.max(initial=0)) > 2**31 - 1
-    if too_many or max(send_displ.max(initial=0), recv_displ.max(initial=0)) > 2**31 - 1:
+    if max(int(send_counts.sum()), int(recv_counts.sum())) > 2**31 - 1:
         raise OverflowError("more than 2**31 - 1 rows in one exchange: split the batch")
-    comm.Alltoallv(
-        [out.view(np.uint8), (send_counts.tolist(), send_displ.tolist()), dt],
-        [received.view(np.uint8), (recv_counts.tolist(), recv_displ.tolist()), dt],
-    )
-    if traffic is not None:
-        rank = comm.Get_rank()
-        moved = int(send_counts.sum() - send_counts[rank]) * send.dtype.itemsize
-        traffic["alltoallv"] = traffic.get("alltoallv", 0) + moved
-    return order, Exchanged(received, recv_counts)
+    out = []
+    mine = int(send_counts[comm.Get_rank()])
+    for arr in arrays:
+        send = np.ascontiguousarray(arr if order is None else np.take(arr, order, axis=0))
+        row_bytes = int(np.prod(send.shape[1:], dtype=np.int64)) * send.dtype.itemsize
+        received = np.empty((int(recv_counts.sum()),) + send.shape[1:], dtype=send.dtype)
+        if row_bytes:
+            dt = _record_type(row_bytes)
+            comm.Alltoallv(
+                [send.reshape(-1).view(np.uint8), (send_counts.tolist(), send_displ.tolist()), dt],
+                [
+                    received.reshape(-1).view(np.uint8),
+                    (recv_counts.tolist(), recv_displ.tolist()),
+                    dt,
+                ],
+            )
+        if traffic is not None:
+            moved = (len(send) - mine) * row_bytes
+            traffic["alltoallv"] = traffic.get("alltoallv", 0) + moved
+        out.append(received)
+    return order, recv_counts, out
 
 
 def _check_count(n: int) -> int:

@@ -31,9 +31,10 @@ from ._common import (
     default_comm,
     exchange,
     fingerprint,
-    record_dtype,
     reduce_scatter_rows,
     same_everywhere,
+    send_order,
+    sources,
     subtree_rows,
 )
 
@@ -398,30 +399,26 @@ class ShardedFFF(_Sharded):
         ops, n_threads, plan = get_ops("cpu"), effective_n_threads(), self._plan
         k, depth, out_w = self._top_levels, self.depth, self.output_width
         n_rows = rows.shape[0]
+        subtree = np.zeros(n_rows, dtype=np.int64)
         if n_rows:
-            routes = ops.fff_infer(rows, self._top("index"), k, act, n_threads)[:, 0]
-            local_subtree = routes.astype(np.int64)
-        else:
-            local_subtree = np.zeros(0, dtype=np.int64)
-        send = np.empty(n_rows, dtype=record_dtype(self.dtype, 2, x=self.input_width))
-        send["meta"][:, 0], send["meta"][:, 1], send["x"] = np.arange(n_rows), local_subtree, rows
-        _, got = exchange(self._comm, send, plan.owner(local_subtree), self.traffic)
-        rec = got.records
-        local = rec["meta"][:, 1] - plan.first
-        group = np.argsort(local, kind="stable")
-        local = local[group]
-        xs = np.ascontiguousarray(rec["x"][group])
-        back = np.empty(len(group), dtype=record_dtype(self.dtype, 1, y=out_w))
-        back["meta"][:, 0] = rec["meta"][group, 0]
-        starts = np.searchsorted(local, np.arange(plan.n_local + 1))
-        for sub in np.flatnonzero(np.diff(starts)):
-            a, b = starts[sub], starts[sub + 1]
-            back["y"][a:b] = ops.fff_infer(xs[a:b], self._sub(int(sub)), depth - k, act, n_threads)
-        sources = np.repeat(np.arange(plan.size), got.counts)[group]
-        _, got = exchange(self._comm, back, sources, self.traffic)
+            subtree[...] = ops.fff_infer(rows, self._top("index"), k, act, n_threads)[:, 0]
+        dest = plan.owner(subtree)
+        order, counts, (xs, got) = exchange(
+            self._comm, dest, [rows, subtree], send_order(dest, subtree), self.traffic
+        )
+        ys = np.empty((xs.shape[0], out_w), dtype=self.dtype)
+        for a, b, sub in self._runs(got):
+            ys[a:b] = ops.fff_infer(xs[a:b], self._sub(sub), depth - k, act, n_threads)
+        _, _, (back,) = exchange(self._comm, sources(counts), [ys], None, self.traffic)
         y = np.empty((n_rows, out_w), dtype=self.dtype)
-        y[got.records["meta"][:, 0]] = got.records["y"]
+        y[order if order is not None else slice(None)] = back
         return y.reshape(lead + (out_w,))
+
+    def _runs(self, subtree: np.ndarray):
+        """(start, stop, local subtree) of each run of rows of one subtree."""
+        local = subtree - self._plan.first
+        starts = np.flatnonzero(np.diff(local, prepend=-1, append=-1))
+        return [(int(a), int(b), int(local[a])) for a, b in zip(starts[:-1], starts[1:])]
 
     # ---- training ---------------------------------------------------------------------------
     def forward_train(self, x, *, rng=None, hardening=0.0):
@@ -504,78 +501,68 @@ class ShardedFFF(_Sharded):
         """Route this rank's rows to their subtrees' owners, which walk each row's whole path
         (the top routers again, then the subtree) and evaluate its leaf."""
         ops, n_threads, plan = get_ops("cpu"), effective_n_threads(), self._plan
-        k, depth, in_w, out_w = self._top_levels, self.depth, self.input_width, self.output_width
+        k, depth, out_w = self._top_levels, self.depth, self.output_width
         n_rows = rows.shape[0]
-        mine = np.arange(offset, offset + n_rows)
         top = self._top("index")
-        subtree = np.zeros(0, dtype=np.int64)
+        subtree = np.zeros(n_rows, dtype=np.int64)
         if n_rows:
-            top_swap = None if swap is None else swap[mine, :k]
+            top_swap = None if swap is None else swap[offset : offset + n_rows, :k]
             _, routed = ops.fff_hard_forward(rows, top, k, act, n_threads, top_swap, None)
-            subtree = routed["leaf"].astype(np.int64)
-        send = np.empty(n_rows, dtype=record_dtype(self.dtype, 3, x=in_w))
-        send["meta"][:, 0], send["meta"][:, 1] = mine, np.arange(n_rows)
-        send["meta"][:, 2], send["x"] = subtree, rows
-        holders = plan.owner(subtree)
-        _, got = exchange(self._comm, send, holders, self.traffic)
-        rec = got.records
-        # received by source, each source's rows in order; grouped here by subtree
-        local = rec["meta"][:, 2] - plan.first
-        group = np.argsort(local, kind="stable")
-        local, meta = local[group], rec["meta"][group]
-        xs = np.ascontiguousarray(rec["x"][group])
-        global_rows = meta[:, 0]
-        back = np.empty(len(group), dtype=record_dtype(self.dtype, 1, y=out_w))
-        back["meta"][:, 0] = meta[:, 1]
+            subtree[...] = routed["leaf"]
+        dest = plan.owner(subtree)
+        meta = np.stack([subtree, offset + np.arange(n_rows)], axis=1)  # the batch's row
+        order, counts, (xs, meta) = exchange(
+            self._comm, dest, [rows, meta], send_order(dest, subtree), self.traffic
+        )
+        ys = np.empty((xs.shape[0], out_w), dtype=self.dtype)
         entropy = 0.0
-        sources = np.repeat(np.arange(plan.size), got.counts)[group]
-        saved: dict = {"x": xs, "group": group, "rows": meta[:, 1], "sources": sources}
-        saved["holders"], saved["groups"] = holders, []
-        if len(group):
-            top_swap = None if swap is None else swap[global_rows, :k]
+        saved: dict = {"x": xs, "order": order, "dest": dest, "back": sources(counts)}
+        saved["groups"] = []
+        at = meta[:, 1]
+        if xs.shape[0]:
+            top_swap = None if swap is None else swap[at, :k]
             _, saved["top"] = ops.fff_hard_forward(xs, top, k, act, n_threads, top_swap, None)
             entropy += float(saved["top"]["entropy"].sum(dtype=np.float64))
-        starts = np.searchsorted(local, np.arange(plan.n_local + 1))
-        for sub in np.flatnonzero(np.diff(starts)):
-            a, b = starts[sub], starts[sub + 1]
-            sub_swap = None if swap is None else swap[global_rows[a:b], k:]
-            sub_drop = None if drop is None else drop[global_rows[a:b]]
-            y_sub, s = ops.fff_hard_forward(
-                xs[a:b], self._sub(int(sub)), depth - k, act, n_threads, sub_swap, sub_drop
+        for a, b, sub in self._runs(meta[:, 0]):
+            sub_swap = None if swap is None else swap[at[a:b], k:]
+            sub_drop = None if drop is None else drop[at[a:b]]
+            ys[a:b], part = ops.fff_hard_forward(
+                xs[a:b], self._sub(sub), depth - k, act, n_threads, sub_swap, sub_drop
             )
-            back["y"][a:b] = y_sub
-            saved["groups"].append((int(sub), a, b, s))
-            entropy += float(s["entropy"].sum(dtype=np.float64))
-        _, got = exchange(self._comm, back, sources, self.traffic)
+            saved["groups"].append((sub, a, b, part))
+            entropy += float(part["entropy"].sum(dtype=np.float64))
+        _, _, (back,) = exchange(self._comm, saved["back"], [ys], None, self.traffic)
         y = np.empty((n_rows, out_w), dtype=self.dtype)
-        y[got.records["meta"][:, 0]] = got.records["y"]
+        y[order if order is not None else slice(None)] = back
         return y, saved, entropy
 
     def _hard_backward(self, dy, saved, act, weight):
+        """dy goes where the rows went, in the same order, so it arrives beside them."""
         ops, n_threads, dtype = get_ops("cpu"), effective_n_threads(), self.dtype
-        in_w, out_w = self.input_width, self.output_width
-        send = np.empty(dy.shape[0], dtype=record_dtype(dtype, 0, dy=out_w))
-        send["dy"] = dy
-        _, got = exchange(self._comm, send, saved["holders"], self.traffic)
-        # dy arrive in the order the forward's rows did (by source, rows ascending)
+        order = saved["order"]
+        _, _, (dys,) = exchange(self._comm, saved["dest"], [dy], order, self.traffic)
         xs = saved["x"]
-        dys = np.ascontiguousarray(got.records["dy"][saved["group"]])
-        dxs = np.zeros((xs.shape[0], in_w), dtype=dtype)
+        dxs = np.zeros((xs.shape[0], self.input_width), dtype=dtype)
         scratch = {key: np.zeros_like(v) for key, v in self._top("index").items()}
-        for sub, a, b, s in saved["groups"]:
+        for sub, a, b, part in saved["groups"]:
             dxs[a:b] = ops.fff_hard_backward(
-                xs[a:b], dys[a:b], self._sub(sub), s, act, weight, self._sub_grads(sub), n_threads
+                xs[a:b],
+                dys[a:b],
+                self._sub(sub),
+                part,
+                act,
+                weight,
+                self._sub_grads(sub),
+                n_threads,
             )
         if xs.shape[0]:  # the top routers learn from the hardening term only
             zeros = np.zeros((xs.shape[0], 1), dtype=dtype)
             dxs += ops.fff_hard_backward(
                 xs, zeros, self._top("index"), saved["top"], act, weight, scratch, n_threads
             )
-        back = np.empty(xs.shape[0], dtype=record_dtype(dtype, 1, dx=in_w))
-        back["meta"][:, 0], back["dx"] = saved["rows"], dxs
-        _, got = exchange(self._comm, back, saved["sources"], self.traffic)
-        dx = np.empty((dy.shape[0], in_w), dtype=dtype)
-        dx[got.records["meta"][:, 0]] = got.records["dx"]
+        _, _, (back,) = exchange(self._comm, saved["back"], [dxs], None, self.traffic)
+        dx = np.empty((dy.shape[0], self.input_width), dtype=dtype)
+        dx[order if order is not None else slice(None)] = back
         self._top_grads(scratch)
         return dx
 

@@ -28,8 +28,9 @@ from ._common import (
     default_comm,
     exchange,
     fingerprint,
-    record_dtype,
     same_everywhere,
+    send_order,
+    sources,
     subtree_rows,
 )
 
@@ -236,32 +237,39 @@ class ShardedUltraFFF(_Sharded):
         k_out = (1.0 / ((self.depth + 1) * n_trees)) ** 0.5
         bias_at, out_at = total * in_w, total * in_w + total
 
-        def fill(w_in_rows, b_rows, w_out_rows, g0: int, count: int) -> None:
-            step = max(1, (1 << 22) // in_w)
-            for r0 in range(0, count, step):
-                r1 = min(count, r0 + step)
-                values = stream.uniform((g0 + r0) * in_w, (r1 - r0) * in_w, k_in)
-                w_in_rows[r0:r1] = values.reshape(r1 - r0, in_w)
-            b_rows[...] = stream.uniform(bias_at + g0, count, k_in)
-            for c0 in range(0, count, _COL_CHUNK):
-                c1 = min(count, c0 + _COL_CHUNK)
+        def fill(prefix: str, g0: int, local: np.ndarray) -> None:
+            """Global rows g0 .. g0 + len(local) of the whole layer into rows `local` of the
+            arrays prefix + w_in, b_in, w_out_t, at most _COL_CHUNK rows at a time (one draw
+            of linear_out.weight's row o covers them all)."""
+            w_in, b_in, w_out_t = (p[prefix + key] for key in ("w_in", "b_in", "w_out_t"))
+            for c0 in range(0, len(local), _COL_CHUNK):
+                c1 = min(len(local), c0 + _COL_CHUNK)
+                n_rows = c1 - c0
+                rows: np.ndarray | slice = local[c0:c1]
+                if local[c1 - 1] - local[c0] == n_rows - 1:  # one run: a view, not a scatter
+                    rows = slice(int(local[c0]), int(local[c0]) + n_rows)
+                step = max(1, (1 << 22) // in_w)
+                for r0 in range(0, n_rows, step):
+                    r1 = min(n_rows, r0 + step)
+                    values = stream.uniform((g0 + c0 + r0) * in_w, (r1 - r0) * in_w, k_in)
+                    if isinstance(rows, slice):
+                        w_in[rows.start + r0 : rows.start + r1] = values.reshape(r1 - r0, in_w)
+                    else:
+                        w_in[rows[r0:r1]] = values.reshape(r1 - r0, in_w)
+                b_in[rows] = stream.uniform(bias_at + g0 + c0, n_rows, k_in)
                 for o0 in range(0, out_w, _OUT_CHUNK):
                     o1 = min(out_w, o0 + _OUT_CHUNK)
-                    block = np.empty((o1 - o0, c1 - c0), dtype=self.dtype)
+                    block = np.empty((o1 - o0, n_rows), dtype=self.dtype)
                     for o in range(o0, o1):
-                        block[o - o0] = stream.uniform(out_at + o * total + g0 + c0, c1 - c0, k_out)
-                    w_out_rows[c0:c1, o0:o1] = block.T
+                        block[o - o0] = stream.uniform(out_at + o * total + g0 + c0, n_rows, k_out)
+                    w_out_t[rows, o0:o1] = block.T
 
         for t in range(n_trees):
-            mine = slice(t * self._n_top, (t + 1) * self._n_top)
-            top = (p["top_w_in"][mine], p["top_b_in"][mine], p["top_w_out_t"][mine])
-            fill(*top, t * n, self._n_top)
+            fill("top_", t * n, t * self._n_top + np.arange(self._n_top))
         for g0, local0, count, level in self._blocks():
-            width = 1 << level
-            for c in range(count):
-                start = (local0 + c) * self._n_sub + width - 1
-                rows = slice(start, start + width)
-                fill(p["w_in"][rows], p["b_in"][rows], p["w_out_t"][rows], g0 + c * width, width)
+            width = 1 << level  # subtree c's nodes at this level: local rows from `first`
+            first = (local0 + np.arange(count)) * self._n_sub + width - 1
+            fill("", g0, (first[:, None] + np.arange(width)).reshape(-1))
 
     # ---- kernels' views ----------------------------------------------------------------------
     def _top(self, t: int) -> dict:
@@ -305,7 +313,7 @@ class ShardedUltraFFF(_Sharded):
         rows = lead = None
         try:
             rows, lead = as_rows(x, in_w, dtype, np)
-            per_row = (in_w + 2 * out_w) * dtype.itemsize
+            per_row = (2 * in_w + 3 * out_w) * dtype.itemsize
             if train:  # each rank keeps its units' inputs and paths
                 per_row += n_trees * (in_w + (self.depth + 1) * 2) * 8
             check_fits_in_memory(
@@ -323,87 +331,106 @@ class ShardedUltraFFF(_Sharded):
         comm, n_threads = self._comm, effective_n_threads()
         n_rows = rows.shape[0]
         routes = self._routes(rows, act, n_threads)
-        meta_w = 2 + n_trees  # origin rank, row, the row's subtree in each tree
-        first = np.empty(n_rows, dtype=record_dtype(dtype, meta_w, x=in_w))
-        first["meta"][:, 0] = plan.rank
-        first["meta"][:, 1] = np.arange(n_rows)
-        first["meta"][:, 2:] = routes
-        first["x"] = rows
-        send, dest = first, plan.owner(routes[:, 0])
+        # Hop t takes every row to the owner of its tree-t subtree, sorted by subtree within
+        # each destination, so that each source's rows arrive in runs of one subtree. Rows
+        # carry their subtree in every tree, and past one tree where they come from.
+        if n_trees == 1:
+            meta = routes
+        else:
+            meta = np.concatenate(
+                [np.full((n_rows, 1), plan.rank), np.arange(n_rows)[:, None], routes], axis=1
+            )
+        column = 0 if n_trees == 1 else 2
+        dest = plan.owner(routes[:, 0])
+        first_order, counts, (xs, meta) = exchange(
+            comm, dest, [rows, meta], send_order(dest, routes[:, 0]), self.traffic
+        )
+        ys = None
         units = []
         for t in range(n_trees):
-            _, got = exchange(comm, send, dest, self.traffic)
-            rec = got.records
-            local = rec["meta"][:, 2 + t] - plan.first
-            group = np.argsort(local, kind="stable")
-            local = local[group]
-            meta = rec["meta"][group]
-            xs = np.ascontiguousarray(rec["x"][group])
-            if t:
-                ys = np.ascontiguousarray(rec["y"][group])
-            else:  # the first walk's sums start from zero
-                ys = np.zeros((len(group), out_w), dtype)
-            paths = self._walk(xs, ys, t, local, act, train, n_threads)
+            ys, paths = self._walk(xs, ys, t, meta[:, column + t], act, train, n_threads)
             if train:
-                units.append((t, xs, meta[:, :2], paths))
+                units.append((t, xs, meta, counts, paths))
             if t + 1 < n_trees:
-                send = np.empty(len(group), dtype=record_dtype(dtype, meta_w, x=in_w, y=out_w))
-                send["meta"], send["x"], send["y"] = meta, xs, ys
-                dest = plan.owner(meta[:, 3 + t])
-            else:
-                send = np.empty(len(group), dtype=record_dtype(dtype, 1, y=out_w))
-                send["meta"][:, 0], send["y"] = meta[:, 1], ys
-                dest = meta[:, 0].astype(np.intp)
-        _, got = exchange(comm, send, dest, self.traffic)
+                nxt = meta[:, column + t + 1]
+                dest = plan.owner(nxt)
+                _, counts, (xs, ys, meta) = exchange(
+                    comm, dest, [xs, ys, meta], send_order(dest, nxt), self.traffic
+                )
+        assert ys is not None
         y = np.empty((n_rows, out_w), dtype=dtype)
-        y[got.records["meta"][:, 0]] = got.records["y"]
-        saved = self._units(units, routes) if train else None
+        if n_trees == 1:  # back to the sources in the order they came: none to sort
+            _, _, (back,) = exchange(comm, sources(counts), [ys], None, self.traffic)
+            y[first_order if first_order is not None else slice(None)] = back
+        else:
+            _, _, (back, index) = exchange(comm, meta[:, 0], [ys, meta[:, 1]], None, self.traffic)
+            y[index] = back
+        saved = self._units(units, routes, first_order) if train else None
         return rows, lead, y, saved
 
-    def _walk(self, xs, ys, t, local, act, train, n_threads):
-        """Rows xs (grouped by their local subtree `local`) walk tree t from its root: the top
-        levels, then their subtree, adding into ys. Returns their paths when training: top
-        neuron ids (into the top arrays) and pre-activations, subtree neuron ids (into the
-        subtree arrays) and pre-activations."""
-        ops, k, depth = get_ops("cpu"), self._top_levels, self.depth
-        n = xs.shape[0]
+    def _walk(self, xs, ys, t, subtree, act, train, n_threads):
+        """Rows xs (arrived in runs of one subtree of tree t, `subtree` giving each row's) walk
+        tree t from its root: the top levels, then their subtree, adding into ys (None: from
+        zero). Returns ys and, when training, the paths: top neuron ids (into the top arrays)
+        and pre-activations, subtree neuron ids (into the subtree arrays) and
+        pre-activations."""
+        ops, k, depth, n = get_ops("cpu"), self._top_levels, self.depth, xs.shape[0]
         top_v = np.empty((n, k), dtype=np.intp)
         top_z = np.empty((n, k), dtype=self.dtype)
         sub_v = np.empty((n, depth - k + 1), dtype=np.intp)
         sub_z = np.empty((n, depth - k + 1), dtype=self.dtype)
-        if n == 0:
-            return top_v, top_z, sub_v, sub_z
-        if k:
-            _, v, z = ops.ultra_forward(xs, self._top(t), k - 1, 1, act, train, n_threads, y=ys)
+        if k and n:
+            ys, v, z = ops.ultra_forward(xs, self._top(t), k - 1, 1, act, train, n_threads, y=ys)
             if train:
                 top_v[...] = v + t * self._n_top
                 top_z[...] = z
-        starts = np.searchsorted(local, np.arange(self._plan.n_local + 1))
-        for sub in np.flatnonzero(np.diff(starts)):
-            a, b = starts[sub], starts[sub + 1]
+        if ys is None:
+            ys = np.zeros((n, self.output_width), dtype=self.dtype)
+        local = subtree - self._plan.first
+        starts = np.flatnonzero(np.diff(local, prepend=-1, append=-1))
+        for a, b in zip(starts[:-1], starts[1:]):
+            sub = int(local[a])
             _, v, z = ops.ultra_forward(
-                xs[a:b], self._sub(int(sub)), depth - k, 1, act, train, n_threads, y=ys[a:b]
+                xs[a:b], self._sub(sub), depth - k, 1, act, train, n_threads, y=ys[a:b]
             )
             if train:
                 sub_v[a:b] = v + sub * self._n_sub
                 sub_z[a:b] = z
-        return top_v, top_z, sub_v, sub_z
+        return ys, (top_v, top_z, sub_v, sub_z)
 
-    def _units(self, units, routes) -> dict:
-        """What backprop needs: this rank's units (a row's path in one tree), in (origin
-        rank, row, tree) order, the order in which their dy arrive."""
+    def _units(self, units, routes, first_order) -> dict:
+        """What backprop needs: this rank's units (a row's path in one tree), in the order in
+        which their dy will arrive: by origin rank, then tree, subtree and row (one tree: the
+        order they arrived in)."""
+        plan, n_trees = self._plan, self.parallel_size
+        holders = plan.owner(routes)
+        if n_trees == 1:
+            _, xs, _, counts, paths = units[0]
+            return {
+                "x": xs,
+                "back": sources(counts),
+                "dy": (holders[:, 0], first_order, None),
+                "paths": paths,
+            }
+        x = np.concatenate([u[1] for u in units])
+        meta = np.concatenate([u[2] for u in units])
         tree = np.concatenate([np.full(len(u[1]), u[0], dtype=np.int64) for u in units])
-        origin_row = np.concatenate([u[2] for u in units])
-        order = np.lexsort((tree, origin_row[:, 1], origin_row[:, 0]))
-        cat = [np.concatenate([u[3][i] for u in units]) for i in range(4)]
+        subtree = meta[np.arange(len(meta)), 2 + tree]
+        order = np.lexsort((meta[:, 1], subtree, tree, meta[:, 0]))
+        paths = tuple(np.concatenate([u[4][i] for u in units])[order] for i in range(4))
+        # the origin sends dy for (row, tree) to holders[row, tree], by destination, tree,
+        # subtree and row: the order above
+        n_rows = routes.shape[0]
+        flat_tree = np.tile(np.arange(n_trees), n_rows)
+        flat_holder = holders.reshape(-1)
+        dy_order = np.lexsort(
+            (np.repeat(np.arange(n_rows), n_trees), routes.reshape(-1), flat_tree, flat_holder)
+        )
         return {
-            "x": np.concatenate([u[1] for u in units])[order],
-            "origin": origin_row[order, 0].astype(np.intp),
-            "top_v": cat[0][order],
-            "top_z": cat[1][order],
-            "sub_v": cat[2][order],
-            "sub_z": cat[3][order],
-            "holders": self._plan.owner(routes),
+            "x": x[order],
+            "back": meta[order, 0].astype(np.intp),
+            "dy": (flat_holder, dy_order, n_trees),
+            "paths": paths,
         }
 
     def __call__(self, x):
@@ -441,15 +468,15 @@ class ShardedUltraFFF(_Sharded):
 
     def _backward(self, dy, saved, act):
         ops, comm, dtype = get_ops("cpu"), self._comm, self.dtype
-        in_w, out_w, n_trees = self.input_width, self.output_width, self.parallel_size
+        in_w, n_trees = self.input_width, self.parallel_size
         n_threads = effective_n_threads()
         n_rows = dy.shape[0]
-        # dy to the owner of each (row, tree): sent by destination, then row, then tree
-        send = np.empty(n_rows * n_trees, dtype=record_dtype(dtype, 0, dy=out_w))
-        send["dy"] = np.repeat(dy, n_trees, axis=0)
-        order, got = exchange(comm, send, saved["holders"].reshape(-1), self.traffic)
-        dys = np.ascontiguousarray(got.records["dy"])
+        # dy to the owner of each (row, tree), in the order its units are stored
+        dest, order, repeat = saved["dy"]
+        send = dy if repeat is None else np.repeat(dy, repeat, axis=0)
+        _, _, (dys,) = exchange(comm, dest, [send], order, self.traffic)
         xs = saved["x"]
+        top_v, top_z, sub_v, sub_z = saved["paths"]
         grads = self._allocate_grads()
         top_g = {
             "w_in": np.zeros_like(grads["top_w_in"]),
@@ -461,23 +488,23 @@ class ShardedUltraFFF(_Sharded):
             sub_g = {"w_in": grads["w_in"], "b_in": grads["b_in"], "w_out_t": grads["w_out_t"]}
             p = self._params
             sub_p = {"w_in": p["w_in"], "b_in": p["b_in"], "w_out_t": p["w_out_t"]}
-            dxs = ops.ultra_backward(
-                xs, dys, sub_p, sub_g, saved["sub_v"], saved["sub_z"], act, n_threads
-            )
+            dxs = ops.ultra_backward(xs, dys, sub_p, sub_g, sub_v, sub_z, act, n_threads)
             if self._top_levels:
                 dxs += ops.ultra_backward(
-                    xs, dys, self._top_all(), top_g, saved["top_v"], saved["top_z"], act, n_threads
+                    xs, dys, self._top_all(), top_g, top_v, top_z, act, n_threads
                 )
-        back = np.empty(xs.shape[0], dtype=record_dtype(dtype, 0, dx=in_w))
-        back["dx"] = dxs
-        _, got = exchange(comm, back, saved["origin"], self.traffic)
-        # the partial dx come back in the order the dy went out: row `order // n_trees`
-        parts = np.empty((n_rows * n_trees, in_w), dtype=dtype)
-        parts[order] = got.records["dx"]
-        parts = parts.reshape(n_rows, n_trees, in_w)
-        dx = parts[:, 0].copy()
-        for t in range(1, n_trees):
-            dx += parts[:, t]
+        _, _, (parts,) = exchange(comm, saved["back"], [dxs], None, self.traffic)
+        # the partial dx come back in the order the dy went out
+        if repeat is None:
+            dx = np.empty((n_rows, in_w), dtype=dtype)
+            dx[order if order is not None else slice(None)] = parts
+        else:
+            flat = np.empty((n_rows * n_trees, in_w), dtype=dtype)
+            flat[order] = parts
+            flat = flat.reshape(n_rows, n_trees, in_w)
+            dx = flat[:, 0].copy()
+            for t in range(1, n_trees):
+                dx += flat[:, t]
         allreduce_sum(comm, list(top_g.values()), self.traffic)
         for key in ("w_in", "b_in", "w_out_t"):
             grads["top_" + key] += top_g[key]
