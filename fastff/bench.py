@@ -604,6 +604,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="draw speedup and time vs depth of the `scaling` run (PNG)",
     )
+    parser.add_argument(
+        "--distributed",
+        action="store_true",
+        help="under `mpiexec -n R`: data- and tree-parallel training and inference steps over "
+        "MPI, and the bytes each collective moved (fastff.bench_distributed; needs mpi4py)",
+    )
 
 
 def _usage_problem(args: argparse.Namespace) -> str | None:
@@ -652,6 +658,8 @@ def main(args: argparse.Namespace) -> int:
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         return 2
+    if getattr(args, "distributed", False):
+        return _distributed(args)
     from . import bench_pipeline
 
     configs = args.configs or (["gpu-ufb"] if args.device == "cuda" else DEFAULT_CPU)
@@ -677,4 +685,19 @@ def main(args: argparse.Namespace) -> int:
     except OSError as exc:  # e.g. the disk filled up while writing the results
         print(f"error: cannot write the results: {exc}", file=sys.stderr)
         return 2
+    return 0
+
+
+def _distributed(args: argparse.Namespace) -> int:
+    if args.configs or args.device != "cpu" or args.plot_path:
+        print("error: --distributed takes no configs, --device or --plot", file=sys.stderr)
+        return 2
+    try:
+        import mpi4py  # noqa: F401
+    except ImportError:
+        print('error: --distributed needs mpi4py: pip install "fastff[mpi]"', file=sys.stderr)
+        return 2
+    from . import bench_distributed
+
+    bench_distributed.run(threads=args.threads, repeat=args.repeat, json_path=args.json_path)
     return 0

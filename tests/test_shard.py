@@ -275,3 +275,36 @@ def test_the_init_stream_is_read_at_any_position(dtype):
     for pos in (0, 1, 2, 999, 1000, 1001, 1002, 1003):
         for n in (1, 2, 5, 20):
             np.testing.assert_array_equal(reader.uniform(pos, n, 0.5), whole[pos : pos + n])
+
+
+@needs_mpiexec
+def test_distributed_bench_reports_steps_and_bytes(tmp_path):
+    """`mpiexec -n 2 python -m fastff bench --distributed`: per-step times of both kinds of
+    parallelism and the bytes each collective moved, as JSON."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from test_distributed import MPIEXEC, REPO
+
+    path = tmp_path / "bench.json"
+    command = [MPIEXEC, "-n", "2", sys.executable, "-m", "mpi4py", "-m", "fastff", "bench"]
+    proc = subprocess.run(
+        command + ["--distributed", "--repeat", "1", "--threads", "2", "--json", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env=dict(os.environ, PYTHONPATH=str(REPO)),
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    result = json.loads(path.read_text())
+    assert result["ranks"] == 2 and result["threads_per_rank"] == 1
+    assert result["data_parallel"]["allreduce_payload_bytes"] == (2 * 768 + 1) * 4095 * 4
+    tree = result["tree_parallel"]
+    assert tree["subtrees_per_rank"] == [4, 4] and tree["train_step_ms"] > 0
+    for moved in tree["inference_bytes"]:  # about half of each rank's rows go and come back
+        assert 0 < moved["alltoallv"] < 2048 * 2 * (768 * 4 + 8)
+    top = (2**3 - 1) * (768 + 1 + 768) * 4  # the top levels' gradients, summed over ranks
+    assert all(moved["allreduce"] == top for moved in tree["train_step_bytes"])
+    assert "data parallel" in proc.stdout and "tree parallel" in proc.stdout
