@@ -34,6 +34,9 @@ rng = np.random.default_rng(7)
 checked = 0
 for dtype in (np.float32, np.float64):
     X = rng.standard_normal((n_total, 3, 20)).astype(dtype)  # leading dimensions are kept
+    # NaN and infinities route as in the whole layer (NaN: left) and propagate alike
+    bad = X.copy()
+    bad[::7, 0, 3], bad[1::7, 1, :2], bad[2::7, 2, 5] = np.nan, np.inf, -np.inf
     for T in (1, 2):
         for k in (None, 0, 1, 2, 5):
             if T << (k or 0) < size:
@@ -43,6 +46,8 @@ for dtype in (np.float32, np.float64):
                                         seed=5)
                 sharded = fd.shard(whole, comm, top_levels=k)
                 assert np.array_equal(sharded(mine(X)), mine(whole(X))), (T, k, act)
+                got, expected = sharded(mine(bad)), mine(whole(bad))
+                assert np.array_equal(got, expected, equal_nan=True), (T, k, act)
                 built = fd.ShardedUltraFFF(20, 9, 5, parallel_size=T, activation=act,
                                            dtype=dtype, seed=5, comm=comm, top_levels=k)
                 for key, value in sharded.state_dict().items():
@@ -60,6 +65,7 @@ for dtype in (np.float32, np.float64):
         whole = fastff.FFF(20, 3, 9, 4, dtype=dtype, seed=6)
         sharded = fd.shard(whole, comm, top_levels=k)
         assert np.array_equal(sharded(mine(X)), mine(whole(X))), k
+        assert np.array_equal(sharded(mine(bad)), mine(whole(bad)), equal_nan=True), k
         built = fd.ShardedFFF(20, 3, 9, 4, dtype=dtype, seed=6, comm=comm, top_levels=k)
         assert np.array_equal(built(mine(X)), mine(whole(X))), k
         back = fd.unshard(built)

@@ -401,7 +401,11 @@ class ShardedFFF(_Sharded):
         n_rows = rows.shape[0]
         subtree = np.zeros(n_rows, dtype=np.int64)
         if n_rows:
-            subtree[...] = ops.fff_infer(rows, self._top("index"), k, act, n_threads)[:, 0]
+            index = ops.fff_infer(rows, self._top("index"), k, act, n_threads)[:, 0]
+            finite = np.isfinite(index)
+            subtree[finite] = index[finite]
+            if not finite.all():
+                subtree[~finite] = self._route_nonfinite(rows[~finite])
         dest = plan.owner(subtree)
         order, counts, (xs, got) = exchange(
             self._comm, dest, [rows, subtree], send_order(dest, subtree), self.traffic
@@ -413,6 +417,19 @@ class ShardedFFF(_Sharded):
         y = np.empty((n_rows, out_w), dtype=self.dtype)
         y[order if order is not None else slice(None)] = back
         return y.reshape(lead + (out_w,))
+
+    def _route_nonfinite(self, rows: np.ndarray) -> np.ndarray:
+        """The subtrees of rows holding NaN or infinities, whose stand-in leaf outputs are NaN
+        (x @ 0). Their router logits are NaN or infinite whatever the order of the sum (an
+        infinite term absorbs the finite ones), so NumPy's sum decides as the kernel's does:
+        right iff the logit is >= 0 (NaN: left)."""
+        w, b = self._params["top_node_w"], self._params["top_node_b"][:, 0]
+        node = np.zeros(rows.shape[0], dtype=np.intp)
+        with np.errstate(invalid="ignore", over="ignore"):
+            for _ in range(self._top_levels):
+                z = np.einsum("ij,ij->i", rows, w[node]) + b[node]
+                node = 2 * node + 1 + (z >= 0)
+        return node - self._n_top
 
     def _runs(self, subtree: np.ndarray):
         """(start, stop, local subtree) of each run of rows of one subtree."""
