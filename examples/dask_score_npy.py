@@ -7,7 +7,7 @@
 
 The input is a float32 .npy of shape (rows, width), written here in chunks if --input does not
 exist (about 0.5 GB at the defaults: it never sits in memory whole). It is opened with
-``numpy.load(mmap_mode="r")`` and wrapped in a dask array of 65,536-row blocks;
+``numpy.load(mmap_mode="r")`` in the tasks, 65,536 rows each (a dask array of such blocks);
 ``fastff.dask.predict`` maps an UltraFFF(width, 16, depth 12) over the blocks, each block one
 task, the layer shipped to each worker once. The scores stream back block by block into a
 memory-mapped output .npy, so neither side ever holds all rows. Each worker runs one fastff
@@ -34,6 +34,11 @@ def write_input(path, n_rows, width, seed=0, chunk=1 << 16):
         out[start:stop] = rng.standard_normal((stop - start, width), dtype=np.float32)
     out.flush()
     del out
+
+
+def read_rows(path, start, stop):
+    """Rows start..stop of a .npy, read on the worker that needs them."""
+    return np.array(np.load(path, mmap_mode="r")[start:stop])
 
 
 def main(argv=None):
@@ -77,13 +82,23 @@ def score(args, workdir, dask, da):
         t0 = time.perf_counter()
         write_input(source, args.rows, args.width)
         print(f"wrote {source}: {what} in {time.perf_counter() - t0:.1f} s")
-    x = np.load(source, mmap_mode="r")
+    x = np.load(source, mmap_mode="r")  # the header, and the sample checked at the end
     if x.ndim != 2 or x.dtype != np.float32:
         raise SystemExit(
             f"{source} must hold a float32 (rows, width) array, got {x.dtype} {x.shape}"
         )
     layer = fastff.UltraFFF(x.shape[1], 16, args.depth, seed=0)
-    dx = da.from_array(x, chunks=(1 << 16, -1))
+    # Each task reads its own block from the file: da.from_array(x) would put the whole
+    # memory map into the graph, which a cluster pickles as one array of every row.
+    edges = list(range(0, len(x), 1 << 16)) + [len(x)]
+    dx = da.concatenate(
+        [
+            da.from_delayed(
+                dask.delayed(read_rows)(source, a, b), shape=(b - a, x.shape[1]), dtype=x.dtype
+            )
+            for a, b in zip(edges[:-1], edges[1:])
+        ]
+    )
     y = fastff.dask.predict(layer, dx)
     target = args.output or os.path.join(workdir, "scores.npy")
     scores = np.lib.format.open_memmap(target, mode="w+", dtype=y.dtype, shape=y.shape)
