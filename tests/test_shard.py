@@ -145,6 +145,34 @@ for dt, tol in ((np.float64, 1e-12), (np.float32, 1e-6)):
           region_leak=0.2, dropout=0.1, dtype=dt, seed=4), {"hardening": 0.1}, "adamw", tol)
     train(f"fff soft {d} adamw", lambda: fastff.FFF(16, 4, 6, 4, region_leak=0.2, dropout=0.1,
           dtype=dt, seed=4), {"hardening": 0.1}, "adamw", tol)
+import functools
+
+
+# a model mixing replicated layers (allreduce_grads, op="sum") and a sharded one
+def model(sharded):
+    tree = fastff.UltraFFF(16, 16, 5, seed=2)
+    tree = fd.shard(tree, comm) if sharded else tree
+    linear = functools.partial(fastff.nn.Linear, seed=3)
+    return fastff.nn.Sequential(linear(8, 16, seed=1), fastff.nn.GELU(), tree, linear(16, 4))
+
+
+mixed, whole = model(True), model(False)
+opts = [AdamW(whole, lr=1e-2), AdamW(mixed, lr=1e-2)]
+for step in range(5):
+    X = rng.standard_normal((n_total, 8)).astype(np.float32)
+    T = rng.standard_normal((n_total, 4)).astype(np.float32)
+    y, backprop = whole.forward_train(X)
+    whole.zero_grad()
+    backprop((y - T) / n_total)
+    y, backprop = mixed.forward_train(mine(X))
+    mixed.zero_grad()
+    backprop((y - mine(T)) / n_total)
+    fd.allreduce_grads(mixed, comm, op="sum")  # leaves the sharded layer to itself
+    for o in opts:
+        o.step()
+ref, got = whole.state_dict(), mixed.state_dict()
+for key in ("0.weight", "0.bias", "3.weight", "3.bias"):
+    assert np.max(np.abs(got[key] - ref[key])) <= 1e-6, key
 if rank == 0:
     print("\\n".join(report))
     print("TRAINING OK")
@@ -207,6 +235,8 @@ y, backprop = sharded.forward_train(x)
 AdamW(sharded, lr=0.1).step()
 expect(RuntimeError, ["stale"], lambda: backprop(np.ones((5, 3))))
 expect(ValueError, ["CPU only"], lambda: sharded.to("cuda"))
+expect(TypeError, ["keeps the dtype"], lambda: sharded.astype(np.float64))
+expect(TypeError, ["float32 or float64"], lambda: fd.ShardedUltraFFF(8, 3, 3, dtype=np.float16))
 # the masks' stream must be the same everywhere
 fff = fd.ShardedFFF(8, 2, 3, 3, region_leak=0.5, seed=1, comm=comm)
 expect(ValueError, ["random streams differ"],

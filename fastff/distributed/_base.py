@@ -137,6 +137,14 @@ class _Sharded(Module):
             )
         return self
 
+    def astype(self, dtype):
+        """Not for shards: their dtype is fixed when they are built."""
+        raise TypeError(
+            f"{type(self).__name__} keeps the dtype it was built with ({self.dtype.name}): "
+            "build the shards with the dtype wanted (float32 or float64), or convert the whole "
+            "layer (unshard, astype) where it fits in one process"
+        )
+
     # ---- collectives ----------------------------------------------------------------------
     def _attached(self):
         if self._comm is None:
