@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import pickle
 from typing import Any
 
 import numpy as np
@@ -158,8 +159,11 @@ class _Sharded(Module):
         """The allgather every collective call starts with (see _common.agree)."""
         comm = self._attached()
         self._calls += 1
-        self.traffic["allgather"] = self.traffic.get("allgather", 0) + 64
-        return agree(comm, (what, self._calls) + tag, error, extra)
+        tag = (what, self._calls) + tag
+        message = None if error is None else (type(error).__name__, str(error))
+        sent = len(pickle.dumps((tag, message, extra), pickle.HIGHEST_PROTOCOL))  # as mpi4py
+        self.traffic["allgather"] = self.traffic.get("allgather", 0) + sent
+        return agree(comm, tag, error, extra)
 
     def attach(self, comm) -> None:
         """Use `comm` (whose size and this process's rank must be the shard's) from now on;

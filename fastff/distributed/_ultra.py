@@ -375,10 +375,11 @@ class ShardedUltraFFF(_Sharded):
         and pre-activations, subtree neuron ids (into the subtree arrays) and
         pre-activations."""
         ops, k, depth, n = get_ops("cpu"), self._top_levels, self.depth, xs.shape[0]
-        top_v = np.empty((n, k), dtype=np.intp)
-        top_z = np.empty((n, k), dtype=self.dtype)
-        sub_v = np.empty((n, depth - k + 1), dtype=np.intp)
-        sub_z = np.empty((n, depth - k + 1), dtype=self.dtype)
+        kept = n if train else 0
+        top_v = np.empty((kept, k), dtype=np.intp)
+        top_z = np.empty((kept, k), dtype=self.dtype)
+        sub_v = np.empty((kept, depth - k + 1), dtype=np.intp)
+        sub_z = np.empty((kept, depth - k + 1), dtype=self.dtype)
         if k and n:
             ys, v, z = ops.ultra_forward(xs, self._top(t), k - 1, 1, act, train, n_threads, y=ys)
             if train:
