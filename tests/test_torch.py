@@ -4,7 +4,9 @@ float64, input errors as the NumPy layers', zero-copy, threads and torch.compile
 without torch; the package comparisons skip without fastfeedforward, the CUDA ones without a
 GPU."""
 
+import ast
 import json
+import os
 import pathlib
 import subprocess
 import sys
@@ -458,18 +460,30 @@ class _Model(torch.nn.Module):
 
 def test_one_openmp_runtime_serves_torch_and_fastff():
     """The docstring's claim: torch's libgomp and the one fastff links share a soname, so the
-    process maps one of them, whichever loaded first (here both are loaded by now)."""
-    torch.ones(64, 64) @ torch.ones(64, 64)  # torch's parallel runtime in use
-    ft.UltraFFF(4, 3, 2)(torch.ones(300, 4))  # and fastff's
-    try:
-        with open("/proc/self/maps") as f:
-            maps = f.read()
-    except OSError:
+    process maps one of them, whichever loaded first. Checked in a fresh process holding only
+    the two, in both import orders (other packages in this one, scikit-learn among them, bring
+    their own copies under other sonames)."""
+    code = (
+        "import sys\n"
+        "first, second = sys.argv[1:]\n"
+        "mods = {name: __import__(name) for name in (first, second)}\n"
+        "import torch, fastff.torch as ft\n"
+        "torch.ones(64, 64) @ torch.ones(64, 64)\n"
+        "ft.UltraFFF(4, 3, 2)(torch.ones(300, 4))\n"
+        "maps = open('/proc/self/maps').read()\n"
+        "print(sorted({l.split()[-1] for l in maps.splitlines() if 'libgomp' in l}))\n"
+    )
+    if not os.path.exists("/proc/self/maps"):
         pytest.skip("no /proc/self/maps")
-    paths = {line.split()[-1] for line in maps.splitlines() if "libgomp" in line}
-    if not paths:
-        pytest.skip("neither torch nor fastff uses libgomp here")
-    assert len(paths) == 1, paths
+    for order in (("torch", "fastff"), ("fastff", "torch")):
+        done = subprocess.run(
+            [sys.executable, "-c", code, *order], capture_output=True, text=True, timeout=120
+        )
+        assert done.returncode == 0, done.stderr
+        paths = ast.literal_eval(done.stdout.strip().splitlines()[-1])
+        if not paths:
+            pytest.skip("neither torch nor fastff uses libgomp here")
+        assert len(paths) == 1, (order, paths)
 
 
 def test_torch_compile_breaks_the_graph_at_fastff():
