@@ -8,9 +8,9 @@ from typing import Any
 
 import numpy as np
 
-from .._validation import check_int
+from .._validation import as_rows, check_int
 from ..module import Module, initialising
-from ._common import Plan, agree, same_everywhere
+from ._common import Plan, agree, agree_seed, choose_top_levels, default_comm, same_everywhere
 
 _FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
 
@@ -29,6 +29,59 @@ class _Sharded(Module):
     KIND = ""
 
     # ---- construction ----------------------------------------------------------------------
+    def _build(self, comm, raw_config: dict, seed, top_levels) -> None:
+        """The constructors' common part: every rank checks the config, the ranks agree on it
+        and on the seed, then each allocates (and, unless fastff.load rebuilds it, draws) its
+        part. An error on any rank raises on every rank."""
+        kind = f"Sharded{self.KIND}"
+        comm = default_comm(comm)
+        error: BaseException | None = None
+        config: dict = {}
+        try:
+            config = self._normalize(raw_config)
+            n_trees, depth = self._tree_shape(config)
+            top_levels = choose_top_levels(top_levels, n_trees, depth, comm.Get_size(), self.KIND)
+        except (TypeError, ValueError, MemoryError) as exc:
+            error = exc
+        everyone = agree(comm, (kind,), error, {"config": config, "top_levels": top_levels})
+        same_everywhere(everyone, kind)
+        seed = agree_seed(comm, seed)
+        error = None
+        try:
+            self._init_local(config, top_levels, comm.Get_rank(), comm.Get_size(), comm)
+            self._seeded(seed)
+            if initialising():
+                self._draw(seed)
+        except MemoryError as exc:
+            error = exc
+        agree(comm, (f"{kind} built",), error)
+
+    def _backprop_rows(self, dy, version: int, call: int, lead: tuple):
+        """The sharded backprops' start, collective: dy checked on every rank (the module
+        unchanged since its forward, dy of y's shape), the ranks agreeing that all passed;
+        returns dy as rows."""
+        out_w = self.output_width
+        error: BaseException | None = None
+        dy_rows = None
+        try:
+            self._check_fresh(version, "cpu")
+            dy_rows, dy_lead = as_rows(dy, out_w, self.dtype, np, name="dy")
+            if dy_lead != lead:
+                raise ValueError(
+                    f"dy must have the shape of y, {lead + (out_w,)}, got {dy_lead + (out_w,)}"
+                )
+        except (TypeError, ValueError, RuntimeError, MemoryError) as exc:
+            error = exc
+        self._begin("backprop", error, None, call)
+        assert dy_rows is not None
+        return dy_rows
+
+    def _seeded(self, seed) -> None:
+        """Hook: state drawn from the agreed seed besides the weights."""
+
+    def _draw(self, seed) -> None:
+        raise NotImplementedError
+
     def _init_local(self, layer_config: dict, top_levels: int, rank: int, size: int, comm):
         Module.__init__(self, layer_config["dtype"])
         self._layer_config = dict(layer_config)
@@ -43,6 +96,19 @@ class _Sharded(Module):
     @staticmethod
     def _tree_shape(config: dict) -> tuple[int, int]:
         raise NotImplementedError
+
+    # ---- the layer's attributes, as the whole layer's ---------------------------------------
+    @property
+    def input_width(self) -> int:
+        return self._layer_config["input_width"]
+
+    @property
+    def output_width(self) -> int:
+        return self._layer_config["output_width"]
+
+    @property
+    def depth(self) -> int:
+        return self._layer_config["depth"]
 
     def _allocate(self) -> None:
         raise NotImplementedError

@@ -17,18 +17,16 @@ from .._validation import (
 )
 from ..backends import get_ops
 from ..layers import FFF
-from ..module import initialising, run_once
+from ..module import run_once
 from ..ops import ACTIVATIONS
 from ._base import _Sharded, check_shard_dtype
 from ._common import (
     InitStream,
     agree,
-    agree_seed,
     allgather_rows,
     allreduce_sum,
     blocks,
     choose_top_levels,
-    default_comm,
     exchange,
     fingerprint,
     reduce_scatter_rows,
@@ -103,39 +101,22 @@ class ShardedFFF(_Sharded):
         comm=None,
         top_levels=None,
     ):
-        comm = default_comm(comm)
-        error: BaseException | None = None
-        config: dict = {}
-        try:
-            config = self._normalize(
-                {
-                    "input_width": input_width,
-                    "leaf_width": leaf_width,
-                    "output_width": output_width,
-                    "depth": depth,
-                    "activation": activation,
-                    "dropout": dropout,
-                    "train_hardened": train_hardened,
-                    "region_leak": region_leak,
-                    "usage_mode": usage_mode,
-                    "dtype": dtype,
-                }
-            )
-            top_levels = choose_top_levels(top_levels, 1, config["depth"], comm.Get_size(), "FFF")
-        except (TypeError, ValueError, MemoryError) as exc:
-            error = exc
-        everyone = agree(comm, ("ShardedFFF",), error, {"config": config, "top_levels": top_levels})
-        same_everywhere(everyone, "ShardedFFF")
-        seed = agree_seed(comm, seed)
-        error = None
-        try:
-            self._init_local(config, top_levels, comm.Get_rank(), comm.Get_size(), comm)
-            self._train_rng = np.random.default_rng(seed).spawn(1)[0]  # as FFF's
-            if initialising():
-                self._draw(seed)
-        except MemoryError as exc:
-            error = exc
-        agree(comm, ("ShardedFFF built",), error)
+        raw = {
+            "input_width": input_width,
+            "leaf_width": leaf_width,
+            "output_width": output_width,
+            "depth": depth,
+            "activation": activation,
+            "dropout": dropout,
+            "train_hardened": train_hardened,
+            "region_leak": region_leak,
+            "usage_mode": usage_mode,
+            "dtype": dtype,
+        }
+        self._build(comm, raw, seed, top_levels)
+
+    def _seeded(self, seed) -> None:
+        self._train_rng = np.random.default_rng(seed).spawn(1)[0]  # as FFF's
 
     @classmethod
     def _normalize(cls, config: dict) -> dict:
@@ -222,20 +203,8 @@ class ShardedFFF(_Sharded):
     train_hardened = _setting("train_hardened", check_bool, "Train on the rounded path only.")
 
     @property
-    def input_width(self) -> int:
-        return self._layer_config["input_width"]
-
-    @property
     def leaf_width(self) -> int:
         return self._layer_config["leaf_width"]
-
-    @property
-    def output_width(self) -> int:
-        return self._layer_config["output_width"]
-
-    @property
-    def depth(self) -> int:
-        return self._layer_config["depth"]
 
     @property
     def usage_mode(self) -> str:
@@ -486,19 +455,7 @@ class ShardedFFF(_Sharded):
         @run_once
         def backprop(dy):
             """dy (..., output_width) -> dx (..., input_width); adds into grads. Collective."""
-            error: BaseException | None = None
-            dy_rows = None
-            try:
-                self._check_fresh(version, "cpu")
-                dy_rows, dy_lead = as_rows(dy, out_w, self.dtype, np, name="dy")
-                if dy_lead != lead:
-                    raise ValueError(
-                        f"dy must have the shape of y, {lead + (out_w,)}, got {dy_lead + (out_w,)}"
-                    )
-            except (TypeError, ValueError, RuntimeError, MemoryError) as exc:
-                error = exc
-            self._begin("backprop", error, None, call)
-            assert dy_rows is not None
+            dy_rows = self._backprop_rows(dy, version, call, lead)
             if hardened:
                 dx = self._hard_backward(dy_rows, saved, act, weight)
             else:

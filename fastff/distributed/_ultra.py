@@ -15,17 +15,15 @@ from .._validation import (
 )
 from ..backends import get_ops
 from ..layers import UltraFFF, _node_records
-from ..module import initialising, run_once
+from ..module import run_once
 from ..ops import ACTIVATIONS
 from ._base import _Sharded, check_shard_dtype
 from ._common import (
     InitStream,
     agree,
-    agree_seed,
     allreduce_sum,
     blocks,
     choose_top_levels,
-    default_comm,
     exchange,
     fingerprint,
     same_everywhere,
@@ -85,37 +83,15 @@ class ShardedUltraFFF(_Sharded):
         comm=None,
         top_levels=None,
     ):
-        comm = default_comm(comm)
-        error: BaseException | None = None
-        config: dict = {}
-        try:
-            config = self._normalize(
-                {
-                    "input_width": input_width,
-                    "output_width": output_width,
-                    "depth": depth,
-                    "parallel_size": parallel_size,
-                    "activation": activation,
-                    "dtype": dtype,
-                }
-            )
-            top_levels = choose_top_levels(
-                top_levels, config["parallel_size"], config["depth"], comm.Get_size(), "UltraFFF"
-            )
-        except (TypeError, ValueError, MemoryError) as exc:
-            error = exc
-        described = {"config": config, "top_levels": top_levels}
-        everyone = agree(comm, ("ShardedUltraFFF",), error, described)
-        same_everywhere(everyone, "ShardedUltraFFF")
-        seed = agree_seed(comm, seed)
-        error = None
-        try:
-            self._init_local(config, top_levels, comm.Get_rank(), comm.Get_size(), comm)
-            if initialising():
-                self._draw(seed)
-        except MemoryError as exc:
-            error = exc
-        agree(comm, ("ShardedUltraFFF built",), error)
+        raw = {
+            "input_width": input_width,
+            "output_width": output_width,
+            "depth": depth,
+            "parallel_size": parallel_size,
+            "activation": activation,
+            "dtype": dtype,
+        }
+        self._build(comm, raw, seed, top_levels)
 
     @classmethod
     def _normalize(cls, config: dict) -> dict:
@@ -167,18 +143,6 @@ class ShardedUltraFFF(_Sharded):
         }
 
     # ---- the layer's attributes -------------------------------------------------------------
-    @property
-    def input_width(self) -> int:
-        return self._layer_config["input_width"]
-
-    @property
-    def output_width(self) -> int:
-        return self._layer_config["output_width"]
-
-    @property
-    def depth(self) -> int:
-        return self._layer_config["depth"]
-
     @property
     def parallel_size(self) -> int:
         return self._layer_config["parallel_size"]
@@ -449,19 +413,7 @@ class ShardedUltraFFF(_Sharded):
         @run_once
         def backprop(dy):
             """dy (..., output_width) -> dx (..., input_width); adds into grads. Collective."""
-            error: BaseException | None = None
-            dy_rows = None
-            try:
-                self._check_fresh(version, "cpu")
-                dy_rows, dy_lead = as_rows(dy, out_w, self.dtype, np, name="dy")
-                if dy_lead != lead:
-                    raise ValueError(
-                        f"dy must have the shape of y, {lead + (out_w,)}, got {dy_lead + (out_w,)}"
-                    )
-            except (TypeError, ValueError, RuntimeError, MemoryError) as exc:
-                error = exc
-            self._begin("backprop", error, None, call)
-            assert dy_rows is not None
+            dy_rows = self._backprop_rows(dy, version, call, lead)
             dx = self._backward(dy_rows, saved, act)
             return dx.reshape(lead + (in_w,))
 
