@@ -514,3 +514,13 @@ def test_ultra_routing_stats_half_precision(rng):
     x = dyadic(rng, (100, 16), denom=8).astype(np.float32)
     full, half = layer.routing_stats(x), layer.astype("bfloat16").routing_stats(x)
     np.testing.assert_array_equal(full["node_counts"], half["node_counts"])
+
+
+def test_sharding_takes_a_plain_fff_config_and_refuses_the_master_leaf():
+    """fastff.distributed.shard reads FFF.get_config(), which now says master_leaf."""
+    from fastff.distributed._fff import ShardedFFF
+
+    plain = ShardedFFF._normalize(fastff.FFF(4, 2, 3, 2).get_config())
+    assert "master_leaf" not in plain and plain["depth"] == 2
+    with pytest.raises(ValueError, match="master leaf"):
+        ShardedFFF._normalize(fastff.FFF(4, 2, 3, 2, master_leaf=True).get_config())
