@@ -279,6 +279,31 @@ def test_balancing_spreads_a_collapsed_tree(hardened):
         assert losses[-1] < 0.5 * losses[0]
 
 
+def test_hardened_balancing_gradients_do_not_depend_on_the_thread_count(rng):
+    """The sparse products of the hardened balancing backward are summed in a fixed order."""
+    layer = fastff.FFF(30, 4, 5, 4, "gelu", train_hardened=True, region_leak=0.2, seed=2)
+    x = rng.standard_normal((300, 30)).astype(np.float32)
+    dy = rng.standard_normal((300, 5)).astype(np.float32)
+    n = fastff.get_num_threads()
+    results = []
+    try:
+        for threads in (1, 2, 3):
+            fastff.set_num_threads(threads)
+            layer.zero_grad()
+            y, backprop = layer.forward_train(
+                x, rng=np.random.default_rng(0), hardening=0.3, load_balancing=2.0
+            )
+            results.append((backprop(dy), {k: v.copy() for k, v in layer.grads.items()}))
+    finally:
+        fastff.set_num_threads(n)
+    dx0, g0 = results[0]
+    assert g0["node_weights"].any()
+    for dx, g in results[1:]:
+        np.testing.assert_array_equal(dx, dx0)
+        for key in g0:
+            np.testing.assert_array_equal(g[key], g0[key])
+
+
 # ---- master leaf: parameters, counts, files ------------------------------------------------------
 
 
