@@ -226,6 +226,13 @@ def to_torch_state_dict(layer: Module) -> dict:
         raise ImportError("to_torch_state_dict needs PyTorch (pip install torch)") from exc
     if not isinstance(layer, Module):
         raise TypeError(f"layer must be a fastff module, got {type(layer).__name__}")
+    for prefix, module in layer._prefixed_modules():
+        if isinstance(module, FFF) and module.master_leaf:
+            raise ValueError(
+                f"{prefix or 'the layer'} is an FFF with a master leaf, which the "
+                "fastfeedforward package's FFF does not have; its state_dict() holds the "
+                "master.* arrays beside the package's keys"
+            )
     out = {k: torch.from_numpy(v) for k, v in layer.state_dict().items()}
     for prefix, module in layer._prefixed_modules():
         if isinstance(module, FFF):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from . import _balance, _master, _routing
 from ._threads import effective_n_threads
 from ._validation import (
     HALF_DTYPES,
@@ -211,6 +212,16 @@ class UltraFFF(Module):
         """Neurons a row evaluates at inference: parallel_size * (depth + 1)."""
         return self.parallel_size * (self.depth + 1)
 
+    def routing_stats(self, x) -> dict:
+        """Where inference routes the rows of x (..., input_width): a dict of host values,
+        ``rows``; ``node_counts`` (parallel_size * n_nodes,) int64, the rows visiting each
+        neuron (state-dict order); ``leaf_counts`` (parallel_size, 2**depth), the rows ending
+        at each bottom neuron of each tree; ``dead_node_fraction`` and ``dead_leaf_fraction``
+        (never visited); ``routing_entropy`` (bits, of each tree's leaf histogram, averaged
+        over the trees; at most depth) and ``max_routing_entropy`` (depth). See
+        fastff._routing."""
+        return _routing.ultra_stats(self, x)
+
     def _forward(self, x, save_path):
         # plain attributes, not the public properties: a batch-1 call is a few microseconds
         ops, dtype, depth, n_trees = self.ops, self.compute_dtype, self._depth, self._parallel_size
@@ -281,14 +292,23 @@ class FFF(Module):
     ``layer(x)``: hard inference, x (..., input_width) -> (..., output_width): right at node n iff
     ``x @ node_weights[n] + node_biases[n] >= 0``, then only the reached leaf is evaluated.
 
-    ``layer.forward_train(x, rng=None, hardening=0.0) -> (y, backprop)``: soft training (every
-    leaf, mixed by the products of the router sigmoids along each leaf's path), or, with
-    ``train_hardened``, the rounded path only. ``region_leak`` and ``dropout`` act here only.
+    ``layer.forward_train(x, rng=None, hardening=0.0, load_balancing=0.0) -> (y, backprop)``:
+    soft training (every leaf, mixed by the products of the router sigmoids along each leaf's
+    path), or, with ``train_hardened``, the rounded path only. ``region_leak`` and ``dropout``
+    act here only; ``load_balancing`` weighs a leaf-usage balancing term (forward_train).
+
+    Master leaf (``master_leaf=True``; fastff._master): one more leaf MLP of ``leaf_width``
+    hidden units that every row evaluates, in training and at inference, mixed in as
+    ``y = (1 - s) * y_tree + s * y_master`` with ``s = sigmoid(master.mix)`` learned (starting
+    at 0, s = 1/2). Dropout and region leak act on the tree only.
 
     Parameters (state_dict, the package's keys and shapes): ``node_weights`` (n_nodes, in),
     ``node_biases`` (n_nodes, 1), ``w1s`` (n_leaves, in, leaf), ``b1s`` (n_leaves, leaf),
-    ``w2s`` (n_leaves, leaf, out), ``b2s`` (n_leaves, out). ``load_state_dict`` also takes the
-    package's own state dict, with its ``depth`` entry (checked) and usage counters.
+    ``w2s`` (n_leaves, leaf, out), ``b2s`` (n_leaves, out); with the master leaf also
+    ``master.w1`` (in, leaf), ``master.b1`` (leaf,), ``master.w2`` (leaf, out), ``master.b2``
+    (out,) and ``master.mix`` (1,), the logit of s. ``load_state_dict`` also takes the
+    package's own state dict (master_leaf=False), with its ``depth`` entry (checked) and usage
+    counters.
 
     Usage counters (``usage_mode`` "soft" or "hard"; None for "none"): ``node_usage``
     (n_nodes,) and ``leaf_usage`` (n_leaves,), float64, added to by every ``forward_train``:
@@ -296,19 +316,24 @@ class FFF(Module):
     counts the rows whose rounded path visits it. ``reset_usage()`` zeroes them. (For a node
     below the root the package adds its parent's decision weight summed over every row, reaching
     the parent or not; fastff counts the reach, which is what a per-node optimizer step means
-    by use, and which hardened training can count in O(depth).)
+    by use, and which hardened training can count in O(depth).) These are the package's
+    attributes, so the routing diagnostics of a batch are a method of another name,
+    ``routing_stats(x)``: leaf and node histograms of the hard routes, dead leaves, entropy.
 
     Arguments: ``input_width``, ``leaf_width``, ``output_width`` (>= 1); ``depth`` (>= 0);
     ``activation`` of the leaves, "relu" (the package's default), "gelu" or "identity";
     ``dropout`` rate on leaf activations and ``region_leak`` swap probability, both in [0, 1)
     and used by ``forward_train`` only; ``train_hardened``; ``usage_mode`` "none", "soft" or
-    "hard"; ``dtype`` numpy.float32, numpy.float64, or for inference "bfloat16" or
-    numpy.float16 (16-bit weights, float32 inputs, outputs and sums; train in float32, then
-    ``layer.astype("bfloat16")``); ``seed`` for the initialisation (the package's) and the
-    default stream of training masks.
+    "hard"; ``master_leaf`` (keyword; default False); ``dtype`` numpy.float32, numpy.float64,
+    or for inference "bfloat16" or numpy.float16 (16-bit weights, float32 inputs, outputs and
+    sums; train in float32, then ``layer.astype("bfloat16")``); ``seed`` for the
+    initialisation (the package's; the master leaf is drawn after the tree, like one more
+    leaf, so the tree's weights do not depend on master_leaf) and the default stream of
+    training masks.
     """
 
     input_width = _fixed("input_width", "Width of the input rows.")
+    master_leaf = _fixed("master_leaf", "Whether every row also evaluates the master leaf.")
     leaf_width = _fixed("leaf_width", "Hidden width of each leaf MLP.")
     output_width = _fixed("output_width", "Width of the output rows.")
     depth = _fixed("depth", "Depth of the router tree (a row takes depth decisions).")
@@ -349,11 +374,13 @@ class FFF(Module):
         region_leak=0.0,
         usage_mode="none",
         *,
+        master_leaf=False,
         dtype=np.float32,
         seed=None,
     ):
         super().__init__(dtype, half=True)
         self._input_width = check_width(input_width, "input_width")
+        self._master_leaf = check_bool(master_leaf, "master_leaf")
         self._leaf_width = check_width(leaf_width, "leaf_width")
         self._output_width = check_width(output_width, "output_width")
         self._depth = check_depth(depth, "FFF")
@@ -365,8 +392,9 @@ class FFF(Module):
         self._n_nodes = 2**self.depth - 1
         self._n_leaves = 2**self.depth
         in_w, leaf_w, out_w = self.input_width, self.leaf_width, self.output_width
+        n_leaf_mlps = self.n_leaves + self.master_leaf
         check_fits_in_memory(
-            (self.n_nodes * (in_w + 1) + self.n_leaves * (leaf_w * (in_w + 1 + out_w) + out_w))
+            (self.n_nodes * (in_w + 1) + n_leaf_mlps * (leaf_w * (in_w + 1 + out_w) + out_w))
             * self.dtype.itemsize,
             f"FFF(depth={self.depth}, {in_w}->{leaf_w}->{out_w}, {self.dtype}) parameters",
         )
@@ -393,9 +421,20 @@ class FFF(Module):
             "w2s": ("w2", None),
             "b2s": ("b2", None),
         }
+        if self.master_leaf:  # one more leaf, drawn as the tree's leaves are (fastff._master)
+            self._params.update(
+                master_w1t=_uniform(rng, (leaf_w, in_w), k_in, self.dtype),
+                master_b1=_uniform(rng, (leaf_w,), k_in, self.dtype),
+                master_w2=_uniform(rng, (leaf_w, out_w), k_leaf, self.dtype),
+                master_b2=_uniform(rng, (out_w,), k_leaf, self.dtype),
+                master_mix=_aligned_empty((1,), self.dtype),
+            )
+            self._params["master_mix"][...] = 0
+            self._anchor.update(_master.ANCHOR)
         self.node_usage = self.leaf_usage = None
         self.reset_usage()
         self.last_mean_entropy = None  # float after the first forward_train
+        self.last_balance_loss = None  # float after the first forward_train
         self._pending_usage = {}
 
     def __repr__(self):
@@ -403,8 +442,8 @@ class FFF(Module):
             f"FFF({self.input_width}, {self.leaf_width}, {self.output_width}, "
             f"depth={self.depth}, activation={self.activation!r}, dropout={self.dropout}, "
             f"train_hardened={self.train_hardened}, region_leak={self.region_leak}, "
-            f"usage_mode={self.usage_mode!r}, dtype={self.dtype.name}, "
-            f"device={self.device!r})"
+            f"usage_mode={self.usage_mode!r}, master_leaf={self.master_leaf}, "
+            f"dtype={self.dtype.name}, device={self.device!r})"
         )
 
     def get_config(self) -> dict:
@@ -418,13 +457,31 @@ class FFF(Module):
             "train_hardened": self.train_hardened,
             "region_leak": self.region_leak,
             "usage_mode": self.usage_mode,
+            "master_leaf": self.master_leaf,
             "dtype": self.dtype.name,
         }
 
     @property
     def training_width(self) -> int:
-        """Hidden units soft training evaluates per row (the width of the equivalent dense FF)."""
-        return self.n_leaves * self.leaf_width
+        """Hidden units soft training evaluates per row (the width of the equivalent dense FF):
+        n_leaves * leaf_width, plus leaf_width for the master leaf."""
+        return (self.n_leaves + self.master_leaf) * self.leaf_width
+
+    @property
+    def neurons_per_inference(self) -> int:
+        """Neurons a row evaluates at inference: depth routers and one leaf's leaf_width hidden
+        units, plus leaf_width for the master leaf."""
+        return self.depth + (1 + self.master_leaf) * self.leaf_width
+
+    def routing_stats(self, x) -> dict:
+        """Where inference routes the rows of x (..., input_width): a dict of host values,
+        ``rows``; ``leaf_counts`` (n_leaves,) and ``node_counts`` (n_nodes,), int64 (rows
+        reaching each leaf, visiting each router); ``dead_leaf_fraction`` (leaves no row
+        reaches); ``routing_entropy`` (bits, of the leaf histogram; at most depth) and
+        ``max_routing_entropy`` (depth); ``balance`` (n_leaves * sum_l f_l**2 of the hard
+        fractions: 1.0 uniform, n_leaves all in one leaf). Not ``leaf_usage`` / ``node_usage``,
+        which are the training usage counters of the package's API. See fastff._routing."""
+        return _routing.fff_stats(self, x)
 
     # ---- usage counters (what the package's LocalSGD / LocalAdam read) ------------------------
     def reset_usage(self) -> None:
@@ -524,7 +581,10 @@ class FFF(Module):
             rows.shape[0] * self.output_width * self.compute_dtype.itemsize,
             lambda: f"inference of FFF(depth={self.depth}) on {rows.shape[0]} rows",
         )
-        y = ops.fff_infer(rows, self._params, self.depth, self.activation, effective_n_threads())
+        p, n_threads = self._params, effective_n_threads()
+        y = ops.fff_infer(rows, p, self.depth, self.activation, n_threads)
+        if self.master_leaf:
+            y = _master.infer(ops, rows, p, y, self.activation, n_threads)
         return y.reshape(lead + (self.output_width,))
 
     def _draw_masks(self, rng, n_rows: int):
@@ -537,15 +597,16 @@ class FFF(Module):
             n_cols = self.depth if self.train_hardened else self.n_nodes
             swap = rng.random((n_rows, n_cols)) < self.region_leak
         if self.dropout > 0:
-            n_cols = self.leaf_width if self.train_hardened else self.training_width
+            n_cols = self.leaf_width * (1 if self.train_hardened else self.n_leaves)
             keep = rng.random((n_rows, n_cols), dtype=self.dtype) >= self.dropout
             drop = keep.astype(self.dtype)
             drop *= self.dtype.type(1.0 / (1.0 - self.dropout))
         return swap, drop
 
-    def forward_train(self, x, *, rng=None, hardening=0.0):
+    def forward_train(self, x, *, rng=None, hardening=0.0, load_balancing=0.0):
         """Training forward: returns (y, backprop); ``backprop(dy) -> dx`` adds into
-        ``layer.grads`` the gradients of ``sum(y * dy) + hardening * mean_entropy``.
+        ``layer.grads`` the gradients of ``sum(y * dy) + hardening * mean_entropy +
+        load_balancing * balance``.
 
         Soft (default): every leaf on every row, mixed by path products of the router sigmoids;
         cost of a dense FF of width n_leaves * leaf_width. ``train_hardened``: decisions rounded
@@ -559,6 +620,15 @@ class FFF(Module):
         averages over all nodes there too, which would cost the dense O(n_nodes * in) per row).
         0.0 when there are no decisions (depth 0 or no rows).
 
+        balance (``layer.last_balance_loss``, whatever load_balancing is; fastff._balance and
+        fastff.reference's fff_balance): soft, ``n_leaves * sum_l f_l**2`` with f_l the mean
+        mixture weight of leaf l over the batch (1.0 when the leaves share the rows evenly, up
+        to n_leaves), differentiable through the router sigmoids; hardened, the Switch
+        Transformer's ``n_leaves * sum_l f_l * P_l``, f_l the fraction of rows reaching leaf l
+        (a count, no gradient), P_l the mean over rows of [row reaches l] times the product of
+        the branch weights its path took (after region leak), whose gradient reaches the
+        visited routers only. 0.0 for a batch without rows. load_balancing >= 0 (finite).
+
         rng: NumPy Generator for the region-leak and dropout masks (default: the layer's own
         stream, seeded from ``seed``). Usage counters are updated here.
         """
@@ -568,6 +638,7 @@ class FFF(Module):
                 f"inference; train in float32 and convert with layer.astype({self.dtype.name!r})"
             )
         hardening = check_nonnegative(hardening, "hardening")
+        load_balancing = check_nonnegative(load_balancing, "load_balancing")
         if rng is None:
             rng = self._train_rng
         elif not isinstance(rng, np.random.Generator):
@@ -578,16 +649,23 @@ class FFF(Module):
         rows, lead = as_rows(x, self.input_width, self.dtype, ops.xp)
         n_rows = rows.shape[0]
         hardened, activation = self.train_hardened, self.activation
+        # the master leaf keeps its hidden units (3x) and both outputs of every row
+        master_floats = (3 * self.leaf_width + 2 * self.output_width) * self.master_leaf
         if not hardened:  # soft training keeps every leaf's hidden units of every row
             check_fits_in_memory(
                 n_rows
-                * (4 * self.training_width + 3 * (self.n_nodes + self.n_leaves))
+                * (
+                    4 * self.n_leaves * self.leaf_width
+                    + 3 * (self.n_nodes + self.n_leaves)
+                    + master_floats
+                )
                 * self.dtype.itemsize,
                 f"soft training of FFF(depth={self.depth}) on {n_rows} rows",
             )
         else:  # y, the path (intp and logits), the leaf, its hidden units, dropout masks
             per_row = (
-                (self.output_width + self.depth + 2 * self.leaf_width + 1) * self.dtype.itemsize
+                (self.output_width + self.depth + 2 * self.leaf_width + 1 + master_floats)
+                * self.dtype.itemsize
                 + (self.depth + 1) * np.dtype(np.intp).itemsize
                 + self.depth
             )
@@ -604,9 +682,15 @@ class FFF(Module):
         if hardened:
             y, saved = ops.fff_hard_forward(rows, p, self.depth, activation, n_threads, swap, drop)
             n_decisions = n_rows * self.depth
+            balance = _balance.hard_loss(saved, self.n_nodes, self.n_leaves, ops.xp)
         else:
             y, saved = ops.fff_soft_forward(rows, p, activation, n_threads, swap, drop)
             n_decisions = n_rows * self.n_nodes
+            balance = _balance.soft_loss(saved["mix"])
+        self.last_balance_loss = balance
+        master_saved = None
+        if self.master_leaf:
+            y, master_saved = _master.train_forward(ops, rows, p, y, activation, n_threads)
         self.last_mean_entropy = (
             float(saved["entropy"].sum(dtype=np.float64)) / n_decisions if n_decisions else 0.0
         )
@@ -620,10 +704,18 @@ class FFF(Module):
             """dy (..., output_width), the shape of y -> dx (..., input_width); adds the
             parameter gradients into layer.grads."""
             dy_rows, g = self._backprop_inputs(dy, version, device, lead, self.output_width)
+            n_threads = effective_n_threads()
+            dx_master = None
+            if master_saved is not None:  # dy_rows becomes the tree's share of dy
+                dy_rows, dx_master = _master.backward(
+                    ops, rows, dy_rows, p, g, master_saved, activation, n_threads
+                )
             backward = ops.fff_hard_backward if hardened else ops.fff_soft_backward
             dx = backward(
-                rows, dy_rows, p, saved, activation, entropy_weight, g, effective_n_threads()
+                rows, dy_rows, p, saved, activation, entropy_weight, g, n_threads, load_balancing
             )
+            if dx_master is not None:
+                dx += dx_master
             return dx.reshape(lead + (self.input_width,))
 
         return y.reshape(out_shape), backprop

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from . import _cmm
+from . import _balance, _cmm
 
 ACTIVATIONS = dict(_cmm.ACTIVATIONS)
 HALF_KINDS = dict(_cmm.HALF_KINDS)  # half-precision storage dtype name -> the kernels' code
@@ -214,9 +214,11 @@ class Ops:
         }
         return y, saved
 
-    def fff_soft_backward(self, x, dy, p, saved, act, entropy_weight, g, n_threads):
+    def fff_soft_backward(self, x, dy, p, saved, act, entropy_weight, g, n_threads, balance=0.0):
         """Adds the soft-mixture gradients into g; returns dx (B, in). entropy_weight scales each
-        (row, node) entropy's gradient (hardening / (B * n_nodes))."""
+        (row, node) entropy's gradient (hardening / (B * n_nodes)); balance weighs the
+        load-balancing term n_leaves * sum_l f_l**2 (fastff._balance), whose gradient joins
+        the mixture weights' before the router backward."""
         n_leaves, leaf_w = p["w1t"].shape[0], p["w1t"].shape[1]
         w1_flat = p["w1t"].reshape(n_leaves * leaf_w, -1)
         w2_flat = p["w2"].reshape(n_leaves * leaf_w, -1)
@@ -242,6 +244,8 @@ class Ops:
         dx = dh @ w1_flat
         q = saved["q"]
         if q.shape[1] > 0:
+            if balance and q.shape[0] > 0:
+                dmix += _balance.soft_dmix(mix, balance)
             dz = self.xp.empty_like(q)
             self._run(
                 self.cmm.fff_soft_router_backward,
@@ -287,9 +291,11 @@ class Ops:
         saved.update(masks)
         return y, saved
 
-    def fff_hard_backward(self, x, dy, p, saved, act, entropy_weight, g, n_threads):
+    def fff_hard_backward(self, x, dy, p, saved, act, entropy_weight, g, n_threads, balance=0.0):
         """Adds the hardened-path gradients into g; returns dx (B, in). entropy_weight scales
-        each visited node's entropy gradient (hardening / (B * depth))."""
+        each visited node's entropy gradient (hardening / (B * depth)); balance weighs the
+        load-balancing term n_leaves * sum_l f_l * P_l (fastff._balance), whose gradient
+        reaches the visited nodes only."""
         dx = self.xp.empty_like(x)
         self._run(
             self.cmm.fff_hard_train_backward,
@@ -317,7 +323,30 @@ class Ops:
             g["b2"],
             n_threads,
         )
+        n_rows, depth = saved["path"].shape
+        if balance and n_rows and depth:
+            n_nodes, n_leaves = p["node_w"].shape[0], p["w1t"].shape[0]
+            dz = _balance.hard_dz(saved, n_nodes, n_leaves, balance, self.xp)
+            # rows x nodes, one entry per visited node: dz's gradient of the router weights
+            # and of x at O(depth * in) per row
+            sparse = self._csr_rows(dz, saved["path"], n_nodes)
+            g["node_w"][...] += sparse.T @ x
+            g["node_b"].reshape(-1)[...] += self.xp.bincount(
+                saved["path"].reshape(-1), weights=dz.reshape(-1), minlength=n_nodes
+            ).astype(dz.dtype)
+            dx += sparse @ p["node_w"]
         return dx
+
+    def _csr_rows(self, values, columns, n_columns):
+        """A CSR matrix (rows, n_columns) with values[r, k] at column columns[r, k] (each row's
+        columns ascending, as a path's nodes are)."""
+        import scipy.sparse
+
+        n_rows, per_row = values.shape
+        indptr = np.arange(0, n_rows * per_row + 1, per_row)
+        return scipy.sparse.csr_matrix(
+            (values.reshape(-1), columns.reshape(-1), indptr), shape=(n_rows, n_columns)
+        )
 
 
 def _fff_weights(p):

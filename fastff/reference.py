@@ -85,6 +85,20 @@ def dense_forward(x, w1, b1, w2, activation):
 # n_nodes + l. Parameters in the package's layout: node_weights (n_nodes, in), node_biases
 # (n_nodes, 1), w1s (n_leaves, in, leaf), b1s (n_leaves, leaf), w2s (n_leaves, leaf, out),
 # b2s (n_leaves, out).
+#
+# Master leaf (FFF(master_leaf=True)): one more leaf MLP every row evaluates, master.w1 (in, leaf),
+# master.b1 (leaf,), master.w2 (leaf, out), master.b2 (out,), mixed in by s = sigmoid(master.mix)
+# (master.mix of shape (1,)): y = (1 - s) * y_tree + s * y_master, in training and inference.
+#
+# Load balancing (forward_train(load_balancing=alpha)): alpha times a term over the leaf-usage
+# fractions of the batch, minimal (1.0) when every leaf takes the same share of rows:
+#   soft:     f_l = mean over rows of the mixture weight mix_l;  L = n_leaves * sum_l f_l**2
+#   hardened: f_l = fraction of rows reaching leaf l (no gradient); P_l = mean over rows of
+#             [row reaches l] * prod of the chosen branch weights on its path (q or 1 - q after
+#             region leak, the Switch Transformer's router probability);
+#             L = n_leaves * sum_l f_l * P_l
+
+MASTER_KEYS = ("master.w1", "master.b1", "master.w2", "master.b2", "master.mix")
 
 ENTROPY_EPS = 1e-6  # the clamp of the package's compute_entropy_safe
 
@@ -116,7 +130,23 @@ def fff_infer(x, params, activation):
     z = x @ params["node_weights"].T + params["node_biases"].T
     _, leaf = fff_hard_paths(z, (z >= 0).astype(np.intp))
     _, _, f = fff_leaves(x, params, activation)
-    return f[np.arange(x.shape[0]), leaf]
+    y = f[np.arange(x.shape[0]), leaf]
+    if "master.w1" not in params:
+        return y
+    s = fff_master_share(params)
+    return (1 - s) * y + s * fff_master_forward(x, params, activation)[2]
+
+
+def fff_master_share(params):
+    """s = sigmoid(master.mix), the master leaf's share of the output."""
+    return float(1 / (1 + np.exp(-np.asarray(params["master.mix"], np.float64).reshape(-1)[0])))
+
+
+def fff_master_forward(x, params, activation):
+    """The master leaf on every row: -> hpre (B, leaf), a = act(hpre), y_master (B, out)."""
+    hpre = x @ params["master.w1"] + params["master.b1"]
+    a = act(activation, hpre)
+    return hpre, a, a @ params["master.w2"] + params["master.b2"]
 
 
 def fff_entropy(q):
@@ -132,7 +162,8 @@ def fff_entropy(q):
 
 
 def fff_train_forward(x, params, activation, *, hardened=False, swap=None, drop=None):
-    """Training forward of the package's training_forward, written densely.
+    """Training forward of the package's training_forward, written densely (plus fastff's
+    master leaf where params hold its keys, and the load-balancing term in the cache).
 
     swap (B, n_nodes) bool: region-leak swaps (the right weight q becomes 1 - sigmoid(z));
     drop (B, L, leaf): dropout keep mask with its 1/(1-rate) scale. Soft: each branch weighs q or
@@ -159,6 +190,13 @@ def fff_train_forward(x, params, activation, *, hardened=False, swap=None, drop=
     counted = reach[:, :n_nodes] if hardened else np.ones(z.shape)  # 0/1 visited when hardened
     n_counted = counted.sum()
     mean_entropy = float((h * counted).sum() / n_counted) if n_counted else 0.0
+    balance = fff_balance(mix, q, d, counted, hardened)
+    master = None
+    if "master.w1" in params:
+        s = fff_master_share(params)
+        y_tree = y
+        master = (s, y_tree, *fff_master_forward(x, params, activation))
+        y = (1 - s) * y_tree + s * master[4]
     cache = dict(
         x=x,
         z=z,
@@ -174,17 +212,50 @@ def fff_train_forward(x, params, activation, *, hardened=False, swap=None, drop=
         counted=counted,
         n_counted=n_counted,
         hardened=hardened,
+        balance=balance,
+        master=master,
     )
     return y, mean_entropy, cache
 
 
-def fff_train_backward(dy, cache, params, activation, hardening=0.0):
-    """Gradients of sum(y * dy) + hardening * mean entropy. -> dx (B, in), grads (package
-    layout). Hardened: the rounding passes no gradient (torch.round), so routers learn only from
-    the entropy term."""
+def fff_balance(mix, q, d, counted, hardened):
+    """The load-balancing term (see the top of this section) and what its gradient needs:
+    dict(loss, f, and hardened: chosen (B, n_nodes) branch weights, prob (B,) path products).
+    No rows: loss 0.0."""
+    n_rows, n_leaves = mix.shape
+    if n_rows == 0:
+        return dict(loss=0.0, f=np.zeros(n_leaves))
+    f = mix.mean(axis=0)
+    if not hardened:
+        return dict(loss=float(n_leaves * (f * f).sum()), f=f)
+    chosen = np.where(d > 0, q, 1 - q)
+    prob = np.where(counted > 0, chosen, 1.0).prod(axis=1)
+    big_p = (mix * prob[:, None]).mean(axis=0)
+    return dict(loss=float(n_leaves * (f * big_p).sum()), f=f, chosen=chosen, prob=prob)
+
+
+def fff_train_backward(dy, cache, params, activation, hardening=0.0, load_balancing=0.0):
+    """Gradients of sum(y * dy) + hardening * mean entropy + load_balancing * balance term.
+    -> dx (B, in), grads (package layout, plus the master leaf's keys where it has one).
+    Hardened: the rounding passes no gradient (torch.round), so routers learn only from the
+    entropy and balancing terms (the latter through the chosen branch weights of P_l)."""
     c = cache
     x, n_nodes = c["x"], c["z"].shape[1]
+    n_rows, n_leaves = x.shape[0], n_nodes + 1
     mix = c["reach"][:, n_nodes:]
+    master_grads, dx_master = {}, 0.0
+    if c["master"] is not None:  # y = (1 - s) y_tree + s y_master
+        s, y_tree, m_hpre, m_a, y_master = c["master"]
+        dm_hpre = (s * dy) @ params["master.w2"].T * act_grad(activation, m_hpre)
+        master_grads = {
+            "master.w1": x.T @ dm_hpre,
+            "master.b1": dm_hpre.sum(axis=0),
+            "master.w2": m_a.T @ (s * dy),
+            "master.b2": (s * dy).sum(axis=0),
+            "master.mix": np.array([(dy * (y_master - y_tree)).sum() * s * (1 - s)]),
+        }
+        dx_master = dm_hpre @ params["master.w1"].T
+        dy = (1 - s) * dy
     # leaves: y = sum_l mix_l (a_l @ w2_l + b2_l)
     dmix = np.einsum("bo,blo->bl", dy, c["f"])
     da = np.einsum("bl,bo,ljo->blj", mix, dy, params["w2s"])
@@ -198,6 +269,9 @@ def fff_train_backward(dy, cache, params, activation, hardening=0.0):
         "b1s": dhpre.sum(axis=0),
     }
     dx = np.einsum("blj,lij->bi", dhpre, params["w1s"])
+    balance = c["balance"]
+    if load_balancing and n_rows and not c["hardened"]:  # d(n_leaves sum f_l^2) / d mix_bl
+        dmix = dmix + load_balancing * n_leaves * 2 * balance["f"] / n_rows
     # routers: back through the path products, leaves to root
     dreach = np.zeros_like(c["reach"])
     dreach[:, n_nodes:] = dmix
@@ -210,11 +284,17 @@ def fff_train_backward(dy, cache, params, activation, hardening=0.0):
     if hardening and c["n_counted"]:
         _, dh_dq = fff_entropy(c["q"])
         dq = dq + hardening * dh_dq * c["counted"] / c["n_counted"]
+    if load_balancing and n_rows and c["hardened"]:
+        # L = n_leaves/B * sum_b f_leaf(b) prob_b; prob_b = prod of chosen weights (visited)
+        dprob = load_balancing * n_leaves * (mix @ balance["f"]) / n_rows
+        sign = np.where(c["d"] > 0, 1.0, -1.0)  # chosen = q going right, 1 - q going left
+        dq = dq + (dprob * balance["prob"])[:, None] / balance["chosen"] * sign * c["counted"]
     dp = np.where(c["swap"], -dq, dq)
     dz = dp * c["p"] * (1 - c["p"])
     grads["node_weights"] = dz.T @ x
     grads["node_biases"] = dz.sum(axis=0)[:, None]
-    return dx + dz @ params["node_weights"], grads
+    grads.update(master_grads)
+    return dx + dz @ params["node_weights"] + dx_master, grads
 
 
 def sgd_step(p, g, buf, lr, momentum=0.0, nesterov=False, weight_decay=0.0):

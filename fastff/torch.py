@@ -491,6 +491,9 @@ class FFF(nn.Module):
     two agree when ``b2s`` is zero). Under autograd ``eval_forward`` runs the hardened training
     kernels, whose path differs only where a logit is exactly 0.
 
+    ``master_leaf`` is accepted only as False (NotImplementedError otherwise): the package has
+    no master leaf, and neither the load-balancing term; both are fastff.FFF's.
+
     Usage counters (``usage_mode`` "soft" or "hard"), added to by ``training_forward``, count
     as fastff.FFF's do: "soft" sums each row's probability of reaching a node or leaf
     (``leaf_usage`` is then the package's), "hard" and hardened training count the rows whose
@@ -511,10 +514,17 @@ class FFF(nn.Module):
         region_leak=0.0,
         usage_mode="none",
         *,
+        master_leaf=False,
         device=None,
         dtype=None,
     ):
         super().__init__()
+        if check_bool(master_leaf, "master_leaf"):
+            raise NotImplementedError(
+                "fastff.torch.FFF has no master leaf (master_leaf=True): it mirrors the "
+                "fastfeedforward package's FFF, which has none; fastff.FFF(..., master_leaf=True) "
+                "has one"
+            )
         self.input_width = check_width(input_width, "input_width")
         self.leaf_width = check_width(leaf_width, "leaf_width")
         self.output_width = check_width(output_width, "output_width")

@@ -5,6 +5,12 @@ Models (all map a flattened 28x28 image to 10 logits):
   ultra  fastff.UltraFFF(784, 10, depth, parallel_size): per row and tree only the depth+1
          neurons of one root-to-leaf path are evaluated
   fff    fastff.FFF(784, leaf_width, 10, depth): depth routers pick one leaf MLP per row
+         (--load-balancing: weight of the leaf-usage balancing term; --master-leaf: one more
+         leaf every row evaluates, mixed in by a learned share)
+
+After each epoch the tree models also report where inference routes the validation images
+(layer.routing_stats): dead leaves (no image reaches them) and the routing entropy in bits (at
+most depth); the JSON history keeps the leaf and node histograms.
 
 The last --val-size training images are held out for per-epoch validation; the test set is
 used once at the end, for accuracy and for timing the model's inference path, model(x_test).
@@ -64,6 +70,8 @@ DEFAULTS = {
         dropout=0.0,
         region_leak=0.0,
         hardening=4.0,
+        load_balancing=0.0,
+        master_leaf=False,
         **TRAINING_DEFAULTS,
     ),
 }
@@ -76,6 +84,8 @@ MODEL_OPTIONS = {  # options that only make sense for some models
     "dropout": {"fff"},
     "region_leak": {"fff"},
     "hardening": {"fff"},
+    "load_balancing": {"fff"},
+    "master_leaf": {"fff"},
 }
 
 
@@ -108,6 +118,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     arch.add_argument(
         "--hardening", type=float, help="fff: weight of the node-entropy hardening loss"
     )
+    arch.add_argument(
+        "--load-balancing",
+        type=float,
+        help="fff: weight of the leaf-usage balancing loss (FFF.forward_train's load_balancing)",
+    )
+    arch.add_argument(
+        "--master-leaf",
+        action="store_true",
+        default=None,
+        help="fff: add a master leaf every image evaluates (FFF(master_leaf=True))",
+    )
     run = parser.add_argument_group("training")
     run.add_argument("--epochs", type=int)
     run.add_argument("--batch-size", type=int)
@@ -126,6 +147,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=int,
         default=5000,
         help="training images held out for validation (default 5000)",
+    )
+    run.add_argument(
+        "--train-size",
+        type=int,
+        default=None,
+        help="train on only the first N training images (after holding out --val-size); "
+        "for quick runs",
     )
     run.add_argument("--seed", type=int, default=0)
     run.add_argument(
@@ -150,6 +178,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="timed runs over the test set; the median is reported",
     )
     run.add_argument("--json", type=Path, default=None, help="write the results here")
+    run.add_argument(
+        "--save",
+        type=Path,
+        default=None,
+        help="save the trained model here (fastff.save: .npz or .safetensors)",
+    )
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -179,7 +213,9 @@ def resolve_options(args) -> dict:
             f"--threads must be <= {max_threads()} (8 per CPU, at least 64), "
             f"got {options['threads']}"
         )
-    for name in ("hardening", "lr", "weight_decay", "dropout", "region_leak"):
+    if options.get("train_size") is not None and options["train_size"] < 1:
+        raise UsageError(f"--train-size must be >= 1, got {options['train_size']}")
+    for name in ("hardening", "load_balancing", "lr", "weight_decay", "dropout", "region_leak"):
         value = options.get(name)
         if value is not None and not (0 <= value < float("inf")):
             raise UsageError(
@@ -187,10 +223,11 @@ def resolve_options(args) -> dict:
             )
     if options["warmup_steps"] < 0:
         raise UsageError(f"--warmup-steps must be >= 0, got {options['warmup_steps']}")
-    if options["json"] is not None:
-        problem = output_file_problem(options["json"], "--json")
-        if problem:
-            raise UsageError(problem)
+    for name in ("json", "save"):
+        if options.get(name) is not None:
+            problem = output_file_problem(options[name], "--" + name)
+            if problem:
+                raise UsageError(problem)
     return options
 
 
@@ -209,13 +246,16 @@ def prepare_data(options, dtype):
     x_train = x_train.reshape(len(x_train), N_PIXELS)
     x_test = x_test.reshape(len(x_test), N_PIXELS)
     fit = x_train[:-n_val]
+    y_fit = y_train[:-n_val]
+    if options.get("train_size") is not None:
+        fit, y_fit = fit[: options["train_size"]], y_fit[: options["train_size"]]
     mean, std = float(fit.mean()), float(fit.std()) or 1.0
 
     def standardise(images):
         return ((images.astype(dtype) - dtype.type(mean)) / dtype.type(std)).astype(dtype)
 
     return (
-        (standardise(x_train[:-n_val]), y_train[:-n_val]),
+        (standardise(fit), y_fit),
         (standardise(x_train[-n_val:]), y_train[-n_val:]),
         (standardise(x_test), y_test),
         {"mean": mean, "std": std},
@@ -267,10 +307,13 @@ def build_model(options, dtype):
         activation=options["activation"],
         dropout=options["dropout"],
         region_leak=options["region_leak"],
+        master_leaf=options["master_leaf"],
         dtype=dtype,
         seed=seed,
     )
     train_kw = {"rng": np.random.default_rng(seed + 1), "hardening": options["hardening"]}
+    if options["load_balancing"]:  # left out at 0: the call is then the one before the option
+        train_kw["load_balancing"] = options["load_balancing"]
     neurons = getattr(layer, "neurons_per_inference", depth + leaf_width)
     width = getattr(layer, "training_width", 2**depth * leaf_width)
     return layer, train_kw, neurons, width
@@ -376,12 +419,41 @@ def train(model, train_kw, opt, sched, data, options):
         entropy = getattr(model, "last_mean_entropy", None)
         if entropy is not None:
             record["mean_entropy"] = float(entropy)
+        balance = getattr(model, "last_balance_loss", None)
+        if balance is not None:
+            record["balance_loss"] = float(balance)
+        routing = routing_record(model, x_val)
+        if routing is not None:
+            record["routing"] = routing
         history.append(record)
         progress.end(
             f"epoch {epoch}/{options['epochs']}  loss {record['train_loss']:.4f}  "
-            f"val acc {val_acc:.4f}  ({train_seconds:.1f} s)"
+            f"val acc {val_acc:.4f}  ({train_seconds:.1f} s){routing_summary(routing)}"
         )
     return train_seconds, history
+
+
+def routing_record(model, x) -> dict | None:
+    """The tree models' routing_stats of x as JSON values (None for the ff)."""
+    if not hasattr(model, "routing_stats"):
+        return None
+    stats = model.routing_stats(x)
+    return {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in stats.items()}
+
+
+def routing_summary(routing: dict | None) -> str:
+    """'  dead leaves 3/32, entropy 4.71/5.00 bits' for the epoch line."""
+    if routing is None:
+        return ""
+    leaves = np.asarray(routing["leaf_counts"])
+    line = (
+        f"  dead leaves {int((leaves == 0).sum())}/{leaves.size}, "
+        f"routing entropy {routing['routing_entropy']:.2f}/"
+        f"{routing['max_routing_entropy']:.0f} bits"
+    )
+    if "dead_node_fraction" in routing:
+        line += f", dead neurons {100 * routing['dead_node_fraction']:.1f}%"
+    return line
 
 
 def time_inference(model, x, repeats):
@@ -444,6 +516,11 @@ def run(args) -> int:
             train_seconds, history = train(
                 model, train_kw, opt, sched, (train_part, val_part), options
             )
+            if options.get("save") is not None:
+                from .io import save
+
+                options["save"].parent.mkdir(parents=True, exist_ok=True)
+                save(model, options["save"])
             inference, inference_min, logits = time_inference(
                 model, x_test, options["inference_repeats"]
             )

@@ -659,6 +659,7 @@ def test_get_config_rebuilds_the_layer():
         "train_hardened": True,
         "region_leak": 0.05,
         "usage_mode": "hard",
+        "master_leaf": False,
         "dtype": "float64",
     }
     rebuilt = fastff.FFF(**config)

@@ -237,6 +237,54 @@ def test_fff_training_matches_cpu(
         assert_close(cp.asnumpy(g), cpu.grads[key], dtype, terms, key)
 
 
+@given(
+    in_w=st.integers(1, 64),
+    leaf_w=st.integers(1, 8),
+    out_w=st.integers(1, 16),
+    depth=st.integers(0, 6),
+    batch=st.integers(0, 200),
+    dtype=st.sampled_from(DTYPES),
+    hardened=st.booleans(),
+    leak=st.sampled_from([0.0, 0.3]),
+    balancing=st.sampled_from([0.0, 1.5]),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_fff_balancing_and_master_leaf_match_cpu(
+    in_w, leaf_w, out_w, depth, batch, dtype, hardened, leak, balancing, seed
+):
+    """Issue 23's options on CUDA: the balancing term's gradients (soft: into the mixture
+    weights; hardened: cupyx sparse products), the master leaf, routing_stats."""
+    kwargs = dict(train_hardened=hardened, region_leak=leak, master_leaf=True)
+    cpu, gpu, state, rng = _fff_pair(seed, in_w, leaf_w, out_w, depth, dtype, "gelu", **kwargs)
+    x = dyadic(rng, (batch, in_w), denom=8)
+    dy = dyadic(rng, (batch, out_w), denom=8)
+    kw = dict(hardening=0.5, load_balancing=balancing)
+    y_c, bp_c = cpu.forward_train(x, rng=np.random.default_rng(seed), **kw)
+    y_g, bp_g = gpu.forward_train(cp.asarray(x), rng=np.random.default_rng(seed), **kw)
+    terms = max(in_w, out_w, batch) * (depth + 2 * leaf_w + 1) * (2**depth if not hardened else 1)
+    assert_close(cp.asnumpy(y_g), y_c, dtype, terms, "y")
+    np.testing.assert_allclose(gpu.last_balance_loss, cpu.last_balance_loss, rtol=1e-4, atol=1e-6)
+    dx_c, dx_g = bp_c(dy), bp_g(cp.asarray(dy))
+    assert_close(cp.asnumpy(dx_g), dx_c, dtype, terms, "dx")
+    for key, g in gpu.grads.items():
+        assert_close(cp.asnumpy(g), cpu.grads[key], dtype, terms, key)
+    y = gpu(cp.asarray(x))
+    assert_close(cp.asnumpy(y), R.fff_infer(x, state, "gelu"), dtype, terms, "inference")
+    stats_c, stats_g = cpu.routing_stats(x), gpu.routing_stats(cp.asarray(x))
+    for key in ("leaf_counts", "node_counts"):
+        np.testing.assert_array_equal(stats_g[key], stats_c[key])
+
+
+def test_ultra_routing_stats_on_cuda(rng):
+    layer = fastff.UltraFFF(24, 3, 5, 2, seed=0)
+    x = dyadic(rng, (300, 24), denom=8).astype(np.float32)
+    dyadic_state(layer, rng)
+    stats_c = layer.routing_stats(x)
+    stats_g = layer.to("cuda").routing_stats(cp.asarray(x))
+    np.testing.assert_array_equal(stats_g["node_counts"], stats_c["node_counts"])
+    assert stats_g["routing_entropy"] == pytest.approx(stats_c["routing_entropy"])
+
+
 def test_fff_device_round_trip_and_usage():
     cpu, gpu, _, rng = _fff_pair(1, 20, 4, 6, 4, np.float32, "relu", usage_mode="hard")
     x = rng.standard_normal((64, 20)).astype(np.float32)

@@ -72,6 +72,41 @@ def test_end_to_end(model, data_dir, tmp_path, capsys):
         assert "converted to bfloat16: test accuracy" in captured.out
 
 
+def test_fff_learning_quality_options_and_routing_history(data_dir, tmp_path, capsys):
+    """--load-balancing and --master-leaf reach the layer; each epoch reports the routing of
+    the validation images; --save writes the trained model; --train-size trains on fewer."""
+    import fastff
+
+    saved = tmp_path / "model.npz"
+    args = ["--model", "fff", "--data", str(data_dir), *TINY, *MODELS["fff"][0]]
+    args += ["--load-balancing", "0.5", "--master-leaf", "--save", str(saved)]
+    code, result, captured = run([*args, "--train-size", "200"], tmp_path, capsys)
+    assert code == 0, captured.err
+    assert "200 training, 40 validation" in captured.out
+    assert captured.out.count("dead leaves") == 3 and "routing entropy" in captured.out
+    config = result["config"]
+    assert config["load_balancing"] == 0.5 and config["model_config"]["master_leaf"] is True
+    assert result["neurons_per_inference"] == 2 + 2 * 4 and result["training_width"] == 5 * 4
+    for record in result["history"]:
+        routing = record["routing"]
+        assert sum(routing["leaf_counts"]) == 40 and routing["node_counts"][0] == 40
+        assert 0 <= routing["routing_entropy"] <= 2 and "dead_leaf_fraction" in routing
+        assert record["balance_loss"] >= 1.0 - 1e-9  # soft: n_leaves * sum f^2 >= 1
+    model = fastff.load(saved)
+    assert model.master_leaf and model.get_config() == config["model_config"]
+
+
+def test_ultra_routing_history(data_dir, tmp_path, capsys):
+    args = ["--model", "ultra", "--data", str(data_dir), *TINY, *MODELS["ultra"][0]]
+    code, result, captured = run(args, tmp_path, capsys)
+    assert code == 0, captured.err
+    assert "dead neurons" in captured.out
+    routing = result["history"][-1]["routing"]
+    assert len(routing["node_counts"]) == 30 and len(routing["leaf_counts"]) == 2
+    assert all(sum(tree) == 40 for tree in routing["leaf_counts"])
+    assert "balance_loss" not in result["history"][-1]
+
+
 @pytest.mark.parametrize(
     "options",
     [
@@ -115,6 +150,9 @@ def test_plain_progress_without_tqdm(data_dir, tmp_path, capsys, monkeypatch):
         (["--model", "ff", "--val-size", "400"], "leaves no training images"),
         (["--model", "ff", "--lr", "-1", "--val-size", "40"], "lr must be"),
         (["--model", "ultra", "--depth", "-2", "--val-size", "40"], "depth must be"),
+        (["--model", "ff", "--master-leaf"], "--master-leaf applies to --model fff"),
+        (["--model", "ultra", "--load-balancing", "1"], "--load-balancing applies to --model fff"),
+        (["--model", "ff", "--train-size", "0"], "--train-size must be >= 1"),
     ],
 )
 def test_usage_errors(args, words, data_dir, tmp_path, capsys):
@@ -156,6 +194,8 @@ def test_train_that_cannot_import_shows_the_real_error(monkeypatch, capsys):
     [
         (["--model", "ff", "--threads", "100000"], "--threads must be <="),
         (["--model", "fff", "--hardening", "-1"], "--hardening must be a finite number >= 0"),
+        (["--model", "fff", "--load-balancing", "nan"], "--load-balancing must be a finite"),
+        (["--model", "ff", "--save", "DIR"], "is a directory"),
         (["--model", "ultra", "--depth", "40"], "bytes"),
         (["--model", "ff", "--width", str(10**12)], "bytes"),
         (["--model", "ff", "--json", "DIR"], "is a directory"),

@@ -127,10 +127,16 @@ class ShardedFFF(_Sharded):
             "train_hardened",
             "region_leak",
             "usage_mode",
+            "master_leaf",
             "dtype",
         }
         if set(config) - known or not required <= set(config):
             raise ValueError(f"an FFF config holds {sorted(known)}, got {sorted(config)}")
+        if check_bool(config.get("master_leaf", False), "master_leaf"):
+            raise ValueError(
+                "a sharded FFF has no master leaf (master_leaf=True): every rank would evaluate "
+                "it for every row; shard an FFF built with master_leaf=False"
+            )
         usage = check_choice(
             config.get("usage_mode", "none"), "usage_mode", ("none", "soft", "hard")
         )

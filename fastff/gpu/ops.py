@@ -39,3 +39,13 @@ class GPUOps(Ops):
 
     def to_numpy(self, a):
         return cp.asnumpy(a)
+
+    def _csr_rows(self, values, columns, n_columns):
+        import cupyx.scipy.sparse
+
+        n_rows, per_row = values.shape
+        indptr = cp.arange(0, n_rows * per_row + 1, per_row, dtype=cp.int32)
+        return cupyx.scipy.sparse.csr_matrix(
+            (values.reshape(-1), columns.reshape(-1).astype(cp.int32), indptr),
+            shape=(n_rows, n_columns),
+        )

@@ -1,0 +1,89 @@
+"""Load balancing of the router-leaf FFF (``FFF.forward_train(x, load_balancing=alpha)``).
+
+Array-module code (NumPy or CuPy, ``xp``) over the arrays the training forwards save; no
+kernel of its own. The terms, their dense twins in fastff/reference.py (``fff_balance``):
+
+- soft training: f_l = mean over the batch's rows of leaf l's mixture weight;
+  ``L = n_leaves * sum_l f_l**2``, 1.0 when every leaf takes 1/n_leaves of the mass, n_leaves
+  when one leaf takes it all. Its gradient reaches the routers through the mixture weights.
+- hardened training (Switch Transformer's form): f_l = fraction of the rows whose rounded path
+  reaches leaf l (a count: no gradient); P_l = mean over rows of [row reaches l] * the row's
+  path probability, the product of the branch weights it took (q going right, 1 - q going
+  left, q after any region-leak swap); ``L = n_leaves * sum_l f_l * P_l``. Its gradient
+  reaches only the nodes each row visited: O(depth) per row for the logits, then one sparse
+  (rows x nodes, depth entries a row) product each for the router weights and for dx.
+
+A batch without rows has L = 0.0 and no gradient.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def soft_loss(mix) -> float:
+    """L of soft training from the (B, n_leaves) mixture weights."""
+    n_rows, n_leaves = mix.shape
+    if n_rows == 0:
+        return 0.0
+    f = mix.mean(axis=0, dtype=np.float64)
+    return float(n_leaves * (f * f).sum())
+
+
+def soft_dmix(mix, weight: float):
+    """weight * dL/dmix of soft training: the same (n_leaves,) row for every row of the batch
+    (2 * n_leaves * f_l / B), in mix's dtype."""
+    n_rows, n_leaves = mix.shape
+    f = mix.mean(axis=0)
+    f *= mix.dtype.type(weight * 2 * n_leaves / n_rows)
+    return f
+
+
+def _sigmoid(xp, z):
+    return 0.5 * (1 + xp.tanh(0.5 * z))  # no overflow warning for large |z|
+
+
+def hard_route(saved, n_nodes: int, xp):
+    """(q (B, depth) right weights after region leak, right (B, depth) bool: the branch each
+    row took (read from its path, so it is the kernel's decision), chosen (B, depth) weight
+    of that branch) of a hardened training forward."""
+    path, leaf, z = saved["path"], saved["leaf"], saved["z_path"]
+    q = _sigmoid(xp, z)
+    if saved.get("has_swap"):
+        q = xp.where(saved["swap"].astype(bool), 1 - q, q)
+    following = xp.concatenate([path[:, 1:], (leaf + n_nodes)[:, None]], axis=1)
+    right = following == 2 * path + 2
+    return q, right, xp.where(right, q, 1 - q)
+
+
+def hard_loss(saved, n_nodes: int, n_leaves: int, xp) -> float:
+    """L of hardened training from the forward's saved path, logits, leaves and swaps."""
+    leaf = saved["leaf"]
+    n_rows = leaf.shape[0]
+    if n_rows == 0:
+        return 0.0
+    counts = xp.bincount(leaf, minlength=n_leaves).astype(np.float64)
+    if n_nodes == 0:
+        prob = xp.ones(n_rows, dtype=np.float64)
+    else:
+        prob = hard_route(saved, n_nodes, xp)[2].astype(np.float64).prod(axis=1)
+    big_p = xp.bincount(leaf, weights=prob, minlength=n_leaves)
+    return float(n_leaves * (counts * big_p).sum() / (n_rows * n_rows))
+
+
+def hard_dz(saved, n_nodes: int, n_leaves: int, weight: float, xp):
+    """weight * dL/dz at each row's visited nodes, (B, depth) in the logits' dtype."""
+    leaf = saved["leaf"]
+    n_rows = leaf.shape[0]
+    q, right, chosen = hard_route(saved, n_nodes, xp)
+    dtype = q.dtype
+    share = xp.bincount(leaf, minlength=n_leaves).astype(dtype)[leaf]  # B * f of each row's leaf
+    dprob = share * dtype.type(weight * n_leaves / (n_rows * n_rows))
+    # d prob / d q_k = +-prob / chosen_k (chosen >= 1/2: a rounded decision takes the larger
+    # weight), and dq/dz = +-q (1 - q) (minus where region leak swapped the node)
+    dz = (dprob * chosen.prod(axis=1))[:, None] / chosen
+    dz *= q * (1 - q)
+    flip = ~right
+    if saved.get("has_swap"):
+        flip ^= saved["swap"].astype(bool)
+    return xp.where(flip, -dz, dz)
