@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from test_fff import training_case
 
 import fastff
 from fastff import reference as R
@@ -64,13 +65,7 @@ def check_training(layer, state, x, dy, hardening, balancing, *, rng=None, masks
         assert_close(grads[key], grads_ref[key], dtype, (n_rows + 1) * width, key)
 
 
-def case(seed, in_w, leaf_w, out_w, depth, batch, act, dtype, **kwargs):
-    rng = np.random.default_rng(seed)
-    layer = fastff.FFF(in_w, leaf_w, out_w, depth, act, dtype=dtype, seed=seed, **kwargs)
-    state = dyadic_state(layer, rng)
-    x = dyadic(rng, (batch, in_w), denom=8)
-    dy = dyadic(rng, (batch, out_w))
-    return layer, state, x, dy
+case = training_case  # test_fff's: dyadic weights, inputs and dy
 
 
 shapes = dict(

@@ -76,6 +76,24 @@ class _Sharded(Module):
         assert dy_rows is not None
         return dy_rows
 
+    @classmethod
+    def _adopt(cls, comm, layer, config: dict, top_levels, error, described: dict):
+        """The end of shard(layer): the ranks agree on the layer they were given (`described`,
+        or the `error` a rank found), then each copies its part of it."""
+        same_everywhere(agree(comm, (f"shard {cls.KIND}",), error, described), "shard")
+        shard = cls.__new__(cls)
+        error = None
+        try:
+            shard._init_local(config, top_levels, comm.Get_rank(), comm.Get_size(), comm)
+            shard._copy_from(layer)
+        except MemoryError as exc:
+            error = exc
+        agree(comm, (f"shard {cls.KIND} built",), error)
+        return shard
+
+    def _copy_from(self, layer) -> None:
+        raise NotImplementedError
+
     def _seeded(self, seed) -> None:
         """Hook: state drawn from the agreed seed besides the weights."""
 

@@ -22,7 +22,6 @@ from ..ops import ACTIVATIONS
 from ._base import _Sharded, check_shard_dtype
 from ._common import (
     InitStream,
-    agree,
     allgather_rows,
     allreduce_sum,
     blocks,
@@ -30,7 +29,6 @@ from ._common import (
     exchange,
     fingerprint,
     reduce_scatter_rows,
-    same_everywhere,
     send_order,
     sources,
     subtree_rows,
@@ -644,13 +642,4 @@ def shard_fff(layer: FFF, comm, top_levels) -> ShardedFFF:
         }
     except (TypeError, ValueError, MemoryError) as exc:
         error = exc
-    same_everywhere(agree(comm, ("shard FFF",), error, described), "shard")
-    shard = ShardedFFF.__new__(ShardedFFF)
-    error = None
-    try:
-        shard._init_local(config, top_levels, comm.Get_rank(), comm.Get_size(), comm)
-        shard._copy_from(layer)
-    except MemoryError as exc:
-        error = exc
-    agree(comm, ("shard FFF built",), error)
-    return shard
+    return ShardedFFF._adopt(comm, layer, config, top_levels, error, described)

@@ -20,13 +20,11 @@ from ..ops import ACTIVATIONS
 from ._base import _Sharded, check_shard_dtype
 from ._common import (
     InitStream,
-    agree,
     allreduce_sum,
     blocks,
     choose_top_levels,
     exchange,
     fingerprint,
-    same_everywhere,
     send_order,
     sources,
     subtree_rows,
@@ -476,16 +474,7 @@ def shard_ultra(layer: UltraFFF, comm, top_levels) -> ShardedUltraFFF:
         described = {"config": config, "top_levels": top_levels, "weights": _sample(layer)}
     except (TypeError, ValueError, MemoryError) as exc:
         error = exc
-    same_everywhere(agree(comm, ("shard UltraFFF",), error, described), "shard")
-    shard = ShardedUltraFFF.__new__(ShardedUltraFFF)
-    error = None
-    try:
-        shard._init_local(config, top_levels, comm.Get_rank(), comm.Get_size(), comm)
-        shard._copy_from(layer)
-    except MemoryError as exc:
-        error = exc
-    agree(comm, ("shard UltraFFF built",), error)
-    return shard
+    return ShardedUltraFFF._adopt(comm, layer, config, top_levels, error, described)
 
 
 def _sample(layer: UltraFFF) -> str:
