@@ -77,7 +77,7 @@ class _Sharded(Module):
         return dy_rows
 
     @classmethod
-    def _adopt(cls, comm, layer, config: dict, top_levels, error, described: dict):
+    def _adopt(cls, comm, layer, config: dict, top_levels, error, described: dict | None):
         """The end of shard(layer): the ranks agree on the layer they were given (`described`,
         or the `error` a rank found), then each copies its part of it."""
         same_everywhere(agree(comm, (f"shard {cls.KIND}",), error, described), "shard")
