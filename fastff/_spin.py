@@ -34,13 +34,24 @@ def _mapped_libraries() -> str | None:
         return None
 
 
+def _gomp_loaded(maps: str) -> bool:
+    """Whether the libgomp fastff links (soname libgomp.so.1) is mapped already. Wheels that
+    bundle their own copy under another name (scikit-learn's libgomp-<hash>.so) do not count:
+    fastff's copy still reads the environment when it loads."""
+    return any(
+        os.path.basename(line.split()[-1]).startswith("libgomp.so")
+        for line in maps.splitlines()
+        if "libgomp" in line
+    )
+
+
 def configure() -> dict[str, str]:
     """Set the short spins where the user chose nothing; returns what was set."""
     maps = _mapped_libraries()
     if maps is None:  # cannot tell what is loaded: change nothing
         return {}
     chosen = {}
-    if not {"OMP_WAIT_POLICY", "GOMP_SPINCOUNT"} & set(os.environ) and "libgomp" not in maps:
+    if not {"OMP_WAIT_POLICY", "GOMP_SPINCOUNT"} & set(os.environ) and not _gomp_loaded(maps):
         chosen["GOMP_SPINCOUNT"] = GOMP_SPINCOUNT
     if "OPENBLAS_THREAD_TIMEOUT" not in os.environ and "openblas" not in maps:
         chosen["OPENBLAS_THREAD_TIMEOUT"] = OPENBLAS_THREAD_TIMEOUT

@@ -309,3 +309,21 @@ def test_defaults_follow_omp_num_threads_and_set_short_spins():
     # NumPy first: its OpenBLAS is loaded already, and fastff leaves the setting alone
     _, _, timeout = _fresh_process("import numpy\n" + code)
     assert timeout == "None"
+
+
+def test_a_bundled_libgomp_of_another_package_does_not_stop_the_short_spin():
+    """scikit-learn's wheel maps its own libgomp-<hash>.so; fastff's libgomp.so.1 still reads
+    the environment when it loads, so fastff still sets its short spin (it did not: in an
+    estimator's predict, 2 threads ran at half the speed of 1)."""
+    pytest.importorskip("sklearn")
+    code = (
+        "import sklearn.neural_network\n"
+        "maps = open('/proc/self/maps').read()\n"
+        "bundled = any('libgomp' in l and '/libgomp.so' not in l for l in maps.splitlines())\n"
+        "import os, fastff\n"
+        "print(bundled, os.environ.get('GOMP_SPINCOUNT'))"
+    )
+    bundled, spin = _fresh_process(code)
+    if bundled != "True":
+        pytest.skip("this scikit-learn maps no libgomp of its own")
+    assert spin == fastff._spin.GOMP_SPINCOUNT
