@@ -549,7 +549,11 @@ def plot(results: list[dict], path: str) -> None:
         ax_time.plot(depths, [r["fastff_s"] * 1e3 for r in series], "o-", label=label)
         speed = [(r["depth"], r["speedup"]) for r in series if r["speedup"]]
         ax_speed.plot([d for d, _ in speed], [v for _, v in speed], "o-", label=label)
-    dense = sorted({(r["depth"], r["dense_s"] * 1e3) for r in with_depth if r["dense_s"]})
+    by_depth: dict = {}  # the dense FF is timed in every pass: one point per depth
+    for r in with_depth:
+        if r["dense_s"]:
+            by_depth.setdefault(r["depth"], []).append(r["dense_s"] * 1e3)
+    dense = [(d, float(np.median(ts))) for d, ts in sorted(by_depth.items())]
     ax_time.plot([d for d, _ in dense], [t for _, t in dense], "s--", label="dense FF (BLAS)")
     ax_time.set(
         yscale="log",
