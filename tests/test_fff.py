@@ -34,11 +34,12 @@ def reference_masks(layer, swap, drop, n_rows):
     return swap, drop
 
 
-def check_training(layer, state, x, dy, hardening, *, rng=None, masks=(None, None)):
-    """Kernel forward_train/backprop against the reference, same masks; returns nothing."""
+def check_training(layer, state, x, dy, hardening, balancing=0.0, *, rng=None, masks=(None, None)):
+    """Kernel forward_train/backprop (with load_balancing=balancing) against the reference,
+    same masks; returns nothing."""
     dtype = layer.dtype
     layer.zero_grad()
-    y, backprop = layer.forward_train(x, rng=rng, hardening=hardening)
+    y, backprop = layer.forward_train(x, rng=rng, hardening=hardening, load_balancing=balancing)
     dx = backprop(dy)
     swap, drop = reference_masks(layer, *masks, x.shape[0])
     y_ref, entropy_ref, cache = R.fff_train_forward(
@@ -50,16 +51,17 @@ def check_training(layer, state, x, dy, hardening, *, rng=None, masks=(None, Non
         drop=drop,
     )
     dx_ref, grads_ref = R.fff_train_backward(
-        np.asarray(dy, np.float64), cache, state, layer.activation, hardening
+        np.asarray(dy, np.float64), cache, state, layer.activation, hardening, balancing
     )
     n_rows, width = x.shape[0], layer.training_width + layer.input_width
     assert y.dtype == dtype and dx.dtype == dtype
     assert_close(y, y_ref, dtype, width, "y")
     assert_close(dx, dx_ref, dtype, width + layer.n_nodes, "dx")
     assert layer.last_mean_entropy == pytest.approx(entropy_ref, rel=1e-5, abs=1e-6)
+    assert layer.last_balance_loss == pytest.approx(cache["balance"]["loss"], rel=1e-5, abs=1e-6)
     grads = layer.grads
-    assert sorted(grads) == sorted(PARAM_KEYS)
-    for key in PARAM_KEYS:
+    assert set(PARAM_KEYS) <= set(grads) and sorted(grads) == sorted(grads_ref)
+    for key in grads:
         assert_close(grads[key], grads_ref[key], dtype, (n_rows + 1) * width, key)
 
 

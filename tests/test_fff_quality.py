@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from test_fff import training_case
+from test_fff import check_training, training_case
 
 import fastff
 from fastff import reference as R
@@ -17,52 +17,6 @@ DTYPES = [np.float32, np.float64]
 ACTS = ["relu", "gelu", "identity"]
 TREE_KEYS = ["node_weights", "node_biases", "w1s", "b1s", "w2s", "b2s"]
 MASTER_SHAPES = {"master.w1": (5, 3), "master.b1": (3,), "master.w2": (3, 2), "master.b2": (2,)}
-
-
-def node_levels(depth):
-    return np.array([(n + 1).bit_length() - 1 for n in range(2**depth - 1)], dtype=np.intp)
-
-
-def reference_masks(layer, swap, drop, n_rows):
-    """layer._draw_masks's masks in the reference's layout (as tests/test_fff.py)."""
-    if swap is not None and layer.train_hardened:
-        swap = swap[:, node_levels(layer.depth)]
-    if drop is not None:
-        if layer.train_hardened:
-            drop = np.repeat(drop[:, None, :], layer.n_leaves, axis=1)
-        else:
-            drop = drop.reshape(n_rows, layer.n_leaves, layer.leaf_width)
-    return swap, drop
-
-
-def check_training(layer, state, x, dy, hardening, balancing, *, rng=None, masks=(None, None)):
-    """forward_train/backprop against the reference with the same masks."""
-    dtype = layer.dtype
-    layer.zero_grad()
-    y, backprop = layer.forward_train(x, rng=rng, hardening=hardening, load_balancing=balancing)
-    dx = backprop(dy)
-    swap, drop = reference_masks(layer, *masks, x.shape[0])
-    y_ref, entropy_ref, cache = R.fff_train_forward(
-        np.asarray(x, np.float64),
-        state,
-        layer.activation,
-        hardened=layer.train_hardened,
-        swap=swap,
-        drop=drop,
-    )
-    dx_ref, grads_ref = R.fff_train_backward(
-        np.asarray(dy, np.float64), cache, state, layer.activation, hardening, balancing
-    )
-    n_rows, width = x.shape[0], layer.training_width + layer.input_width
-    assert y.dtype == dtype and dx.dtype == dtype
-    assert_close(y, y_ref, dtype, width, "y")
-    assert_close(dx, dx_ref, dtype, width + layer.n_nodes, "dx")
-    assert layer.last_mean_entropy == pytest.approx(entropy_ref, rel=1e-5, abs=1e-6)
-    assert layer.last_balance_loss == pytest.approx(cache["balance"]["loss"], rel=1e-5, abs=1e-6)
-    grads = layer.grads
-    assert sorted(grads) == sorted(grads_ref)
-    for key in grads:
-        assert_close(grads[key], grads_ref[key], dtype, (n_rows + 1) * width, key)
 
 
 case = training_case  # test_fff's: dyadic weights, inputs and dy
