@@ -146,22 +146,26 @@ def layer_leaves(layer, x):
 
 
 def test_inference_leaf_tiles_agree():
-    """The 2 x 2 leaf tile (CPUs without AVX-512) and the 4 x 4 one give bitwise the same rows."""
+    """Every leaf tile (4 x 4 with AVX-512, 4 x 2 with AVX2, and the odd shapes a block's
+    edges take) gives bitwise the same rows."""
     from fastff import _cmm
 
     rng = np.random.default_rng(1)
     layer = fastff.FFF(101, 7, 5, 2, "gelu", dtype=np.float32, seed=1)
     x = rng.standard_normal((300, 101)).astype(np.float32)
     outputs = []
-    previous = _cmm._set_leaf_tile(2)
+    previous = _cmm._set_leaf_tile(2, 2)
     try:
-        outputs.append((layer(x), layer(x[:5])))
-        _cmm._set_leaf_tile(4)
-        outputs.append((layer(x), layer(x[:5])))
+        for rows, units in [(2, 2), (4, 4), (4, 2), (3, 3), (1, 4), (4, 1)]:
+            _cmm._set_leaf_tile(rows, units)
+            outputs.append((layer(x), layer(x[:5])))
+        with pytest.raises(ValueError, match="1 to 4"):
+            _cmm._set_leaf_tile(5, 2)
     finally:
-        _cmm._set_leaf_tile(previous)
-    np.testing.assert_array_equal(outputs[0][0], outputs[1][0])
-    np.testing.assert_array_equal(outputs[0][1], outputs[1][1])
+        _cmm._set_leaf_tile(*previous)
+    for big, small in outputs[1:]:
+        np.testing.assert_array_equal(big, outputs[0][0])
+        np.testing.assert_array_equal(small, outputs[0][1])
 
 
 @given(hardening=st.sampled_from([0.0, 0.75]), **shapes)

@@ -23,8 +23,8 @@ fff = fastff.FFF(100, 70, 9, 7, "relu", seed=0)  # 128 leaves, 600 rows: grouped
 xf = rng.standard_normal((600, 100)).astype(np.float32)
 yf = fff(xf)
 assert_array_equal(fff(xf[:5]), yf[:5])
-for tile in (2, 4):
-    previous = _cmm._set_leaf_tile(tile)
+for tile in ((2, 2), (4, 4), (4, 2)):
+    previous = _cmm._set_leaf_tile(*tile)
     assert_array_equal(fff(xf), yf)
-    _cmm._set_leaf_tile(previous)
+    _cmm._set_leaf_tile(*previous)
 print("ok")
