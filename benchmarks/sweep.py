@@ -15,9 +15,11 @@ Configurations (``--list`` prints them): ``ff-512``; ``fff-d{depth}x{leaf}`` for
 width 3x64, 4x32, 5x16, 6x8 (512 leaf neurons each), each plain, ``-bal<a>`` for each weight a
 of ``--balancing`` (``--load-balancing a``; default 0.05 and 0.5), ``-master``
 (``--master-leaf``: 512 + leaf width neurons) and ``-bal<a>-master``;
-``ultra-d{depth}x{trees}`` for 8x1, 7x2, 6x4, 5x8 (504-511 neurons) and train's default 8x3
-(1533). Every model uses ``python -m fastff train``'s defaults otherwise (20 epochs, Adam,
-cosine schedule; fff hardening 4).
+``ultra-d{depth}x{trees}`` for 8x1, 7x2, 6x4, 5x8 (504-511 neurons; 6x4 is train's default),
+8x3 (1533, the default before) and twice the trees at the two shallowest depths, 6x8 and 5x16
+(1016 and 1008). Every model uses
+``python -m fastff train``'s defaults otherwise (20 epochs, Adam, cosine schedule; fff
+hardening 4).
 
 Resumable: a run whose result is already in ``<out>.json`` with the same command line is not
 run again, so an interrupted sweep continues where it stopped (results are written after each
@@ -47,7 +49,7 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
 FFF_SHAPES = [(3, 64), (4, 32), (5, 16), (6, 8)]
-ULTRA_SHAPES = [(8, 1), (7, 2), (6, 4), (5, 8), (8, 3)]
+ULTRA_SHAPES = [(8, 1), (7, 2), (6, 4), (5, 8), (8, 3), (6, 8), (5, 16)]
 
 
 def configurations(balancing=(0.05, 0.5)) -> list[dict]:

@@ -26,7 +26,7 @@ def test_configurations_cover_the_issue(sweep):
     for depth, leaf in [(3, 64), (4, 32), (5, 16), (6, 8)]:
         for suffix in ("", "-bal0.05", "-bal0.5", "-master", "-bal0.05-master", "-bal0.5-master"):
             assert f"fff-d{depth}x{leaf}{suffix}" in configs
-    assert len(configs) == 1 + 4 * 6 + 5
+    assert len(configs) == 1 + 4 * 6 + 7
     assert configs["fff-d5x16-bal0.5-master"]["args"][-3:] == [
         "--load-balancing",
         "0.5",
@@ -38,6 +38,8 @@ def test_configurations_cover_the_issue(sweep):
         "ultra-d6x4",
         "ultra-d5x8",
         "ultra-d8x3",
+        "ultra-d6x8",
+        "ultra-d5x16",
     ]
 
 
