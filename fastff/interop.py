@@ -12,18 +12,21 @@
 Widths and depth are read from the weight shapes. A source may be a torch module (anything with
 a ``state_dict()`` method), a mapping of torch tensors, NumPy or CuPy arrays; ``prefix`` picks
 one layer out of a whole model's state dict (e.g. ``"encoder.layer.3.ffn."``). Reading needs no
-torch import: tensors are detached and copied to the host, and bfloat16 becomes float32, which
-NumPy can hold. Only ``to_torch_state_dict`` imports torch.
+torch import: tensors are detached and copied to the host. A bfloat16 or float16 state dict
+(UltraFastBERT publishes bfloat16) builds a layer stored in that half precision, bit for bit,
+unless ``dtype=`` asks for another; ``to_torch_state_dict`` of a half layer gives tensors of
+torch's matching dtype. Only ``to_torch_state_dict`` imports torch.
 """
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 
-from ._validation import check_int
+from ._validation import BFLOAT16, check_int
 from .layers import FFF, UltraFFF
 from .module import Module
 
@@ -37,8 +40,11 @@ def _to_numpy(value) -> np.ndarray:
     """A torch tensor, CuPy array or array-like as a NumPy array on the host."""
     if hasattr(value, "detach") and hasattr(value, "cpu"):  # torch.Tensor, without importing torch
         tensor = value.detach().cpu()
-        if str(tensor.dtype) == "torch.bfloat16":  # NumPy has no bfloat16
-            tensor = tensor.float()
+        if str(tensor.dtype) == "torch.bfloat16":  # NumPy's bfloat16 is ml_dtypes': same bits
+            if BFLOAT16 is None:
+                return tensor.float().numpy()
+            torch = sys.modules["torch"]  # loaded: this is one of its tensors
+            return tensor.contiguous().view(torch.int16).numpy().view(BFLOAT16)
         return tensor.numpy()
     if hasattr(value, "__cuda_array_interface__") and hasattr(value, "get"):  # CuPy
         return value.get()
@@ -101,8 +107,11 @@ def _torch_activation(module, default: str) -> str:
 
 
 def _default_dtype(state: dict, key: str):
-    """float64 layers for float64 weights, float32 for anything else (torch's default)."""
-    return np.float64 if state[key].dtype == np.float64 else np.float32
+    """The layer dtype for weights of state[key]'s dtype: float64 and the half-precision types
+    (bfloat16, float16) are kept, anything else becomes float32 (torch's default)."""
+    kept = (np.dtype(np.float64), np.dtype(np.float16), BFLOAT16)
+    dtype = state[key].dtype
+    return dtype if dtype in kept else np.dtype(np.float32)
 
 
 def tree_shape(total_nodes: int, parallel_size=None, depth=None) -> tuple:
@@ -154,7 +163,8 @@ def ultra_from_torch(
     ``parallel_size`` or ``depth`` (see :func:`tree_shape`).
 
     options: UltraFFF keyword arguments (``activation``, default the module's or "gelu";
-    ``dtype``, default float64 for float64 weights, else float32). The weights are checked and
+    ``dtype``, default the weights' own where fastff stores it: float64, bfloat16 and float16;
+    float32 for anything else). The weights are checked and
     copied by ``load_state_dict``. Returns the layer on the CPU.
     """
     module = source if _is_module(source) else None
@@ -187,7 +197,8 @@ def fff_from_torch(source, *, prefix: str = "", **options: Any) -> FFF:
 
     options: FFF keyword arguments. From a module, ``activation``, ``dropout``,
     ``train_hardened``, ``region_leak`` and ``usage_mode`` default to the module's; from a state
-    dict to FFF's defaults. ``dtype`` defaults to float64 for float64 weights, else float32.
+    dict to FFF's defaults. ``dtype`` defaults to the weights' own where fastff stores it
+    (float64, bfloat16, float16), else float32.
     Returns the layer on the CPU.
     """
     module = source if _is_module(source) else None
@@ -212,6 +223,14 @@ def fff_from_torch(source, *, prefix: str = "", **options: Any) -> FFF:
     return layer
 
 
+def _torch_tensor(torch, a: np.ndarray):
+    """A CPU torch tensor holding a copy of `a`; bfloat16 (which torch.from_numpy does not
+    know) through its bits."""
+    if BFLOAT16 is not None and a.dtype == BFLOAT16:
+        return torch.from_numpy(np.ascontiguousarray(a).view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(a)
+
+
 def to_torch_state_dict(layer: Module) -> dict:
     """The parameters of a fastff module as CPU torch tensors, keyed as the PyTorch projects
     key them: an UltraFFF gives UltraFastBERT's ``linear_in.weight``, ``linear_in.bias``,
@@ -233,7 +252,7 @@ def to_torch_state_dict(layer: Module) -> dict:
                 "fastfeedforward package's FFF does not have; its state_dict() holds the "
                 "master.* arrays beside the package's keys"
             )
-    out = {k: torch.from_numpy(v) for k, v in layer.state_dict().items()}
+    out = {k: _torch_tensor(torch, v) for k, v in layer.state_dict().items()}
     for prefix, module in layer._prefixed_modules():
         if isinstance(module, FFF):
             out[prefix + "depth"] = torch.tensor(module.depth, dtype=torch.long)

@@ -375,9 +375,9 @@ class Module:
 
     def astype(self: ModuleT, dtype) -> ModuleT:
         """A copy of this module with its parameters stored in `dtype`, on the same device:
-        float32, float64, or for UltraFFF "bfloat16" / numpy.float16 (half precision, for
-        inference: train in float32, then convert). Values round to nearest; values beyond the
-        new type's range raise ValueError and nothing is converted."""
+        float32, float64, or for UltraFFF, FFF and nn.Linear "bfloat16" / numpy.float16 (half
+        precision, for inference: train in float32, then convert). Values round to nearest;
+        values beyond the new type's range raise ValueError and nothing is converted."""
         config = self.get_config()
         if self.dtype is not None:
             config["dtype"] = check_float_dtype(dtype, half=True).name

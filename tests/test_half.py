@@ -178,9 +178,13 @@ def test_half_precision_errors_name_the_supported_dtypes():
         fastff.UltraFFF(4, 4, 1, dtype="bfloat8")
     with pytest.raises(TypeError, match="numpy.float32, numpy.float64, 'bfloat16'"):
         fastff.UltraFFF(4, 4, 1, seed=0).astype("half-ish")
-    with pytest.raises(ValueError, match="got float16"):
-        fastff.nn.Linear(4, 4, dtype=np.float16)
-    for layer in (fastff.UltraFFF(4, 4, 1, seed=0), fastff.FFF(4, 2, 4, 1, seed=0)):
+    with pytest.raises(ValueError, match="got int8"):
+        fastff.nn.Linear(4, 4, dtype=np.int8)
+    for layer in (
+        fastff.UltraFFF(4, 4, 1, seed=0),
+        fastff.FFF(4, 2, 4, 1, seed=0),
+        fastff.nn.Linear(4, 4, seed=0),
+    ):
         half = layer.astype("bfloat16")
         with pytest.raises(TypeError, match="half-precision layers are for inference"):
             half.forward_train(np.zeros((2, 4), np.float32))
@@ -250,3 +254,56 @@ def test_built_in_half_equals_the_float32_layer_rounded(half):
         direct, rounded = make(half).state_dict(), make(np.float32).astype(half).state_dict()
         for k, v in rounded.items():
             np.testing.assert_array_equal(direct[k].view(np.uint16), v.view(np.uint16))
+
+
+@given(
+    in_w=st.integers(1, 300),
+    out_w=st.integers(1, 60),
+    batch=st.integers(0, 70),
+    bias=st.booleans(),
+    half=st.sampled_from(HALVES),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_half_linear_is_the_float32_linear_on_the_widened_weights(
+    in_w, out_w, batch, bias, half, seed
+):
+    """nn.Linear stored in half precision computes what a float32 Linear holding the same
+    (exactly widened) weights computes, bit for bit, and stays within the float32 GEMM's
+    rounding of the float64 product."""
+    rng = np.random.default_rng(seed)
+    half_layer = fastff.nn.Linear(in_w, out_w, bias, seed=seed).astype(half)
+    assert half_layer.dtype == half and half_layer.compute_dtype == np.float32
+    widened = fastff.nn.Linear(in_w, out_w, bias, seed=seed)
+    widened.load_state_dict({k: v.astype(np.float32) for k, v in half_layer.state_dict().items()})
+    x = rng.standard_normal((batch, in_w)).astype(np.float32)
+    y = half_layer(x)
+    assert y.dtype == np.float32 and y.shape == (batch, out_w)
+    np.testing.assert_array_equal(y, widened(x))
+    w = _widened(half_layer)
+    y_ref = x.astype(np.float64) @ w["weight"].T + (w["bias"] if bias else 0.0)
+    scale = np.abs(x.astype(np.float64)) @ np.abs(w["weight"]).T + 1.0
+    assert np.all(np.abs(y - y_ref) <= 2 * (in_w + 1) * 2.0**-24 * scale)
+
+
+@pytest.mark.parametrize("half", HALVES, ids=IDS)
+def test_a_whole_model_converts_and_round_trips(tmp_path, half):
+    """Sequential.astype converts every layer (Linear, UltraFFF) and .safetensors keeps the
+    bits; the converted model's output is within the format's rounding of the float32 one."""
+    model = fastff.nn.Sequential(
+        fastff.nn.Linear(20, 32, seed=0),
+        fastff.nn.GELU(),
+        fastff.UltraFFF(32, 16, 3, 2, seed=1),
+        fastff.nn.Linear(16, 5, seed=2),
+    )
+    converted = model.astype(half)
+    assert [m.dtype for m in converted.layers] == [half, None, half, half]
+    x = np.random.default_rng(3).standard_normal((40, 20)).astype(np.float32)
+    y, y32 = converted(x), model(x)
+    assert y.dtype == np.float32
+    assert np.abs(y - y32).max() <= 16 * UNIT_ROUNDOFF[np.dtype(half)] * np.abs(y32).max()
+    path = tmp_path / "model.safetensors"
+    fastff.save(converted, path)
+    loaded = fastff.load(path)
+    for k, v in converted.state_dict().items():
+        np.testing.assert_array_equal(loaded.state_dict()[k].view(np.uint16), v.view(np.uint16))
+    np.testing.assert_array_equal(loaded(x), y)

@@ -98,12 +98,43 @@ def test_activation_and_dtype_of_torch_modules():
         ultra_from_torch(module)
     assert ultra_from_torch(module, activation="gelu").activation == "gelu"
     module.activation = torch.nn.GELU()
-    half = module.to(torch.bfloat16)  # NumPy has no bfloat16: read as float32
+    half = module.to(torch.bfloat16)  # kept in bfloat16 (ml_dtypes), bit for bit
     layer = ultra_from_torch(half)
-    assert layer.dtype == np.float32
+    assert layer.dtype.name == "bfloat16" and layer.compute_dtype == np.float32
+    back = to_torch_state_dict(layer)
+    for key, tensor in half.state_dict().items():
+        assert back[key].dtype == torch.bfloat16 and torch.equal(back[key], tensor), key
+    wide = ultra_from_torch(half, dtype=np.float32)  # dtype= converts
+    assert wide.dtype == np.float32
     np.testing.assert_array_equal(
-        layer.state_dict()["linear_in.weight"], half.linear_in.weight.float().detach().numpy()
+        wide.state_dict()["linear_in.weight"], half.linear_in.weight.float().detach().numpy()
     )
+    x = np.random.default_rng(1).standard_normal((7, 4)).astype(np.float32)
+    # the same weights (widened exactly); the kernels sum in their own orders
+    np.testing.assert_allclose(layer(x), wide(x), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("torch_dtype", ["bfloat16", "float16"])
+def test_half_fff_state_dicts_stay_half(torch_dtype):
+    torch_dtype = getattr(torch, torch_dtype)
+    rng = _torch_rng(8)
+    state = {
+        "node_weights": torch.randn(3, 6, generator=rng),
+        "node_biases": torch.randn(3, 1, generator=rng),
+        "w1s": torch.randn(4, 6, 5, generator=rng),
+        "b1s": torch.randn(4, 5, generator=rng),
+        "w2s": torch.randn(4, 5, 2, generator=rng),
+        "b2s": torch.randn(4, 2, generator=rng),
+    }
+    state = {k: v.to(torch_dtype) for k, v in state.items()}
+    layer = fff_from_torch(state)
+    assert layer.dtype.name == str(torch_dtype).removeprefix("torch.")
+    back = to_torch_state_dict(layer)
+    for key, tensor in state.items():
+        assert back[key].dtype == torch_dtype and torch.equal(back[key], tensor), key
+    x = np.random.default_rng(2).standard_normal((11, 6)).astype(np.float32)
+    wide = fff_from_torch(state, dtype=np.float32)
+    np.testing.assert_allclose(layer(x), wide(x), rtol=1e-5, atol=1e-5)
 
 
 def test_fff_from_a_torch_state_dict_matches_the_reference():
