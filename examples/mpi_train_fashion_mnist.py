@@ -4,7 +4,7 @@
     mpiexec -n 2 python examples/mpi_train_fashion_mnist.py --quick    # CI-sized run
     mpiexec -n 2 python examples/mpi_train_fashion_mnist.py --json out.json
 
-The model and recipe are `fastff train --model ultra`'s: UltraFFF(784 -> 10, depth 8, 3 trees,
+The model and recipe are `fastff train --model ultra`'s: UltraFFF(784 -> 10, depth 6, 4 trees,
 gelu), Adam at 1e-3 with a cosine schedule, global batches of 128. Every rank draws the same
 shuffled batches and trains on its slice of each (64 rows on 2 ranks); after each backprop
 ``fastff.distributed.allreduce_grads`` averages the gradients, so every rank takes the step

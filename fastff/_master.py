@@ -75,7 +75,7 @@ def backward(ops, rows, dy, p, g, saved, act, n_threads):
     xp, s = ops.xp, saved["s"]
     # d y / d mix = s (1 - s) (y_master - y_tree)
     diff = saved["y_master"] - saved["y_tree"]
-    dmix = (dy * diff).sum(dtype=np.float64) if xp is np else (dy * diff).sum()
+    dmix = (dy * diff).sum(dtype=np.float64)
     g["master_mix"] += (dmix * (s * (1 - s))).astype(g["master_mix"].dtype)
     dx = ops.fff_soft_backward(
         rows, s * dy, as_leaf(p, xp), saved["leaf"], act, 0.0, as_leaf(g, xp), n_threads

@@ -42,12 +42,17 @@ def _predict_block(block, layer, n_threads):
         return layer(block)
 
 
+def _output_dtype(layer: Any) -> np.dtype:
+    """The dtype of the layer's outputs: float32 for half-precision storage."""
+    return np.dtype(layer.compute_dtype if layer.compute_dtype is not None else layer.dtype)
+
+
 def _widths(layer: Any, x_width: int) -> tuple[int, int]:
     """(input, output) width: from the config of a layer, else by one probe row (Sequential)."""
     config = layer.get_config()
     if "input_width" in config and "output_width" in config:
         return int(config["input_width"]), int(config["output_width"])
-    probe = layer(np.zeros((1, x_width), dtype=np.dtype(layer.dtype)))
+    probe = layer(np.zeros((1, x_width), dtype=_output_dtype(layer)))
     return x_width, int(probe.shape[-1])
 
 
@@ -56,7 +61,8 @@ def predict(layer: Module, x, *, n_threads: int | None = None):
 
     x is chunked along its leading axes as the caller chose; its last axis is rechunked to a
     single chunk if it is split. Returns a dask array of shape (..., output_width) and the
-    layer's dtype, with x's leading chunks. The layer must live on the CPU (``layer.to("cpu")``).
+    layer's compute dtype (float32 for half-precision weights), with x's leading chunks. The
+    layer must live on the CPU (``layer.to("cpu")``).
     ``n_threads``: fastff threads per task (default: the worker's own setting, see the module
     doc).
     """
@@ -83,7 +89,7 @@ def predict(layer: Module, x, *, n_threads: int | None = None):
         )
     if len(x.chunks[-1]) != 1:
         x = x.rechunk({x.ndim - 1: -1})
-    dtype = np.dtype(layer.dtype)
+    dtype = _output_dtype(layer)
     # one graph node for the layer, keyed by its contents: pickled once, sent once per worker
     layer_node = dask.delayed(layer, pure=True)
     return da.map_blocks(

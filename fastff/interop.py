@@ -106,12 +106,15 @@ def _torch_activation(module, default: str) -> str:
     return name
 
 
-def _default_dtype(state: dict, key: str):
-    """The layer dtype for weights of state[key]'s dtype: float64 and the half-precision types
-    (bfloat16, float16) are kept, anything else becomes float32 (torch's default)."""
-    kept = (np.dtype(np.float64), np.dtype(np.float16), BFLOAT16)
-    dtype = state[key].dtype
-    return dtype if dtype in kept else np.dtype(np.float32)
+def _default_dtype(state: dict, keys) -> np.dtype:
+    """The layer dtype for the weights state[k], k in keys: bfloat16 or float16 when every one
+    of them has it (kept bit for bit), float64 when any is float64, else float32 (torch's
+    default). A half dtype is not kept for a state that mixes it with wider weights: those
+    would be rounded."""
+    dtypes = {np.dtype(state[k].dtype) for k in keys}
+    if len(dtypes) == 1 and dtypes <= {np.dtype(np.float16), BFLOAT16}:
+        return dtypes.pop()
+    return np.dtype(np.float64) if np.dtype(np.float64) in dtypes else np.dtype(np.float32)
 
 
 def tree_shape(total_nodes: int, parallel_size=None, depth=None) -> tuple:
@@ -163,8 +166,8 @@ def ultra_from_torch(
     ``parallel_size`` or ``depth`` (see :func:`tree_shape`).
 
     options: UltraFFF keyword arguments (``activation``, default the module's or "gelu";
-    ``dtype``, default the weights' own where fastff stores it: float64, bfloat16 and float16;
-    float32 for anything else). The weights are checked and
+    ``dtype``, default the weights' own where fastff stores it: float64 (any weight),
+    bfloat16 or float16 (every weight); float32 otherwise). The weights are checked and
     copied by ``load_state_dict``. Returns the layer on the CPU.
     """
     module = source if _is_module(source) else None
@@ -180,7 +183,7 @@ def ultra_from_torch(
         if "activation" not in options:  # not setdefault: an explicit choice skips the check
             options["activation"] = _torch_activation(module, "gelu")
     parallel_size, depth = tree_shape(total_nodes, parallel_size, depth)
-    options.setdefault("dtype", _default_dtype(state, "linear_in.weight"))
+    options.setdefault("dtype", _default_dtype(state, ULTRA_KEYS))
     layer = UltraFFF(input_width, output_width, depth, parallel_size, **options)
     layer.load_state_dict(state)
     return layer
@@ -197,8 +200,8 @@ def fff_from_torch(source, *, prefix: str = "", **options: Any) -> FFF:
 
     options: FFF keyword arguments. From a module, ``activation``, ``dropout``,
     ``train_hardened``, ``region_leak`` and ``usage_mode`` default to the module's; from a state
-    dict to FFF's defaults. ``dtype`` defaults to the weights' own where fastff stores it
-    (float64, bfloat16, float16), else float32.
+    dict to FFF's defaults. ``dtype`` defaults to float64 if any weight is float64, to
+    bfloat16 or float16 if every weight is, else to float32.
     Returns the layer on the CPU.
     """
     module = source if _is_module(source) else None
@@ -217,7 +220,7 @@ def fff_from_torch(source, *, prefix: str = "", **options: Any) -> FFF:
                 options.setdefault(name, getattr(module, name))
         if "activation" not in options:
             options["activation"] = _torch_activation(module, "relu")
-    options.setdefault("dtype", _default_dtype(state, "w1s"))
+    options.setdefault("dtype", _default_dtype(state, FFF_KEYS))
     layer = FFF(input_width, leaf_width, output_width, depth, **options)
     layer.load_state_dict(state)  # also checks the `depth` entry against the leaf count
     return layer

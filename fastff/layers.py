@@ -18,7 +18,6 @@ from ._validation import (
     check_probability,
     check_width,
 )
-from .backends import get_ops
 from .module import Module, _aligned_copy, _aligned_empty, initialising, keep_for_backward, run_once
 from .ops import ACTIVATIONS, to_host
 
@@ -514,12 +513,6 @@ class FFF(Module):
         )
         self.node_usage += node
         self.leaf_usage += leaf
-
-    def to(self, device: str) -> FFF:
-        ops = get_ops(device)
-        if not hasattr(ops, "fff_infer"):
-            raise NotImplementedError(f"FFF has no kernels for device {device!r} yet")
-        return super().to(device)
 
     def _on_device_change(self, ops) -> None:
         if ops.xp is np:  # back on the CPU: aligned weights again (see _aligned_empty)

@@ -349,12 +349,13 @@ class Module:
     # ---- devices ---------------------------------------------------------------------------
     def to(self: ModuleT, device: str) -> ModuleT:
         """Move parameters and gradients to "cpu" (NumPy) or "cuda" (CuPy); returns self."""
-        ops = get_ops(device)  # raises a clear error for unknown devices or missing CUDA
+        # before the device's Ops are made: a half layer is refused whether or not CuPy is here
         if device != "cpu" and any(m.dtype in HALF_DTYPES for m in self.modules()):
             raise TypeError(
                 "half-precision (bfloat16/float16) layers run on the CPU only so far; convert "
                 "with .astype(numpy.float32) before .to('cuda')"
             )
+        ops = get_ops(device)  # raises a clear error for unknown devices or missing CUDA
         for m in self.modules():
             if m.device == device:
                 continue

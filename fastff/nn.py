@@ -59,7 +59,8 @@ class Linear(Module):
 
     ``dtype`` float32 or float64, or for inference the half-precision storage types "bfloat16"
     and numpy.float16 (``layer.astype``): the weights stay in 16 bits and each call widens them
-    to float32 for a float32 GEMM (exact; it halves the memory, not the time).
+    to a float32 copy for a float32 GEMM (exact; it halves the memory at rest, not the time:
+    at small batches the copy makes it slower than float32).
     """
 
     input_width = _fixed("input_width", "Width of the input rows.")

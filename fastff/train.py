@@ -48,15 +48,16 @@ N_PIXELS, N_CLASSES = 28 * 28, 10
 #   worse.
 # - fff (fastff.FFF; hardening weighs the mean router-decision entropy): among trees of
 #   training width 512 (2**depth leaves x leaf width), depth 5 with 16-neuron leaves and
-#   hardening 4 reached 0.879 and 0.872 (seeds 0 and 1) evaluating 21 of 512 neurons (4%) per
-#   image. Depth 4 x 32 is as accurate (0.883 at hardening 2) but evaluates 36 neurons and ran
-#   1.5x slower; depth 6 x 8 (14 neurons) lost accuracy (0.851-0.855); depth 3 x 64 reached 0.886
-#   with 67 neurons. Stronger hardening helped every shape (depth 5 x 16: 0.849 at 0.5, 0.869 at
-#   1, 0.878 at 2, 0.879 at 4): hard inference punishes routing left soft by training.
+#   hardening 4 reaches 0.8805, 0.8720 and 0.8703 (seeds 0-2, docs/learning-quality.md)
+#   evaluating 21 of 512 neurons (4%) per image; depth 4 x 32 is 0.76 points more accurate on
+#   the mean but evaluates 36 neurons and runs about 1.5x slower; depth 6 x 8 (14 neurons) loses
+#   1.7 points. In an earlier sweep stronger hardening helped every shape (depth 5 x 16: 0.849
+#   at 0.5, 0.869 at 1, 0.878 at 2, 0.879 at 4): hard inference punishes routing left soft.
 #   Later probes of this recipe (seed 0, where it reaches 0.8805) found nothing better:
 #   hardening 8 0.8699, dropout 0.2 0.8723, AdamW weight decay 0.05 0.8777, region leak 0.1
 #   0.8769, learning rate 2e-3 0.8800, 40 epochs 0.8811, distillation from the ff (soft
-#   targets at temperature 4, weight 0.9) 0.8675. Load balancing and the master leaf: see
+#   targets at temperature 4, weight 0.9) 0.8675, GELU leaves 0.8766, hardening ramped up over
+#   the first half 0.8719, batches of 64 0.8765. Load balancing and the master leaf: see
 #   docs/learning-quality.md.
 # The training recipe all three models share, so the comparison differs only in the layer.
 TRAINING_DEFAULTS = dict(
@@ -176,8 +177,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--half",
         choices=["bfloat16", "float16", "none"],
         default="bfloat16",
-        help="ultra, fff: after training, also evaluate and time the model converted to this "
-        "half-precision storage (layer.astype); default bfloat16",
+        help="after training, also evaluate and time the model converted to this "
+        "half-precision storage (model.astype); default bfloat16",
     )
     run.add_argument(
         "--inference-repeats",
@@ -534,7 +535,7 @@ def run(args) -> int:
             )
             test_acc = float((np.asarray(logits).argmax(axis=1) == y_test).mean())
             half: dict | None = None
-            if getattr(args, "half", "none") != "none" and options["model"] != "ff":
+            if getattr(args, "half", "none") != "none":
                 half_model = model.astype(args.half)
                 h_med, h_min, h_logits = time_inference(
                     half_model, x_test, options["inference_repeats"]

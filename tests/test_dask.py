@@ -26,8 +26,11 @@ def layers(dtype):
     ]
 
 
-@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, "bfloat16", np.float16])
 def test_predict_equals_layer_local_scheduler(dtype):
+    """Half-precision layers (inference only) compute and return float32: so must the graph."""
+    if dtype == "bfloat16":
+        pytest.importorskip("ml_dtypes")
     x = np.random.default_rng(0).standard_normal((157, 3, 24))
     dx = da.from_array(x, chunks=(40, 2, 7))  # last axis split: predict rechunks it
     for layer in layers(dtype):

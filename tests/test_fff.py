@@ -1,5 +1,8 @@
 """FFF (router-leaf): CPU kernels against fastff.reference, masks, usage, state dicts, errors."""
 
+import os
+import platform
+
 import numpy as np
 import pytest
 from hypothesis import given
@@ -155,9 +158,15 @@ def test_inference_leaf_tiles_agree():
     x = rng.standard_normal((300, 101)).astype(np.float32)
     outputs = []
     previous = _cmm._set_leaf_tile(2, 2)
+    assert previous in {(4, 4), (4, 2)}  # the load-time choice: AVX-512 or not
+    if os.path.exists("/proc/cpuinfo") and platform.machine() == "x86_64":
+        wide = " avx512f" in open("/proc/cpuinfo").read()
+        assert previous == (4, 4 if wide else 2)
     try:
+        last = (2, 2)
         for rows, units in [(2, 2), (4, 4), (4, 2), (3, 3), (1, 4), (4, 1)]:
-            _cmm._set_leaf_tile(rows, units)
+            assert _cmm._set_leaf_tile(rows, units) == last  # the hook really sets the tile
+            last = (rows, units)
             outputs.append((layer(x), layer(x[:5])))
         with pytest.raises(ValueError, match="1 to 4"):
             _cmm._set_leaf_tile(5, 2)

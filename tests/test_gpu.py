@@ -171,6 +171,36 @@ def test_float32_register_path_matches_reference(in_w, out_w, act, launched):
         assert not f4 & set(launched)
 
 
+def test_rows_off_16_bytes_take_the_general_kernels(launched):
+    """An input view that starts 4 bytes into its buffer (a torch storage offset, a slice)
+    cannot be read as float4: it takes the general kernels, with the same result."""
+    layer, state, x, rng = _ultra_case(12, 768, 768, 4, 1, 33, np.float32, "gelu")
+    layer.to("cuda")
+    buf = cp.zeros(1 + x.size, dtype=cp.float32)
+    offset = buf[1:].reshape(x.shape)
+    offset[...] = cp.asarray(x)
+    assert offset.data.ptr % 16 and offset.flags.c_contiguous
+    y_ref, _ = R.ultra_forward(x, state, 4, 1, "gelu")
+    assert_close(cp.asnumpy(layer(offset)), y_ref, np.float32, 5 * 768, "y")
+    assert "ultra_forward" in launched and "ultra_forward_f4" not in launched
+
+
+def test_ultra_forward_add_checks_y_and_adds():
+    """Ops.ultra_forward(..., y=y) adds the walk into y (the tree-parallel layers' split walk);
+    a y the kernel cannot write row by row in x's dtype is refused, not silently misread."""
+    layer, state, x, _ = _ultra_case(13, 40, 24, 3, 2, 17, np.float32, "relu")
+    layer.to("cuda")
+    ops, p, xd = layer.ops, layer._params, cp.asarray(x, dtype=cp.float32)
+    y0 = cp.asarray(dyadic(np.random.default_rng(1), (17, 24), denom=8)).astype(cp.float32)
+    y = y0.copy()
+    ops.ultra_forward(xd, p, 3, 2, "relu", False, 1, y=y)
+    y_ref, _ = R.ultra_forward(x, state, 3, 2, "relu")
+    assert_close(cp.asnumpy(y - y0), y_ref, np.float32, 8 * 40, "added")
+    for bad in (y.astype(cp.float64), cp.asfortranarray(y), y[:5]):
+        with pytest.raises(ValueError, match="C-contiguous"):
+            ops.ultra_forward(xd, p, 3, 2, "relu", False, 1, y=bad)
+
+
 # ---- router-leaf FFF: GPU against the CPU kernels (themselves held to the reference) ----------
 
 

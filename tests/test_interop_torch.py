@@ -114,6 +114,20 @@ def test_activation_and_dtype_of_torch_modules():
     np.testing.assert_allclose(layer(x), wide(x), rtol=1e-5, atol=1e-6)
 
 
+def test_a_state_dict_mixing_half_and_float32_loads_without_rounding():
+    """Only a state dict that is all bfloat16 (or all float16) stays half: a float32 weight
+    beside bfloat16 ones would otherwise be rounded; any float64 weight makes it float64."""
+    torch.manual_seed(0)
+    state = TorchUltraFFF(6, 4, depth=1, parallel_size=1).state_dict()
+    state["linear_in.weight"] = state["linear_in.weight"].bfloat16()
+    layer = ultra_from_torch(state, depth=1)
+    assert layer.dtype == np.float32
+    for key, tensor in state.items():
+        np.testing.assert_array_equal(layer.state_dict()[key], tensor.float().numpy())
+    state["linear_in.bias"] = state["linear_in.bias"].double()
+    assert ultra_from_torch(state, depth=1).dtype == np.float64
+
+
 @pytest.mark.parametrize("torch_dtype", ["bfloat16", "float16"])
 def test_half_fff_state_dicts_stay_half(torch_dtype):
     torch_dtype = getattr(torch, torch_dtype)

@@ -63,13 +63,10 @@ def test_end_to_end(model, data_dir, tmp_path, capsys):
     assert result["config"]["model"] == model and result["config"]["epochs"] == 3
     assert result["config"]["model_config"]
     assert result["config"]["normalisation"]["std"] > 0
-    half = result["half_precision"]
-    if model == "ff":  # nn.Linear has no half-precision kernels: nothing converted
-        assert half is None
-    else:  # the model converted to bfloat16 after training, evaluated and timed
-        assert half["dtype"] == "bfloat16" and half["inference_seconds"] > 0
-        assert abs(half["test_accuracy"] - result["test_accuracy"]) <= 0.05
-        assert "converted to bfloat16: test accuracy" in captured.out
+    half = result["half_precision"]  # the model converted to bfloat16, evaluated and timed
+    assert half["dtype"] == "bfloat16" and half["inference_seconds"] > 0
+    assert abs(half["test_accuracy"] - result["test_accuracy"]) <= 0.05
+    assert "converted to bfloat16: test accuracy" in captured.out
 
 
 def test_fff_learning_quality_options_and_routing_history(data_dir, tmp_path, capsys):

@@ -178,10 +178,21 @@
  * against two per FMA for separate dots). One accumulator per (row, weight row) pair, summed
  * the same way for any nr and nj, so a result does not depend on the block it was computed
  * in. 4x4 needs 16 accumulators + 5 operands: AVX-512's 32 registers; fastff_wide_registers()
- * tells the caller whether to use 2x2 blocks instead. prefetch, unless NULL, is a row of n
+ * tells the caller whether to use 4x2 blocks instead (8 + 5, within AVX2's 16). prefetch, unless NULL, is a row of n
  * elements the caller needs next: one of its cache lines is requested into L2 per step, so its
  * fetch overlaps this block's arithmetic instead of stalling the next block (rows a caller
  * visits in a data-dependent order are beyond the hardware prefetchers). */
+/* Requests bytes [p, p + n) into L2, a cache line at a time, without waiting for them: the
+ * next block's input rows that no dot call of this block requested on its way. */
+static inline void fastff_prefetch_l2(const void *p, long n) {
+#if defined(__GNUC__) || defined(__clang__)
+    for (long k = 0; k < n; k += 64) __builtin_prefetch((const char *)p + k, 0, 2);
+#else
+    (void)p;
+    (void)n;
+#endif
+}
+
 static inline int fastff_wide_registers(void) {
 #if (defined(__GNUC__) || defined(__clang__)) && defined(__x86_64__)
     return __builtin_cpu_supports("avx512f");

@@ -91,8 +91,8 @@ cdef enum:
 
 # _dot_block's tile, rows x leaf neurons: 4 x 4 where the CPU has 32 vector registers; with
 # AVX2's 16, 4 x 2 (8 accumulators + 4 row vectors + 1 weight vector: no spill, and 6 loads per
-# 8 FMAs, where 2 x 2 needs 4 per 4: the leaves are load-bound; measured on an AVX2 VM, 1 thread,
-# 10,000 rows of 784 -> 16 x 32 leaves: 2 x 2 17.2 ms, 4 x 4 14.6 ms, 4 x 2 see the bench).
+# 8 FMAs, where 2 x 2 needs 4 per 4: the leaves are load-bound; on an AVX2 VM, 1 thread, 10,000
+# rows of 784 -> 16 with 32 leaves: 12.6 ms with 2 x 2, 10.3 ms with 4 x 2).
 # A row's result is the same for every tile.
 cdef int _TILE_ROWS = 4
 cdef int _TILE_UNITS = 4 if fastff_wide_registers() else 2
@@ -113,17 +113,17 @@ cdef inline int _tiled_dots(int nr, int n_units, int in_w, const floating** x_ro
                             const floating** next_rows, int n_next,
                             int half_kind) noexcept nogil:
     """out[r * out_stride + j] = dot(x_rows[r], w[j * in_w:]) for r < nr <= ROWS_PER_BLOCK and
-    j < n_units, in _TILE_ROWS x _TILE_UNITS register-blocked tiles; tile call k fetches next_rows[k] (for
-    k < n_next) meanwhile. Returns the number of tile calls."""
+    j < n_units, in _TILE_ROWS x _TILE_UNITS register-blocked tiles; tile call k fetches
+    next_rows[k] (for k < n_next) meanwhile. Returns how many of next_rows were requested
+    (the half-precision tiles request none)."""
     cdef int r0 = 0, j, n_calls = 0
     if weight_t is half_bits:  # every row per call: each widened weight vector serves them all
         j = 0
         while j < n_units:
             _dot_block_w(nr, min(2, n_units - j), in_w, x_rows, w + <Py_ssize_t>j * in_w, in_w,
                          &out[j], out_stride, NULL, half_kind)
-            n_calls = n_calls + 1
             j = j + 2
-        return n_calls
+        return 0
     while r0 < nr:
         j = 0
         while j < n_units:
@@ -174,6 +174,16 @@ cdef inline void _route_rows(int nr, int depth, int in_w, const floating** x_row
             node[i] = 2 * node[i] + 1 + (z[i] + <floating>_wide(node_b[node[i]], half_kind) >= 0)
     for i in range(nr):
         leaf[i] = node[i] - ((<Py_ssize_t>1 << depth) - 1)
+    _prefetch_rest(next_rows, 0 if weight_t is half_bits else n_calls, n_next, in_w)
+
+
+cdef inline void _prefetch_rest(const floating** next_rows, int done, int n_next,
+                                int in_w) noexcept nogil:
+    """Requests next_rows[done..n_next), the next block's rows that fewer dot calls than rows
+    (shallow trees, narrow leaves, wide tiles) did not request on their way."""
+    cdef int k
+    for k in range(done, n_next):
+        fastff_prefetch_l2(next_rows[k], in_w * sizeof(floating))
 
 
 cdef inline void _leaf_rows(int nr, int in_w, int leaf_w, int out_w, const floating** x_rows,
@@ -201,8 +211,10 @@ cdef inline void _leaf_rows(int nr, int in_w, int leaf_w, int out_w, const float
     while j0 < leaf_w:
         width = min(LEAF_CHUNK, leaf_w - j0)
         # the first chunk's tiles fetch the next block's rows
-        _tiled_dots(nr, width, in_w, x_rows, w1t_l + <Py_ssize_t>j0 * in_w, h, LEAF_CHUNK,
-                    next_rows, n_next if j0 == 0 else 0, half_kind)
+        n = _tiled_dots(nr, width, in_w, x_rows, w1t_l + <Py_ssize_t>j0 * in_w, h, LEAF_CHUNK,
+                        next_rows, n_next if j0 == 0 else 0, half_kind)
+        if j0 == 0:
+            _prefetch_rest(next_rows, n, n_next, in_w)
         for r in range(nr):
             for j in range(width):
                 h[r * LEAF_CHUNK + j] = _act(

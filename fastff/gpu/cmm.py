@@ -46,9 +46,20 @@ def _row_launch(n_rows, per_row_elems, itemsize):
     return (grid,), (32 * warps,), (per_warp * warps if use_smem else 0), use_smem
 
 
-def _f4_lanes(x, in_w, out_w):
-    """K of the float32 register path when it applies (else None)."""
+def _address(a) -> int:
+    """The device address of a CuPy array's first element."""
+    return a.data.ptr
+
+
+def _f4_lanes(x, in_w, out_w, args=()):
+    """K of the float32 register path when it applies (else None). Its rows are read and
+    written as float4: every float32 array must start on 16 bytes (a C-contiguous view at an
+    odd offset, e.g. a torch tensor's storage offset, would fault and lose the CUDA context)."""
     if x.dtype != cp.float32 or in_w % 4 or out_w % 4:
+        return None
+    if any(
+        _address(a) % 16 for a in (x, *args) if isinstance(a, cp.ndarray) and a.dtype == cp.float32
+    ):
         return None
     need = -(-max(in_w, out_w) // 128)
     return next((k for k in F4_KS if k >= need), None)
@@ -58,7 +69,7 @@ def _row_kernel(name, x, in_w, out_w, *args):
     """Launch the float4 register twin `name_f4` where it applies, else the general kernel
     (which takes a trailing use_smem flag and shared memory)."""
     n_rows = x.shape[0]
-    k = _f4_lanes(x, in_w, out_w)
+    k = _f4_lanes(x, in_w, out_w, args)
     if k is not None:
         _launch(f"{name}_f4", _warp_grid(n_rows), *args, k=k)
     else:
@@ -104,7 +115,9 @@ def ultra_forward_add(
 ):
     """ultra_forward's walk, its sums added into y (the kernels start each row's sum from zero:
     not bitwise a split walk, as on the CPU)."""
-    walked = cp.empty_like(y)
+    if y.dtype != x.dtype or not y.flags.c_contiguous or y.shape != (x.shape[0], w_out_t.shape[1]):
+        raise ValueError("y must be a C-contiguous (rows, out) array of x's dtype")
+    walked = cp.empty(y.shape, dtype=x.dtype)
     args = (depth, n_trees, act, walked, visited, preact, save_path, n_threads)
     ultra_forward(x, w_in, b_in, w_out_t, *args)
     y += walked

@@ -55,10 +55,10 @@ def _compile():
 
 def get(name, dtype=None, k=None):
     """The kernel `name`: name<K> for the float4 paths, name<T> for a dtype, else untemplated."""
-    dtype_name = None if dtype is None else cp.dtype(dtype).name
-    key = (name, dtype_name, k)
+    key = (name, dtype, k)  # the dtype object itself: its .name costs microseconds per call
     kernel = _cache.get(key)
     if kernel is None:
+        dtype_name = None if dtype is None else cp.dtype(dtype).name
         if k is not None:
             full = f"{name}<{k}>"
         elif dtype_name is not None:
