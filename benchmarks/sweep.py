@@ -11,8 +11,10 @@ the seeds, share of ff's accuracy, neurons per inference, dead leaves and routin
 end of training, inference time and speedup over ff) and, with matplotlib, ``<out>.png``
 (accuracy against speedup).
 
-Configurations (``--list`` prints them): ``ff-512``; ``fff-d{depth}x{leaf}`` for depth x leaf
-width 3x64, 4x32, 5x16, 6x8 (512 leaf neurons each), each plain, ``-bal<a>`` for each weight a
+Configurations (``--list`` prints them): ``ff-512`` (the reference) and the narrow dense
+``ff-16``, ``ff-32``, ``ff-64``, which evaluate about as many neurons per image as the trees
+(the fair peers at equal speed); ``fff-d{depth}x{leaf}`` for depth x leaf width 3x64, 4x32,
+5x16, 6x8 (512 leaf neurons each), each plain, ``-bal<a>`` for each weight a
 of ``--balancing`` (``--load-balancing a``; default 0.05 and 0.5), ``-master``
 (``--master-leaf``: 512 + leaf width neurons) and ``-bal<a>-master``;
 ``ultra-d{depth}x{trees}`` for 8x1, 7x2, 6x4, 5x8 (504-511 neurons; 6x4 is train's default),
@@ -50,11 +52,22 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 FFF_SHAPES = [(3, 64), (4, 32), (5, 16), (6, 8)]
 ULTRA_SHAPES = [(8, 1), (7, 2), (6, 4), (5, 8), (8, 3), (6, 8), (5, 16)]
+NARROW_WIDTHS = [16, 32, 64]  # dense layers as narrow as a tree's path: the fair speed peers
 
 
 def configurations(balancing=(0.05, 0.5)) -> list[dict]:
     """Every configuration: name, model, the train arguments that make it, and its labels."""
+    # ff-512 first: the reference for "of ff" and the speedups
     configs = [{"name": "ff-512", "model": "ff", "args": ["--width", "512"], "family": "ff"}]
+    for width in NARROW_WIDTHS:
+        configs.append(
+            {
+                "name": f"ff-{width}",
+                "model": "ff",
+                "args": ["--width", str(width)],
+                "family": "ff narrow",
+            }
+        )
     for depth, leaf in FFF_SHAPES:
         for weight in (0.0, *balancing):
             for master in (False, True):

@@ -26,7 +26,8 @@ def test_configurations_cover_the_issue(sweep):
     for depth, leaf in [(3, 64), (4, 32), (5, 16), (6, 8)]:
         for suffix in ("", "-bal0.05", "-bal0.5", "-master", "-bal0.05-master", "-bal0.5-master"):
             assert f"fff-d{depth}x{leaf}{suffix}" in configs
-    assert len(configs) == 1 + 4 * 6 + 7
+    assert len(configs) == 1 + 3 + 4 * 6 + 7
+    assert list(configs)[:4] == ["ff-512", "ff-16", "ff-32", "ff-64"]
     assert configs["fff-d5x16-bal0.5-master"]["args"][-3:] == [
         "--load-balancing",
         "0.5",
