@@ -303,18 +303,20 @@ def refuse_masked(x, name: str) -> None:
         )
 
 
-def check_cast_in_range(src, converted, dtype, xp, name: str) -> None:
-    """After a narrowing float cast (float64 -> float32): refuse finite values that became
-    infinite, rather than hand back inf or NaN outputs for finite inputs. One extra pass over
-    the array, paid only on the narrowing path."""
+def check_cast_in_range(
+    src, converted, dtype, xp, name: str, remedy: str = "scale the input or use a float64 layer"
+) -> None:
+    """After a narrowing float cast (float64 -> float32, float32 -> float16): refuse finite
+    values that became infinite, rather than hand back inf or NaN outputs for finite inputs.
+    One extra pass over the array, paid only on the narrowing path. `remedy` ends the
+    message."""
     if bool(xp.isfinite(converted).all()):
         return
     overflow = xp.isfinite(src) & ~xp.isfinite(converted)
     if bool(overflow.any()):
         example = src[overflow].reshape(-1)[0]
         raise ValueError(
-            f"{name} has values beyond the range of {dtype} (e.g. {float(example)!r})"
-            f"; scale the input or use a float64 layer"
+            f"{name} has values beyond the range of {dtype} (e.g. {float(example)!r}); {remedy}"
         )
 
 

@@ -329,8 +329,15 @@ class Module:
                 )
             with np.errstate(over="ignore", invalid="ignore"):
                 converted = src.astype(self.dtype)
-            if src.dtype.kind == "f":
-                check_cast_in_range(src, converted, self.dtype, np, f"state[{name!r}]")
+            if src.dtype.kind == "f":  # a weight, not an input: the remedy is the dtype
+                check_cast_in_range(
+                    src,
+                    converted,
+                    self.dtype,
+                    np,
+                    f"state[{name!r}]",
+                    "keep these weights in a wider dtype (float32 reaches 3.4e38, bfloat16 too)",
+                )
             staged[name] = converted
         for m_prefix, m in self._prefixed_modules():
             for key in m._anchor:
