@@ -1,6 +1,7 @@
 """The benchmark command runs and reports what it measured (it never asserts a time)."""
 
 import json
+import time
 
 import numpy as np
 import pytest
@@ -236,3 +237,22 @@ def test_half_precision_bench_times_the_float32_layer_in_the_same_run():
     assert "fastff weights bfloat16" in lines[0]
     assert run(["ufb-train"], threads=1, repeat=1, dtype="bfloat16", out=lines.append) == []
     assert "skipped: bfloat16 layers are for inference" in lines[-1]
+
+
+def test_short_calls_are_timed_in_back_to_back_groups():
+    """A sample of a call shorter than MIN_SAMPLE_S is the mean of several calls; long calls
+    are timed one by one."""
+    from fastff import _timing
+
+    assert _timing.calls_per_sample(1.0) == 1
+    assert _timing.calls_per_sample(_timing.MIN_SAMPLE_S) == 1
+    assert _timing.calls_per_sample(_timing.MIN_SAMPLE_S / 10) == 10
+    assert _timing.calls_per_sample(0.0) == _timing.MAX_CALLS_PER_SAMPLE
+    calls = []
+    med, low, high = _timing.median_min_max(lambda: calls.append(1), 5)
+    per_sample, rest = divmod(len(calls) - 2, 5)  # after the warm-up and the sizing call
+    assert rest == 0 and per_sample > 1
+    assert 0 < low <= med <= high
+    calls.clear()
+    _timing.median_min_max(lambda: calls.append(time.sleep(1.5 * _timing.MIN_SAMPLE_S)), 5)
+    assert len(calls) == 2 + 5  # long calls: one per sample
