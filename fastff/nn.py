@@ -41,7 +41,7 @@ def _check_grad_shape(dy, like, xp):
     return dy.astype(like.dtype, copy=False)
 
 
-def widen(a):
+def _widen(a):
     """a as float32 when it holds half-precision storage (exact: every bfloat16 and float16
     value is a float32 value), else a itself."""
     return a.astype(np.float32) if a.dtype in HALF_DTYPES else a
@@ -105,9 +105,9 @@ class Linear(Module):
 
     def _forward(self, x):
         rows, lead = as_rows(x, self.input_width, self.compute_dtype, self.ops.xp)
-        y = rows @ widen(self._params["weight_t"])
+        y = rows @ _widen(self._params["weight_t"])
         if self.has_bias:
-            y += widen(self._params["bias"])
+            y += _widen(self._params["bias"])
         return rows, lead, y
 
     def __call__(self, x):
