@@ -256,11 +256,7 @@ class UltraFFF(Module):
     def forward_train(self, x):
         """Training forward: returns (y, backprop). Keeps each row's visited nodes and
         pre-activations, B * T * (depth+1) numbers, for the O(depth) backward."""
-        if self.compute_dtype != self.dtype:
-            raise TypeError(
-                f"forward_train of a {self.dtype.name} UltraFFF: half-precision layers are for "
-                f"inference; train in float32 and convert with layer.astype({self.dtype.name!r})"
-            )
+        self._check_trainable("forward_train")
         rows, lead, y, visited, preact = self._forward(x, save_path=True)
         rows = keep_for_backward(rows, x)
         version, device, out_shape = self._version, self.device, lead + (self.output_width,)
@@ -625,11 +621,7 @@ class FFF(Module):
         rng: NumPy Generator for the region-leak and dropout masks (default: the layer's own
         stream, seeded from ``seed``). Usage counters are updated here.
         """
-        if self.compute_dtype != self.dtype:
-            raise TypeError(
-                f"forward_train of a {self.dtype.name} FFF: half-precision layers are for "
-                f"inference; train in float32 and convert with layer.astype({self.dtype.name!r})"
-            )
+        self._check_trainable("forward_train")
         hardening = check_nonnegative(hardening, "hardening")
         load_balancing = check_nonnegative(load_balancing, "load_balancing")
         if rng is None:

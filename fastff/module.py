@@ -381,6 +381,17 @@ class Module:
     def _on_device_change(self, ops) -> None:
         """Hook for modules holding device arrays outside `_params`."""
 
+    def _check_trainable(self, what: str) -> None:
+        """Raise TypeError if this module or one inside it stores half precision: such layers
+        are for inference (``what``, e.g. "forward_train", names the refused use)."""
+        half = next((m for m in self.modules() if m.dtype in HALF_DTYPES), None)
+        if half is not None:
+            name = half.dtype.name
+            raise TypeError(
+                f"{what} of a {name} {type(half).__name__}: half-precision layers are for "
+                f"inference; train in float32 and convert with model.astype({name!r})"
+            )
+
     def astype(self: ModuleT, dtype) -> ModuleT:
         """A copy of this module with its parameters stored in `dtype`, on the same device:
         float32, float64, or for UltraFFF, FFF and nn.Linear "bfloat16" / numpy.float16 (half

@@ -117,11 +117,7 @@ class Linear(Module):
 
     def forward_train(self, x):
         """Returns (y, backprop); keeps x (as rows) for the weight gradient."""
-        if self.compute_dtype != self.dtype:
-            raise TypeError(
-                f"forward_train of a {self.dtype.name} Linear: half-precision layers are for "
-                f"inference; train in float32 and convert with layer.astype({self.dtype.name!r})"
-            )
+        self._check_trainable("forward_train")
         rows, lead, y = self._forward(x)
         rows = keep_for_backward(rows, x)
         version, device, out_shape = self._version, self.device, lead + (self.output_width,)

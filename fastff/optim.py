@@ -27,7 +27,7 @@ import math
 import numbers
 
 from ._threads import effective_n_threads
-from ._validation import HALF_DTYPES, check_int
+from ._validation import check_int
 from .backends import ops_of
 from .module import Module
 from .ops import get_array_module, to_host
@@ -64,13 +64,8 @@ class Optimizer:
     def __init__(self, model, lr, weight_decay=0.0, *, local_batch_size=None):
         if not isinstance(model, Module):
             raise TypeError(f"model must be a fastff Module, got {type(model).__name__}")
-        half = [m for m in model.modules() if m.dtype in HALF_DTYPES]
-        if half:  # float16 Adam state alone would underflow eps to 0 and divide 0 by 0
-            raise TypeError(
-                f"{type(self).__name__} of a {half[0].dtype.name} {type(half[0]).__name__}: "
-                "half-precision layers are for inference; train in float32 and convert with "
-                f"model.astype({half[0].dtype.name!r})"
-            )
+        # float16 Adam state would underflow eps to 0 and divide 0 by 0
+        model._check_trainable(type(self).__name__)
         self.model = model
         self.lr = lr
         self.weight_decay = _check_real(weight_decay, "weight_decay")
