@@ -5,6 +5,7 @@ without torch; the package comparisons skip without fastfeedforward, the CUDA on
 GPU."""
 
 import ast
+import gc
 import json
 import os
 import pathlib
@@ -350,6 +351,11 @@ def test_bad_inputs_raise_the_numpy_layers_errors(kind):
             with pytest.raises(expected.type) as got:
                 call(x)
             assert str(got.value) == str(expected.value)
+        module.eval()
+        with torch.inference_mode(), pytest.raises(expected.type) as got:
+            module(x)  # the cached inference path hands anything unusual to the checks
+        assert str(got.value) == str(expected.value)
+        module.train()
     module.half()
     with pytest.raises(ValueError, match="must be float32 or float64"):
         module(torch.ones(2, 4))
@@ -391,6 +397,75 @@ def test_other_layouts_and_dtypes_are_accepted():
     assert module.linear_out.weight.grad.shape == (5, 30)
 
 
+def _numpy_twin(module):
+    """The NumPy layer with a copy of the module's current weights."""
+    return (ultra_from_torch if isinstance(module, ft.UltraFFF) else fff_from_torch)(module)
+
+
+@pytest.mark.parametrize("kind", ["ultra", "fff"])
+def test_inference_keeps_parameter_views_and_sees_every_change(kind):
+    # Without autograd the modules keep their parameters' kernel arrays between calls; every
+    # way of changing a parameter must show in the next call, never a stale result.
+    torch.manual_seed(6)
+    if kind == "ultra":
+        module = ft.UltraFFF(4, 5, 3, 2).eval()
+        replace = ("linear_in", "weight")
+    else:  # input width == leaf width: w1s can be re-strided in place, same address and shape
+        module = ft.FFF(4, 4, 5, 3).eval()
+        replace = ("", "node_weights")
+    x = torch.randn(2, 7, 4, generator=_gen(7))
+    cache = ft._INFERENCE_ARRAYS
+
+    def check(module, what):
+        with torch.inference_mode():
+            y = module(x)
+        dtype = next(p.dtype for p in module.parameters() if p.is_floating_point())
+        np.testing.assert_allclose(
+            y.numpy(),
+            _numpy_twin(module)(x.to(dtype).numpy()),
+            rtol=1e-5,
+            atol=1e-6,
+            err_msg=what,
+        )
+        return y
+
+    y0 = check(module, "first call")
+    assert module in cache
+    entry = cache[module]
+    y1 = check(module, "second call")
+    assert cache[module] is entry and torch.equal(y0, y1)  # reused, not rebuilt
+    with torch.no_grad():  # in place: the views see it
+        for p in module.parameters():
+            if p.is_floating_point():
+                p.mul_(1.5).add_(0.25)
+    assert not torch.allclose(check(module, "updated in place"), y0)
+    owner = module.get_submodule(replace[0]) if replace[0] else module
+    old = getattr(owner, replace[1])
+    setattr(owner, replace[1], torch.nn.Parameter(torch.randn_like(old)))
+    check(module, "parameter replaced")
+    if kind == "fff":  # the same storage seen through other strides: w1s transposed
+        module.w1s.data = module.w1s.data.transpose(1, 2)
+        assert module.w1s.data_ptr() == cache[module][0][2][0]
+        check(module, "same address, other strides")
+        with torch.no_grad():  # now a copy per call: an update must still show
+            module.w1s.mul_(-1.0)
+        check(module, "copied layout updated in place")
+    module.double()
+    assert module not in cache  # .to() and friends drop the old views
+    check(module, "after .double()")
+    state = module.state_dict()
+    module.load_state_dict({k: v * 2 if v.is_floating_point() else v for k, v in state.items()})
+    check(module, "after load_state_dict")
+    fresh = (ft.UltraFFF(4, 5, 3) if kind == "ultra" else ft.FFF(4, 4, 5, 3)).eval()
+    with torch.inference_mode():
+        fresh(x)
+    entries = len(cache)
+    assert fresh in cache
+    del fresh
+    gc.collect()
+    assert len(cache) == entries - 1  # weakly keyed: gone with the module
+
+
 def test_cpu_tensors_are_not_copied(monkeypatch):
     ops = get_ops("cpu")
     seen = {}
@@ -412,6 +487,12 @@ def test_cpu_tensors_are_not_copied(monkeypatch):
     y.sum().backward()
     # the gradient keeps the parameter's layout (accumulated without a copy)
     assert module.linear_out.weight.grad.stride() == module.linear_out.weight.stride()
+    with torch.inference_mode():  # the cached inference path: views too
+        for _ in range(2):
+            y = module(x.detach())
+            assert seen["x"].ctypes.data == x.data_ptr()
+            assert seen["y"].ctypes.data == y.data_ptr()
+            assert seen["p"]["w_out_t"].ctypes.data == module.linear_out.weight.data_ptr()
 
 
 def test_thread_count_is_fastffs_capped_by_torchs(monkeypatch):
