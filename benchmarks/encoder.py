@@ -6,9 +6,10 @@ neuron and masks. This builds the same encoder twice (hidden 768, 12 heads, 12 p
 sequence 128, random weights: the speed does not depend on their values), once with BERT's
 dense 768 -> 3072 -> 768 GELU intermediate and once with UltraFFF(768, 768, depth=11) (4095
 neurons, 12 per token), and times inference (torch.inference_mode) at batch 1 and 8 with the
-same thread count for torch and fastff. Inside the same runs each layer's attention (QKV
-projection, scaled-dot-product attention, output projection) and its FF sub-layer (the dense FF
-or the UltraFFF) are timed; the rest of the total ("other") is the residuals and LayerNorms.
+same thread count for torch and fastff, the two encoders taking turns. Inside the same runs
+each layer's attention (QKV projection, scaled-dot-product attention, output projection) and
+its FF sub-layer (the dense FF or the UltraFFF) are timed; the rest of the total ("other") is
+the residuals and LayerNorms.
 
     python benchmarks/encoder.py                      # 2 threads or what fastff would use
     python benchmarks/encoder.py --threads 1 --repeat 5 --json encoder.json
@@ -94,17 +95,24 @@ def encoder(args, kind: str, clock: dict) -> nn.Module:
     return nn.Sequential(*layers).eval()
 
 
-def measure(model, x, clock, repeat):
-    """Median total, attention and FF seconds of `repeat` forwards after a warm-up."""
-    runs = []
+def measure(models, x, clock, repeat):
+    """{kind: median total, attention and FF seconds} of `repeat` forwards of each model after
+    a warm-up. The models take turns (dense, fff, dense, ...), so that a slow phase of a shared
+    machine falls on both rather than on whichever ran during it."""
+    runs = {kind: [] for kind in models}
     with torch.inference_mode():
-        model(x)
-        for _ in range(repeat):
-            clock["attention"] = clock["ff"] = 0.0
-            t0 = time.perf_counter()
+        for model in models.values():
             model(x)
-            runs.append((time.perf_counter() - t0, clock["attention"], clock["ff"]))
-    return [statistics.median(r[i] for r in runs) for i in range(3)]
+        for _ in range(repeat):
+            for kind, model in models.items():
+                clock["attention"] = clock["ff"] = 0.0
+                t0 = time.perf_counter()
+                model(x)
+                runs[kind].append((time.perf_counter() - t0, clock["attention"], clock["ff"]))
+    return {
+        kind: [statistics.median(r[i] for r in kind_runs) for i in range(3)]
+        for kind, kind_runs in runs.items()
+    }
 
 
 def main(argv=None):
@@ -139,8 +147,7 @@ def main(argv=None):
     for batch in args.batches:
         x = torch.randn(batch, args.seq, args.hidden)
         row = {"batch": batch, "tokens": batch * args.seq}
-        for kind, model in models.items():
-            total, attention, ff = measure(model, x, clock, args.repeat)
+        for kind, (total, attention, ff) in measure(models, x, clock, args.repeat).items():
             row[kind] = {"total_s": total, "attention_s": attention, "ff_s": ff}
             other = total - attention - ff
             print(
