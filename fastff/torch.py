@@ -230,29 +230,34 @@ def _zeros(params) -> list[torch.Tensor]:
 # ---- inference without autograd --------------------------------------------------------------
 # A module's parameters as the Ops' arrays, kept between inference calls. Building them is more
 # torch calls than a small batch's kernel call: UltraFFF(768, 768, 11) on one row took 57 us
-# through the general path, 9 us of them in the kernel, on the project's VM. An entry is used
-# while every stored parameter keeps its address, shape, strides, dtype and device; its views
-# keep the storage alive, so an address seen again is the same storage, and in-place updates
-# (load_state_dict, an optimizer step) show through them. Module._apply (.to(), .double(), ...)
-# drops the entry; a parameter replaced otherwise is noticed on the next call.
+# through the general path, 9 us of them in the kernel, on the project's VM. An entry holds
+# views of the very tensors its key describes (address, shape, strides, dtype, device and
+# negative bit of each stored parameter), so while it lives those storages do, and an address
+# seen again is the same storage; in-place updates (load_state_dict, an optimizer step) show
+# through the views. A call with autograd (training) and Module._apply (.to(), .double(), ...)
+# drop the entry, so that replaced parameters are not kept alive by it.
 _INFERENCE_ARRAYS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _inference_arrays(module: nn.Module, stored, kernel_views, what: str):
     """(place, torch dtype, kernel arrays) of the module's parameters for an inference call, or
     None when the call must take the general path: the kernels' layout needs a copy of a
-    parameter (made per call, so that updates to it show), or `stored` is None (a parameter
-    is not held plainly, e.g. under torch.nn.utils.parametrize).
+    parameter (made per call, so that updates to it show), `stored` is None (a parameter is
+    not held plainly, e.g. under torch.nn.utils.parametrize), or the module is unhashable.
 
-    stored: the module's parameter tensors as stored; kernel_views(): views of them in the
-    kernels' order and layout, contiguous where the parameters keep the kernels' layout."""
+    stored: the module's parameter tensors as stored; kernel_views(stored): views of them in
+    the kernels' order and layout, contiguous where the parameters keep the kernels' layout."""
     if stored is None:
         return None
-    key = tuple((t.data_ptr(), t.shape, t.stride(), t.dtype, t.device) for t in stored)
-    entry = _INFERENCE_ARRAYS.get(module)
+    key = tuple((t.data_ptr(), t.shape, t.stride(), t.dtype, t.device, t.is_neg()) for t in stored)
+    try:
+        entry = _INFERENCE_ARRAYS.get(module)
+    except TypeError:  # a subclass that defines __eq__ without __hash__
+        return None
     if entry is not None and entry[0] == key:
         return entry[1]
-    params = kernel_views()
+    _INFERENCE_ARRAYS.pop(module, None)
+    params = kernel_views(stored)
     place, _ = _check_params(what, params)
     if not all(p.is_contiguous() for p in params):
         return None
@@ -260,6 +265,14 @@ def _inference_arrays(module: nn.Module, stored, kernel_views, what: str):
         found = (place, params[0].dtype, tuple(map(place.array, params)))
     _INFERENCE_ARRAYS[module] = (key, found)
     return found
+
+
+def _forget_inference_arrays(module: nn.Module) -> None:
+    """Drop the module's cached views (a training call, Module._apply)."""
+    try:
+        _INFERENCE_ARRAYS.pop(module, None)
+    except TypeError:  # unhashable: never cached
+        pass
 
 
 def _stored(parameters: dict, names) -> tuple | None:
@@ -370,6 +383,11 @@ def _ultra_params(module: UltraFFF) -> tuple[torch.Tensor, ...]:
     return (module.linear_in.weight, module.linear_in.bias, module.linear_out.weight.t())
 
 
+def _ultra_views(stored) -> tuple[torch.Tensor, ...]:
+    """_ultra_params of the stored (linear_in.weight, linear_in.bias, linear_out.weight)."""
+    return (stored[0], stored[1], stored[2].t())
+
+
 def _ultra_infer(module: UltraFFF, x) -> torch.Tensor | None:
     """Inference through the cached arrays (see _inference_arrays), or None."""
     modules = module._modules
@@ -379,7 +397,7 @@ def _ultra_infer(module: UltraFFF, x) -> torch.Tensor | None:
     stored_in = _stored(linear_in._parameters, ("weight", "bias"))
     stored_out = _stored(linear_out._parameters, ("weight",))
     stored = None if stored_in is None or stored_out is None else stored_in + stored_out
-    found = _inference_arrays(module, stored, lambda: _ultra_params(module), "UltraFFF")
+    found = _inference_arrays(module, stored, _ultra_views, "UltraFFF")
     if found is None:
         return None
     act = _activation_name(module.activation)
@@ -404,6 +422,7 @@ def _ultra(module: UltraFFF, x) -> torch.Tensor:
     call = _UltraCall(module, place, dtype)
     tensors = tuple(_kernel_layout(p) for p in params)
     if _needs_grad(x, tensors):
+        _forget_inference_arrays(module)
         return _UltraFunction.apply(x, *tensors, call)
     return call.forward(x, tensors, save_path=False)[0]
 
@@ -479,7 +498,7 @@ class UltraFFF(nn.Module):
         return _ultra(self, x)
 
     def _apply(self, *args, **kwargs):
-        _INFERENCE_ARRAYS.pop(self, None)  # their views would keep the old storage alive
+        _forget_inference_arrays(self)  # its views would keep the old storage alive
         return super()._apply(*args, **kwargs)
 
 
@@ -560,10 +579,17 @@ class _FFFFunction(torch.autograd.Function):
         return (dx_t, *grads, None)
 
 
+def _fff_views(stored) -> tuple[torch.Tensor, ...]:
+    """(node_w, node_b, w1t, b1, w2, b2), the kernels' order and layout, as views of the stored
+    parameters (in _FFF_STORED's order)."""
+    node_w, node_b, w1s, b1, w2, b2 = stored
+    return (node_w, node_b, w1s.transpose(1, 2), b1, w2, b2)
+
+
 def _fff_infer(module: FFF, x) -> torch.Tensor | None:
     """Hard inference through the cached arrays (see _inference_arrays), or None."""
     stored = _stored(module._parameters, _FFF_STORED)
-    found = _inference_arrays(module, stored, module._kernel_views, "FFF")
+    found = _inference_arrays(module, stored, _fff_views, "FFF")
     if found is None:
         return None
     act = _activation_name(module.activation)
@@ -594,6 +620,7 @@ def _fff(module: FFF, x, mode: str, masks=None) -> tuple[torch.Tensor, _FFFCall]
         call.mode = "hard"  # the hard path under autograd: hardened training's kernels
     if call.mode == "infer":
         return call.forward(x, params)[0], call
+    _forget_inference_arrays(module)
     return _FFFFunction.apply(x, *params, call), call
 
 
@@ -626,7 +653,8 @@ class FFF(nn.Module):
     reached leaf's output **including** ``b2s``: fastff.FFF's inference and the package's
     training forward with hard decisions; the package's ``eval_forward`` leaves ``b2s`` out (the
     two agree when ``b2s`` is zero). Under autograd ``eval_forward`` runs the hardened training
-    kernels, whose path differs only where a logit is exactly 0.
+    kernels: their path differs only where a logit is exactly 0, their outputs by float
+    rounding (the training kernels sum in another order; about 1 ulp).
 
     ``master_leaf`` is accepted only as False (NotImplementedError otherwise): the package has
     no master leaf, and neither the load-balancing term; both are fastff.FFF's.
@@ -712,7 +740,7 @@ class FFF(nn.Module):
         )
 
     def _apply(self, *args, **kwargs):
-        _INFERENCE_ARRAYS.pop(self, None)  # their views would keep the old storage alive
+        _forget_inference_arrays(self)  # its views would keep the old storage alive
         return super()._apply(*args, **kwargs)
 
     def get_node_param_group(self) -> dict:
@@ -723,22 +751,11 @@ class FFF(nn.Module):
         """The leaves' parameters and usage counter, for the package's optimizers."""
         return {"params": [self.w1s, self.b1s, self.w2s, self.b2s], "usage": self.leaf_usage}
 
-    def _kernel_views(self) -> tuple[torch.Tensor, ...]:
-        """(node_w, node_b, w1t, b1, w2, b2): views of the parameters, in the kernels' layout
-        where the parameters keep it (see _kernel_params)."""
-        return (
-            self.node_weights,
-            self.node_biases,
-            self.w1s.transpose(1, 2),
-            self.b1s,
-            self.w2s,
-            self.b2s,
-        )
-
     def _kernel_params(self) -> tuple[torch.Tensor, ...]:
         """(node_w, node_b, w1t, b1, w2, b2) in the kernels' layout (contiguous copies where a
-        view is not)."""
-        return tuple(_kernel_layout(p) for p in self._kernel_views())
+        view of the parameters is not)."""
+        stored = (self.node_weights, self.node_biases, self.w1s, self.b1s, self.w2s, self.b2s)
+        return tuple(_kernel_layout(p) for p in _fff_views(stored))
 
     # ---- masks ------------------------------------------------------------------------------
     def _masks(self, hardened: bool, dtype: torch.dtype, device: torch.device):

@@ -443,6 +443,23 @@ def test_inference_keeps_parameter_views_and_sees_every_change(kind):
     old = getattr(owner, replace[1])
     setattr(owner, replace[1], torch.nn.Parameter(torch.randn_like(old)))
     check(module, "parameter replaced")
+    # a training call drops the entry: the views must not keep replaced parameters alive
+    check(module, "before a training call")
+    assert module in cache
+    module.train()
+    with torch.enable_grad():
+        module(x).sum().backward()
+    assert module not in cache
+    module.eval()
+    check(module, "cached again")
+    assert module in cache
+    # parameters that need a copy per call (a checkpoint in the anchors' contiguous layout)
+    other = (ft.UltraFFF(4, 5, 3) if kind == "ultra" else ft.FFF(4, 4, 5, 3)).eval()
+    check(other, "the kernels' layout")
+    assert other in cache
+    other.load_state_dict({k: v.contiguous() for k, v in other.state_dict().items()}, assign=True)
+    check(other, "contiguous parameters")
+    assert other not in cache
     if kind == "fff":  # the same storage seen through other strides: w1s transposed
         module.w1s.data = module.w1s.data.transpose(1, 2)
         assert module.w1s.data_ptr() == cache[module][0][2][0]
@@ -461,9 +478,25 @@ def test_inference_keeps_parameter_views_and_sees_every_change(kind):
         fresh(x)
     entries = len(cache)
     assert fresh in cache
+    key, (_, _, arrays) = cache[fresh]
+    assert [a.ctypes.data for a in arrays] == [k[0] for k in key]  # views of the keyed tensors
     del fresh
     gc.collect()
     assert len(cache) == entries - 1  # weakly keyed: gone with the module
+
+
+def test_inference_of_an_unhashable_subclass():
+    # a subclass defining __eq__ loses __hash__: no cache then, but the same results
+    class Compared(ft.UltraFFF):
+        def __eq__(self, other):
+            return isinstance(other, Compared)
+
+    module = Compared(4, 5, 3).eval()
+    x = torch.randn(3, 4)
+    with torch.no_grad():
+        y = module(x)
+    np.testing.assert_allclose(y.numpy(), _numpy_twin(module)(x.numpy()), rtol=1e-5, atol=1e-6)
+    module.double()  # Module._apply drops nothing, and does not fail
 
 
 def test_cpu_tensors_are_not_copied(monkeypatch):
