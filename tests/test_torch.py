@@ -14,6 +14,8 @@ import sys
 
 import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 import fastff
 from fastff import reference
@@ -483,6 +485,45 @@ def test_inference_keeps_parameter_views_and_sees_every_change(kind):
     del fresh
     gc.collect()
     assert len(cache) == entries - 1  # weakly keyed: gone with the module
+
+
+@given(
+    kind=st.sampled_from(["ultra", "fff"]),
+    in_w=st.integers(1, 40),
+    hidden=st.integers(1, 12),
+    out_w=st.integers(1, 40),
+    depth=st.integers(0, 6),
+    lead=st.lists(st.integers(0, 9), min_size=0, max_size=3),
+    dtype=st.sampled_from([torch.float32, torch.float64]),
+    act=st.sampled_from(sorted(ACTS)),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_cached_inference_is_the_general_paths(
+    kind, in_w, hidden, out_w, depth, lead, dtype, act, seed
+):
+    # the cached inference path (views kept between calls) against the general one it skips:
+    # the same kernel on the same arrays, so bitwise the same output, shape and dtype
+    torch.manual_seed(seed)
+    if kind == "ultra":
+        module = ft.UltraFFF(in_w, out_w, depth, 1 + hidden % 3, act, dtype=dtype)
+        skip = "_ultra_infer"
+    else:
+        module = ft.FFF(in_w, hidden, out_w, max(depth, 1), act, dtype=dtype)
+        skip = "_fff_infer"
+    module.eval()
+    x = torch.randn(*lead, in_w, dtype=dtype, generator=_gen(seed))
+    with torch.inference_mode():
+        cached = [module(x) for _ in range(2)]  # builds the entry, then uses it
+    original = getattr(ft, skip)
+    setattr(ft, skip, lambda module, x: None)
+    try:
+        with torch.inference_mode():
+            general = module(x)
+    finally:
+        setattr(ft, skip, original)
+    for y in cached:
+        assert y.shape == general.shape and y.dtype == general.dtype
+        assert torch.equal(y, general)
 
 
 def test_inference_of_an_unhashable_subclass():
