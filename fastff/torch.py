@@ -305,10 +305,10 @@ def _infer_fast(x, found, width: int, run):
     """run(rows, arrays, ops) -> y rows, on x's rows viewed in place; the output tensor
     (..., out) viewing y, or None when x needs the general path."""
     place, dtype, arrays = found
-    rows = _plain_rows(place, x, width, dtype)
-    if rows is None:
-        return None
-    with place.scope():
+    with place.scope():  # on CUDA the input's DLPack exchange too, as _rows in the general path
+        rows = _plain_rows(place, x, width, dtype)
+        if rows is None:
+            return None
         y = place.tensor(run(rows, arrays, place.ops))
     return y if x.dim() == 2 else y.view(*x.shape[:-1], y.shape[1])
 
