@@ -87,15 +87,21 @@ class Ops:
         self._run(kernel, x, *weights, depth, n_trees, act_code, *outputs, n_threads)
         return y, visited, preact
 
-    def ultra_backward(self, x, dy, p, g, visited, preact, act, n_threads):
-        """Adds the hard-path parameter gradients into g; returns dx (B, in)."""
-        dx = self.xp.empty_like(x)
+    # whether cmm.ultra_backward skips dx when handed a dx of no rows (the CPU kernel does)
+    _ultra_backward_skips_dx = False
+
+    def ultra_backward(self, x, dy, p, g, visited, preact, act, n_threads, need_dx=True):
+        """Adds the hard-path parameter gradients into g; returns dx (B, in), or None without
+        need_dx (an input that needs no gradient: the CPU kernel then skips the dx pass, whose
+        w_in reads are most of the backward when in >> out)."""
+        skip_dx = not need_dx and self._ultra_backward_skips_dx
+        dx = self.xp.empty((0, x.shape[1]), dtype=x.dtype) if skip_dx else self.xp.empty_like(x)
         saved = (visited, preact, ACTIVATIONS[act])
         grads = (g["w_in"], g["b_in"], g["w_out_t"])
         self._run(
             self.cmm.ultra_backward, x, dy, p["w_in"], p["w_out_t"], *saved, dx, *grads, n_threads
         )
-        return dx
+        return dx if need_dx else None
 
     def _no_path(self, dtype):
         """(0, 0) visited and preact stand-ins for an inference call, made once per dtype."""

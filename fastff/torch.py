@@ -364,6 +364,7 @@ class _UltraFunction(torch.autograd.Function):
         grads = _zeros(params)
         with place.scope():
             g = dict(zip(("w_in", "b_in", "w_out_t"), map(place.array, grads)))
+            need_dx = ctx.needs_input_grad[0]
             dx = place.ops.ultra_backward(
                 ctx.rows,
                 _dy_rows(place, dy, params[0].dtype),
@@ -373,8 +374,9 @@ class _UltraFunction(torch.autograd.Function):
                 ctx.preact,
                 call.act,
                 _n_threads(),
+                need_dx,
             )
-            dx_t = _dx(place, dx, x) if ctx.needs_input_grad[0] else None
+            dx_t = _dx(place, dx, x) if need_dx else None
         return (dx_t, *grads, None)
 
 

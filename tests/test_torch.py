@@ -100,6 +100,22 @@ def test_ultra_matches_the_masked_dense_module(seed, dtype):
         _close(grads[key], grads_ref[key], dtype, key)
 
 
+def test_ultra_parameter_gradients_do_not_depend_on_the_input_needing_one():
+    # an input without requires_grad (a first layer) skips the dx pass: same parameter grads
+    torch.manual_seed(4)
+    module = ft.UltraFFF(30, 7, 4, 2)
+    x = torch.randn(3, 11, 30, generator=_gen(5))
+    grads = []
+    for needs in (True, False):
+        module.zero_grad(set_to_none=True)
+        xi = x.clone().requires_grad_(needs)
+        module(xi).square().sum().backward()
+        assert (xi.grad is not None) == needs
+        grads.append([p.grad.clone() for p in module.parameters()])
+    for with_dx, without_dx in zip(*grads):
+        assert torch.equal(with_dx, without_dx)
+
+
 def test_ultra_state_dict_is_ultrafastberts():
     module = ft.UltraFFF(6, 4, depth=2, parallel_size=3)
     shapes = {k: tuple(v.shape) for k, v in module.state_dict().items()}

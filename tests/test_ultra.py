@@ -457,6 +457,43 @@ def test_gradients_match_reference(in_w, out_w, depth, trees, batch, dtype, act,
         assert_close(g, grads_ref[key], dtype, terms, key)
 
 
+@given(
+    in_w=st.integers(1, 60),
+    out_w=st.integers(1, 60),
+    depth=st.integers(0, 7),
+    trees=st.integers(1, 3),
+    batch=st.integers(0, 150),
+    dtype=st.sampled_from(DTYPES),
+    act=st.sampled_from(ACTS),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_backward_without_dx_gives_the_same_gradients(
+    in_w, out_w, depth, trees, batch, dtype, act, seed
+):
+    # need_dx=False (an input that needs no gradient) skips the dx pass in the CPU kernel: the
+    # parameter gradients must be bitwise those of the full backward
+    rng = np.random.default_rng(seed)
+    layer = fastff.UltraFFF(in_w, out_w, depth, trees, act, dtype=dtype, seed=seed)
+    ops, p = layer.ops, layer._params
+    x = rng.standard_normal((batch, in_w)).astype(dtype)
+    dy = rng.standard_normal((batch, out_w)).astype(dtype)
+    _, visited, preact = ops.ultra_forward(x, p, depth, trees, act, True, 2)
+    grads = []
+    for need_dx in (True, False):
+        g = {k: np.zeros_like(v) for k, v in p.items()}
+        dx = ops.ultra_backward(x, dy, p, g, visited, preact, act, 2, need_dx)
+        assert (dx is None) == (not need_dx)
+        grads.append(g)
+    for key in p:
+        np.testing.assert_array_equal(grads[1][key], grads[0][key], err_msg=key)
+    if batch >= 2:  # a dx of rows other than 0 or the batch's is refused, not half-filled
+        g = {k: np.zeros_like(v) for k, v in p.items()}
+        bad = np.empty((1, in_w), dtype)
+        args = (p["w_in"], p["w_out_t"], visited, preact, fastff.ops.ACTIVATIONS[act], bad)
+        with pytest.raises(ValueError, match="row counts"):
+            ops.cmm.ultra_backward(x, dy, *args, g["w_in"], g["b_in"], g["w_out_t"], 1)
+
+
 @pytest.mark.parametrize("act", ACTS)
 def test_reference_gradients_match_finite_differences(act):
     """The reference backward is the derivative of the reference forward (routing held fixed,

@@ -316,10 +316,10 @@ cdef void _backward_row(const floating[:, ::1] dy, const floating[:, :] w_in,
                         const floating[:, :] w_out_t, const Py_ssize_t[:, ::1] visited,
                         const floating[:, ::1] preact, int act, floating[:, ::1] dx,
                         floating[:, ::1] dzs, floating[:, ::1] hs, Py_ssize_t r, Py_ssize_t v0,
-                        Py_ssize_t v1) noexcept nogil:
+                        Py_ssize_t v1, bint need_dx) noexcept nogil:
     """Visits v0..v1 of row r (at most BACKWARD_TERMS): dz and act(z) of each into dzs and
-    hs (the gradient pass reuses both), and dx[r] += sum of dz * w_in[node] in visit order
-    (dx[r] = that sum for the row's first chunk, v0 == 0: no separate zeroing of dx).
+    hs (the gradient pass reuses both), and with need_dx dx[r] += sum of dz * w_in[node] in
+    visit order (dx[r] = that sum for the row's first chunk, v0 == 0: no separate zeroing).
     The visits' output rows are independent, so their dots run four at a time (four fetches
     in flight), and dx is loaded and stored once for all of them instead of once per visit."""
     cdef int in_w = <int>dx.shape[1], out_w = <int>dy.shape[1]
@@ -331,7 +331,7 @@ cdef void _backward_row(const floating[:, ::1] dy, const floating[:, :] w_in,
     cdef const floating* b[4]
     cdef floating coef[BACKWARD_TERMS]
     cdef const floating* rows[BACKWARD_TERMS]
-    cdef floating* dx_row = &dx[r, 0]
+    cdef floating* dx_row = &dx[r, 0] if need_dx else NULL
     for v in range(v0, v1, 4):
         n = <int>min(4, v1 - v)
         for j in range(n):
@@ -342,11 +342,12 @@ cdef void _backward_row(const floating[:, ::1] dy, const floating[:, :] w_in,
             dz = z[j] * _act_grad(preact[r, v + j], act)
             dzs[r, v + j] = dz
             hs[r, v + j] = _act(preact[r, v + j], act)
-            if dz != 0:  # relu zeros add nothing
+            if dz != 0 and need_dx:  # relu zeros add nothing
                 coef[m] = dz
                 rows[m] = &w_in[visited[r, v + j], 0]
                 m = m + 1
-    _axpym(1, &m, 0, in_w, coef, rows, &dx_row, v0 == 0)
+    if need_dx:
+        _axpym(1, &m, 0, in_w, coef, rows, &dx_row, v0 == 0)
 
 
 cdef void _backward_node(const floating[:, ::1] x, const floating[:, ::1] dy,
@@ -453,7 +454,9 @@ def ultra_backward(const floating[:, ::1] x, const floating[:, ::1] dy,
                    floating[:, ::1] grad_w_out_t, int n_threads):
     """Hard-path backward of the neuron-tree FFF; adds into the three gradient arrays.
 
-    Pass 1, parallel over rows: dz of every visit and dx (B, in), overwritten (_backward_row).
+    Pass 1, parallel over rows: dz of every visit and dx (B, in), overwritten (_backward_row);
+    a dx of no rows, (0, in), skips it (an input that needs no gradient: its w_in reads and
+    FMAs are most of this pass when in >> out).
     Pass 2, parallel over nodes: visits are counting-sorted by node, so each gradient row is summed
     by one thread in row order (_backward_node). No atomics, no per-thread copies of the weights,
     and the result is bitwise the same for any thread count.
@@ -464,7 +467,9 @@ def ultra_backward(const floating[:, ::1] x, const floating[:, ::1] dy,
     cdef Py_ssize_t r, v, g, i, k, start, stop
     _check_act(act)
     _check_threads(n_threads)
-    _require(dy.shape[0] == n_rows and dx.shape[0] == n_rows and dx.shape[1] == in_w
+    cdef bint need_dx = dx.shape[0] != 0
+    _require(dy.shape[0] == n_rows and (dx.shape[0] == n_rows or not need_dx)
+             and dx.shape[1] == in_w
              and visited.shape[0] == n_rows and preact.shape[0] == n_rows
              and preact.shape[1] == visits_per_row, "x, dy, dx, visited, preact: row counts")
     _require(w_in.shape[1] == in_w and w_out_t.shape[0] == n_total and w_out_t.shape[1] == out_w,
@@ -492,12 +497,12 @@ def ultra_backward(const floating[:, ::1] x, const floating[:, ::1] dy,
     with nogil:
         for k in prange(n_rows, schedule="dynamic", chunksize=_ROW_CHUNK, num_threads=team):
             r = row_order[k]
-            if visits_per_row == 0:  # otherwise the first _backward_row overwrites dx[r]
+            if visits_per_row == 0 and need_dx:  # else the first _backward_row overwrites dx[r]
                 memset(&dx[r, 0], 0, in_w * sizeof(floating))
             v = 0
             while v < visits_per_row:
                 _backward_row(dy, w_in, w_out_t, visited, preact, act, dx, dzs, hs, r, v,
-                              min(v + BACKWARD_TERMS, visits_per_row))
+                              min(v + BACKWARD_TERMS, visits_per_row), need_dx)
                 v = v + BACKWARD_TERMS
 
     # Counting sort of visits by node: offsets[g]..offsets[g+1] index into `order` (flat visit
