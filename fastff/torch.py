@@ -380,14 +380,15 @@ class _UltraFunction(torch.autograd.Function):
         return (dx_t, *grads, None)
 
 
-def _ultra_params(module: UltraFFF) -> tuple[torch.Tensor, ...]:
-    """(w_in, b_in, w_out_t): linear_out.weight.t() is the kernels' (T*n, out) layout."""
-    return (module.linear_in.weight, module.linear_in.bias, module.linear_out.weight.t())
-
-
 def _ultra_views(stored) -> tuple[torch.Tensor, ...]:
-    """_ultra_params of the stored (linear_in.weight, linear_in.bias, linear_out.weight)."""
+    """(w_in, b_in, w_out_t) of (linear_in.weight, linear_in.bias, linear_out.weight):
+    linear_out.weight.t() is the kernels' (T*n, out) layout."""
     return (stored[0], stored[1], stored[2].t())
+
+
+def _ultra_params(module: UltraFFF) -> tuple[torch.Tensor, ...]:
+    """_ultra_views of the module's parameters as its attributes give them."""
+    return _ultra_views((module.linear_in.weight, module.linear_in.bias, module.linear_out.weight))
 
 
 def _ultra_infer(module: UltraFFF, x) -> torch.Tensor | None:
