@@ -118,6 +118,7 @@ cdef extern from "_simd.h" nogil:
     void fastff_axpym_f64(int nr, const int* m, int stride, int n, const double* alpha,
                           const double** x, double** y, int overwrite)
     int fastff_wide_registers()
+    long fastff_l2_cache_bytes()
     void fastff_prefetch_l2(const void* p, long n)
     void fastff_adam_f32(long n, float* p, const float* g, float* m, float* v, int l2,
                          int decay, float wd, float keep, float b1, float omb1, float b2,

@@ -276,6 +276,30 @@ def test_large_batches_take_the_subtree_path_with_the_same_bits(activation, dtyp
         assert_close(g, grads_ref[key], dtype, 20 * 2000, key)
 
 
+@pytest.mark.parametrize("itemsize", [2, 4, 8])
+@pytest.mark.parametrize("depth", [4, 11, 20])
+def test_subtree_split_sizes_subtrees_to_the_cache(depth, itemsize):
+    """Below the split level a subtree's weights fit in _subtree_bytes() (half this CPU's L2)
+    and one level more would not; a batch too small for that many subtrees (under 16 rows
+    each) splits higher, with larger subtrees."""
+    from fastff import _cmm
+
+    budget = _cmm._subtree_bytes()
+    assert 1 << 14 <= budget <= 1 << 26
+    node_bytes = (768 + 768) * itemsize
+    n_rows = 1 << 18
+    split = _cmm._subtree_split(n_rows, depth, 768, 768, itemsize)
+    subtree_bytes = ((1 << (depth + 1 - split)) - 1) * node_bytes
+    if split > depth:  # not regrouped: the whole tree fits
+        assert ((1 << (depth + 1)) - 1) * node_bytes <= budget
+    elif (n_rows >> (split + 1)) >= 16:  # rows to spare: the subtree is as large as fits
+        assert subtree_bytes <= budget < 2 * subtree_bytes + node_bytes
+    else:  # rows limit the split
+        assert subtree_bytes > budget and (n_rows >> split) >= 16
+    few_rows = _cmm._subtree_split(64, depth, 768, 768, itemsize)
+    assert few_rows == depth + 1 or (64 >> few_rows) >= 16
+
+
 @pytest.mark.parametrize("n_rows, depth, n_trees", [(2000, 9, 1), (2000, 9, 2), (7, 3, 2)])
 def test_kernels_write_every_output_row_whatever_it_held(n_rows, depth, n_trees):
     """The forward overwrites y (its first tree's sums start from zero; rows regrouped by

@@ -34,6 +34,7 @@
 #endif
 
 #include <string.h>
+#include <unistd.h>
 
 #if defined(__GNUC__) || defined(__clang__)
 /* Sum of a 64-byte vector's lanes by halving (3 vector adds, then 4 or 2 scalars): a lane-by-
@@ -190,6 +191,17 @@ static inline void fastff_prefetch_l2(const void *p, long n) {
 #else
     (void)p;
     (void)n;
+#endif
+}
+
+/* Bytes of one core's L2 cache as the C library reports it (glibc reads CPUID), 0 where it
+ * does not say. */
+static inline long fastff_l2_cache_bytes(void) {
+#if defined(_SC_LEVEL2_CACHE_SIZE)
+    long n = sysconf(_SC_LEVEL2_CACHE_SIZE);
+    return n > 0 ? n : 0;
+#else
+    return 0;
 #endif
 }
 
