@@ -75,7 +75,7 @@ def main(argv=None):
         for step in range(steps):
             rows = order[step * batch + rank * local : step * batch + (rank + 1) * local]
             opt.zero_grad()
-            logits, backprop = model.forward_train(x_train[rows])
+            logits, backprop = model.forward_train(x_train[rows], input_grad=False)
             loss, dlogits = nn.softmax_cross_entropy(logits, y_train[rows])
             backprop(dlogits)  # the mean over this rank's rows ...
             fd.allreduce_grads(model, comm, op="mean")  # ... averaged: the global batch's

@@ -70,7 +70,7 @@ def main(argv=None):
         for i in range(0, n_points, batch):
             idx = order[i : i + batch]
             opt.zero_grad()
-            logits, backprop = model.forward_train(x[idx])
+            logits, backprop = model.forward_train(x[idx], input_grad=False)
             loss, dlogits = nn.softmax_cross_entropy(logits, labels[idx])
             backprop(dlogits)
             opt.step()

@@ -69,15 +69,23 @@ def train_forward(ops, rows, p, y_tree, act, n_threads):
     return y, {"s": s, "y_tree": y_tree, "y_master": y_master, "leaf": leaf_saved}
 
 
-def backward(ops, rows, dy, p, g, saved, act, n_threads):
+def backward(ops, rows, dy, p, g, saved, act, n_threads, need_dx=True):
     """Adds the master leaf's gradients (its weights and master.mix) into g; returns (dy of the
-    tree's output, dx of the master leaf)."""
+    tree's output, dx of the master leaf or None without need_dx)."""
     xp, s = ops.xp, saved["s"]
     # d y / d mix = s (1 - s) (y_master - y_tree)
     diff = saved["y_master"] - saved["y_tree"]
     dmix = (dy * diff).sum(dtype=np.float64)
     g["master_mix"] += (dmix * (s * (1 - s))).astype(g["master_mix"].dtype)
     dx = ops.fff_soft_backward(
-        rows, s * dy, as_leaf(p, xp), saved["leaf"], act, 0.0, as_leaf(g, xp), n_threads
+        rows,
+        s * dy,
+        as_leaf(p, xp),
+        saved["leaf"],
+        act,
+        0.0,
+        as_leaf(g, xp),
+        n_threads,
+        need_dx=need_dx,
     )
     return (1 - s) * dy, dx

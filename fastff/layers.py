@@ -253,10 +253,12 @@ class UltraFFF(Module):
         _, lead, y, _, _ = self._forward(x, save_path=False)
         return y if len(lead) == 1 else y.reshape(lead + (self._output_width,))
 
-    def forward_train(self, x):
+    def forward_train(self, x, *, input_grad=True):
         """Training forward: returns (y, backprop). Keeps each row's visited nodes and
-        pre-activations, B * T * (depth+1) numbers, for the O(depth) backward."""
+        pre-activations, B * T * (depth+1) numbers, for the O(depth) backward. Without
+        input_grad (x is the model's input), backprop returns None and skips the dx pass."""
         self._check_trainable("forward_train")
+        input_grad = check_bool(input_grad, "input_grad")
         rows, lead, y, visited, preact = self._forward(x, save_path=True)
         rows = keep_for_backward(rows, x)
         version, device, out_shape = self._version, self.device, lead + (self.output_width,)
@@ -269,9 +271,17 @@ class UltraFFF(Module):
             dy_rows, g = self._backprop_inputs(dy, version, device, lead, self.output_width)
             p = self._params
             dx = self.ops.ultra_backward(
-                rows, dy_rows, p, g, visited, preact, activation, effective_n_threads()
+                rows,
+                dy_rows,
+                p,
+                g,
+                visited,
+                preact,
+                activation,
+                effective_n_threads(),
+                input_grad,
             )
-            return dx.reshape(lead + (self.input_width,))
+            return None if dx is None else dx.reshape(lead + (self.input_width,))
 
         return y.reshape(out_shape), backprop
 
@@ -592,10 +602,11 @@ class FFF(Module):
             drop *= self.dtype.type(1.0 / (1.0 - self.dropout))
         return swap, drop
 
-    def forward_train(self, x, *, rng=None, hardening=0.0, load_balancing=0.0):
+    def forward_train(self, x, *, rng=None, hardening=0.0, load_balancing=0.0, input_grad=True):
         """Training forward: returns (y, backprop); ``backprop(dy) -> dx`` adds into
         ``layer.grads`` the gradients of ``sum(y * dy) + hardening * mean_entropy +
-        load_balancing * balance``.
+        load_balancing * balance``. Without input_grad (x is the model's input) backprop
+        returns None and leaves out dx's products.
 
         Soft (default): every leaf on every row, mixed by path products of the router sigmoids;
         cost of a dense FF of width n_leaves * leaf_width. ``train_hardened``: decisions rounded
@@ -624,6 +635,7 @@ class FFF(Module):
         self._check_trainable("forward_train")
         hardening = check_nonnegative(hardening, "hardening")
         load_balancing = check_nonnegative(load_balancing, "load_balancing")
+        input_grad = check_bool(input_grad, "input_grad")
         if rng is None:
             rng = self._train_rng
         elif not isinstance(rng, np.random.Generator):
@@ -693,12 +705,23 @@ class FFF(Module):
             dx_master = None
             if master_saved is not None:  # dy_rows becomes the tree's share of dy
                 dy_rows, dx_master = _master.backward(
-                    ops, rows, dy_rows, p, g, master_saved, activation, n_threads
+                    ops, rows, dy_rows, p, g, master_saved, activation, n_threads, input_grad
                 )
             backward = ops.fff_hard_backward if hardened else ops.fff_soft_backward
             dx = backward(
-                rows, dy_rows, p, saved, activation, entropy_weight, g, n_threads, load_balancing
+                rows,
+                dy_rows,
+                p,
+                saved,
+                activation,
+                entropy_weight,
+                g,
+                n_threads,
+                load_balancing,
+                need_dx=input_grad,
             )
+            if dx is None:
+                return None
             if dx_master is not None:
                 dx += dx_master
             return dx.reshape(lead + (self.input_width,))

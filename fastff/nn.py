@@ -22,6 +22,7 @@ from ._validation import (
     as_compute_float,
     as_float_array,
     as_rows,
+    check_bool,
     check_fits_in_memory,
     check_int,
     check_probability,
@@ -115,9 +116,11 @@ class Linear(Module):
         _, lead, y = self._forward(x)
         return y.reshape(lead + (self.output_width,))
 
-    def forward_train(self, x):
-        """Returns (y, backprop); keeps x (as rows) for the weight gradient."""
+    def forward_train(self, x, *, input_grad=True):
+        """Returns (y, backprop); keeps x (as rows) for the weight gradient. Without input_grad
+        (x is the model's input) backprop returns None and skips dx's product."""
         self._check_trainable("forward_train")
+        input_grad = check_bool(input_grad, "input_grad")
         rows, lead, y = self._forward(x)
         rows = keep_for_backward(rows, x)
         version, device, out_shape = self._version, self.device, lead + (self.output_width,)
@@ -129,6 +132,8 @@ class Linear(Module):
             grads["weight_t"] += rows.T @ dy_rows
             if self.has_bias:
                 grads["bias"] += dy_rows.sum(axis=0)
+            if not input_grad:
+                return None
             dx = dy_rows @ self._params["weight_t"].T
             return dx.reshape(lead + (self.input_width,))
 
@@ -165,18 +170,21 @@ class _Elementwise(Module):
         xp = self.ops.xp
         return self._value(as_float_array(x, xp), xp)
 
-    def forward_train(self, x):
+    def forward_train(self, x, *, input_grad=True):
         """(y, backprop). The derivative is formed here, from the forward's values: the caller
-        may then reuse x's buffer or write into y before backprop."""
+        may then reuse x's buffer or write into y before backprop. Without input_grad, backprop
+        checks dy and returns None."""
+        input_grad = check_bool(input_grad, "input_grad")
         xp = self.ops.xp
         z = as_float_array(x, xp)
         y = self._value(z, xp)
-        derivative = self._derivative(z, y, xp)
+        derivative = self._derivative(z, y, xp) if input_grad else None
 
         @run_once
         def backprop(dy):
             """dy (shape of y) -> dx (shape of x)."""
-            return _check_grad_shape(dy, y, xp) * derivative
+            dy = _check_grad_shape(dy, y, xp)
+            return dy * derivative if input_grad else None
 
         return y, backprop
 
@@ -267,8 +275,10 @@ class Dropout(Module):
         """Inference: x (...) returned unchanged (as an array)."""
         return as_float_array(x, self.ops.xp)
 
-    def forward_train(self, x, *, rng=None):
-        """x (...) -> (y of the same shape, backprop)."""
+    def forward_train(self, x, *, rng=None, input_grad=True):
+        """x (...) -> (y of the same shape, backprop); without input_grad backprop returns
+        None."""
+        input_grad = check_bool(input_grad, "input_grad")
         xp = self.ops.xp
         x = as_float_array(x, xp)
         if rng is None:
@@ -278,14 +288,19 @@ class Dropout(Module):
                 f"rng must be a numpy.random.Generator or None, got {type(rng).__name__}"
             )
         if self.p == 0.0:
-            return x, run_once(lambda dy: _check_grad_shape(dy, x, xp))
-        keep = rng.random(x.shape, dtype=x.dtype) >= self.p
-        mask = self.ops.asarray(keep * x.dtype.type(1 / (1 - self.p)))
-        y = x * mask
+            mask = None
+            y = x
+        else:
+            keep = rng.random(x.shape, dtype=x.dtype) >= self.p
+            mask = self.ops.asarray(keep * x.dtype.type(1 / (1 - self.p)))
+            y = x * mask
 
         @run_once
         def backprop(dy):
-            return _check_grad_shape(dy, y, xp) * mask
+            dy = _check_grad_shape(dy, y, xp)
+            if not input_grad:
+                return None
+            return dy if mask is None else dy * mask
 
         return y, backprop
 
@@ -380,8 +395,14 @@ class Sequential(Module):
             x = m(x)
         return x
 
-    def forward_train(self, x, **options):
-        """Returns (y, backprop); backprop(dy) -> dx runs the children's backprops in reverse."""
+    def forward_train(self, x, *, input_grad=True, **options):
+        """Returns (y, backprop); backprop(dy) -> dx runs the children's backprops in reverse.
+
+        Without input_grad (x is the model's input: a training loop discards dx) the first
+        child is told so where its forward_train takes ``input_grad`` (every fastff module
+        does) and skips its dx; backprop then returns None. Each option goes to the children
+        whose forward_train takes it."""
+        input_grad = check_bool(input_grad, "input_grad")
         takes_any = any(var_kw for _, var_kw in self._options)
         accepted = set().union(*(names for names, _ in self._options))
         unknown = sorted(set(options) - accepted)
@@ -392,8 +413,10 @@ class Sequential(Module):
             )
         backprops = []
         with caller_input(x):  # the children's intermediates are theirs to keep
-            for m, (names, var_kw) in zip(self.layers, self._options):
+            for i, (m, (names, var_kw)) in enumerate(zip(self.layers, self._options)):
                 kw = {k: v for k, v in options.items() if var_kw or k in names}
+                if i == 0 and not input_grad and "input_grad" in names:
+                    kw["input_grad"] = False
                 x, child_backprop = m.forward_train(x, **kw)
                 backprops.append(child_backprop)
 
@@ -401,7 +424,7 @@ class Sequential(Module):
         def backprop(dy):
             for step in reversed(backprops):
                 dy = step(dy)
-            return dy
+            return dy if input_grad else None
 
         return x, backprop
 

@@ -87,8 +87,10 @@ class Ops:
         self._run(kernel, x, *weights, depth, n_trees, act_code, *outputs, n_threads)
         return y, visited, preact
 
-    # whether cmm.ultra_backward skips dx when handed a dx of no rows (the CPU kernel does)
+    # whether cmm.ultra_backward / cmm.fff_hard_train_backward skip dx when handed a dx of no
+    # rows (the CPU kernels do)
     _ultra_backward_skips_dx = False
+    _fff_hard_backward_skips_dx = False
 
     def ultra_backward(self, x, dy, p, g, visited, preact, act, n_threads, need_dx=True):
         """Adds the hard-path parameter gradients into g; returns dx (B, in), or None without
@@ -223,11 +225,14 @@ class Ops:
         }
         return y, saved
 
-    def fff_soft_backward(self, x, dy, p, saved, act, entropy_weight, g, n_threads, balance=0.0):
-        """Adds the soft-mixture gradients into g; returns dx (B, in). entropy_weight scales each
-        (row, node) entropy's gradient (hardening / (B * n_nodes)); balance weighs the
-        load-balancing term n_leaves * sum_l f_l**2 (fastff._balance), whose gradient joins
-        the mixture weights' before the router backward."""
+    def fff_soft_backward(
+        self, x, dy, p, saved, act, entropy_weight, g, n_threads, balance=0.0, need_dx=True
+    ):
+        """Adds the soft-mixture gradients into g; returns dx (B, in), or None without need_dx
+        (then its two products, as large as the weight gradients', are not formed).
+        entropy_weight scales each (row, node) entropy's gradient (hardening / (B * n_nodes));
+        balance weighs the load-balancing term n_leaves * sum_l f_l**2 (fastff._balance), whose
+        gradient joins the mixture weights' before the router backward."""
         n_leaves, leaf_w = p["w1t"].shape[0], p["w1t"].shape[1]
         w1_flat = p["w1t"].reshape(n_leaves * leaf_w, -1)
         w2_flat = p["w2"].reshape(n_leaves * leaf_w, -1)
@@ -250,7 +255,7 @@ class Ops:
         g["b2"][...] += mix.T @ dy
         g["w1t"].reshape(n_leaves * leaf_w, -1)[...] += dh.T @ x
         g["b1"].reshape(-1)[...] += dh.sum(axis=0)
-        dx = dh @ w1_flat
+        dx = dh @ w1_flat if need_dx else None
         q = saved["q"]
         if q.shape[1] > 0:
             if balance and q.shape[0] > 0:
@@ -270,7 +275,8 @@ class Ops:
             )
             g["node_w"][...] += dz.T @ x
             g["node_b"].reshape(-1)[...] += dz.sum(axis=0)
-            dx += dz @ p["node_w"]
+            if need_dx:
+                dx += dz @ p["node_w"]
         return dx
 
     def fff_hard_forward(self, x, p, depth, act, n_threads, swap=None, drop=None):
@@ -300,12 +306,16 @@ class Ops:
         saved.update(masks)
         return y, saved
 
-    def fff_hard_backward(self, x, dy, p, saved, act, entropy_weight, g, n_threads, balance=0.0):
-        """Adds the hardened-path gradients into g; returns dx (B, in). entropy_weight scales
-        each visited node's entropy gradient (hardening / (B * depth)); balance weighs the
+    def fff_hard_backward(
+        self, x, dy, p, saved, act, entropy_weight, g, n_threads, balance=0.0, need_dx=True
+    ):
+        """Adds the hardened-path gradients into g; returns dx (B, in), or None without need_dx
+        (the CPU kernel then skips the leaves' w1t reads for dx). entropy_weight scales each
+        visited node's entropy gradient (hardening / (B * depth)); balance weighs the
         load-balancing term n_leaves * sum_l f_l * P_l (fastff._balance), whose gradient
         reaches the visited nodes only."""
-        dx = self.xp.empty_like(x)
+        skip_dx = not need_dx and self._fff_hard_backward_skips_dx
+        dx = self.xp.empty((0, x.shape[1]), dtype=x.dtype) if skip_dx else self.xp.empty_like(x)
         self._run(
             self.cmm.fff_hard_train_backward,
             x,
@@ -343,8 +353,9 @@ class Ops:
             g["node_b"].reshape(-1)[...] += self.xp.bincount(
                 saved["path"].reshape(-1), weights=dz.reshape(-1), minlength=n_nodes
             ).astype(dz.dtype)
-            dx += sparse @ p["node_w"]
-        return dx
+            if need_dx:
+                dx += sparse @ p["node_w"]
+        return dx if need_dx else None
 
     def _csr_rows(self, values, columns, n_columns):
         """A CSR matrix (rows, n_columns) with values[r, k] at column columns[r, k] (each row's

@@ -14,7 +14,7 @@ Typical loop::
     sched = CosineLR(opt, total_steps=n_steps, warmup_steps=100)
     for x, labels in batches:
         opt.zero_grad()
-        logits, backprop = model.forward_train(x)
+        logits, backprop = model.forward_train(x, input_grad=False)
         loss, dlogits = softmax_cross_entropy(logits, labels)
         backprop(dlogits)
         opt.step()

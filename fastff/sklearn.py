@@ -304,7 +304,7 @@ class _BaseFFF(BaseEstimator):
             idx = order[start : start + batch_size]
             xb = np.ascontiguousarray(X[idx])
             opt.zero_grad()
-            out, backprop = self.model_.forward_train(xb, **options)
+            out, backprop = self.model_.forward_train(xb, input_grad=False, **options)
             loss, dout = self._loss(out, target[idx])
             backprop(dout)
             opt.step()

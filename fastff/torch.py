@@ -577,6 +577,7 @@ class _FFFFunction(torch.autograd.Function):
                 0.0,
                 call.params(grads),
                 _n_threads(),
+                need_dx=ctx.needs_input_grad[0],
             )
             dx_t = _dx(place, dx, x) if ctx.needs_input_grad[0] else None
         return (dx_t, *grads, None)

@@ -409,7 +409,8 @@ def train(model, train_kw, opt, sched, data, options):
         for step in range(steps):
             idx = order[step * batch : (step + 1) * batch]
             opt.zero_grad()
-            logits, backprop = model.forward_train(x_train[idx], **train_kw)
+            # the pixels need no gradient: the first layer skips its dx
+            logits, backprop = model.forward_train(x_train[idx], input_grad=False, **train_kw)
             loss, dlogits = nn.softmax_cross_entropy(logits, y_train[idx])
             backprop(dlogits)
             opt.step()

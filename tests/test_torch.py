@@ -100,18 +100,24 @@ def test_ultra_matches_the_masked_dense_module(seed, dtype):
         _close(grads[key], grads_ref[key], dtype, key)
 
 
-def test_ultra_parameter_gradients_do_not_depend_on_the_input_needing_one():
+@pytest.mark.parametrize("kind", ["ultra", "fff-soft", "fff-hardened"])
+def test_parameter_gradients_do_not_depend_on_the_input_needing_one(kind):
     # an input without requires_grad (a first layer) skips the dx pass: same parameter grads
     torch.manual_seed(4)
-    module = ft.UltraFFF(30, 7, 4, 2)
+    if kind == "ultra":
+        module = ft.UltraFFF(30, 7, 4, 2)
+    else:
+        module = ft.FFF(30, 4, 7, 3, "gelu", 0.2, kind == "fff-hardened", 0.1)
     x = torch.randn(3, 11, 30, generator=_gen(5))
     grads = []
     for needs in (True, False):
         module.zero_grad(set_to_none=True)
         xi = x.clone().requires_grad_(needs)
+        torch.manual_seed(6)  # the same dropout and region-leak masks
         module(xi).square().sum().backward()
         assert (xi.grad is not None) == needs
-        grads.append([p.grad.clone() for p in module.parameters()])
+        grads.append([p.grad.clone() for p in module.parameters() if p.grad is not None])
+    assert len(grads[0]) == len(grads[1]) >= 3
     for with_dx, without_dx in zip(*grads):
         assert torch.equal(with_dx, without_dx)
 

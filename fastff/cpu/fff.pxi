@@ -651,17 +651,20 @@ cdef inline floating _hard_backward_row(int depth, int in_w, int leaf_w, int out
                                         const floating* hpre, int act, floating entropy_weight,
                                         floating* dh, floating* dz, floating* dx) noexcept nogil:
     """Per-row part of the hardened backward: leaf pre-activation gradients dh (leaf,), router
-    logit gradients dz (depth,) from the entropy term only (rounding passes no gradient), and dx."""
+    logit gradients dz (depth,) from the entropy term only (rounding passes no gradient), and dx
+    unless dx is NULL (an input that needs no gradient: the leaf's w1t rows, most of this pass's
+    reads, are then not touched)."""
     cdef int j, level
     cdef floating d, q, dh_dq, slope
     cdef bint swapped
-    memset(dx, 0, in_w * sizeof(floating))
+    if dx != NULL:
+        memset(dx, 0, in_w * sizeof(floating))
     for j in range(leaf_w):
         d = _dot(out_w, dy, w2_l + <Py_ssize_t>j * out_w) * _act_grad(hpre[j], act)
         if drop != NULL:
             d = d * drop[j]
         dh[j] = d
-        if d != 0:
+        if d != 0 and dx != NULL:
             _axpy(in_w, d, w1t_l + <Py_ssize_t>j * in_w, dx)
     if entropy_weight != 0:
         for level in range(depth):
@@ -675,7 +678,7 @@ cdef inline floating _hard_backward_row(int depth, int in_w, int leaf_w, int out
                 slope = -slope
             d = entropy_weight * dh_dq * slope
             dz[level] = d
-            if d != 0:
+            if d != 0 and dx != NULL:
                 _axpy(in_w, d, node_w + path[level] * in_w, dx)
     return 0
 
@@ -691,7 +694,8 @@ def fff_hard_train_backward(const floating[:, ::1] x, const floating[:, ::1] dy,
                             floating[::1] grad_node_b, floating[:, :, ::1] grad_w1t,
                             floating[:, ::1] grad_b1, floating[:, :, ::1] grad_w2,
                             floating[:, ::1] grad_b2, int n_threads):
-    """Hardened backward; adds into the grad_* arrays, dx (B, in) is overwritten.
+    """Hardened backward; adds into the grad_* arrays, dx (B, in) is overwritten; a dx of no
+    rows skips it (the input needs no gradient).
 
     Pass 1, parallel over rows: dh, dz and dx. Pass 2, parallel over leaves, and pass 3, over
     nodes (only with an entropy weight): rows are counting-sorted by leaf / node so each gradient
@@ -704,8 +708,9 @@ def fff_hard_train_backward(const floating[:, ::1] x, const floating[:, ::1] dy,
     cdef floating d, a, one = 1
     _check_act(act)
     _check_fff_weights(depth, in_w, out_w, node_w, w1t, w2)
-    _require(dy.shape[0] == n_rows and dx.shape[0] == n_rows and dx.shape[1] == in_w
-             and path.shape[0] == n_rows and z_path.shape[0] == n_rows
+    cdef bint need_dx = dx.shape[0] != 0
+    _require(dy.shape[0] == n_rows and (dx.shape[0] == n_rows or not need_dx)
+             and dx.shape[1] == in_w and path.shape[0] == n_rows and z_path.shape[0] == n_rows
              and z_path.shape[1] == depth and leaf.shape[0] == n_rows
              and hpre.shape[0] == n_rows and hpre.shape[1] == leaf_w,
              "x, dy, dx, path, z_path, leaf and hpre must have one row per input row")
@@ -745,7 +750,8 @@ def fff_hard_train_backward(const floating[:, ::1] x, const floating[:, ::1] dy,
                                &z_path[r, 0] if depth > 0 else NULL,
                                &swap[r, 0] if has_swap and depth > 0 else NULL,
                                &drop[r, 0] if has_drop else NULL, &hpre[r, 0], act, w,
-                               &dh[r, 0], &dz[r, 0] if depth > 0 else NULL, &dx[r, 0])
+                               &dh[r, 0], &dz[r, 0] if depth > 0 else NULL,
+                               &dx[r, 0] if need_dx else NULL)
 
     order_arr, offsets_arr, active_arr = _group_rows(leaf, n_leaves)
     cdef Py_ssize_t[::1] order = order_arr

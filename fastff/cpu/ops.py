@@ -22,6 +22,7 @@ class CPUOps(Ops):
     xp = np
     cmm = _cmm
     _ultra_backward_skips_dx = True
+    _fff_hard_backward_skips_dx = True
 
     def _run(self, kernel, *args):
         # Kernels called from several Python threads at once share the cores: each gets its
