@@ -26,6 +26,17 @@ settings.register_profile(
 settings.load_profile(os.environ.get("FASTFF_HYPOTHESIS_PROFILE", "ci"))
 
 
+@pytest.fixture
+def subtree_bytes():
+    """set(n): the UltraFFF kernels aim for n-byte subtrees (fastff._cmm) until the test ends,
+    so which batches are regrouped by subtree does not depend on this CPU's L2 size."""
+    from fastff import _cmm
+
+    original = _cmm._subtree_bytes()
+    yield _cmm._set_subtree_bytes
+    _cmm._set_subtree_bytes(original)
+
+
 @pytest.fixture(autouse=True, scope="session")
 def small_inputs_run_in_parallel():
     """The kernels give a small call one thread (fastff/_cmm.pyx, _team), and the tests' inputs

@@ -105,9 +105,13 @@ def test_gaussian_data_error_is_the_formats_rounding(half):
 
 
 @pytest.mark.parametrize("half", HALVES, ids=IDS)
-def test_large_batches_and_threads_give_the_same_bits(half):
+def test_large_batches_and_threads_give_the_same_bits(half, subtree_bytes):
     """The subtree-grouped path (large batches) and any thread count add each row's terms in
     the same order as a small batch: identical bits."""
+    from fastff import _cmm
+
+    subtree_bytes(1 << 14)  # 63-node subtrees of 176-byte nodes: regrouped at level 5
+    assert _cmm._subtree_split(6000, 10, 48, 40, 2) == 5
     rng = np.random.default_rng(1)
     layer = fastff.UltraFFF(48, 40, 10, 2, seed=2).astype(half)
     x = rng.standard_normal((6000, 48)).astype(np.float32)

@@ -1,5 +1,7 @@
 """UltraFFF (neuron tree): CPU kernels against fastff.reference, inputs, state dicts, errors."""
 
+import itertools
+
 import numpy as np
 import pytest
 from hypothesis import given
@@ -247,12 +249,13 @@ def test_threads_api():
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("activation", ACTS)
-def test_large_batches_take_the_subtree_path_with_the_same_bits(activation, dtype):
+def test_large_batches_take_the_subtree_path_with_the_same_bits(activation, dtype, subtree_bytes):
     """Batches big enough to be regrouped by subtree (fastff._cmm._subtree_split) give bitwise
     the results of small batches walked row by row, and match the reference. The top walks
     hand their terms to the subtree walks, which write y once per row; a second tree adds."""
     from fastff import _cmm
 
+    subtree_bytes(1 << 18)
     layer = fastff.UltraFFF(300, 200, 9, 2, activation, dtype=dtype, seed=4)
     rng = np.random.default_rng(4)
     state = dyadic_state(layer, rng)
@@ -277,31 +280,37 @@ def test_large_batches_take_the_subtree_path_with_the_same_bits(activation, dtyp
 
 
 @pytest.mark.parametrize("itemsize", [2, 4, 8])
-@pytest.mark.parametrize("depth", [4, 11, 20])
-def test_subtree_split_sizes_subtrees_to_the_cache(depth, itemsize):
+@pytest.mark.parametrize("depth", [2, 4, 6, 8, 11, 20])
+def test_subtree_split_sizes_subtrees_to_the_cache(depth, itemsize, subtree_bytes):
     """Below the split level a subtree's weights fit in _subtree_bytes() (half this CPU's L2)
     and one level more would not; a batch too small for that many subtrees (under 16 rows
-    each) splits higher, with larger subtrees."""
+    each) splits higher, with larger subtrees; fewer than 8 subtrees are not worth regrouping."""
     from fastff import _cmm
 
-    budget = _cmm._subtree_bytes()
-    assert 1 << 14 <= budget <= 1 << 26
+    assert 1 << 14 <= _cmm._subtree_bytes() <= 1 << 26  # this CPU's
     node_bytes = (768 + 768) * itemsize
-    n_rows = 1 << 18
-    split = _cmm._subtree_split(n_rows, depth, 768, 768, itemsize)
-    subtree_bytes = ((1 << (depth + 1 - split)) - 1) * node_bytes
-    if split > depth:  # not regrouped: the whole tree fits
-        assert ((1 << (depth + 1)) - 1) * node_bytes <= budget
-    elif (n_rows >> (split + 1)) >= 16:  # rows to spare: the subtree is as large as fits
-        assert subtree_bytes <= budget < 2 * subtree_bytes + node_bytes
-    else:  # rows limit the split
-        assert subtree_bytes > budget and (n_rows >> split) >= 16
+    for budget, n_rows in itertools.product(
+        (_cmm._subtree_bytes(), 1 << 17, 1 << 20), (1 << 18, 1 << 9)
+    ):
+        subtree_bytes(budget)
+        split = _cmm._subtree_split(n_rows, depth, 768, 768, itemsize)
+        tree_bytes = ((1 << (depth + 1 - split)) - 1) * node_bytes
+        if split > depth:  # not regrouped: 4 subtrees would fit, or too few rows for 8
+            assert depth < 3 or (
+                ((1 << (depth - 1)) - 1) * node_bytes <= budget or (n_rows >> 3) < 16
+            )
+        else:  # the largest subtrees that fit, or larger where rows are too few for more
+            assert split >= 3 and (n_rows >> split) >= 16
+            fits = tree_bytes <= budget < 2 * tree_bytes + node_bytes
+            assert fits or (tree_bytes > budget and (n_rows >> (split + 1)) < 16)
+    with pytest.raises(ValueError, match="at least 1 byte"):
+        subtree_bytes(0)
     few_rows = _cmm._subtree_split(64, depth, 768, 768, itemsize)
     assert few_rows == depth + 1 or (64 >> few_rows) >= 16
 
 
 @pytest.mark.parametrize("n_rows, depth, n_trees", [(2000, 9, 1), (2000, 9, 2), (7, 3, 2)])
-def test_kernels_write_every_output_row_whatever_it_held(n_rows, depth, n_trees):
+def test_kernels_write_every_output_row_whatever_it_held(n_rows, depth, n_trees, subtree_bytes):
     """The forward overwrites y (its first tree's sums start from zero; rows regrouped by
     subtree are written by their subtree walk only) and the backward overwrites dx: arrays
     that start as NaN come out equal to fresh ones, relu rows without a nonzero term
@@ -309,6 +318,7 @@ def test_kernels_write_every_output_row_whatever_it_held(n_rows, depth, n_trees)
     from fastff import _cmm
     from fastff.ops import ACTIVATIONS
 
+    subtree_bytes(1 << 18)
     layer = fastff.UltraFFF(300, 200, depth, n_trees, "relu", seed=5)
     rng = np.random.default_rng(5)
     x = rng.standard_normal((n_rows, 300)).astype(np.float32)

@@ -7,21 +7,33 @@ cdef enum:
     ROWS_PER_BLOCK = 4  # rows one thread walks in lockstep
     MAX_PATH = 62  # MAX_DEPTH + 1: the most levels one walk visits
     MIN_ROWS_PER_SUBTREE = 16  # below this, grouping rows by subtree saves too little
+    MIN_SPLIT = 3  # fewer than 2**MIN_SPLIT subtrees: regrouping costs more than it saves
     NO_CARRY = 0  # a walk adds its terms into y
     GIVE_CARRY = 1  # a top walk leaves its terms in the carry buffer
     TAKE_CARRY = 2  # a subtree walk adds the carried terms, then its own
 
 # The weights of a subtree that rows walk together (forward), or the x and dy rows that a
 # subtree's gradient task reads (backward): half a core's L2, so they stay there while the rows'
-# own x and y stream through the other half. On a 512 KiB-L2 Zen 3 VM, `ufb` (4096 rows, depth
-# 11) forward took 5.6 (float32) / 4.5 ms (bfloat16) with 256 KiB subtrees against 6.2 / 5.5 ms
-# with 1 MiB ones. 512 KiB where the C library does not report the L2.
+# own x and y stream through the other half. On a 512 KiB-L2 Zen 3 VM (768 -> 768, 4096 rows,
+# minima of 5 rounds), 256 KiB subtrees against 1 MiB: depth 8 3.81 against 4.26 ms (2 threads)
+# and 6.31 against 7.06 ms (1 thread); depth 11 5.76 against 6.02 ms (2 threads), the same on
+# 1 thread. 512 KiB where the C library does not report the L2.
 cdef Py_ssize_t SUBTREE_BYTES = (fastff_l2_cache_bytes() // 2) or (1 << 19)
 
 
 def _subtree_bytes():
     """The subtree size that _split_level and _backward_schedule aim for, in bytes."""
     return SUBTREE_BYTES
+
+
+def _set_subtree_bytes(Py_ssize_t n_bytes):
+    """Sets that size and returns the previous one: for tests, which then take the regrouped
+    paths on any CPU. Not for use while kernels run."""
+    global SUBTREE_BYTES
+    if n_bytes < 1:
+        raise ValueError(f"the subtree size must be at least 1 byte, got {n_bytes}")
+    previous, SUBTREE_BYTES = SUBTREE_BYTES, n_bytes
+    return previous
 
 
 # The terms a row's top walk hands to its subtree walk: row r's k-th nonzero activation at
@@ -165,7 +177,11 @@ cdef int _split_level(Py_ssize_t n_rows, int depth, int in_w, int out_w,
 
     Below the split every subtree's weights fit in SUBTREE_BYTES, and rows that share a subtree
     walk it together, so each subtree is fetched from L3/DRAM once per batch instead of once per
-    row. The split is no deeper than leaves MIN_ROWS_PER_SUBTREE rows per subtree on average."""
+    row. The split is no deeper than leaves MIN_ROWS_PER_SUBTREE rows per subtree on average,
+    and no regrouping happens above MIN_SPLIT: each tree's regrouped walk reads the batch's x
+    twice (top walk, subtree walk) where the row-by-row walk reads it once for all trees, and
+    a tree of a few subtrees mostly stays in L2 anyway (Fashion-MNIST's UltraFFF, 784->10,
+    depth 6 x 4 trees, 10,000 rows, 2 threads: 24.9 ms regrouped at level 1, 14.0 ms not)."""
     cdef Py_ssize_t node_bytes = (<Py_ssize_t>in_w + out_w) * itemsize
     cdef int levels_below = 0, split
     while levels_below < depth + 1 and ((<Py_ssize_t>1 << (levels_below + 1)) - 1) * node_bytes <= SUBTREE_BYTES:
@@ -173,7 +189,7 @@ cdef int _split_level(Py_ssize_t n_rows, int depth, int in_w, int out_w,
     split = depth + 1 - levels_below
     while split > 0 and (n_rows >> split) < MIN_ROWS_PER_SUBTREE:
         split -= 1
-    return depth + 1 if split == 0 else split
+    return depth + 1 if split < MIN_SPLIT else split
 
 
 def _subtree_split(Py_ssize_t n_rows, int depth, int in_w, int out_w, int itemsize):
