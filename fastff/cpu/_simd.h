@@ -34,7 +34,9 @@
 #endif
 
 #include <string.h>
-#include <unistd.h>
+#if defined(__unix__) || defined(__APPLE__)
+#include <unistd.h> /* sysconf */
+#endif
 
 #if defined(__GNUC__) || defined(__clang__)
 /* Sum of a 64-byte vector's lanes by halving (3 vector adds, then 4 or 2 scalars): a lane-by-
@@ -194,8 +196,8 @@ static inline void fastff_prefetch_l2(const void *p, long n) {
 #endif
 }
 
-/* Bytes of one core's L2 cache as the C library reports it (glibc reads CPUID), 0 where it
- * does not say. */
+/* Bytes of the L2 cache as the C library reports it (glibc reads CPUID), 0 where it does not
+ * say (MSVC, musl). It may be a cluster's shared L2: callers bound what they derive from it. */
 static inline long fastff_l2_cache_bytes(void) {
 #if defined(_SC_LEVEL2_CACHE_SIZE)
     long n = sysconf(_SC_LEVEL2_CACHE_SIZE);

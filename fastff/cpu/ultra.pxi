@@ -17,8 +17,10 @@ cdef enum:
 # own x and y stream through the other half. On a 512 KiB-L2 Zen 3 VM (768 -> 768, 4096 rows,
 # minima of 5 rounds), 256 KiB subtrees against 1 MiB: depth 8 3.81 against 4.26 ms (2 threads)
 # and 6.31 against 7.06 ms (1 thread); depth 11 5.76 against 6.02 ms (2 threads), the same on
-# 1 thread. 512 KiB where the C library does not report the L2.
-cdef Py_ssize_t SUBTREE_BYTES = (fastff_l2_cache_bytes() // 2) or (1 << 19)
+# 1 thread. 512 KiB where the C library does not report the L2; at most 1 MiB (the fixed size
+# before), as a reported L2 may be shared by a cluster of cores.
+cdef Py_ssize_t SUBTREE_BYTES = min(max((fastff_l2_cache_bytes() // 2) or (1 << 19), 1 << 16),
+                                    1 << 20)
 
 
 def _subtree_bytes():
