@@ -256,7 +256,8 @@ class UltraFFF(Module):
     def forward_train(self, x, *, input_grad=True):
         """Training forward: returns (y, backprop). Keeps each row's visited nodes and
         pre-activations, B * T * (depth+1) numbers, for the O(depth) backward. Without
-        input_grad (x is the model's input), backprop returns None and skips the dx pass."""
+        input_grad (x is the model's input), backprop returns None and the CPU kernel skips
+        the dx pass (on CUDA dx is computed and dropped)."""
         self._check_trainable("forward_train")
         input_grad = check_bool(input_grad, "input_grad")
         rows, lead, y, visited, preact = self._forward(x, save_path=True)
@@ -606,7 +607,8 @@ class FFF(Module):
         """Training forward: returns (y, backprop); ``backprop(dy) -> dx`` adds into
         ``layer.grads`` the gradients of ``sum(y * dy) + hardening * mean_entropy +
         load_balancing * balance``. Without input_grad (x is the model's input) backprop
-        returns None and leaves out dx's products.
+        returns None and leaves out dx's products (on CUDA the hardened kernel still forms
+        dx, then drops it).
 
         Soft (default): every leaf on every row, mixed by path products of the router sigmoids;
         cost of a dense FF of width n_leaves * leaf_width. ``train_hardened``: decisions rounded

@@ -161,7 +161,8 @@ class Module:
 
     The protocol: ``module(x)`` is inference; ``module.forward_train(x) -> (y, backprop)``, and
     ``backprop(dy) -> dx`` (dy of y's shape, dx of x's) adds parameter gradients into
-    ``module.grads``. ``state_dict()`` / ``load_state_dict()``, ``params`` and ``grads`` use the
+    ``module.grads``; ``forward_train(x, input_grad=False)``: x needs no gradient, backprop
+    returns None. ``state_dict()`` / ``load_state_dict()``, ``params`` and ``grads`` use the
     anchor keys and shapes (for a container, the children's keys prefixed "name.");
     ``named_parameters()`` yields (name, parameter, gradient) views that optimizers update in
     place. ``to("cuda")`` / ``to("cpu")`` moves everything; ``get_config()`` and

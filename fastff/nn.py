@@ -4,7 +4,9 @@ Every module follows the protocol of the fastff layers:
 
 - ``module(x)`` is inference;
 - ``module.forward_train(x) -> (y, backprop)`` keeps what the backward pass needs;
-- ``backprop(dy) -> dx`` adds the parameter gradients into ``module.grads``.
+- ``backprop(dy) -> dx`` adds the parameter gradients into ``module.grads``;
+- ``module.forward_train(x, input_grad=False)``: x needs no gradient (a model's input), and
+  backprop returns None without computing it.
 
 The code only uses ``self.ops.xp`` (NumPy on "cpu", CuPy on "cuda"), so the same modules run on
 either device once moved with ``.to()``.
@@ -354,7 +356,7 @@ class Sequential(Module):
         self.compute_dtype = None if self.dtype is None else compute_dtype(self.dtype)
         self.device = devices.pop()
         self.layers = list(modules)
-        self._options = [_keyword_options(m) for m in self.layers]  # inspected once
+        self._options = [(m, _keyword_options(m)) for m in self.layers]  # inspected once
 
     def children(self):
         return ((str(i), m) for i, m in enumerate(self.layers))
@@ -395,16 +397,30 @@ class Sequential(Module):
             x = m(x)
         return x
 
+    def _child_options(self):
+        """(names of the keyword options, takes **kwargs) of each child's forward_train;
+        inspected again for a child that was replaced in ``layers`` since."""
+        if len(self._options) != len(self.layers) or any(
+            known is not m for (known, _), m in zip(self._options, self.layers)
+        ):
+            known = dict((id(m), entry) for m, entry in self._options)
+            self._options = [
+                (m, known[id(m)] if id(m) in known else _keyword_options(m)) for m in self.layers
+            ]
+        return [entry for _, entry in self._options]
+
     def forward_train(self, x, *, input_grad=True, **options):
         """Returns (y, backprop); backprop(dy) -> dx runs the children's backprops in reverse.
 
         Without input_grad (x is the model's input: a training loop discards dx) the first
-        child is told so where its forward_train takes ``input_grad`` (every fastff module
-        does) and skips its dx; backprop then returns None. Each option goes to the children
-        whose forward_train takes it."""
+        child is told so where its forward_train takes ``input_grad`` (UltraFFF, FFF and the
+        fastff.nn modules do) and skips its dx; a parameterless first child (input dropout, an
+        activation) passes the news on to the next. backprop then returns None. Each option
+        goes to the children whose forward_train takes it."""
         input_grad = check_bool(input_grad, "input_grad")
-        takes_any = any(var_kw for _, var_kw in self._options)
-        accepted = set().union(*(names for names, _ in self._options))
+        child_options = self._child_options()
+        takes_any = any(var_kw for _, var_kw in child_options)
+        accepted = set().union(*(names for names, _ in child_options)) - {"input_grad"}
         unknown = sorted(set(options) - accepted)
         if unknown and not takes_any:
             raise TypeError(
@@ -412,21 +428,34 @@ class Sequential(Module):
                 f"accepted: {sorted(accepted)}"
             )
         backprops = []
+        skip_dx = not input_grad  # whether the current child's input needs no gradient
+        first_needed = 0  # the children before it were told so and have nothing to learn
         with caller_input(x):  # the children's intermediates are theirs to keep
-            for i, (m, (names, var_kw)) in enumerate(zip(self.layers, self._options)):
+            for i, (m, (names, var_kw)) in enumerate(zip(self.layers, child_options)):
                 kw = {k: v for k, v in options.items() if var_kw or k in names}
-                if i == 0 and not input_grad and "input_grad" in names:
+                told = skip_dx and "input_grad" in names
+                if told:
                     kw["input_grad"] = False
                 x, child_backprop = m.forward_train(x, **kw)
                 backprops.append(child_backprop)
+                if told and not _has_parameters(m):
+                    first_needed = i + 1  # its output needs no gradient either
+                else:
+                    skip_dx = False
 
         @run_once
         def backprop(dy):
-            for step in reversed(backprops):
-                dy = step(dy)
+            for i in reversed(range(len(backprops))):
+                if dy is None and i < first_needed:
+                    break  # the rest were told: no parameters, no dx wanted
+                dy = backprops[i](dy)
             return dy if input_grad else None
 
         return x, backprop
+
+
+def _has_parameters(module) -> bool:
+    return any(m._params for m in module.modules())
 
 
 # ---- losses --------------------------------------------------------------------------------

@@ -240,3 +240,70 @@ def test_hard_backward_kernel_refuses_a_dx_of_other_rows():
                 g["b2"],
                 1,
             )
+
+
+def test_parameterless_first_children_pass_it_on():
+    """Input dropout and an activation ahead of the first Linear: they need no dx, so neither
+    does the Linear, which is told too; the later layers are not. Gradients are bitwise the
+    full backward's."""
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((17, 12)).astype(np.float32)
+    dy = rng.standard_normal((17, 3)).astype(np.float32)
+
+    def make():
+        return nn.Sequential(
+            nn.Dropout(0.2, seed=1),
+            nn.Tanh(),
+            nn.Linear(12, 8, seed=2),
+            nn.ReLU(),
+            nn.Linear(8, 3, seed=3),
+        )
+
+    full, skipped = _backward_both_ways(make, x, dy, rng=7)
+    _assert_same_gradients(full, skipped, x)
+    model, told = make(), []
+    for m in model.layers:
+        original = m.forward_train
+
+        def spy(x, _original=original, **kw):
+            told.append(kw.get("input_grad", True))
+            return _original(x, **kw)
+
+        m.forward_train = spy
+    model.forward_train(x, input_grad=False)
+    assert told == [False, False, False, True, True]
+
+
+def test_a_sequential_of_parameterless_modules_still_checks_dy():
+    model = nn.Sequential(nn.ReLU(), nn.Dropout(0.0))
+    x = np.ones((4, 2), np.float32)
+    y, backprop = model.forward_train(x, input_grad=False)
+    assert backprop(np.ones_like(y)) is None
+    _, backprop = model.forward_train(x, input_grad=False)
+    with pytest.raises(ValueError, match="shape of y"):
+        backprop(np.ones((4, 3), np.float32))
+
+
+def test_a_replaced_child_is_inspected_again():
+    """Sequential.layers is a plain list: a child replaced after construction gets the options
+    its own forward_train takes (here none), and unknown options never list input_grad."""
+    model = nn.Sequential(nn.Linear(6, 6, seed=0), nn.Linear(6, 3, seed=1))
+    model.layers[0] = _Scale()
+    x = np.ones((2, 6), np.float32)
+    y, backprop = model.forward_train(x, input_grad=False)
+    assert backprop(np.ones_like(y)) is None
+    with pytest.raises(TypeError, match=r"accepts the option\(s\) \['rng'\]; accepted: \[\]"):
+        model.forward_train(x, rng=np.random.default_rng(0))
+
+
+def test_ultra_fff_regrouped_rows_without_input_grad(subtree_bytes):
+    """Batches large enough to be regrouped by subtree (forward) and reordered (backward)."""
+    from fastff import _cmm
+
+    subtree_bytes(1 << 12)  # 15-node subtrees of 256-byte nodes
+    assert _cmm._subtree_split(600, 7, 40, 24, 4) == 4
+    rng = np.random.default_rng(8)
+    x = rng.standard_normal((600, 40)).astype(np.float32)
+    dy = rng.standard_normal((600, 24)).astype(np.float32)
+    full, skipped = _backward_both_ways(lambda: fastff.UltraFFF(40, 24, 7, 2, seed=8), x, dy)
+    _assert_same_gradients(full, skipped, x)
