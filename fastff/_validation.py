@@ -129,8 +129,8 @@ def check_choice(value, name: str, choices) -> str:
 def check_float_dtype(dtype, name: str = "dtype", *, half: bool = False) -> np.dtype:
     """The np.dtype of a layer's dtype argument: float32 or float64, and with `half` also the
     half-precision storage types bfloat16 (ml_dtypes; "bfloat16" works as a name) and
-    float16. An unknown name is a TypeError, a known but unsupported dtype a ValueError; both
-    name the supported ones."""
+    float16. Anything else, an unknown name or a dtype of another kind (int32, float128), is a
+    TypeError naming the supported ones."""
     allowed = (
         "numpy.float32, numpy.float64, 'bfloat16' or numpy.float16"
         if half
@@ -146,7 +146,7 @@ def check_float_dtype(dtype, name: str = "dtype", *, half: bool = False) -> np.d
         raise TypeError(f"{name} must be {allowed}, got {dtype!r}") from exc
     if dt in FLOAT_DTYPES or (half and dt in HALF_DTYPES):
         return dt
-    raise ValueError(f"{name} must be {allowed}, got {dt}")
+    raise TypeError(f"{name} must be {allowed}, got {dt}")
 
 
 def compute_dtype(dtype: np.dtype) -> np.dtype:

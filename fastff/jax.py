@@ -238,6 +238,22 @@ def _check_shape(name: str, a, shape) -> None:
         raise ValueError(f"params[{name!r}] must have shape {tuple(shape)}, got {tuple(a.shape)}")
 
 
+def _rows_of(x, width: int):
+    """x (..., width), real numbers, as a JAX array; width is the parameters' input width."""
+    x = jnp.asarray(x)
+    if x.dtype.kind not in "fiu":
+        raise TypeError(f"x must hold real numbers, got dtype {x.dtype}")
+    if x.ndim < 1 or x.shape[-1] != width:
+        raise ValueError(f"x must have shape (..., {width}), got {tuple(x.shape)}")
+    return x
+
+
+def _input_width(name: str, a) -> int:
+    if a.ndim != 2:
+        raise ValueError(f"params[{name!r}] must be 2-d (rows, input_width), got {tuple(a.shape)}")
+    return a.shape[1]
+
+
 def _get(params, keys, what):
     missing = [k for k in keys if k not in params]
     if missing:
@@ -260,11 +276,9 @@ def ultra_fff(params, x, *, depth, parallel_size=1, activation="gelu"):
     w_in, b_in, w_out = _get(params, ULTRA_KEYS, "ultra_fff")
     dtype = _float_dtype([w_in, b_in, w_out], "ultra_fff")
     total = n_trees * (2 ** (depth + 1) - 1)
-    x = jnp.asarray(x)
-    if x.ndim < 1:
-        raise ValueError("x must have shape (..., input_width)")
-    width = x.shape[-1]
+    width = _input_width("linear_in.weight", w_in)
     _check_shape("linear_in.weight", w_in, (total, width))
+    x = _rows_of(x, width)
     _check_shape("linear_in.bias", b_in, (total,))
     if w_out.ndim != 2 or w_out.shape[1] != total:
         raise ValueError(
@@ -400,10 +414,7 @@ def fff(params, x, *, depth, activation="relu", mode="hard", return_entropy=Fals
     arrays = _get(params, FFF_KEYS, "fff")
     dtype = _float_dtype(arrays, "fff")
     nw, nb, w1s, b1s, w2s, b2s = (a.astype(dtype) for a in arrays)
-    x = jnp.asarray(x)
-    if x.ndim < 1:
-        raise ValueError("x must have shape (..., input_width)")
-    width = x.shape[-1]
+    width = _input_width("node_weights", nw)
     n_nodes, n_leaves = 2**depth - 1, 2**depth
     if w1s.ndim != 3 or w2s.ndim != 3:
         raise ValueError("params['w1s'] and params['w2s'] must be 3-d (n_leaves, ., .)")
@@ -414,6 +425,7 @@ def fff(params, x, *, depth, activation="relu", mode="hard", return_entropy=Fals
     _check_shape("b1s", b1s, (n_leaves, leaf))
     _check_shape("w2s", w2s, (n_leaves, leaf, out))
     _check_shape("b2s", b2s, (n_leaves, out))
+    x = _rows_of(x, width)
     lead = x.shape[:-1]
     rows = x.astype(dtype).reshape(-1, width)
     w1t = w1s.transpose(0, 2, 1)

@@ -470,7 +470,7 @@ class UltraFFF(nn.Module):
         self.n_nodes = 2 ** (self.depth + 1) - 1
         dtype = torch.get_default_dtype() if dtype is None else dtype
         if dtype not in _NUMPY_DTYPES:
-            raise ValueError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
+            raise TypeError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
         total = self.parallel_size * self.n_nodes
         check_fits_in_memory(
             total * (self.input_width + 1 + self.output_width) * _NUMPY_DTYPES[dtype].itemsize,
@@ -705,7 +705,7 @@ class FFF(nn.Module):
         self.usage_mode = check_choice(usage_mode, "usage_mode", USAGE_MODES)
         dtype = torch.float32 if dtype is None else dtype
         if dtype not in _NUMPY_DTYPES:
-            raise ValueError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
+            raise TypeError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
         self.n_leaves = 2**self._tree_depth
         self.n_nodes = self.n_leaves - 1
         in_w, leaf_w, out_w = self.input_width, self.leaf_width, self.output_width

@@ -577,7 +577,7 @@ def test_input_casts_and_layouts(rng):
         (dict(usage_mode="always"), ValueError, "usage_mode"),
         (dict(activation="tanh"), ValueError, "activation"),
         (dict(train_hardened=1), TypeError, "train_hardened"),
-        (dict(dtype=np.int64), ValueError, "dtype"),
+        (dict(dtype=np.int64), TypeError, "dtype"),
         (dict(depth=45), MemoryError, "bytes"),
     ],
 )

@@ -182,8 +182,11 @@ def test_half_precision_errors_name_the_supported_dtypes():
         fastff.UltraFFF(4, 4, 1, dtype="bfloat8")
     with pytest.raises(TypeError, match="numpy.float32, numpy.float64, 'bfloat16'"):
         fastff.UltraFFF(4, 4, 1, seed=0).astype("half-ish")
-    with pytest.raises(ValueError, match="got int8"):
+    with pytest.raises(TypeError, match="numpy.float16, got int8"):
         fastff.nn.Linear(4, 4, dtype=np.int8)
+    for other in ("int32", np.longdouble, int, "float8"):
+        with pytest.raises(TypeError, match="numpy.float32, numpy.float64, 'bfloat16'"):
+            fastff.UltraFFF(4, 4, 1, dtype=other)
     for layer in (
         fastff.UltraFFF(4, 4, 1, seed=0),
         fastff.FFF(4, 2, 4, 1, seed=0),

@@ -185,6 +185,18 @@ def test_errors(rng):
         fj.ultra_fff({k: v.astype(np.int32) for k, v in params.items()}, x, depth=2)
     with pytest.raises(ValueError, match="mode"):
         fj.fff(fff_params(rng, 6, 2, 3, 1, np.float32), x, depth=1, mode="soft-ish")
+    # the input is blamed for a wrong width, as the layers do; bool and complex are refused
+    for call in (
+        lambda x: fj.ultra_fff(params, x, depth=2),
+        lambda x: fj.fff(fff_params(rng, 6, 2, 3, 1, np.float32), x, depth=1),
+    ):
+        with pytest.raises(ValueError, match=r"x must have shape \(\.\.\., 6\), got \(2, 5\)"):
+            call(np.zeros((2, 5), np.float32))
+        with pytest.raises(ValueError, match=r"x must have shape \(\.\.\., 6\), got \(\)"):
+            call(np.float32(1))
+        for bad in (np.zeros((2, 6), bool), np.zeros((2, 6), np.complex64)):
+            with pytest.raises(TypeError, match="x must hold real numbers"):
+                call(bad)
 
 
 def test_import_fastff_does_not_import_jax():

@@ -301,7 +301,7 @@ def test_stale_backprop_raises_after_optimizer_step(rng):
         (dict(input_width=0), ValueError, "input_width"),
         (dict(output_width=2.0), TypeError, "output_width"),
         (dict(bias="yes"), TypeError, "bias"),
-        (dict(dtype=np.int64), ValueError, "dtype"),
+        (dict(dtype=np.int64), TypeError, "dtype"),
     ],
 )
 def test_linear_constructor_errors(kwargs, exc, words):
