@@ -118,6 +118,13 @@ def train(name, make, kw, opt_kind, tol):
         ys, backprop = sharded.forward_train(mine(X), **kw)
         sharded.zero_grad()
         dxs = backprop((ys - mine(T)) / n_total)
+        if step == 0:  # without input_grad: no dx, bitwise the same gradients
+            other = fd.shard(make(), comm)
+            yo, backprop = other.forward_train(mine(X), input_grad=False, **kw)
+            other.zero_grad()
+            assert backprop((yo - mine(T)) / n_total) is None and np.array_equal(yo, ys), name
+            for (key, g), (key_o, g_o) in zip(sharded.grads.items(), other.grads.items()):
+                assert key == key_o and np.array_equal(g, g_o), (name, key)
         if step == 0 and getattr(whole, "train_hardened", True):
             assert np.array_equal(ys, mine(y)), name  # one path per row: the same bits
         assert np.allclose(ys, mine(y), rtol=0, atol=tol * 10), name
@@ -227,6 +234,11 @@ expect(TypeError, [], lambda: sharded(np.array(["a"]) if rank == 0 else x))
 # different calls on different ranks
 expect(RuntimeError, ["different calls"],
        lambda: sharded(x) if rank == 0 else sharded.forward_train(x))
+# input_grad must agree: its dx exchange is skipped without it
+expect(RuntimeError, ["different calls"],
+       lambda: sharded.forward_train(x, input_grad=rank == 0))
+expect(TypeError, ["input_grad must be True or False"],
+       lambda: sharded.forward_train(x, input_grad="no" if rank == 0 else True))
 y, backprop = sharded.forward_train(x)
 expect(ValueError, ["dy must have the shape"], lambda: backprop(np.ones((5 + rank, 3))))
 backprop(np.ones((5, 3)))
@@ -242,6 +254,8 @@ fff = fd.ShardedFFF(8, 2, 3, 3, region_leak=0.5, seed=1, comm=comm)
 expect(ValueError, ["random streams differ"],
        lambda: fff.forward_train(x, rng=np.random.default_rng(rank)))
 fff.forward_train(x, rng=np.random.default_rng(3))
+expect(RuntimeError, ["different calls"],
+       lambda: fff.forward_train(x, rng=np.random.default_rng(3), input_grad=rank > 0))
 # save per shard, load per shard; a wrong rank count or a missing file raises everywhere
 for ext in ("safetensors", "npz"):
     path = fd.save_shard(sharded, f"tree.{ext}")

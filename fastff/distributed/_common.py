@@ -123,20 +123,13 @@ def subtree_rows(local: np.ndarray, n_sub: int, local0: int, count: int, level: 
 
 # ---- every call starts with one small allgather -------------------------------------------
 def agree(comm, tag: tuple, error: BaseException | None, extra: Any = None) -> list:
-    """Every rank's `extra`, after checking that every rank makes the same call (`tag`) and
-    that none failed. If one did, every rank raises: the failing rank its own exception, the
+    """Every rank's `extra`, after checking that none failed and that every rank makes the same
+    call (`tag`). If one failed, every rank raises: the failing rank its own exception, the
     others the same type (RuntimeError for types that are not builtin) naming that rank, so
     that no rank is left waiting in a collective the failed one never reaches."""
     message = None if error is None else (type(error).__name__, str(error))
     everyone = comm.allgather((tag, message, extra))
-    tags = [t for t, _, _ in everyone]
-    if any(t != tags[0] for t in tags):
-        raise RuntimeError(
-            "the ranks made different calls on a sharded layer ("
-            + "; ".join(f"rank {r}: {t}" for r, t in enumerate(tags))
-            + "): every rank must make the same calls, in the same order, with its own rows "
-            "(zero rows are fine)"
-        )
+    # a failed argument check first: it also explains a tag that differs because of it
     for rank, (_, failed, _) in enumerate(everyone):
         if failed is None:
             continue
@@ -147,6 +140,14 @@ def agree(comm, tag: tuple, error: BaseException | None, extra: Any = None) -> l
         if not (isinstance(cls, type) and issubclass(cls, Exception)):
             cls = RuntimeError
         raise cls(f"rank {rank} failed: {kind}: {text}")
+    tags = [t for t, _, _ in everyone]
+    if any(t != tags[0] for t in tags):
+        raise RuntimeError(
+            "the ranks made different calls on a sharded layer ("
+            + "; ".join(f"rank {r}: {t}" for r, t in enumerate(tags))
+            + "): every rank must make the same calls, in the same order, with its own rows "
+            "(zero rows are fine)"
+        )
     return [e for _, _, e in everyone]
 
 

@@ -411,16 +411,20 @@ class ShardedFFF(_Sharded):
         return [(int(a), int(b), int(local[a])) for a, b in zip(starts[:-1], starts[1:])]
 
     # ---- training ---------------------------------------------------------------------------
-    def forward_train(self, x, *, rng=None, hardening=0.0):
+    def forward_train(self, x, *, rng=None, hardening=0.0, input_grad=True):
         """Training forward of this rank's rows: (y, backprop), as FFF.forward_train (soft, or
         hardened with train_hardened); collective, as backprop. ``rng`` (or the layer's own
         stream) must be in the same state on every rank: the masks are drawn for the whole
-        batch everywhere. ``last_mean_entropy`` is the whole batch's."""
+        batch everywhere. ``last_mean_entropy`` is the whole batch's. Without input_grad (the
+        same on every rank) backprop returns None and leaves out dx's products (hardened: and
+        its exchange)."""
         error: BaseException | None = None
         rows = lead = None
         state = None
+        wants_dx = None
         try:
             hardening = check_nonnegative(hardening, "hardening")
+            wants_dx = check_bool(input_grad, "input_grad")
             if rng is None:
                 rng = self._train_rng
             elif not isinstance(rng, np.random.Generator):
@@ -432,7 +436,7 @@ class ShardedFFF(_Sharded):
         except (TypeError, ValueError, MemoryError) as exc:
             error = exc
         hardened, act = self.train_hardened, self.activation
-        settings = (act, hardened, self.dropout, self.region_leak, hardening)
+        settings = (act, hardened, self.dropout, self.region_leak, hardening, wants_dx)
         mine = (0 if rows is None else rows.shape[0], state)
         everyone = self._begin("forward_train", error, mine, *settings)
         assert rows is not None and lead is not None
@@ -461,10 +465,10 @@ class ShardedFFF(_Sharded):
             """dy (..., output_width) -> dx (..., input_width); adds into grads. Collective."""
             dy_rows = self._backprop_rows(dy, version, call, lead)
             if hardened:
-                dx = self._hard_backward(dy_rows, saved, act, weight)
+                dx = self._hard_backward(dy_rows, saved, act, weight, wants_dx)
             else:
-                dx = self._soft_backward(dy_rows, saved, counts, act, weight)
-            return dx.reshape(lead + (in_w,))
+                dx = self._soft_backward(dy_rows, saved, counts, act, weight, wants_dx)
+            return None if dx is None else dx.reshape(lead + (in_w,))
 
         return y.reshape(lead + (out_w,)), backprop
 
@@ -514,8 +518,9 @@ class ShardedFFF(_Sharded):
         y[order if order is not None else slice(None)] = back
         return y, saved, entropy
 
-    def _hard_backward(self, dy, saved, act, weight):
-        """dy goes where the rows went, in the same order, so it arrives beside them."""
+    def _hard_backward(self, dy, saved, act, weight, need_dx=True):
+        """dy goes where the rows went, in the same order, so it arrives beside them; dx comes
+        back the same way where need_dx (the same on every rank)."""
         ops, n_threads, dtype = get_ops("cpu"), effective_n_threads(), self.dtype
         order = saved["order"]
         _, _, (dys,) = exchange(self._comm, saved["dest"], [dy], order, self.traffic)
@@ -523,7 +528,7 @@ class ShardedFFF(_Sharded):
         dxs = np.zeros((xs.shape[0], self.input_width), dtype=dtype)
         scratch = {key: np.zeros_like(v) for key, v in self._top("index").items()}
         for sub, a, b, part in saved["groups"]:
-            dxs[a:b] = ops.fff_hard_backward(
+            dx_sub = ops.fff_hard_backward(
                 xs[a:b],
                 dys[a:b],
                 self._sub(sub),
@@ -532,15 +537,30 @@ class ShardedFFF(_Sharded):
                 weight,
                 self._sub_grads(sub),
                 n_threads,
+                need_dx=need_dx,
             )
+            if need_dx:
+                dxs[a:b] = dx_sub
         if xs.shape[0]:  # the top routers learn from the hardening term only
             zeros = np.zeros((xs.shape[0], 1), dtype=dtype)
-            dxs += ops.fff_hard_backward(
-                xs, zeros, self._top("index"), saved["top"], act, weight, scratch, n_threads
+            dx_top = ops.fff_hard_backward(
+                xs,
+                zeros,
+                self._top("index"),
+                saved["top"],
+                act,
+                weight,
+                scratch,
+                n_threads,
+                need_dx=need_dx,
             )
-        _, _, (back,) = exchange(self._comm, saved["back"], [dxs], None, self.traffic)
-        dx = np.empty((dy.shape[0], self.input_width), dtype=dtype)
-        dx[order if order is not None else slice(None)] = back
+            if need_dx:
+                dxs += dx_top
+        dx = None
+        if need_dx:
+            _, _, (back,) = exchange(self._comm, saved["back"], [dxs], None, self.traffic)
+            dx = np.empty((dy.shape[0], self.input_width), dtype=dtype)
+            dx[order if order is not None else slice(None)] = back
         self._top_grads(scratch)
         return dx
 
@@ -579,24 +599,36 @@ class ShardedFFF(_Sharded):
         y = reduce_scatter_rows(comm, part, counts, self.traffic)
         return y, saved, entropy
 
-    def _soft_backward(self, dy, saved, counts, act, weight):
+    def _soft_backward(self, dy, saved, counts, act, weight, need_dx=True):
         ops, n_threads, plan, comm = get_ops("cpu"), effective_n_threads(), self._plan, self._comm
         in_w, n_sub_total = self.input_width, 1 << self._top_levels
         dy_all = allgather_rows(comm, dy, counts, self.traffic)
         x_all = saved["x"]
         n_total = x_all.shape[0]
-        # dx of every row from this rank's subtrees, and d(output) / d(reach) of each subtree
+        # dx of every row from this rank's subtrees, and d(output) / d(reach) of each subtree;
+        # without need_dx the dx columns stay zero but are still summed, so that the reach
+        # columns' sums take MPI's same path and the gradients keep their bits
         packed = np.zeros((n_total, in_w + n_sub_total), dtype=self.dtype)
         for sub, y_sub, s in saved["subs"]:
             j = plan.first + sub
             reach = saved["reach"][:, j : j + 1]
             grads = self._sub_grads(sub)
-            packed[:, :in_w] += ops.fff_soft_backward(
-                x_all, reach * dy_all, self._sub(sub), s, act, weight, grads, n_threads
+            dx_sub = ops.fff_soft_backward(
+                x_all,
+                reach * dy_all,
+                self._sub(sub),
+                s,
+                act,
+                weight,
+                grads,
+                n_threads,
+                need_dx=need_dx,
             )
+            if need_dx:
+                packed[:, :in_w] += dx_sub
             packed[:, in_w + j] = np.einsum("ij,ij->i", dy_all, y_sub)
         mine = reduce_scatter_rows(comm, packed, counts, self.traffic)
-        dx = np.ascontiguousarray(mine[:, :in_w])
+        dx = np.ascontiguousarray(mine[:, :in_w]) if need_dx else None
         scratch = {key: np.zeros_like(v) for key, v in self._top("onehot").items()}
         n_rows, offset = saved["n_rows"], saved["offset"]
         if n_rows:
@@ -606,7 +638,7 @@ class ShardedFFF(_Sharded):
                 top[key] = top[key][rows]
             if top["has_swap"]:
                 top["swap"] = top["swap"][rows]
-            dx += ops.fff_soft_backward(
+            dx_top = ops.fff_soft_backward(
                 x_all[rows],
                 np.ascontiguousarray(mine[:, in_w:]),
                 self._top("onehot"),
@@ -615,7 +647,10 @@ class ShardedFFF(_Sharded):
                 weight,
                 scratch,
                 n_threads,
+                need_dx=need_dx,
             )
+            if dx is not None:
+                dx += dx_top
         self._top_grads(scratch)
         return dx
 

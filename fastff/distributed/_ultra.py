@@ -7,6 +7,7 @@ import numpy as np
 from .._threads import effective_n_threads
 from .._validation import (
     as_rows,
+    check_bool,
     check_choice,
     check_depth,
     check_fits_in_memory,
@@ -268,12 +269,14 @@ class ShardedUltraFFF(_Sharded):
             routes[:, t] = (t << k) + child - self._n_top
         return routes
 
-    def _forward(self, x, train: bool):
+    def _forward(self, x, train: bool, input_grad=True):
         dtype, plan = self.dtype, self._plan
         in_w, out_w, n_trees = self.input_width, self.output_width, self.parallel_size
         error: BaseException | None = None
         rows = lead = None
+        wants_dx = None  # in the call's tag: every rank must agree (the dx exchange is skipped)
         try:
+            wants_dx = check_bool(input_grad, "input_grad")
             rows, lead = as_rows(x, in_w, dtype, np)
             per_row = (2 * in_w + 3 * out_w) * dtype.itemsize
             if train:  # each rank keeps its units' inputs and paths
@@ -288,7 +291,7 @@ class ShardedUltraFFF(_Sharded):
         except (TypeError, ValueError, MemoryError) as exc:
             error = exc
         act = self.activation
-        self._begin("forward_train" if train else "call", error, None, act)
+        self._begin("forward_train" if train else "call", error, None, act, wants_dx)
         assert rows is not None and lead is not None
         comm, n_threads = self._comm, effective_n_threads()
         n_rows = rows.shape[0]
@@ -402,9 +405,11 @@ class ShardedUltraFFF(_Sharded):
         _, lead, y, _ = self._forward(x, train=False)
         return y.reshape(lead + (self.output_width,))
 
-    def forward_train(self, x):
-        """Training forward of this rank's rows: (y, backprop); collective, as backprop."""
-        _, lead, y, saved = self._forward(x, train=True)  # saved holds copies of the rows
+    def forward_train(self, x, *, input_grad=True):
+        """Training forward of this rank's rows: (y, backprop); collective, as backprop.
+        Without input_grad (the same on every rank) backprop returns None and neither forms
+        nor sends back dx."""
+        _, lead, y, saved = self._forward(x, train=True, input_grad=input_grad)
         version, act, call = self._version, self.activation, self._calls
         in_w, out_w = self.input_width, self.output_width
 
@@ -412,12 +417,12 @@ class ShardedUltraFFF(_Sharded):
         def backprop(dy):
             """dy (..., output_width) -> dx (..., input_width); adds into grads. Collective."""
             dy_rows = self._backprop_rows(dy, version, call, lead)
-            dx = self._backward(dy_rows, saved, act)
-            return dx.reshape(lead + (in_w,))
+            dx = self._backward(dy_rows, saved, act, input_grad)
+            return None if dx is None else dx.reshape(lead + (in_w,))
 
         return y.reshape(lead + (out_w,)), backprop
 
-    def _backward(self, dy, saved, act):
+    def _backward(self, dy, saved, act, need_dx=True):
         ops, comm, dtype = get_ops("cpu"), self._comm, self.dtype
         in_w, n_trees = self.input_width, self.parallel_size
         n_threads = effective_n_threads()
@@ -434,28 +439,32 @@ class ShardedUltraFFF(_Sharded):
             "b_in": np.zeros_like(grads["top_b_in"]),
             "w_out_t": np.zeros_like(grads["top_w_out_t"]),
         }
-        dxs = np.zeros((xs.shape[0], in_w), dtype=dtype)
+        dxs = np.zeros((xs.shape[0], in_w), dtype=dtype) if need_dx else None
         if xs.shape[0]:
             sub_g = {"w_in": grads["w_in"], "b_in": grads["b_in"], "w_out_t": grads["w_out_t"]}
             p = self._params
             sub_p = {"w_in": p["w_in"], "b_in": p["b_in"], "w_out_t": p["w_out_t"]}
-            dxs = ops.ultra_backward(xs, dys, sub_p, sub_g, sub_v, sub_z, act, n_threads)
+            dxs = ops.ultra_backward(xs, dys, sub_p, sub_g, sub_v, sub_z, act, n_threads, need_dx)
             if self._top_levels:
-                dxs += ops.ultra_backward(
-                    xs, dys, self._top_all(), top_g, top_v, top_z, act, n_threads
+                dx_top = ops.ultra_backward(
+                    xs, dys, self._top_all(), top_g, top_v, top_z, act, n_threads, need_dx
                 )
-        _, _, (parts,) = exchange(comm, saved["back"], [dxs], None, self.traffic)
-        # the partial dx come back in the order the dy went out
-        if repeat is None:
-            dx = np.empty((n_rows, in_w), dtype=dtype)
-            dx[order if order is not None else slice(None)] = parts
-        else:
-            flat = np.empty((n_rows * n_trees, in_w), dtype=dtype)
-            flat[order] = parts
-            flat = flat.reshape(n_rows, n_trees, in_w)
-            dx = flat[:, 0].copy()
-            for t in range(1, n_trees):
-                dx += flat[:, t]
+                if need_dx:
+                    dxs += dx_top
+        dx = None
+        if need_dx:  # need_dx is the same on every rank (the forward's tag): all exchange or none
+            _, _, (parts,) = exchange(comm, saved["back"], [dxs], None, self.traffic)
+            # the partial dx come back in the order the dy went out
+            if repeat is None:
+                dx = np.empty((n_rows, in_w), dtype=dtype)
+                dx[order if order is not None else slice(None)] = parts
+            else:
+                flat = np.empty((n_rows * n_trees, in_w), dtype=dtype)
+                flat[order] = parts
+                flat = flat.reshape(n_rows, n_trees, in_w)
+                dx = flat[:, 0].copy()
+                for t in range(1, n_trees):
+                    dx += flat[:, t]
         allreduce_sum(comm, list(top_g.values()), self.traffic)
         for key in ("w_in", "b_in", "w_out_t"):
             grads["top_" + key] += top_g[key]
