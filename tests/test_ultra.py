@@ -612,10 +612,14 @@ def test_backprop_errors_and_accumulation(rng):
 @pytest.mark.parametrize(
     "n_trees, depth, n_rows, threads", [(1, 11, 4096, 2), (2, 4, 50, 1), (3, 0, 9, 2)]
 )
-def test_gradient_pass_schedule_covers_each_visited_node_once(n_trees, depth, n_rows, threads):
+def test_gradient_pass_schedule_covers_each_visited_node_once(
+    n_trees, depth, n_rows, threads, subtree_bytes
+):
     """_backward_schedule hands every visited node to exactly one task, and a task of several
     nodes is one subtree, level by level (each node's parent precedes it in the task)."""
     from fastff import _cmm
+
+    subtree_bytes(1 << 18)  # the same tasks on any CPU
 
     n_nodes = (1 << (depth + 1)) - 1
     counts = np.zeros(n_trees * n_nodes, np.intp)  # visits of n_rows random root-to-leaf walks
