@@ -414,9 +414,9 @@ class Sequential(Module):
 
         Without input_grad (x is the model's input: a training loop discards dx) the first
         child is told so where its forward_train takes ``input_grad`` (fastff's layers, sharded
-        ones included, and the fastff.nn modules do) and skips its dx; a parameterless first child (input dropout, an
-        activation) passes the news on to the next. backprop then returns None. Each option
-        goes to the children whose forward_train takes it."""
+        ones included, and the fastff.nn modules do) and skips its dx; a parameterless first
+        child (input dropout, an activation) passes the news on to the next. backprop then
+        returns None. Each option goes to the children whose forward_train takes it."""
         input_grad = check_bool(input_grad, "input_grad")
         child_options = self._child_options()
         takes_any = any(var_kw for _, var_kw in child_options)

@@ -213,8 +213,11 @@ def sources(counts: np.ndarray) -> np.ndarray:
     return np.repeat(np.arange(len(counts)), counts).astype(np.intp)
 
 
+MAX_ROWS = 2**31 - 1  # MPI counts are C ints
+
+
 def exchange(comm, dest: np.ndarray, arrays, order=None, traffic: dict | None = None):
-    """Send row i of each array in `arrays` to rank dest[i]: one Alltoall of the counts, then
+    """Send row i of each array in `arrays` to rank dest[i]: one Allgather of the counts, then
     one Alltoallv per array, rows as whole units. The rows go out in `order` (default
     ``send_order(dest)``; it must list them by destination; None where they already are);
     every rank receives its rows by source rank, each source's in the order it sent them.
@@ -224,12 +227,16 @@ def exchange(comm, dest: np.ndarray, arrays, order=None, traffic: dict | None = 
     if order is None and len(dest) and np.any(dest[1:] < dest[:-1]):
         order = np.argsort(dest, kind="stable")
     send_counts = np.bincount(dest, minlength=size).astype(np.int64)
-    recv_counts = np.empty(size, dtype=np.int64)
-    comm.Alltoall(send_counts, recv_counts)
+    # every rank's counts to every rank: the size check below then reads the same matrix on
+    # every rank, and all ranks raise or none does (a lone rank raising would leave the others
+    # waiting in Alltoallv)
+    counts = np.empty((size, size), dtype=np.int64)
+    comm.Allgather(send_counts, counts)
+    recv_counts = np.ascontiguousarray(counts[:, comm.Get_rank()])
+    if size and max(int(counts.sum(axis=0).max()), int(counts.sum(axis=1).max())) > MAX_ROWS:
+        raise OverflowError(f"more than {MAX_ROWS} rows in one exchange: split the batch")
     send_displ = np.concatenate([[0], np.cumsum(send_counts)[:-1]])
     recv_displ = np.concatenate([[0], np.cumsum(recv_counts)[:-1]])
-    if max(int(send_counts.sum()), int(recv_counts.sum())) > 2**31 - 1:
-        raise OverflowError("more than 2**31 - 1 rows in one exchange: split the batch")
     out = []
     mine = int(send_counts[comm.Get_rank()])
     for arr in arrays:

@@ -525,7 +525,7 @@ class ShardedFFF(_Sharded):
         order = saved["order"]
         _, _, (dys,) = exchange(self._comm, saved["dest"], [dy], order, self.traffic)
         xs = saved["x"]
-        dxs = np.zeros((xs.shape[0], self.input_width), dtype=dtype)
+        dxs = np.zeros((xs.shape[0], self.input_width), dtype=dtype) if need_dx else None
         scratch = {key: np.zeros_like(v) for key, v in self._top("index").items()}
         for sub, a, b, part in saved["groups"]:
             dx_sub = ops.fff_hard_backward(
@@ -539,7 +539,7 @@ class ShardedFFF(_Sharded):
                 n_threads,
                 need_dx=need_dx,
             )
-            if need_dx:
+            if dxs is not None:
                 dxs[a:b] = dx_sub
         if xs.shape[0]:  # the top routers learn from the hardening term only
             zeros = np.zeros((xs.shape[0], 1), dtype=dtype)
@@ -554,10 +554,10 @@ class ShardedFFF(_Sharded):
                 n_threads,
                 need_dx=need_dx,
             )
-            if need_dx:
+            if dxs is not None:
                 dxs += dx_top
         dx = None
-        if need_dx:
+        if dxs is not None:
             _, _, (back,) = exchange(self._comm, saved["back"], [dxs], None, self.traffic)
             dx = np.empty((dy.shape[0], self.input_width), dtype=dtype)
             dx[order if order is not None else slice(None)] = back

@@ -417,7 +417,7 @@ class ShardedUltraFFF(_Sharded):
         def backprop(dy):
             """dy (..., output_width) -> dx (..., input_width); adds into grads. Collective."""
             dy_rows = self._backprop_rows(dy, version, call, lead)
-            dx = self._backward(dy_rows, saved, act, input_grad)
+            dx = self._backward(dy_rows, saved, act, bool(input_grad))  # checked in _forward
             return None if dx is None else dx.reshape(lead + (in_w,))
 
         return y.reshape(lead + (out_w,)), backprop
