@@ -379,3 +379,36 @@ def test_cuda_torch_tensor_goes_in_without_conversion():
     np.testing.assert_allclose(
         cp.asnumpy(y), cp.asnumpy(layer(cp.asarray(t.cpu().numpy()))), rtol=1e-6, atol=1e-6
     )
+
+
+@pytest.mark.parametrize("kind", ["ultra", "fff-soft", "fff-hardened"])
+def test_input_grad_false_gives_the_same_gradients_on_cuda(kind):
+    """forward_train(x, input_grad=False) on CUDA: backprop returns None and the parameter
+    gradients are bitwise those of the full backward (the soft FFF skips dx's products; the
+    UltraFFF and hardened kernels still form dx and drop it)."""
+    rng = np.random.default_rng(3)
+    x = cp.asarray(rng.standard_normal((300, 40)).astype(np.float32))
+    dy = cp.asarray(rng.standard_normal((300, 12)).astype(np.float32))
+    grads = []
+    for input_grad in (True, False):
+        if kind == "ultra":
+            layer, kw = fastff.UltraFFF(40, 12, 5, 2, seed=3), {}
+        else:
+            layer = fastff.FFF(
+                40,
+                4,
+                12,
+                3,
+                train_hardened=kind == "fff-hardened",
+                region_leak=0.2,
+                master_leaf=True,
+                seed=3,
+            )
+            kw = dict(rng=np.random.default_rng(4), hardening=0.5, load_balancing=0.1)
+        layer.to("cuda")
+        y, backprop = layer.forward_train(x, input_grad=input_grad, **kw)
+        result = backprop(dy)
+        assert (result is None) == (not input_grad)
+        grads.append({key: cp.asnumpy(g) for key, g in layer.grads.items()})
+    for key in grads[0]:
+        np.testing.assert_array_equal(grads[1][key], grads[0][key], err_msg=key)
