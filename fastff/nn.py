@@ -356,7 +356,7 @@ class Sequential(Module):
         self.compute_dtype = None if self.dtype is None else compute_dtype(self.dtype)
         self.device = devices.pop()
         self.layers = list(modules)
-        self._options = [(m, _keyword_options(m)) for m in self.layers]  # inspected once
+        self._options = [(m, _keyword_options(m)) for m in self.layers]  # see _child_options
 
     def children(self):
         return ((str(i), m) for i, m in enumerate(self.layers))
@@ -398,15 +398,12 @@ class Sequential(Module):
         return x
 
     def _child_options(self):
-        """(names of the keyword options, takes **kwargs) of each child's forward_train;
-        inspected again for a child that was replaced in ``layers`` since."""
+        """(names of the keyword options, takes **kwargs) of each child's forward_train,
+        inspected at construction and again whenever ``layers`` has changed since."""
         if len(self._options) != len(self.layers) or any(
             known is not m for (known, _), m in zip(self._options, self.layers)
         ):
-            known = dict((id(m), entry) for m, entry in self._options)
-            self._options = [
-                (m, known[id(m)] if id(m) in known else _keyword_options(m)) for m in self.layers
-            ]
+            self._options = [(m, _keyword_options(m)) for m in self.layers]
         return [entry for _, entry in self._options]
 
     def forward_train(self, x, *, input_grad=True, **options):

@@ -87,17 +87,22 @@ class Ops:
         self._run(kernel, x, *weights, depth, n_trees, act_code, *outputs, n_threads)
         return y, visited, preact
 
-    # whether cmm.ultra_backward / cmm.fff_hard_train_backward skip dx when handed a dx of no
-    # rows (the CPU kernels do)
-    _ultra_backward_skips_dx = False
-    _fff_hard_backward_skips_dx = False
+    # whether cmm.ultra_backward and cmm.fff_hard_train_backward skip dx when handed a dx of no
+    # rows (the CPU kernels do; the CUDA ones fill a whole dx)
+    _kernels_skip_dx = False
+
+    def _dx_out(self, x, need_dx):
+        """The dx a backward kernel writes: (0, in) where the input needs no gradient and the
+        kernel can skip it, else x's shape."""
+        if need_dx or not self._kernels_skip_dx:
+            return self.xp.empty_like(x)
+        return self.xp.empty((0, x.shape[1]), dtype=x.dtype)
 
     def ultra_backward(self, x, dy, p, g, visited, preact, act, n_threads, need_dx=True):
         """Adds the hard-path parameter gradients into g; returns dx (B, in), or None without
         need_dx (an input that needs no gradient: the CPU kernel then skips the dx pass, whose
         w_in reads are most of the backward when in >> out)."""
-        skip_dx = not need_dx and self._ultra_backward_skips_dx
-        dx = self.xp.empty((0, x.shape[1]), dtype=x.dtype) if skip_dx else self.xp.empty_like(x)
+        dx = self._dx_out(x, need_dx)
         saved = (visited, preact, ACTIVATIONS[act])
         grads = (g["w_in"], g["b_in"], g["w_out_t"])
         self._run(
@@ -314,8 +319,7 @@ class Ops:
         visited node's entropy gradient (hardening / (B * depth)); balance weighs the
         load-balancing term n_leaves * sum_l f_l * P_l (fastff._balance), whose gradient
         reaches the visited nodes only."""
-        skip_dx = not need_dx and self._fff_hard_backward_skips_dx
-        dx = self.xp.empty((0, x.shape[1]), dtype=x.dtype) if skip_dx else self.xp.empty_like(x)
+        dx = self._dx_out(x, need_dx)
         self._run(
             self.cmm.fff_hard_train_backward,
             x,

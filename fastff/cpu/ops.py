@@ -21,8 +21,7 @@ class CPUOps(Ops):
     name = "cpu"
     xp = np
     cmm = _cmm
-    _ultra_backward_skips_dx = True
-    _fff_hard_backward_skips_dx = True
+    _kernels_skip_dx = True
 
     def _run(self, kernel, *args):
         # Kernels called from several Python threads at once share the cores: each gets its

@@ -330,7 +330,10 @@ class ShardedUltraFFF(_Sharded):
         else:
             _, _, (back, index) = exchange(comm, meta[:, 0], [ys, meta[:, 1]], None, self.traffic)
             y[index] = back
-        saved = self._units(units, routes, first_order) if train else None
+        saved = None
+        if train:
+            saved = self._units(units, routes, first_order)
+            saved["need_dx"] = wants_dx  # agreed by every rank (the call's tag)
         return rows, lead, y, saved
 
     def _walk(self, xs, ys, t, subtree, act, train, n_threads):
@@ -417,13 +420,14 @@ class ShardedUltraFFF(_Sharded):
         def backprop(dy):
             """dy (..., output_width) -> dx (..., input_width); adds into grads. Collective."""
             dy_rows = self._backprop_rows(dy, version, call, lead)
-            dx = self._backward(dy_rows, saved, act, bool(input_grad))  # checked in _forward
+            dx = self._backward(dy_rows, saved, act)
             return None if dx is None else dx.reshape(lead + (in_w,))
 
         return y.reshape(lead + (out_w,)), backprop
 
-    def _backward(self, dy, saved, act, need_dx=True):
+    def _backward(self, dy, saved, act):
         ops, comm, dtype = get_ops("cpu"), self._comm, self.dtype
+        need_dx = saved["need_dx"]
         in_w, n_trees = self.input_width, self.parallel_size
         n_threads = effective_n_threads()
         n_rows = dy.shape[0]
@@ -452,7 +456,7 @@ class ShardedUltraFFF(_Sharded):
                 if need_dx:
                     dxs += dx_top
         dx = None
-        if need_dx:  # need_dx is the same on every rank (the forward's tag): all exchange or none
+        if need_dx:  # the same on every rank: all exchange or none
             _, _, (parts,) = exchange(comm, saved["back"], [dxs], None, self.traffic)
             # the partial dx come back in the order the dy went out
             if repeat is None:
