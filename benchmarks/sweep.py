@@ -19,7 +19,8 @@ of ``--balancing`` (``--load-balancing a``; default 0.05 and 0.5), ``-master``
 (``--master-leaf``: 512 + leaf width neurons) and ``-bal<a>-master``;
 ``ultra-d{depth}x{trees}`` for 8x1, 7x2, 6x4, 5x8 (504-511 neurons; 6x4 is train's default),
 8x3 (1533, the default before) and twice the trees at the two shallowest depths, 6x8 and 5x16
-(1016 and 1008). Every model uses
+(1016 and 1008), each plain and ``-bal<a>`` (UltraFFF's balancing over each tree's bottom
+neurons). Every model uses
 ``python -m fastff train``'s defaults otherwise (20 epochs, Adam, cosine schedule; fff
 hardening 4).
 
@@ -82,10 +83,13 @@ def configurations(balancing=(0.05, 0.5)) -> list[dict]:
                 family += "+master" if master else ""
                 configs.append({"name": name, "model": "fff", "args": args, "family": family})
     for depth, trees in ULTRA_SHAPES:
-        args = ["--depth", str(depth), "--parallel-size", str(trees)]
-        configs.append(
-            {"name": f"ultra-d{depth}x{trees}", "model": "ultra", "args": args, "family": "ultra"}
-        )
+        for weight in (0.0, *balancing):
+            name = f"ultra-d{depth}x{trees}" + (f"-bal{weight:g}" if weight else "")
+            args = ["--depth", str(depth), "--parallel-size", str(trees)]
+            if weight:
+                args += ["--load-balancing", repr(weight)]
+            family = "ultra" + (f"+bal{weight:g}" if weight else "")
+            configs.append({"name": name, "model": "ultra", "args": args, "family": family})
     return configs
 
 

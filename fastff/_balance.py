@@ -1,4 +1,5 @@
-"""Load balancing of the router-leaf FFF (``FFF.forward_train(x, load_balancing=alpha)``).
+"""Load balancing of the router-leaf FFF (``FFF.forward_train(x, load_balancing=alpha)``) and
+of UltraFFF (the hardened form per tree; bottom of this file).
 
 Array-module code (NumPy or CuPy, ``xp``) over the arrays the training forwards save; no
 kernel of its own. The terms, their dense twins in fastff/reference.py (``fff_balance``):
@@ -87,3 +88,57 @@ def hard_dz(saved, n_nodes: int, n_leaves: int, weight: float, xp):
     if saved.get("has_swap"):
         flip ^= saved["swap"].astype(bool)
     return xp.where(flip, -dz, dz)
+
+
+# ---- UltraFFF (UltraFFF.forward_train(x, load_balancing=alpha)) --------------------------------
+# The hardened form above, per tree of the neuron tree: a row's decisions are its pre-activations'
+# signs (right iff z > 0) at the depth routing levels of its path, q = sigmoid(z) the soft weight
+# of going right, and the tree's "leaves" its 2**depth bottom neurons. Each tree's term is
+# n_leaves * sum_l f_l * P_l; L is their mean over the trees (1.0 when every tree spreads its rows
+# evenly). Its gradient reaches the routing nodes each row visited (not the bottom ones).
+
+
+def ultra_route(visited, preact, depth: int, n_trees: int, xp):
+    """(q (B, T, depth) right weights, right (B, T, depth) bool: the branch each row took, read
+    from its path as the kernel chose it, chosen (B, T, depth) weight of that branch, leaf
+    (B, T) bottom neuron reached, numbered tree * 2**depth + l) of an UltraFFF training forward's
+    visited (B, T*(depth+1)) global node ids and preact (same shape)."""
+    n_rows = visited.shape[0]
+    n_nodes = 2 ** (depth + 1) - 1
+    path = visited.reshape(n_rows, n_trees, depth + 1)
+    local = path - (xp.arange(n_trees) * n_nodes)[None, :, None]
+    right = local[:, :, 1:] == 2 * local[:, :, :-1] + 2
+    q = _sigmoid(xp, preact.reshape(n_rows, n_trees, depth + 1)[:, :, :-1])
+    leaf = local[:, :, -1] - (2**depth - 1) + (xp.arange(n_trees) << depth)[None, :]
+    return q, right, xp.where(right, q, 1 - q), leaf
+
+
+def ultra_loss(visited, preact, depth: int, n_trees: int, xp) -> float:
+    """L of an UltraFFF training forward (0.0 for a batch without rows)."""
+    n_rows = visited.shape[0]
+    if n_rows == 0:
+        return 0.0
+    n_leaves = 2**depth
+    _, _, chosen, leaf = ultra_route(visited, preact, depth, n_trees, xp)
+    leaf = leaf.reshape(-1)
+    counts = xp.bincount(leaf, minlength=n_trees * n_leaves).astype(np.float64)
+    prob = chosen.astype(np.float64).prod(axis=2).reshape(-1)
+    big_p = xp.bincount(leaf, weights=prob, minlength=n_trees * n_leaves)
+    return float(n_leaves * (counts * big_p).sum() / (n_rows * n_rows * n_trees))
+
+
+def ultra_dz(visited, preact, depth: int, n_trees: int, weight: float, xp):
+    """(weight * dL/dz at each row's visited routing nodes (B, T*depth) in preact's dtype, their
+    global node ids (B, T*depth), ascending along each row)."""
+    n_rows = visited.shape[0]
+    n_leaves = 2**depth
+    q, right, chosen, leaf = ultra_route(visited, preact, depth, n_trees, xp)
+    dtype = q.dtype
+    share = xp.bincount(leaf.reshape(-1), minlength=n_trees * n_leaves).astype(dtype)[leaf]
+    dprob = share * dtype.type(weight * n_leaves / (n_rows * n_rows * n_trees))
+    # d prob / d q_k = +-prob / chosen_k (chosen >= 1/2: the decision takes the larger weight)
+    dz = (dprob * chosen.prod(axis=2))[:, :, None] / chosen
+    dz *= q * (1 - q)
+    dz = xp.where(right, dz, -dz)
+    nodes = visited.reshape(n_rows, n_trees, depth + 1)[:, :, :-1]
+    return dz.reshape(n_rows, -1), nodes.reshape(n_rows, -1)

@@ -166,6 +166,7 @@ class UltraFFF(Module):
         for start, stop in _chunks(self.output_width, total_nodes) if fill else ():
             w_out_t[:, start:stop] = _uniform(rng, (stop - start, total_nodes), k_out, self.dtype).T
         self._params = {"w_in": w_in, "b_in": b_in, "w_out_t": w_out_t}
+        self.last_balance_loss = None  # float after a forward_train with load_balancing > 0
         self._anchor = {
             "linear_in.weight": ("w_in", None),
             "linear_in.bias": ("b_in", None),
@@ -253,14 +254,32 @@ class UltraFFF(Module):
         _, lead, y, _, _ = self._forward(x, save_path=False)
         return y if len(lead) == 1 else y.reshape(lead + (self._output_width,))
 
-    def forward_train(self, x, *, input_grad=True):
+    def forward_train(self, x, *, load_balancing=0.0, input_grad=True):
         """Training forward: returns (y, backprop). Keeps each row's visited nodes and
         pre-activations, B * T * (depth+1) numbers, for the O(depth) backward. Without
         input_grad (x is the model's input), backprop returns None and the CPU kernel skips
-        the dx pass (on CUDA dx is computed and dropped)."""
+        the dx pass (on CUDA dx is computed and dropped).
+
+        load_balancing (>= 0, finite) adds ``load_balancing * balance`` to the loss:
+        ``balance`` is the router-leaf FFF's hardened term applied to each tree, whose leaves
+        are its 2**depth bottom neurons and whose branch weights are sigmoid(z) going right
+        (z > 0) and 1 - sigmoid(z) going left; the mean over the trees of n_leaves * sum_l
+        f_l * P_l, f_l the fraction of rows reaching bottom neuron l and P_l the mean of
+        [row reaches l] * the product of the row's chosen branch weights (fastff._balance;
+        the dense twin is fastff.reference.ultra_balance). 1.0 when every tree spreads its
+        rows evenly. Its gradient reaches the routing neurons each row visited. With
+        load_balancing > 0 the term's value is kept in ``layer.last_balance_loss`` (else
+        None)."""
         self._check_trainable("forward_train")
         input_grad = check_bool(input_grad, "input_grad")
+        load_balancing = check_nonnegative(load_balancing, "load_balancing")
         rows, lead, y, visited, preact = self._forward(x, save_path=True)
+        n_trees = self._parallel_size
+        self.last_balance_loss = (
+            _balance.ultra_loss(visited, preact, self._depth, n_trees, self.ops.xp)
+            if load_balancing
+            else None
+        )
         rows = keep_for_backward(rows, x)
         version, device, out_shape = self._version, self.device, lead + (self.output_width,)
         activation = self.activation  # the forward's, whatever is assigned before backprop
@@ -281,6 +300,8 @@ class UltraFFF(Module):
                 activation,
                 effective_n_threads(),
                 input_grad,
+                load_balancing,
+                n_trees,
             )
             return None if dx is None else dx.reshape(lead + (self.input_width,))
 

@@ -98,17 +98,39 @@ class Ops:
             return self.xp.empty_like(x)
         return self.xp.empty((0, x.shape[1]), dtype=x.dtype)
 
-    def ultra_backward(self, x, dy, p, g, visited, preact, act, n_threads, need_dx=True):
+    def ultra_backward(
+        self, x, dy, p, g, visited, preact, act, n_threads, need_dx=True, balance=0.0, n_trees=1
+    ):
         """Adds the hard-path parameter gradients into g; returns dx (B, in), or None without
         need_dx (an input that needs no gradient: the CPU kernel then skips the dx pass, whose
-        w_in reads are most of the backward when in >> out)."""
+        w_in reads are most of the backward when in >> out). balance weighs the load-balancing
+        term of the n_trees trees (fastff._balance.ultra_loss), whose gradient reaches the
+        visited routing nodes only."""
         dx = self._dx_out(x, need_dx)
         saved = (visited, preact, ACTIVATIONS[act])
         grads = (g["w_in"], g["b_in"], g["w_out_t"])
         self._run(
             self.cmm.ultra_backward, x, dy, p["w_in"], p["w_out_t"], *saved, dx, *grads, n_threads
         )
+        n_rows, depth = visited.shape[0], visited.shape[1] // n_trees - 1
+        if balance and n_rows and depth:
+            dz, nodes = _balance.ultra_dz(visited, preact, depth, n_trees, balance, self.xp)
+            self._add_path_gradients(x, dz, nodes, p["w_in"], g["w_in"], g["b_in"], dx, need_dx)
         return dx if need_dx else None
+
+    def _add_path_gradients(self, x, dz, nodes, w, g_w, g_b, dx, need_dx):
+        """Adds the gradients of pre-activations z = x @ w.T + b given at each row's nodes
+        (dz (B, k) at node ids nodes (B, k), ascending along a row) into g_w (n, in), g_b (n,)
+        and, with need_dx, dx (B, in): one sparse (rows x nodes, k entries a row) product each,
+        O(k * in) per row."""
+        n_nodes = w.shape[0]
+        sparse = self._csr_rows(dz, nodes, n_nodes)
+        g_w[...] += sparse.T @ x
+        g_b[...] += self.xp.bincount(
+            nodes.reshape(-1), weights=dz.reshape(-1), minlength=n_nodes
+        ).astype(dz.dtype)
+        if need_dx:
+            dx += sparse @ w
 
     def _no_path(self, dtype):
         """(0, 0) visited and preact stand-ins for an inference call, made once per dtype."""
@@ -350,15 +372,10 @@ class Ops:
         if balance and n_rows and depth:
             n_nodes, n_leaves = p["node_w"].shape[0], p["w1t"].shape[0]
             dz = _balance.hard_dz(saved, n_nodes, n_leaves, balance, self.xp)
-            # rows x nodes, one entry per visited node: dz's gradient of the router weights
-            # and of x at O(depth * in) per row
-            sparse = self._csr_rows(dz, saved["path"], n_nodes)
-            g["node_w"][...] += sparse.T @ x
-            g["node_b"].reshape(-1)[...] += self.xp.bincount(
-                saved["path"].reshape(-1), weights=dz.reshape(-1), minlength=n_nodes
-            ).astype(dz.dtype)
-            if need_dx:
-                dx += sparse @ p["node_w"]
+            node_b = g["node_b"].reshape(-1)
+            self._add_path_gradients(
+                x, dz, saved["path"], p["node_w"], g["node_w"], node_b, dx, need_dx
+            )
         return dx if need_dx else None
 
     def _csr_rows(self, values, columns, n_columns):

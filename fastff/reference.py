@@ -59,11 +59,40 @@ def ultra_forward(x, params, depth, parallel_size, activation):
     return y, (x, z, mask)
 
 
-def ultra_backward(dy, cache, params, activation):
-    """Hard-path gradients (decisions not differentiated) -> dx (B, in), grads by anchor key."""
+def ultra_balance(z, depth, parallel_size):
+    """UltraFFF's load-balancing term (UltraFFF.forward_train(load_balancing=...)): per tree,
+    the hardened FFF's n_leaves * sum_l f_l * P_l over its 2**depth bottom neurons, with branch
+    weight q = sigmoid(z) going right (z > 0) and 1 - q going left; averaged over the trees.
+    -> (loss, dloss/dz (B, T*n) at the routing nodes each row visits, 0 elsewhere)."""
+    n_rows = z.shape[0]
+    n_nodes, n_routers, n_leaves = 2 ** (depth + 1) - 1, 2**depth - 1, 2**depth
+    if n_rows == 0:
+        return 0.0, np.zeros_like(z)
+    zt = z.reshape(n_rows, parallel_size, n_nodes)
+    mask = ultra_visit_mask(z, depth, parallel_size).reshape(zt.shape)
+    reach, routed = mask[:, :, n_routers:], mask[:, :, :n_routers]  # bottom / routing visits
+    q = 1 / (1 + np.exp(-zt[:, :, :n_routers]))
+    chosen = np.where(zt[:, :, :n_routers] > 0, q, 1 - q)
+    prob = np.where(routed > 0, chosen, 1.0).prod(axis=2)  # (B, T)
+    f = reach.mean(axis=0)  # (T, n_leaves)
+    big_p = (reach * prob[:, :, None]).mean(axis=0)
+    loss = float((n_leaves * (f * big_p).sum(axis=1)).mean())
+    f_row = (reach * f).sum(axis=2)  # f of the bottom neuron each row reaches, (B, T)
+    sign = np.where(zt[:, :, :n_routers] > 0, 1.0, -1.0)
+    coef = n_leaves * f_row * prob / (n_rows * parallel_size)
+    dz = np.zeros_like(zt)
+    dz[:, :, :n_routers] = routed * coef[:, :, None] / chosen * q * (1 - q) * sign
+    return loss, dz.reshape(z.shape)
+
+
+def ultra_backward(dy, cache, params, activation, load_balancing=0.0, depth=0, parallel_size=1):
+    """Hard-path gradients (decisions not differentiated) of sum(y * dy) + load_balancing *
+    ultra_balance -> dx (B, in), grads by anchor key."""
     x, z, mask = cache
     d_act = dy @ params["linear_out.weight"]
     dz = d_act * act_grad(activation, z) * mask
+    if load_balancing:
+        dz = dz + load_balancing * ultra_balance(z, depth, parallel_size)[1]
     grads = {
         "linear_in.weight": dz.T @ x,
         "linear_in.bias": dz.sum(axis=0),

@@ -3,7 +3,8 @@
 Models (all map a flattened 28x28 image to 10 logits):
   ff     the dense baseline: Linear(784, width) -> ReLU -> Linear(width, 10)
   ultra  fastff.UltraFFF(784, 10, depth, parallel_size): per row and tree only the depth+1
-         neurons of one root-to-leaf path are evaluated
+         neurons of one root-to-leaf path are evaluated (--load-balancing: weight of
+         the usage-balancing term over each tree's bottom neurons)
   fff    fastff.FFF(784, leaf_width, 10, depth): depth routers pick one leaf MLP per row
          (--load-balancing: weight of the leaf-usage balancing term; --master-leaf: one more
          leaf every row evaluates, mixed in by a learned share)
@@ -71,7 +72,9 @@ TRAINING_DEFAULTS = dict(
 )
 DEFAULTS = {
     "ff": dict(width=512, **TRAINING_DEFAULTS),
-    "ultra": dict(depth=6, parallel_size=4, activation="gelu", **TRAINING_DEFAULTS),
+    "ultra": dict(
+        depth=6, parallel_size=4, activation="gelu", load_balancing=0.0, **TRAINING_DEFAULTS
+    ),
     "fff": dict(
         depth=5,
         leaf_width=16,
@@ -93,7 +96,7 @@ MODEL_OPTIONS = {  # options that only make sense for some models
     "dropout": {"fff"},
     "region_leak": {"fff"},
     "hardening": {"fff"},
-    "load_balancing": {"fff"},
+    "load_balancing": {"fff", "ultra"},
     "master_leaf": {"fff"},
 }
 
@@ -130,7 +133,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     arch.add_argument(
         "--load-balancing",
         type=float,
-        help="fff: weight of the leaf-usage balancing loss (FFF.forward_train's load_balancing)",
+        help="fff, ultra: weight of the leaf-usage balancing loss (forward_train's load_balancing)",
     )
     arch.add_argument(
         "--master-leaf",
@@ -299,7 +302,10 @@ def build_model(options, dtype):
             dtype=dtype,
             seed=seed,
         )
-        return tree, {}, tree.neurons_per_inference, tree.training_width
+        ultra_kw = {}
+        if options["load_balancing"]:  # left out at 0: the call is then the one before the option
+            ultra_kw["load_balancing"] = options["load_balancing"]
+        return tree, ultra_kw, tree.neurons_per_inference, tree.training_width
     import fastff
 
     if not hasattr(fastff, "FFF"):

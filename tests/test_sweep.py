@@ -26,22 +26,19 @@ def test_configurations_cover_the_issue(sweep):
     for depth, leaf in [(3, 64), (4, 32), (5, 16), (6, 8)]:
         for suffix in ("", "-bal0.05", "-bal0.5", "-master", "-bal0.05-master", "-bal0.5-master"):
             assert f"fff-d{depth}x{leaf}{suffix}" in configs
-    assert len(configs) == 1 + 3 + 4 * 6 + 7
+    assert len(configs) == 1 + 3 + 4 * 6 + 7 * 3
     assert list(configs)[:4] == ["ff-512", "ff-16", "ff-32", "ff-64"]
     assert configs["fff-d5x16-bal0.5-master"]["args"][-3:] == [
         "--load-balancing",
         "0.5",
         "--master-leaf",
     ]
+    shapes = ["d8x1", "d7x2", "d6x4", "d5x8", "d8x3", "d6x8", "d5x16"]
     assert [n for n in configs if n.startswith("ultra")] == [
-        "ultra-d8x1",
-        "ultra-d7x2",
-        "ultra-d6x4",
-        "ultra-d5x8",
-        "ultra-d8x3",
-        "ultra-d6x8",
-        "ultra-d5x16",
+        f"ultra-{shape}{suffix}" for shape in shapes for suffix in ("", "-bal0.05", "-bal0.5")
     ]
+    assert configs["ultra-d6x4-bal0.5"]["args"][-2:] == ["--load-balancing", "0.5"]
+    assert configs["ultra-d6x4-bal0.5"]["family"] == "ultra+bal0.5"
 
 
 def test_sweep_runs_resumes_and_writes_the_table(sweep, tmp_path, capsys):

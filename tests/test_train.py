@@ -104,6 +104,15 @@ def test_ultra_routing_history(data_dir, tmp_path, capsys):
     assert "balance_loss" not in result["history"][-1]
 
 
+def test_ultra_load_balancing_reaches_the_layer(data_dir, tmp_path, capsys):
+    args = ["--model", "ultra", "--data", str(data_dir), *TINY, *MODELS["ultra"][0]]
+    code, result, captured = run([*args, "--load-balancing", "0.5"], tmp_path, capsys)
+    assert code == 0, captured.err
+    assert result["config"]["load_balancing"] == 0.5
+    for record in result["history"]:  # each tree's n_leaves * sum f_l P_l, P_l <= f_l
+        assert 0 < record["balance_loss"] <= len(record["routing"]["leaf_counts"][0])
+
+
 @pytest.mark.parametrize(
     "options",
     [
@@ -148,7 +157,7 @@ def test_plain_progress_without_tqdm(data_dir, tmp_path, capsys, monkeypatch):
         (["--model", "ff", "--lr", "-1", "--val-size", "40"], "lr must be"),
         (["--model", "ultra", "--depth", "-2", "--val-size", "40"], "depth must be"),
         (["--model", "ff", "--master-leaf"], "--master-leaf applies to --model fff"),
-        (["--model", "ultra", "--load-balancing", "1"], "--load-balancing applies to --model fff"),
+        (["--model", "ff", "--load-balancing", "1"], "--load-balancing applies to --model"),
         (["--model", "ff", "--train-size", "0"], "--train-size must be >= 1"),
     ],
 )

@@ -649,3 +649,129 @@ def test_gradient_pass_schedule_covers_each_visited_node_once(
     # arrays not shaped like a forest keep one task per node
     nodes, tasks = _cmm._backward_schedule(np.array([0, 2, 1]), 5, 3, 10, 8, 1)
     assert nodes.tolist() == [1, 2] and tasks.tolist() == [0, 1, 2]
+
+
+# ---- training: load balancing (issue 23) ------------------------------------------------------
+
+
+@given(
+    in_w=st.integers(1, 60),
+    out_w=st.integers(1, 40),
+    depth=st.integers(0, 6),
+    trees=st.integers(1, 3),
+    batch=st.integers(0, 150),
+    dtype=st.sampled_from(DTYPES),
+    balancing=st.sampled_from([0.3, 2.0, 50.0]),
+    need_dx=st.booleans(),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_balanced_gradients_match_reference(
+    in_w, out_w, depth, trees, batch, dtype, balancing, need_dx, seed
+):
+    rng = np.random.default_rng(seed)
+    layer = fastff.UltraFFF(in_w, out_w, depth, trees, "gelu", dtype=dtype, seed=seed)
+    state = dyadic_state(layer, rng)
+    x = dyadic(rng, (batch, in_w), denom=8)
+    dy = dyadic(rng, (batch, out_w), denom=8)
+    y, backprop = layer.forward_train(x, load_balancing=balancing, input_grad=need_dx)
+    dx = backprop(dy)
+    _, cache = R.ultra_forward(x, state, depth, trees, "gelu")
+    loss, _ = R.ultra_balance(cache[1], depth, trees)
+    dx_ref, grads_ref = R.ultra_backward(dy, cache, state, "gelu", balancing, depth, trees)
+    terms = max(in_w, out_w, batch) * trees * (depth + 1)
+    assert layer.last_balance_loss == pytest.approx(
+        loss, rel=1e-5 if dtype == np.float32 else 1e-12
+    )
+    if need_dx:
+        assert_close(dx, dx_ref, dtype, terms * 16, "dx")
+    else:
+        assert dx is None
+    for key, g in layer.grads.items():  # the sigmoid's rounding: a wider margin than the path's
+        assert_close(g, grads_ref[key], dtype, terms * 16, key)
+
+
+def test_reference_balance_matches_finite_differences_and_a_hand_value():
+    """ultra_balance's gradient is the derivative of its loss (routing held fixed), and a
+    depth-1 tree's loss is n_leaves * sum_l f_l * P_l by hand."""
+    rng = np.random.default_rng(5)
+    depth, trees = 3, 2
+    z = rng.standard_normal((40, trees * (2 ** (depth + 1) - 1)))
+    assert np.abs(z).min() > 1e-5
+    loss, dz = R.ultra_balance(z, depth, trees)
+    eps = 1e-7
+    for idx in np.ndindex(z.shape):
+        zp, zm = z.copy(), z.copy()
+        zp[idx] += eps
+        zm[idx] -= eps
+        numeric = (R.ultra_balance(zp, depth, trees)[0] - R.ultra_balance(zm, depth, trees)[0]) / (
+            2 * eps
+        )
+        assert dz[idx] == pytest.approx(numeric, rel=1e-5, abs=1e-9), idx
+    # one tree of depth 1: rows 0, 1 go right (z = 2, 1), row 2 left (z = -3)
+    z = np.array([[2.0, 0, 0], [1.0, 0, 0], [-3.0, 0, 0]])
+    sig = lambda v: 1 / (1 + np.exp(-v))  # noqa: E731
+    f = np.array([1 / 3, 2 / 3])
+    big_p = np.array([1 - sig(-3.0), sig(2.0) + sig(1.0)]) / 3
+    assert R.ultra_balance(z, 1, 1)[0] == pytest.approx(2 * (f * big_p).sum())
+    assert R.ultra_balance(np.zeros((0, 3)), 1, 1)[0] == 0.0
+
+
+def test_balancing_zero_changes_nothing_and_keeps_no_loss(rng):
+    layer = fastff.UltraFFF(12, 5, 4, 2, seed=4)
+    x = rng.standard_normal((70, 12)).astype(np.float32)
+    dy = rng.standard_normal((70, 5)).astype(np.float32)
+    results = []
+    for kwargs in ({}, {"load_balancing": 0.0}, {"load_balancing": 1.5}):
+        layer.zero_grad()
+        y, backprop = layer.forward_train(x, **kwargs)
+        results.append((y, backprop(dy), {k: v.copy() for k, v in layer.grads.items()}))
+        assert (layer.last_balance_loss is None) == (not kwargs.get("load_balancing"))
+    np.testing.assert_array_equal(results[1][0], results[0][0])
+    np.testing.assert_array_equal(results[1][1], results[0][1])
+    np.testing.assert_array_equal(results[2][0], results[0][0])  # the output does not change
+    for key in layer.grads:
+        np.testing.assert_array_equal(results[1][2][key], results[0][2][key])
+        # the term reaches the routing neurons' input weights and biases, and dx, only
+        changed = not np.array_equal(results[2][2][key], results[0][2][key])
+        assert changed == (key != "linear_out.weight"), key
+    assert not np.array_equal(results[2][1], results[0][1])
+
+
+def test_balancing_spreads_a_collapsed_tree():
+    """Routing neurons that send nearly every row down the right edge, trained on the balancing
+    term alone (dy = 0): the routes spread out."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((512, 8))
+    layer = fastff.UltraFFF(8, 2, 3, 2, dtype=np.float64, seed=1)
+    layer.params["linear_in.bias"][...] = 2.0
+    opt = fastff.optim.SGD(layer, lr=0.5)
+    before = layer.routing_stats(x)
+    assert before["leaf_counts"][:, -1].min() > 0.8 * len(x)
+    entropies = []
+    for _ in range(200):
+        opt.zero_grad()
+        y, backprop = layer.forward_train(x, load_balancing=1.0)
+        backprop(np.zeros_like(y))
+        opt.step()
+        entropies.append(layer.routing_stats(x)["routing_entropy"])
+    assert np.mean(entropies[-50:]) > before["routing_entropy"] + 1.0, entropies[-50:]
+
+
+@pytest.mark.parametrize(
+    "value, exc",
+    [
+        (-0.1, ValueError),
+        (float("nan"), ValueError),
+        (float("inf"), ValueError),
+        ("1", TypeError),
+        (True, TypeError),
+        (None, TypeError),
+    ],
+)
+def test_bad_load_balancing_is_refused(value, exc, rng):
+    layer = fastff.UltraFFF(4, 2, 2, seed=0)
+    before = {k: v.copy() for k, v in layer.state_dict().items()}
+    with pytest.raises(exc, match="load_balancing"):
+        layer.forward_train(rng.standard_normal((5, 4)), load_balancing=value)
+    for k, v in layer.state_dict().items():
+        np.testing.assert_array_equal(v, before[k])
