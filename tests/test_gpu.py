@@ -76,6 +76,33 @@ def test_ultra_gradients_match_reference(in_w, out_w, depth, trees, batch, dtype
         assert_close(cp.asnumpy(g), grads_ref[key], dtype, terms, key)
 
 
+@given(
+    in_w=st.integers(1, 64),
+    out_w=st.integers(1, 32),
+    depth=st.integers(0, 6),
+    trees=st.integers(1, 3),
+    batch=st.integers(0, 150),
+    dtype=st.sampled_from(DTYPES),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_ultra_balancing_matches_reference(in_w, out_w, depth, trees, batch, dtype, seed):
+    """UltraFFF's load-balancing term on CUDA (fastff._balance on CuPy arrays, cupyx sparse
+    products) against the dense reference."""
+    layer, state, x, rng = _ultra_case(seed, in_w, out_w, depth, trees, batch, dtype, "gelu")
+    dy = dyadic(rng, (batch, out_w), denom=8)
+    layer.to("cuda")
+    _, backprop = layer.forward_train(cp.asarray(x), load_balancing=2.0)
+    dx = backprop(cp.asarray(dy))
+    _, cache = R.ultra_forward(x, state, depth, trees, "gelu")
+    loss, _ = R.ultra_balance(cache[1], depth, trees)
+    dx_ref, grads_ref = R.ultra_backward(dy, cache, state, "gelu", 2.0, depth, trees)
+    terms = max(in_w, out_w, batch) * trees * (depth + 1) * 16
+    np.testing.assert_allclose(layer.last_balance_loss, loss, rtol=1e-5)
+    assert_close(cp.asnumpy(dx), dx_ref, dtype, terms, "dx")
+    for key, g in layer.grads.items():
+        assert_close(cp.asnumpy(g), grads_ref[key], dtype, terms, key)
+
+
 def test_ultra_gradients_deterministic_and_accumulate():
     layer, _, x, rng = _ultra_case(3, 200, 150, 6, 2, 2000, np.float32, "gelu")
     dy = rng.standard_normal((2000, 150)).astype(np.float32)
