@@ -94,8 +94,9 @@ def hard_dz(saved, n_nodes: int, n_leaves: int, weight: float, xp):
 # The hardened form above, per tree of the neuron tree: a row's decisions are its pre-activations'
 # signs (right iff z > 0) at the depth routing levels of its path, q = sigmoid(z) the soft weight
 # of going right, and the tree's "leaves" its 2**depth bottom neurons. Each tree's term is
-# n_leaves * sum_l f_l * P_l; L is their mean over the trees (1.0 when every tree spreads its rows
-# evenly). Its gradient reaches the routing nodes each row visited (not the bottom ones).
+# n_leaves * sum_l f_l * P_l (at most n_leaves * sum_l f_l**2, as P_l <= f_l: 1.0 for an even
+# spread, n_leaves for one bottom neuron taking every row); L is their mean over the trees. Its
+# gradient reaches the routing nodes each row visited (not the bottom ones).
 
 
 def ultra_route(visited, preact, depth: int, n_trees: int, xp):

@@ -266,10 +266,12 @@ class UltraFFF(Module):
         (z > 0) and 1 - sigmoid(z) going left; the mean over the trees of n_leaves * sum_l
         f_l * P_l, f_l the fraction of rows reaching bottom neuron l and P_l the mean of
         [row reaches l] * the product of the row's chosen branch weights (fastff._balance;
-        the dense twin is fastff.reference.ultra_balance). 1.0 when every tree spreads its
-        rows evenly. Its gradient reaches the routing neurons each row visited. With
-        load_balancing > 0 the term's value is kept in ``layer.last_balance_loss`` (else
-        None)."""
+        the dense twin is fastff.reference.ultra_balance). P_l <= f_l, so the term is at most
+        n_leaves * sum_l f_l**2: 1.0 for an even spread, n_leaves when one bottom neuron
+        takes every row; it also falls as the decisions soften. Its gradient reaches the
+        input weights and biases of the routing neurons each row visited, and dx. Depth 0:
+        a constant 1.0, no gradient. With load_balancing > 0 the term's value is kept in
+        ``layer.last_balance_loss`` (else None: unlike FFF's, it is not computed unasked)."""
         self._check_trainable("forward_train")
         input_grad = check_bool(input_grad, "input_grad")
         load_balancing = check_nonnegative(load_balancing, "load_balancing")

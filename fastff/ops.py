@@ -107,30 +107,36 @@ class Ops:
         term of the n_trees trees (fastff._balance.ultra_loss), whose gradient reaches the
         visited routing nodes only."""
         dx = self._dx_out(x, need_dx)
+        n_rows, depth = visited.shape[0], visited.shape[1] // n_trees - 1
+        balance_terms = None
+        if balance and n_rows and depth:  # before the kernel adds anything: it may fail
+            balance_terms = _balance.ultra_dz(visited, preact, depth, n_trees, balance, self.xp)
         saved = (visited, preact, ACTIVATIONS[act])
         grads = (g["w_in"], g["b_in"], g["w_out_t"])
         self._run(
             self.cmm.ultra_backward, x, dy, p["w_in"], p["w_out_t"], *saved, dx, *grads, n_threads
         )
-        n_rows, depth = visited.shape[0], visited.shape[1] // n_trees - 1
-        if balance and n_rows and depth:
-            dz, nodes = _balance.ultra_dz(visited, preact, depth, n_trees, balance, self.xp)
+        if balance_terms is not None:
+            dz, nodes = balance_terms
             self._add_path_gradients(x, dz, nodes, p["w_in"], g["w_in"], g["b_in"], dx, need_dx)
         return dx if need_dx else None
 
     def _add_path_gradients(self, x, dz, nodes, w, g_w, g_b, dx, need_dx):
         """Adds the gradients of pre-activations z = x @ w.T + b given at each row's nodes
         (dz (B, k) at node ids nodes (B, k), ascending along a row) into g_w (n, in), g_b (n,)
-        and, with need_dx, dx (B, in): one sparse (rows x nodes, k entries a row) product each,
-        O(k * in) per row."""
-        n_nodes = w.shape[0]
-        sparse = self._csr_rows(dz, nodes, n_nodes)
-        g_w[...] += sparse.T @ x
-        g_b[...] += self.xp.bincount(
-            nodes.reshape(-1), weights=dz.reshape(-1), minlength=n_nodes
+        and, with need_dx, dx (B, in): one sparse (rows x visited nodes, k entries a row)
+        product each, O(k * in) per row. Only the visited nodes' rows are formed and touched:
+        a deep tree's w is far larger than a batch's paths."""
+        xp = self.xp
+        used, column = xp.unique(nodes.reshape(-1), return_inverse=True)
+        column = column.reshape(nodes.shape)  # ascending along a row, as nodes are
+        sparse = self._csr_rows(dz, column, used.shape[0])
+        g_w[used] += sparse.T @ x
+        g_b[used] += xp.bincount(
+            column.reshape(-1), weights=dz.reshape(-1), minlength=used.shape[0]
         ).astype(dz.dtype)
         if need_dx:
-            dx += sparse @ w
+            dx += sparse @ w[used]
 
     def _no_path(self, dtype):
         """(0, 0) visited and preact stand-ins for an inference call, made once per dtype."""
@@ -342,6 +348,11 @@ class Ops:
         load-balancing term n_leaves * sum_l f_l * P_l (fastff._balance), whose gradient
         reaches the visited nodes only."""
         dx = self._dx_out(x, need_dx)
+        n_rows, depth = saved["path"].shape
+        dz = None
+        if balance and n_rows and depth:  # before the kernel adds anything: it may fail
+            n_nodes, n_leaves = p["node_w"].shape[0], p["w1t"].shape[0]
+            dz = _balance.hard_dz(saved, n_nodes, n_leaves, balance, self.xp)
         self._run(
             self.cmm.fff_hard_train_backward,
             x,
@@ -368,10 +379,7 @@ class Ops:
             g["b2"],
             n_threads,
         )
-        n_rows, depth = saved["path"].shape
-        if balance and n_rows and depth:
-            n_nodes, n_leaves = p["node_w"].shape[0], p["w1t"].shape[0]
-            dz = _balance.hard_dz(saved, n_nodes, n_leaves, balance, self.xp)
+        if dz is not None:
             node_b = g["node_b"].reshape(-1)
             self._add_path_gradients(
                 x, dz, saved["path"], p["node_w"], g["node_w"], node_b, dx, need_dx

@@ -775,3 +775,55 @@ def test_bad_load_balancing_is_refused(value, exc, rng):
         layer.forward_train(rng.standard_normal((5, 4)), load_balancing=value)
     for k, v in layer.state_dict().items():
         np.testing.assert_array_equal(v, before[k])
+
+
+def test_balancing_backward_touches_only_the_visited_nodes(rng):
+    """The term's sparse products cover the batch's visited nodes, not the whole tree: a deep
+    tree's input weights are far larger than a batch's paths (here 8 MB against 16 rows)."""
+    import tracemalloc
+
+    layer = fastff.UltraFFF(64, 4, 14, seed=0)
+    x = rng.standard_normal((16, 64)).astype(np.float32)
+
+    def backward_peak(balancing):
+        y, backprop = layer.forward_train(x, load_balancing=balancing)
+        tracemalloc.start()
+        try:
+            backprop(np.zeros_like(y))
+            return tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+
+    backward_peak(1.0)  # allocates layer.grads and imports scipy.sparse
+    layer.zero_grad()
+    extra = backward_peak(1.0) - backward_peak(0.0)
+    assert extra < layer.params["linear_in.weight"].nbytes / 16, extra
+    touched = np.flatnonzero(np.abs(layer.grads["linear_in.weight"]).sum(axis=1))
+    assert 0 < touched.size <= 16 * 14
+
+
+def test_a_failed_balancing_backward_adds_nothing(rng, monkeypatch):
+    """The term's gradient is formed before the kernel adds the path's: a failure there (out
+    of memory) leaves the gradients as they were, and the backprop can be called again."""
+    from fastff import _balance
+
+    layer = fastff.UltraFFF(10, 3, 4, 2, seed=0)
+    x = rng.standard_normal((30, 10)).astype(np.float32)
+    dy = rng.standard_normal((30, 3)).astype(np.float32)
+    _, backprop = layer.forward_train(x, load_balancing=1.0)
+    expected = backprop(dy), {k: v.copy() for k, v in layer.grads.items()}
+    layer.zero_grad()
+    _, backprop = layer.forward_train(x, load_balancing=1.0)
+    real = _balance.ultra_dz
+
+    def fail(*args):
+        raise MemoryError("simulated")
+
+    monkeypatch.setattr(_balance, "ultra_dz", fail)
+    with pytest.raises(MemoryError, match="simulated"):
+        backprop(dy)
+    assert all(not v.any() for v in layer.grads.values())
+    monkeypatch.setattr(_balance, "ultra_dz", real)
+    np.testing.assert_array_equal(backprop(dy), expected[0])
+    for key, value in layer.grads.items():
+        np.testing.assert_array_equal(value, expected[1][key])
