@@ -14,10 +14,11 @@
 The model is ``fastff.nn.Sequential(hidden, fastff.nn.Linear(hidden_width, n_outputs))``:
 
 * ``kind="fff"``: ``fastff.FFF(n_features, leaf_width, hidden_width, depth)``, router-leaf,
-  trained soft (or ``train_hardened``) with ``hardening``, ``region_leak`` and ``dropout``;
-  ``activation`` defaults to "relu".
+  trained soft (or ``train_hardened``) with ``hardening``, ``region_leak`` and ``dropout``,
+  optionally with a ``master_leaf``; ``activation`` defaults to "relu".
 * ``kind="ultra"``: ``fastff.UltraFFF(n_features, hidden_width, depth, parallel_size)``, the
   neuron tree of UltraFastBERT; ``activation`` defaults to "gelu".
+* either kind: ``load_balancing`` weighs the layer's load-balancing term (0: off).
 
 Both layers end in their own linear output projection; the read-out adds a shared bias and
 lets ``hidden_width`` be chosen apart from the number of outputs. Training minimises the cross
@@ -129,6 +130,8 @@ class _BaseFFF(BaseEstimator):
         region_leak=0.1,
         dropout=0.0,
         train_hardened=False,
+        load_balancing=0.0,
+        master_leaf=False,
         solver="adam",
         alpha=0.0001,
         batch_size="auto",
@@ -160,6 +163,8 @@ class _BaseFFF(BaseEstimator):
         self.region_leak = region_leak
         self.dropout = dropout
         self.train_hardened = train_hardened
+        self.load_balancing = load_balancing
+        self.master_leaf = master_leaf
         self.solver = solver
         self.alpha = alpha
         self.batch_size = batch_size
@@ -210,7 +215,7 @@ class _BaseFFF(BaseEstimator):
             self.batch_size == "auto" or (_is_int(self.batch_size) and self.batch_size >= 1),
             f"batch_size must be 'auto' or an integer >= 1, got {self.batch_size!r}",
         )
-        for name in ("alpha", "tol", "hardening"):
+        for name in ("alpha", "tol", "hardening", "load_balancing"):
             value = getattr(self, name)
             _check(_is_real(value) and value >= 0, f"{name} must be >= 0, got {value!r}")
         _check(
@@ -221,8 +226,8 @@ class _BaseFFF(BaseEstimator):
             _is_real(self.validation_fraction) and 0 < self.validation_fraction < 1,
             f"validation_fraction must lie in (0, 1), got {self.validation_fraction!r}",
         )
-        # The remaining ones (activation, region_leak, dropout, momentum, betas, epsilon) are
-        # checked by fastff's layers and optimizers, with their own messages.
+        # The remaining ones (activation, region_leak, dropout, master_leaf, momentum, betas,
+        # epsilon) are checked by fastff's layers and optimizers, with their own messages.
 
     # ---- model ----------------------------------------------------------------------------
     def _build(self, n_features: int, n_outputs: int, rng) -> None:
@@ -239,6 +244,7 @@ class _BaseFFF(BaseEstimator):
                 dropout=self.dropout,
                 train_hardened=self.train_hardened,
                 region_leak=self.region_leak,
+                master_leaf=self.master_leaf,
                 dtype=dtype,
                 seed=int(seeds[0]),
             )
@@ -290,9 +296,12 @@ class _BaseFFF(BaseEstimator):
         return 0.5 * float(self.alpha) * total / n_rows
 
     def _forward_options(self):
+        options: dict[str, Any] = {}
         if self.kind == "fff":
-            return {"rng": self._train_rng, "hardening": float(self.hardening)}
-        return {}
+            options = {"rng": self._train_rng, "hardening": float(self.hardening)}
+        if self.load_balancing:  # left out at 0: the call is then the one before the option
+            options["load_balancing"] = float(self.load_balancing)
+        return options
 
     def _epoch(self, X, target, rng, batch_size: int) -> float:
         """One pass over (X, target) in mini-batches; returns the mean loss (penalty included)."""
@@ -472,12 +481,15 @@ class FFFClassifier(ClassifierMixin, _BaseFFF):
     ``epsilon``, ``n_iter_no_change``), plus the layer's: ``kind``, ``depth``, ``leaf_width``
     (fff), ``hidden_width`` (the layer's output width, input of the read-out),
     ``parallel_size`` (ultra), ``activation`` (None: "relu" for fff, "gelu" for ultra),
-    ``hardening``, ``region_leak``, ``dropout``, ``train_hardened`` (fff); ``dtype``
-    "float32" or "float64"; ``n_threads`` for fastff's kernels (None: fastff's setting; -1:
-    every CPU). ``hardening``, ``region_leak``, ``dropout`` and ``train_hardened`` apply to
-    ``kind="fff"`` only. Their defaults (0.3 and 0.1) push the soft-trained routers towards the
-    hard decisions that ``predict`` takes: on ``load_digits`` (75/25 split, standardised) the
-    defaults score 0.976, against 0.889 with both at 0.
+    ``hardening``, ``region_leak``, ``dropout``, ``train_hardened``, ``master_leaf`` (fff);
+    ``load_balancing`` (both kinds: the layers' load-balancing weight, README "Learning
+    quality"); ``dtype`` "float32" or "float64"; ``n_threads`` for fastff's kernels (None:
+    fastff's setting; -1: every CPU). ``hardening``, ``region_leak``, ``dropout``,
+    ``train_hardened`` and ``master_leaf`` apply to ``kind="fff"`` only. The defaults of the
+    first two (0.3 and 0.1) push the soft-trained routers towards the hard decisions that
+    ``predict`` takes: on ``load_digits`` (75/25 split, standardised) the defaults score 0.976,
+    against 0.889 with both at 0. ``loss_curve_`` holds the prediction loss plus the ``alpha``
+    penalty; the hardening and balancing terms are trained on but not reported there.
 
     Fitted attributes: ``classes_``, ``n_features_in_``, ``feature_names_in_`` (DataFrame
     input), ``model_`` (the fastff.nn.Sequential), ``loss_curve_``, ``n_iter_``, ``t_``,

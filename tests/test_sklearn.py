@@ -46,6 +46,7 @@ CHECKED = [
     FFFClassifier(kind="ultra", parallel_size=4, **SMALL),
     FFFRegressor(kind="fff", **SMALL),
     FFFRegressor(kind="ultra", parallel_size=4, **SMALL),
+    FFFClassifier(kind="fff", load_balancing=0.1, master_leaf=True, **SMALL),
 ]
 
 
@@ -273,6 +274,44 @@ def test_n_threads_reaches_fastff(monkeypatch, digits):
     assert calls[-1] == fastff._threads.available_cpus()
     with pytest.raises(ValueError, match="n_threads"):
         clf.set_params(n_threads=0).predict(X_test)
+
+
+@pytest.mark.parametrize("kind", ["fff", "ultra"])
+def test_learning_quality_options_reach_the_layer(digits, kind, monkeypatch, tmp_path):
+    """load_balancing reaches the hidden layer's forward_train (both kinds), master_leaf its
+    constructor (fff); a refitted or reloaded estimator keeps them."""
+    X_train, X_test, y_train, _ = digits
+    clf = FFFClassifier(kind=kind, load_balancing=0.2, master_leaf=True, max_iter=2, **ONE)
+    clf.set_params(random_state=0)
+    layer_type = fastff.FFF if kind == "fff" else fastff.UltraFFF
+    seen = []
+    real = layer_type.forward_train
+
+    def spy(self, x, **options):
+        seen.append(options.get("load_balancing"))
+        return real(self, x, **options)
+
+    monkeypatch.setattr(layer_type, "forward_train", spy)
+    clf.fit(X_train, y_train)
+    assert seen and set(seen) == {0.2}
+    hidden = clf.model_[0]
+    assert hidden.last_balance_loss is not None
+    assert getattr(hidden, "master_leaf", False) == (kind == "fff")
+    path = tmp_path / "clf.safetensors"
+    fastff.save(clf, path)
+    loaded = fastff.load(path)
+    assert loaded.get_params()["load_balancing"] == 0.2 and loaded.get_params()["master_leaf"]
+    np.testing.assert_array_equal(loaded.predict(X_test), clf.predict(X_test))
+    seen.clear()
+    FFFClassifier(kind=kind, max_iter=1, random_state=0, **ONE).fit(X_train[:50], y_train[:50])
+    assert seen == [None]  # off by default: the option is not passed at all
+
+
+@pytest.mark.parametrize("value", [-0.5, float("nan"), "1", None])
+def test_bad_load_balancing_is_refused(digits, value):
+    X_train, _, y_train, _ = digits
+    with pytest.raises((ValueError, TypeError), match="load_balancing"):
+        FFFClassifier(load_balancing=value, max_iter=1, **ONE).fit(X_train, y_train)
 
 
 def test_import_fastff_does_not_import_sklearn_adapter():
