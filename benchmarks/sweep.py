@@ -356,7 +356,10 @@ def plot(rows: list[dict], path: Path) -> bool:
         return False
     fig, ax = plt.subplots(figsize=(8, 5.5))
     ff = next((r for r in rows if r["family"] == "ff"), None)
-    for family in dict.fromkeys(r["family"] for r in rows):
+    families = list(dict.fromkeys(r["family"] for r in rows))
+    colours = plt.get_cmap("tab20").colors  # more families than the default cycle's 10
+    markers = {"ff": "s", "fff": "o", "ultra": "^"}  # the model kind, by the family's stem
+    for k, family in enumerate(families):
         pts = [r for r in rows if r["family"] == family and r["speedup"]]
         if not pts:
             continue
@@ -364,7 +367,8 @@ def plot(rows: list[dict], path: Path) -> bool:
             [r["speedup"] for r in pts],
             [100 * r["accuracy_mean"] for r in pts],
             yerr=[100 * (r["accuracy_std"] or 0) for r in pts],
-            fmt="o",
+            fmt=markers.get(family.split()[0].split("+")[0], "o"),
+            color=colours[k % len(colours)],
             capsize=3,
             label=family,
         )
