@@ -124,10 +124,21 @@ class Ops:
     def _add_path_gradients(self, x, dz, nodes, w, g_w, g_b, dx, need_dx):
         """Adds the gradients of pre-activations z = x @ w.T + b given at each row's nodes
         (dz (B, k) at node ids nodes (B, k), ascending along a row) into g_w (n, in), g_b (n,)
-        and, with need_dx, dx (B, in): one sparse (rows x visited nodes, k entries a row)
-        product each, O(k * in) per row. Only the visited nodes' rows are formed and touched:
-        a deep tree's w is far larger than a batch's paths."""
+        and, with need_dx, dx (B, in): one sparse (rows x nodes, k entries a row) product
+        each, O(k * in) per row. Where the tree has more nodes than the batch has entries (a
+        deep tree), the columns are only the visited nodes, so neither the product nor the
+        update touches the others; a small tree's dense (n, in) product is cheaper than
+        finding them (the same sums either way)."""
         xp = self.xp
+        if w.shape[0] <= dz.size:
+            sparse = self._csr_rows(dz, nodes, w.shape[0])
+            g_w += sparse.T @ x
+            g_b += xp.bincount(
+                nodes.reshape(-1), weights=dz.reshape(-1), minlength=w.shape[0]
+            ).astype(dz.dtype)
+            if need_dx:
+                dx += sparse @ w
+            return
         used, column = xp.unique(nodes.reshape(-1), return_inverse=True)
         column = column.reshape(nodes.shape)  # ascending along a row, as nodes are
         sparse = self._csr_rows(dz, column, used.shape[0])
