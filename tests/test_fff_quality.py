@@ -382,6 +382,12 @@ def test_bad_load_balancing_is_refused(value, exc, rng):
     hard = fastff.FFF(4, 2, 3, 2, train_hardened=True, seed=0)
     with pytest.raises(exc, match="load_balancing"):
         hard.forward_train(rng.standard_normal((5, 4)), load_balancing=value)
+    ultra = fastff.UltraFFF(4, 2, 2, seed=0)  # UltraFFF's balancing takes the same weights
+    before = {k: v.copy() for k, v in ultra.state_dict().items()}
+    with pytest.raises(exc, match="load_balancing"):
+        ultra.forward_train(rng.standard_normal((5, 4)), load_balancing=value)
+    for key, array in ultra.state_dict().items():
+        np.testing.assert_array_equal(array, before[key])
 
 
 @pytest.mark.parametrize("value", [1, "yes", None, np.float64(1.0)])
