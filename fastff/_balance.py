@@ -57,34 +57,49 @@ def hard_route(saved, n_nodes: int, xp):
     return q, right, xp.where(right, q, 1 - q)
 
 
+def _switch_loss(leaf, chosen, n_leaves: int, n_trees: int, xp) -> float:
+    """The hardened term of n_trees trees of n_leaves leaves each, averaged over the trees:
+    leaf (N,) the leaf each of the N = B * n_trees (row, tree) walks reached, numbered
+    tree * n_leaves + l; chosen (N, depth) the weights of the branches it took."""
+    n_rows = leaf.shape[0] // n_trees
+    counts = xp.bincount(leaf, minlength=n_trees * n_leaves).astype(np.float64)
+    prob = chosen.astype(np.float64).prod(axis=1)
+    big_p = xp.bincount(leaf, weights=prob, minlength=n_trees * n_leaves)
+    return float(n_leaves * (counts * big_p).sum() / (n_rows * n_rows * n_trees))
+
+
+def _switch_dz(leaf, q, chosen, n_leaves: int, n_trees: int, weight: float, xp):
+    """weight * |dL/dz| of _switch_loss at each walk's decisions, (N, depth) in q's dtype (q
+    the right weights); the sign is the caller's (+ going right, unless region leak swapped)."""
+    n_rows = leaf.shape[0] // n_trees
+    dtype = q.dtype
+    share = xp.bincount(leaf, minlength=n_trees * n_leaves).astype(dtype)[leaf]  # B * f_leaf
+    dprob = share * dtype.type(weight * n_leaves / (n_rows * n_rows * n_trees))
+    # d prob / d q_k = +-prob / chosen_k (chosen >= 1/2: a rounded decision takes the larger
+    # weight), and dq/dz = q (1 - q)
+    dz = (dprob * chosen.prod(axis=1))[:, None] / chosen
+    dz *= q * (1 - q)
+    return dz
+
+
 def hard_loss(saved, n_nodes: int, n_leaves: int, xp) -> float:
     """L of hardened training from the forward's saved path, logits, leaves and swaps."""
     leaf = saved["leaf"]
     n_rows = leaf.shape[0]
     if n_rows == 0:
         return 0.0
-    counts = xp.bincount(leaf, minlength=n_leaves).astype(np.float64)
     if n_nodes == 0:
-        prob = xp.ones(n_rows, dtype=np.float64)
+        chosen = xp.ones((n_rows, 0), dtype=np.float64)
     else:
-        prob = hard_route(saved, n_nodes, xp)[2].astype(np.float64).prod(axis=1)
-    big_p = xp.bincount(leaf, weights=prob, minlength=n_leaves)
-    return float(n_leaves * (counts * big_p).sum() / (n_rows * n_rows))
+        chosen = hard_route(saved, n_nodes, xp)[2]
+    return _switch_loss(leaf, chosen, n_leaves, 1, xp)
 
 
 def hard_dz(saved, n_nodes: int, n_leaves: int, weight: float, xp):
     """weight * dL/dz at each row's visited nodes, (B, depth) in the logits' dtype."""
-    leaf = saved["leaf"]
-    n_rows = leaf.shape[0]
     q, right, chosen = hard_route(saved, n_nodes, xp)
-    dtype = q.dtype
-    share = xp.bincount(leaf, minlength=n_leaves).astype(dtype)[leaf]  # B * f of each row's leaf
-    dprob = share * dtype.type(weight * n_leaves / (n_rows * n_rows))
-    # d prob / d q_k = +-prob / chosen_k (chosen >= 1/2: a rounded decision takes the larger
-    # weight), and dq/dz = +-q (1 - q) (minus where region leak swapped the node)
-    dz = (dprob * chosen.prod(axis=1))[:, None] / chosen
-    dz *= q * (1 - q)
-    flip = ~right
+    dz = _switch_dz(saved["leaf"], q, chosen, n_leaves, 1, weight, xp)
+    flip = ~right  # dq/dz is negative going left, and where region leak swapped the node
     if saved.get("has_swap"):
         flip ^= saved["swap"].astype(bool)
     return xp.where(flip, -dz, dz)
@@ -119,27 +134,26 @@ def ultra_loss(visited, preact, depth: int, n_trees: int, xp) -> float:
     n_rows = visited.shape[0]
     if n_rows == 0:
         return 0.0
-    n_leaves = 2**depth
     _, _, chosen, leaf = ultra_route(visited, preact, depth, n_trees, xp)
-    leaf = leaf.reshape(-1)
-    counts = xp.bincount(leaf, minlength=n_trees * n_leaves).astype(np.float64)
-    prob = chosen.astype(np.float64).prod(axis=2).reshape(-1)
-    big_p = xp.bincount(leaf, weights=prob, minlength=n_trees * n_leaves)
-    return float(n_leaves * (counts * big_p).sum() / (n_rows * n_rows * n_trees))
+    walks = n_rows * n_trees  # depth may be 0: reshape(-1, 0) would not know this
+    return _switch_loss(leaf.reshape(walks), chosen.reshape(walks, depth), 2**depth, n_trees, xp)
 
 
 def ultra_dz(visited, preact, depth: int, n_trees: int, weight: float, xp):
     """(weight * dL/dz at each row's visited routing nodes (B, T*depth) in preact's dtype, their
     global node ids (B, T*depth), ascending along each row)."""
     n_rows = visited.shape[0]
-    n_leaves = 2**depth
     q, right, chosen, leaf = ultra_route(visited, preact, depth, n_trees, xp)
-    dtype = q.dtype
-    share = xp.bincount(leaf.reshape(-1), minlength=n_trees * n_leaves).astype(dtype)[leaf]
-    dprob = share * dtype.type(weight * n_leaves / (n_rows * n_rows * n_trees))
-    # d prob / d q_k = +-prob / chosen_k (chosen >= 1/2: the decision takes the larger weight)
-    dz = (dprob * chosen.prod(axis=2))[:, :, None] / chosen
-    dz *= q * (1 - q)
+    walks = n_rows * n_trees
+    dz = _switch_dz(
+        leaf.reshape(walks),
+        q.reshape(walks, depth),
+        chosen.reshape(walks, depth),
+        2**depth,
+        n_trees,
+        weight,
+        xp,
+    ).reshape(right.shape)
     dz = xp.where(right, dz, -dz)
     nodes = visited.reshape(n_rows, n_trees, depth + 1)[:, :, :-1]
     return dz.reshape(n_rows, -1), nodes.reshape(n_rows, -1)
