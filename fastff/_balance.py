@@ -99,7 +99,7 @@ def hard_dz(saved, n_nodes: int, n_leaves: int, weight: float, xp):
     """weight * dL/dz at each row's visited nodes, (B, depth) in the logits' dtype."""
     q, right, chosen = hard_route(saved, n_nodes, xp)
     dz = _switch_dz(saved["leaf"], q, chosen, n_leaves, 1, weight, xp)
-    flip = ~right  # dq/dz is negative going left, and where region leak swapped the node
+    flip = ~right  # d chosen/dz is -q (1 - q) going left, and the reverse where swapped
     if saved.get("has_swap"):
         flip ^= saved["swap"].astype(bool)
     return xp.where(flip, -dz, dz)

@@ -110,44 +110,50 @@ class Ops:
         n_rows, depth = visited.shape[0], visited.shape[1] // n_trees - 1
         balance_terms = None
         if balance and n_rows and depth:  # before the kernel adds anything: it may fail
-            balance_terms = _balance.ultra_dz(visited, preact, depth, n_trees, balance, self.xp)
+            dz, nodes = _balance.ultra_dz(visited, preact, depth, n_trees, balance, self.xp)
+            balance_terms = self._path_gradients(x, dz, nodes, p["w_in"], need_dx)
         saved = (visited, preact, ACTIVATIONS[act])
         grads = (g["w_in"], g["b_in"], g["w_out_t"])
         self._run(
             self.cmm.ultra_backward, x, dy, p["w_in"], p["w_out_t"], *saved, dx, *grads, n_threads
         )
         if balance_terms is not None:
-            dz, nodes = balance_terms
-            self._add_path_gradients(x, dz, nodes, p["w_in"], g["w_in"], g["b_in"], dx, need_dx)
+            self._add_path_gradients(balance_terms, g["w_in"], g["b_in"], dx)
         return dx if need_dx else None
 
-    def _add_path_gradients(self, x, dz, nodes, w, g_w, g_b, dx, need_dx):
-        """Adds the gradients of pre-activations z = x @ w.T + b given at each row's nodes
-        (dz (B, k) at node ids nodes (B, k), ascending along a row) into g_w (n, in), g_b (n,)
-        and, with need_dx, dx (B, in): one sparse (rows x nodes, k entries a row) product
-        each, O(k * in) per row. Where the tree has more nodes than the batch has entries (a
-        deep tree), the columns are only the visited nodes, so neither the product nor the
-        update touches the others; a small tree's dense (n, in) product is cheaper than
-        finding them (the same sums either way)."""
+    def _path_gradients(self, x, dz, nodes, w, need_dx):
+        """The gradients of pre-activations z = x @ w.T + b given at each row's nodes (dz (B, k)
+        at node ids nodes (B, k), ascending along a row), for _add_path_gradients: (rows,
+        dw, db, dx_part), rows None for all n nodes of w (n, in), else the node ids dw and db
+        belong to. One sparse (rows x nodes, k entries a row) product each, O(k * in) per row.
+        Where the tree has more nodes than the batch has entries (a deep tree), the columns
+        are only the visited nodes, so neither the product nor the update touches the others;
+        a small tree's dense (n, in) product is cheaper than finding them (the same sums)."""
         xp = self.xp
-        if w.shape[0] <= dz.size:
-            sparse = self._csr_rows(dz, nodes, w.shape[0])
-            g_w += sparse.T @ x
-            g_b += xp.bincount(
-                nodes.reshape(-1), weights=dz.reshape(-1), minlength=w.shape[0]
-            ).astype(dz.dtype)
-            if need_dx:
-                dx += sparse @ w
-            return
-        used, column = xp.unique(nodes.reshape(-1), return_inverse=True)
-        column = column.reshape(nodes.shape)  # ascending along a row, as nodes are
-        sparse = self._csr_rows(dz, column, used.shape[0])
-        g_w[used] += sparse.T @ x
-        g_b[used] += xp.bincount(
-            column.reshape(-1), weights=dz.reshape(-1), minlength=used.shape[0]
-        ).astype(dz.dtype)
-        if need_dx:
-            dx += sparse @ w[used]
+        rows, columns, n_columns = None, nodes, w.shape[0]
+        if w.shape[0] > dz.size:
+            rows, columns = xp.unique(nodes.reshape(-1), return_inverse=True)
+            columns, n_columns = columns.reshape(nodes.shape), rows.shape[0]
+        sparse = self._csr_rows(dz, columns, n_columns)
+        dw = sparse.T @ x
+        db = xp.bincount(columns.reshape(-1), weights=dz.reshape(-1), minlength=n_columns)
+        dx_part = (sparse @ (w if rows is None else w[rows])) if need_dx else None
+        return rows, dw, db.astype(dz.dtype), dx_part
+
+    @staticmethod
+    def _add_path_gradients(terms, g_w, g_b, dx):
+        """Adds _path_gradients' terms into g_w (n, in), g_b (n,) and dx (B, in). The terms are
+        formed before a backward kernel runs and added after it, so running out of memory
+        forming them leaves every gradient as it was."""
+        rows, dw, db, dx_part = terms
+        if rows is None:
+            g_w += dw
+            g_b += db
+        else:
+            g_w[rows] += dw
+            g_b[rows] += db
+        if dx_part is not None:
+            dx += dx_part
 
     def _no_path(self, dtype):
         """(0, 0) visited and preact stand-ins for an inference call, made once per dtype."""
@@ -360,10 +366,11 @@ class Ops:
         reaches the visited nodes only."""
         dx = self._dx_out(x, need_dx)
         n_rows, depth = saved["path"].shape
-        dz = None
+        balance_terms = None
         if balance and n_rows and depth:  # before the kernel adds anything: it may fail
             n_nodes, n_leaves = p["node_w"].shape[0], p["w1t"].shape[0]
             dz = _balance.hard_dz(saved, n_nodes, n_leaves, balance, self.xp)
+            balance_terms = self._path_gradients(x, dz, saved["path"], p["node_w"], need_dx)
         self._run(
             self.cmm.fff_hard_train_backward,
             x,
@@ -390,11 +397,8 @@ class Ops:
             g["b2"],
             n_threads,
         )
-        if dz is not None:
-            node_b = g["node_b"].reshape(-1)
-            self._add_path_gradients(
-                x, dz, saved["path"], p["node_w"], g["node_w"], node_b, dx, need_dx
-            )
+        if balance_terms is not None:
+            self._add_path_gradients(balance_terms, g["node_w"], g["node_b"].reshape(-1), dx)
         return dx if need_dx else None
 
     def _csr_rows(self, values, columns, n_columns):

@@ -449,6 +449,9 @@ class _BaseFFF(BaseEstimator):
                 stacklevel=3,
             )
             params["random_state"] = None
+        for name, value in params.items():  # NumPy scalars (np.float32(0.2), np.True_) as JSON
+            if isinstance(value, np.generic):
+                params[name] = value.item()
         fitted: dict[str, Any] = {
             name: getattr(self, name) for name in _SAVED_FITTED if hasattr(self, name)
         }

@@ -43,10 +43,11 @@ N_PIXELS, N_CLASSES = 28 * 28, 10
 # - ultra: depth 6 x 4 trees (508 neurons, 28 per image). In the 3-seed sweep of
 #   benchmarks/sweep.py (docs/learning-quality.md) it beat the earlier default, depth 8 x 3
 #   (1533 neurons, 27 per image), on accuracy (87.64% +- 0.36 against 87.25% +- 0.19) and on
-#   speed (3.2x ff against 2.9x) with a third of the weights. Shallower trees with more of
-#   them are more accurate and slower (5 x 8: 88.28%, 1.8x; 5 x 16: 88.78%, 0.9x); deeper
-#   ones the reverse (8 x 1: 84.90%, 9.0x). Bigger learning rates and longer schedules were
-#   worse.
+#   speed (3.5x ff against 2.9x) with a third of the weights. Shallower trees with more of
+#   them are more accurate and slower (5 x 8: 88.28%, 2.0x; 5 x 16: 88.78%, 0.9x); deeper
+#   ones the reverse (8 x 1: 84.90%, 9.2x). Load balancing moved accuracy by -0.22 to +0.39
+#   points over the shapes at weight 0.05 and cost 0.3-1.6 at 0.5, so it stays off. Bigger
+#   learning rates and longer schedules were worse.
 # - fff (fastff.FFF; hardening weighs the mean router-decision entropy): among trees of
 #   training width 512 (2**depth leaves x leaf width), depth 5 with 16-neuron leaves and
 #   hardening 4 reaches 0.8805, 0.8720 and 0.8703 (seeds 0-2, docs/learning-quality.md)

@@ -305,6 +305,12 @@ def test_learning_quality_options_reach_the_layer(digits, kind, monkeypatch, tmp
     seen.clear()
     FFFClassifier(kind=kind, max_iter=1, random_state=0, **ONE).fit(X_train[:50], y_train[:50])
     assert seen == [None]  # off by default: the option is not passed at all
+    # NumPy scalars, as a grid search over np.linspace gives them, save as JSON numbers
+    clf.set_params(load_balancing=np.float32(0.25), master_leaf=np.True_, hardening=np.float64(1))
+    clf.fit(X_train[:50], y_train[:50])
+    fastff.save(clf, path)
+    params = fastff.load(path).get_params()
+    assert params["load_balancing"] == 0.25 and params["master_leaf"] is True
 
 
 @pytest.mark.parametrize("value", [-0.5, float("nan"), "1", None])

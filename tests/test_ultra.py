@@ -782,28 +782,48 @@ def test_balancing_backward_touches_only_the_visited_nodes(rng):
     assert 0 < touched.size <= 16 * 14
 
 
-def test_a_failed_balancing_backward_adds_nothing(rng, monkeypatch):
+@pytest.mark.parametrize("kind", ["ultra", "fff"])
+@pytest.mark.parametrize("stage", ["_csr_rows", "dz"])
+def test_a_failed_balancing_backward_adds_nothing(kind, stage, rng, monkeypatch):
     """The term's gradient is formed before the kernel adds the path's: a failure there (out
-    of memory) leaves the gradients as they were, and the backprop can be called again."""
+    of memory) leaves the gradients as they were, and the backprop can be called again. For
+    UltraFFF and the hardened FFF, failing in the term's dz or in its sparse products."""
     from fastff import _balance
 
-    layer = fastff.UltraFFF(10, 3, 4, 2, seed=0)
+    if kind == "ultra":
+        layer = fastff.UltraFFF(10, 3, 4, 2, seed=0)
+        kw = {"load_balancing": 1.0}
+        where, name = _balance, "ultra_dz"
+    else:
+        layer = fastff.FFF(10, 4, 3, 4, train_hardened=True, region_leak=0.2, seed=0)
+        kw = {"load_balancing": 1.0, "hardening": 0.5}
+        where, name = _balance, "hard_dz"
+    if stage == "_csr_rows":
+        where, name = type(layer.ops), "_csr_rows"
     x = rng.standard_normal((30, 10)).astype(np.float32)
     dy = rng.standard_normal((30, 3)).astype(np.float32)
-    _, backprop = layer.forward_train(x, load_balancing=1.0)
+
+    def run():
+        return (
+            layer.forward_train(x, rng=np.random.default_rng(1), **kw)
+            if kind == "fff"
+            else (layer.forward_train(x, **kw))
+        )
+
+    _, backprop = run()
     expected = backprop(dy), {k: v.copy() for k, v in layer.grads.items()}
     layer.zero_grad()
-    _, backprop = layer.forward_train(x, load_balancing=1.0)
-    real = _balance.ultra_dz
+    _, backprop = run()
+    real = getattr(where, name)
 
     def fail(*args):
         raise MemoryError("simulated")
 
-    monkeypatch.setattr(_balance, "ultra_dz", fail)
+    monkeypatch.setattr(where, name, fail)
     with pytest.raises(MemoryError, match="simulated"):
         backprop(dy)
     assert all(not v.any() for v in layer.grads.values())
-    monkeypatch.setattr(_balance, "ultra_dz", real)
+    monkeypatch.setattr(where, name, real)
     np.testing.assert_array_equal(backprop(dy), expected[0])
     for key, value in layer.grads.items():
         np.testing.assert_array_equal(value, expected[1][key])
