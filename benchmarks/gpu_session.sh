@@ -4,10 +4,10 @@
 # setuptools), then the GPU tests, the GPU bench, the backward's phases and the issue-24 probe.
 # Run from the repository root on the GPU machine; results land in $OUT. Steps are separate, so
 # one failure costs only its own results.
-#   STEPS="tests bench phases probe sanitizer" bash benchmarks/gpu_session.sh
+#   STEPS="tests bench bench-half phases probe sanitizer" bash benchmarks/gpu_session.sh
 set -x
 OUT=${OUT:-/tmp/gpu_session_out}
-STEPS=${STEPS:-"tests bench phases probe"}
+STEPS=${STEPS:-"tests bench bench-half phases probe"}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
 nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,memory.used,memory.total --format=csv
@@ -25,11 +25,14 @@ python3 -c "import fastff; print('fastff', fastff.__version__, fastff.get_num_th
 for step in $STEPS; do
     case $step in
     tests)
-        timeout 240 python3 -m pytest -q -x -p no:cacheprovider tests/test_gpu.py tests/test_ops.py \
+        timeout 300 python3 -m pytest -q -x -p no:cacheprovider tests/test_gpu.py tests/test_ops.py \
             2>&1 | tee "$OUT/gpu_tests.log" | tail -15 ;;
     bench)
-        timeout 120 python3 -m fastff bench --device cuda --repeat 20 --json "$OUT/bench_gpu.json" \
+        timeout 240 python3 -m fastff bench --device cuda --repeat 20 --json "$OUT/bench_gpu.json" \
             2>&1 | tee "$OUT/bench_gpu.log" ;;
+    bench-half)  # the 16-bit kernels, with the float32 layers they were rounded from as a peer
+        timeout 120 python3 -m fastff bench --device cuda gpu-ufb gpu-paper-mnist --dtype bfloat16 \
+            --repeat 20 --json "$OUT/bench_gpu_bf16.json" 2>&1 | tee "$OUT/bench_gpu_bf16.log" ;;
     phases)
         timeout 60 python3 benchmarks/gpu_phases.py 2>&1 | tee "$OUT/phases.log" | tail -25 ;;
     host)

@@ -263,6 +263,7 @@ def make_ultra(
             info["weights_read_mb"] = _distinct_weight_bytes(layer, x) / 1e6
         peers: dict = {}
         full_bytes = layer.n_parameters() * np.dtype(dtype).itemsize
+        full = None
         if storage != np.dtype(dtype) and full_bytes < available_memory_bytes() / 3:
             # the float32 layer it was rounded from, timed in the same run where it fits
             full = UltraFFF(in_w, out_w, depth, parallel_size, activation, dtype=dtype, seed=0)
@@ -275,7 +276,7 @@ def make_ultra(
             return None, fff, batch, info, peers
         w1, b1, w2 = _dense_ff(rng, in_w, width, out_w, dtype)
         if device == "cuda":
-            return _make_cuda_pair(layer, x, (w1, b1, w2), activation, train)
+            return _make_cuda_pair(layer, x, (w1, b1, w2), activation, train, full)
         dy = rng.standard_normal((batch, out_w)).astype(dtype) if train else None
         if train:
 
@@ -307,7 +308,9 @@ def _distinct_weight_bytes(layer, x) -> int:
     return distinct * (layer.input_width + layer.output_width) * layer.dtype.itemsize
 
 
-def make_fff(in_w, leaf_w, out_w, depth, batch, *, activation="relu", dtype=np.float32):
+def make_fff(
+    in_w, leaf_w, out_w, depth, batch, *, activation="relu", dtype=np.float32, device="cpu"
+):
     """Router-leaf FFF hard inference against the dense FF of width 2**depth * leaf_width."""
     from .layers import FFF
 
@@ -317,6 +320,11 @@ def make_fff(in_w, leaf_w, out_w, depth, batch, *, activation="relu", dtype=np.f
         width = layer.training_width
         x = rng.standard_normal((batch, in_w)).astype(dtype)
         w1, b1, w2 = _dense_ff(rng, in_w, width, out_w, dtype)
+        if device == "cuda":
+            full = None
+            if np.dtype(storage) != np.dtype(dtype):
+                full, layer = layer, layer.astype(storage)
+            return _make_cuda_pair(layer, x, (w1, b1, w2), activation, False, full)
         torch_fff = _fastff_torch_fff(layer, x)  # float32, as a PyTorch model holds it
         float32_peer = {}
         if np.dtype(storage) != np.dtype(dtype):
@@ -341,10 +349,14 @@ def make_fff(in_w, leaf_w, out_w, depth, batch, *, activation="relu", dtype=np.f
     return make
 
 
-def _make_cuda_pair(layer, x, dense_weights, activation, train):
+def _make_cuda_pair(layer, x, dense_weights, activation, train, float32_layer=None):
+    """The case on the GPU; its one peer is the float32 layer a half layer was rounded from."""
     from .gpu.bench import cuda_pair
 
-    return (*cuda_pair(layer, x, dense_weights, activation, train), {})  # no GPU peers
+    dense, fff, rows, info, float32_fn = cuda_pair(
+        layer, x, dense_weights, activation, train, float32_layer
+    )
+    return dense, fff, rows, info, {} if float32_fn is None else {FLOAT32_PEER: float32_fn}
 
 
 CONFIGS: dict[str, list[Case]] = {
@@ -368,7 +380,15 @@ GPU_CONFIGS: dict[str, list[Case]] = {
             make_ultra(768, 768, 11, 8192, train=True, device="cuda"),
         ),
     ],
+    "gpu-paper-mnist": [
+        Case("gpu-paper-mnist", "router-leaf", make_fff(784, 8, 10, 8, 1024, device="cuda"))
+    ],
+    # issue 24's large router-leaf case: dense width 2**12 * 16 = 65,536
+    "gpu-fff-large": [
+        Case("gpu-fff-large", "router-leaf", make_fff(784, 16, 10, 12, 65536, device="cuda"))
+    ],
 }
+DEFAULT_GPU = list(GPU_CONFIGS)
 DEFAULT_CPU = ["ufb", "ufb-b1", "ufb-train", "paper-mnist"]
 
 
@@ -581,7 +601,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "configs",
         nargs="*",
-        help=f"configurations to run (default: {' '.join(DEFAULT_CPU)}; cuda: gpu-ufb); "
+        help=f"configurations to run (default: {' '.join(DEFAULT_CPU)}; cuda: "
+        f"{' '.join(DEFAULT_GPU)}); "
         "`pipeline` runs pipe-fff-soft pipe-mlp pipe-ufb-loaded pipe-threads, each with 1 "
         "thread and with --threads in fresh processes",
     )
@@ -666,7 +687,7 @@ def main(args: argparse.Namespace) -> int:
         return _distributed(args)
     from . import bench_pipeline
 
-    configs = args.configs or (["gpu-ufb"] if args.device == "cuda" else DEFAULT_CPU)
+    configs = args.configs or (DEFAULT_GPU if args.device == "cuda" else DEFAULT_CPU)
     configs, pipeline = _split_pipeline(configs)
     try:
         results = []

@@ -357,13 +357,17 @@ class Module:
     # ---- devices ---------------------------------------------------------------------------
     def to(self: ModuleT, device: str) -> ModuleT:
         """Move parameters and gradients to "cpu" (NumPy) or "cuda" (CuPy); returns self."""
-        # before the device's Ops are made: a half layer is refused whether or not CuPy is here
-        if device != "cpu" and any(m.dtype in HALF_DTYPES for m in self.modules()):
-            raise TypeError(
-                "half-precision (bfloat16/float16) layers run on the CPU only so far; convert "
-                "with .astype(numpy.float32) before .to('cuda')"
-            )
         ops = get_ops(device)  # raises a clear error for unknown devices or missing CUDA
+        if ops.xp is not np:  # before anything moves: a refused dtype leaves the model whole
+            for half in {m.dtype for m in self.modules() if m.dtype in HALF_DTYPES}:
+                try:
+                    ops.asarray(np.zeros(1, dtype=half))
+                except (TypeError, ValueError, NotImplementedError) as exc:
+                    raise TypeError(
+                        f"this CuPy cannot hold {half.name} arrays ({exc}); bfloat16 on CUDA "
+                        "needs CuPy 14 or newer with ml_dtypes; float16 works with any CuPy "
+                        "(model.astype(numpy.float16))"
+                    ) from exc
         for m in self.modules():
             if m.device == device:
                 continue

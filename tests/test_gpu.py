@@ -151,9 +151,9 @@ def launched(monkeypatch):
     names = []
     real = kernels.get
 
-    def recording(name, dtype=None, k=None):
+    def recording(name, dtype=None, k=None, half_kind=None):
         names.append(name)
-        return real(name, dtype, k)
+        return real(name, dtype, k, half_kind)
 
     monkeypatch.setattr(kernels, "get", recording)
     return names
@@ -226,6 +226,108 @@ def test_ultra_forward_add_checks_y_and_adds():
     for bad in (y.astype(cp.float64), cp.asfortranarray(y), y[:5]):
         with pytest.raises(ValueError, match="C-contiguous"):
             ops.ultra_forward(xd, p, 3, 2, "relu", False, 1, y=bad)
+
+
+# ---- half-precision weights: the GPU against the CPU's half kernels ---------------------------
+
+HALVES = ["bfloat16", "float16"]
+HALF_WIDTHS = WIDTHS | st.sampled_from([8, 64, 256, 768, 1024, 1032])
+
+
+def _half_or_skip(half):
+    """bfloat16 arrays need CuPy 14 with ml_dtypes (Module.to says so; tested below)."""
+    try:
+        cp.asarray(np.zeros(1, dtype=half))
+    except (TypeError, ValueError, NotImplementedError):
+        pytest.skip(f"this CuPy holds no {half} arrays")
+
+
+@given(
+    in_w=HALF_WIDTHS,
+    out_w=HALF_WIDTHS,
+    depth=st.integers(0, 8),
+    trees=st.integers(1, 3),
+    batch=st.integers(0, 300),
+    half=st.sampled_from(HALVES),
+    act=st.sampled_from(ACTS),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_half_ultra_inference_matches_the_cpu(in_w, out_w, depth, trees, batch, half, act, seed):
+    """Dyadic values: both devices route alike and differ by float32 summation order only."""
+    _half_or_skip(half)
+    layer, _, x, _ = _ultra_case(seed, in_w, out_w, depth, trees, batch, np.float32, act)
+    half_layer = layer.astype(half)
+    x32 = x.astype(np.float32)
+    y_cpu, stats_cpu = half_layer(x32), half_layer.routing_stats(x32)
+    half_layer.to("cuda")
+    assert half_layer.dtype == np.dtype(half) and half_layer.device == "cuda"
+    y = half_layer(cp.asarray(x32))
+    assert isinstance(y, cp.ndarray) and y.dtype == cp.float32 and y.shape == (batch, out_w)
+    assert_close(cp.asnumpy(y), y_cpu, np.float32, trees * (depth + 1) * in_w, "gpu half y")
+    stats = half_layer.routing_stats(cp.asarray(x32))  # the half kernels' saved paths
+    np.testing.assert_array_equal(stats["node_counts"], stats_cpu["node_counts"])
+
+
+@pytest.mark.parametrize("half", HALVES)
+@pytest.mark.parametrize(
+    "in_w, out_w, offset, kernel",
+    [
+        (768, 768, 0, "ultra_forward_h8"),
+        (1024, 8, 0, "ultra_forward_h8"),
+        (40, 1000, 0, "ultra_forward_h8"),
+        (36, 20, 0, "ultra_forward_half"),  # widths not whole 16-byte chunks
+        (1032, 8, 0, "ultra_forward_half"),  # past the register path
+        (768, 768, 1, "ultra_forward_half"),  # x 4 bytes off 16
+    ],
+)
+def test_half_register_path_and_fallbacks(in_w, out_w, offset, kernel, half, launched):
+    _half_or_skip(half)
+    layer, _, x, _ = _ultra_case(14, in_w, out_w, 5, 2, 257, np.float32, "gelu")
+    half_layer = layer.astype(half)
+    x32 = x.astype(np.float32)
+    y_cpu = half_layer(x32)
+    half_layer.to("cuda")
+    buf = cp.zeros(offset + x32.size, dtype=cp.float32)
+    xd = buf[offset:].reshape(x32.shape)
+    xd[...] = cp.asarray(x32)
+    assert_close(cp.asnumpy(half_layer(xd)), y_cpu, np.float32, 12 * in_w, kernel)
+    assert kernel in launched
+    assert not {"ultra_forward_h8", "ultra_forward_half"} - {kernel} & set(launched)
+
+
+@given(
+    in_w=WIDTHS,
+    leaf_w=st.integers(1, 8) | st.sampled_from([33, 64]),
+    out_w=WIDTHS,
+    depth=st.integers(0, 8),
+    batch=st.integers(0, 300),
+    half=st.sampled_from(HALVES),
+    act=st.sampled_from(ACTS),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_half_fff_inference_matches_the_cpu(in_w, leaf_w, out_w, depth, batch, half, act, seed):
+    _half_or_skip(half)
+    rng = np.random.default_rng(seed)
+    layer = fastff.FFF(in_w, leaf_w, out_w, depth, act, seed=seed)
+    dyadic_state(layer, rng)
+    half_layer = layer.astype(half)
+    x = dyadic(rng, (batch, in_w), denom=8, dtype=np.float32)
+    y_cpu = half_layer(x)
+    half_layer.to("cuda")
+    y = half_layer(cp.asarray(x))
+    assert isinstance(y, cp.ndarray) and y.dtype == cp.float32 and y.shape == (batch, out_w)
+    assert_close(cp.asnumpy(y), y_cpu, np.float32, depth * in_w + leaf_w * (in_w + out_w), "y")
+
+
+def test_half_layers_move_back_bit_exact_and_refuse_training():
+    layer = fastff.UltraFFF(24, 16, 3, 2, seed=0).astype("float16")
+    state = layer.state_dict()
+    layer.to("cuda").to("cpu")
+    for k, v in layer.state_dict().items():
+        np.testing.assert_array_equal(v.view(np.uint16), state[k].view(np.uint16))
+    layer.to("cuda")
+    with pytest.raises(TypeError, match="half-precision layers are for inference"):
+        layer.forward_train(cp.zeros((2, 24), dtype=cp.float32))
 
 
 # ---- router-leaf FFF: GPU against the CPU kernels (themselves held to the reference) ----------

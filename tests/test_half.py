@@ -195,9 +195,6 @@ def test_half_precision_errors_name_the_supported_dtypes():
         half = layer.astype("bfloat16")
         with pytest.raises(TypeError, match="half-precision layers are for inference"):
             half.forward_train(np.zeros((2, 4), np.float32))
-        with pytest.raises(TypeError, match="CPU only"):
-            half.to("cuda")  # no half-precision CUDA kernels yet: refused before CuPy is needed
-        assert half.device == "cpu"
 
 
 @pytest.mark.parametrize("half", HALVES, ids=IDS)
@@ -332,3 +329,30 @@ def test_optimizers_refuse_half_models(half):
                 make(model, 1e-3)
         for k, v in model.state_dict().items():
             np.testing.assert_array_equal(v.view(np.uint16), before[k])
+
+
+def test_moving_to_a_device_that_cannot_hold_bfloat16_says_so_and_moves_nothing(monkeypatch):
+    """CuPy before 14 has no bfloat16: Module.to refuses before any parameter moves (a stand-in
+    device here; tests/test_gpu.py moves half layers to a real GPU)."""
+    import fastff.module
+
+    class NoBfloat16:
+        xp = object()  # not NumPy: a device
+
+        def asarray(self, a, dtype=None):
+            if np.asarray(a).dtype == BF16:
+                raise TypeError("Unsupported dtype bfloat16")
+            raise AssertionError("nothing may move before the dtype check")
+
+    real = fastff.module.get_ops
+    monkeypatch.setattr(
+        fastff.module, "get_ops", lambda device: real(device) if device == "cpu" else NoBfloat16()
+    )
+    model = fastff.nn.Sequential(fastff.nn.Linear(8, 8, seed=0), fastff.FFF(8, 2, 4, 1, seed=0))
+    half = model.astype("bfloat16")
+    state = half.state_dict()
+    with pytest.raises(TypeError, match="bfloat16 on CUDA needs CuPy 14"):
+        half.to("cuda")
+    assert all(m.device == "cpu" for m in half.modules())
+    for k, v in half.state_dict().items():
+        np.testing.assert_array_equal(v.view(np.uint16), state[k].view(np.uint16))

@@ -56,11 +56,19 @@ def _act_grad(name, z):
     return cp.ones_like(z)
 
 
-def cuda_pair(layer, x, dense_weights, activation, train):
-    """(dense_fn, fastff_fn, rows, info) on the GPU. cuBLAS runs in plain float32 (CuPy uses
-    TF32 only when CUPY_TF32=1)."""
+def cuda_pair(layer, x, dense_weights, activation, train, float32_layer=None):
+    """(dense_fn, fastff_fn, rows, info, float32_fn) on the GPU. cuBLAS runs in plain float32
+    (CuPy uses TF32 only when CUPY_TF32=1). float32_layer: the layer a half-precision `layer`
+    was rounded from; float32_fn runs it on the same input (None without one)."""
     layer.to("cuda")
     xg = cp.asarray(x)
+    float32_fn = None
+    if float32_layer is not None:
+        float32_layer.to("cuda")
+
+        def float32_fn():
+            float32_layer(xg)
+
     w1, b1, w2 = (cp.asarray(w) for w in dense_weights)
     dy = cp.ones((x.shape[0], w2.shape[1]), dtype=xg.dtype)
     if train:
@@ -91,4 +99,4 @@ def cuda_pair(layer, x, dense_weights, activation, train):
         "neurons_per_row": layer.neurons_per_inference,
         "gpu": device_name(),
     }
-    return dense, fff, x.shape[0], info
+    return dense, fff, x.shape[0], info, float32_fn

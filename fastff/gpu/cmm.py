@@ -9,7 +9,7 @@ current stream through `_launch`; each kernel's argument list is written here on
 from __future__ import annotations
 
 from . import kernels
-from .kernels import F4_KS, cp
+from .kernels import F4_KS, H8_KS, HALF_KIND_CODES, cp
 
 THREADS = 256  # one thread per element or row
 WARPS = 8  # warp-per-row kernels: rows per block
@@ -18,11 +18,12 @@ CHUNK_VISITS = 128  # visits a block sums serially in the weight-gradient pass (
 COL_BLOCK = 256
 
 
-def _launch(name, config, *args, dtype=None, k=None, shared_mem=0):
-    """Launch kernel `name` (name<T> for dtype, name<K> for k; compiled once) with config =
-    (grid, block) and the kernel's arguments in its C order."""
+def _launch(name, config, *args, dtype=None, k=None, half_kind=None, shared_mem=0):
+    """Launch kernel `name` (name<T> for dtype, name<K> for k, name<KIND> / name<K, KIND> for
+    16-bit weights; compiled once) with config = (grid, block) and the kernel's arguments in
+    its C order."""
     grid, block = config
-    kernels.get(name, dtype, k)(grid, block, args, shared_mem=shared_mem)
+    kernels.get(name, dtype, k, half_kind)(grid, block, args, shared_mem=shared_mem)
 
 
 def _warp_grid(n_rows):
@@ -123,14 +124,58 @@ def ultra_forward_add(
     y += walked
 
 
-def _no_half_kernels(*args):
-    raise TypeError(
-        "half-precision (bfloat16/float16) weights run on the CPU only so far; keep the layer "
-        "on 'cpu' or convert it with layer.astype(numpy.float32) before .to('cuda')"
-    )
+def _h8_lanes(x, in_w, out_w, arrays):
+    """K of the 16-bit register path (ultra_forward_h8) when it applies, else None: widths
+    divisible by 8 (a row is whole 16-byte chunks) and every array starting on 16 bytes."""
+    if in_w % 8 or out_w % 8 or any(_address(a) % 16 for a in (x, *arrays)):
+        return None
+    need = -(-max(in_w, out_w) // 256)
+    return next((k for k in H8_KS if k >= need), None)
 
 
-ultra_forward_half = fff_infer_half = _no_half_kernels
+def ultra_forward_half(
+    x,
+    w_in,
+    b_in,
+    w_out_t,
+    depth,
+    n_trees,
+    act,
+    y,
+    visited,
+    preact,
+    save_path,
+    half_kind,
+    n_threads=None,
+):
+    """ultra_forward with 16-bit weights (uint16 views; half_kind 1 bfloat16, 2 float16): x, y
+    and preact float32, as fastff._cmm.ultra_forward_half."""
+    n_rows, in_w = x.shape
+    out_w = w_out_t.shape[1]
+    if half_kind not in HALF_KIND_CODES:
+        raise ValueError("half_kind must be 1 (bfloat16) or 2 (float16)")
+    if n_rows == 0:
+        return
+    arrays = (x, w_in, b_in, w_out_t, y, visited, preact)
+    sizes = (cp.int64(n_rows), cp.int32(in_w), cp.int32(out_w), cp.int32(depth))
+    tree = (cp.int32(n_trees), cp.int64(w_in.shape[0] // n_trees), cp.int32(act))
+    args = (*arrays, *sizes, *tree, cp.int32(save_path))
+    k = _h8_lanes(x, in_w, out_w, (w_in, w_out_t, y))
+    name = "ultra_forward_half" if k is None else "ultra_forward_h8"
+    _launch(name, _warp_grid(n_rows), *args, k=k, half_kind=half_kind)
+
+
+def fff_infer_half(x, node_w, node_b, w1t, b1, w2, b2, depth, act, y, half_kind, n_threads=None):
+    """fff_infer with 16-bit weights (uint16 views; half_kind 1 bfloat16, 2 float16): x and y
+    float32, as fastff._cmm.fff_infer_half."""
+    n_rows, in_w = x.shape
+    if half_kind not in HALF_KIND_CODES:
+        raise ValueError("half_kind must be 1 (bfloat16) or 2 (float16)")
+    if n_rows == 0:
+        return
+    sizes = (cp.int64(n_rows), cp.int32(in_w), cp.int32(w1t.shape[1]), cp.int32(y.shape[1]))
+    args = (x, node_w, node_b, w1t, b1, w2, b2, y, *sizes, cp.int32(depth), cp.int32(act))
+    _launch("fff_infer_half", _warp_grid(n_rows), *args, half_kind=half_kind)
 
 
 def ultra_backward(

@@ -156,6 +156,9 @@ __device__ __forceinline__ void axpy4(float a, float4 w, float4& acc) {
 // A read-only 16-byte load the compiler issues exactly here. A plain __ldg whose value is used
 // only inside `if (a != 0)` may be sunk into that branch, after the reduction it was meant to
 // overlap; volatile asm is never moved into a conditional.
+// (PTX helpers are left out under tests/cuda_emulator.h, which runs these kernels on the host
+// with plain loads in their place.)
+#ifndef FASTFF_HOST_EMULATION
 __device__ __forceinline__ float4 ldg_here(const float4* p) {
     float4 v;
     asm volatile("ld.global.nc.v4.f32 {%0, %1, %2, %3}, [%4];"
@@ -163,6 +166,7 @@ __device__ __forceinline__ float4 ldg_here(const float4* p) {
                  : "l"(p));
     return v;
 }
+#endif
 
 template <int K>
 __global__ void __launch_bounds__(256, 2)
@@ -288,6 +292,232 @@ __global__ void __launch_bounds__(256, 2)
     for (int k = 0; k < K; ++k) {
         const int q = lane + 32 * k;
         if (q < in4) dx4[q] = dxr[k];
+    }
+}
+
+// ---- half-precision weights, inference ----------------------------------------------------
+// Weights, biases included, are stored as 16-bit bits (uint16 views of the layer's arrays):
+// bfloat16 (HALF_BF16) or float16 (HALF_F16), the codes of fastff._cmm.HALF_KINDS. x, y and the
+// saved pre-activations are float32, each weight is widened to float32 as it is loaded, and
+// every dot and sum accumulates in float32, as on the CPU.
+#define HALF_BF16 1
+#define HALF_F16 2
+
+#ifndef FASTFF_HOST_EMULATION
+__device__ __forceinline__ float f16_to_f32(unsigned short h) {
+    float f;  // the instruction __half2float issues; inline PTX spares NVRTC the cuda_fp16.h path
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
+    return f;
+}
+// ldg_here for 16-byte chunks of 16-bit weights
+__device__ __forceinline__ uint4 ldg_here_u4(const uint4* p) {
+    uint4 v;
+    asm volatile("ld.global.nc.v4.u32 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+                 : "l"(p));
+    return v;
+}
+#endif
+
+// one 16-bit weight (the low half of `bits`) as float32; bfloat16 widens exactly by a shift
+template <int KIND>
+__device__ __forceinline__ float widen_half(unsigned int bits) {
+    if (KIND == HALF_BF16) return __uint_as_float(bits << 16);
+    return f16_to_f32((unsigned short)(bits & 0xffffu));
+}
+
+// the 8 weights of a 16-byte chunk (element 0 in the low half of u.x: little-endian)
+template <int KIND>
+__device__ __forceinline__ void widen8(const uint4 u, float (&f)[8]) {
+    const unsigned int w[4] = {u.x, u.y, u.z, u.w};
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        if (KIND == HALF_BF16) {
+            f[2 * i] = __uint_as_float(w[i] << 16);
+            f[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
+        } else {
+            f[2 * i] = widen_half<KIND>(w[i]);
+            f[2 * i + 1] = widen_half<KIND>(w[i] >> 16);
+        }
+    }
+}
+
+template <int KIND>
+__device__ __forceinline__ float warp_dot_half(const unsigned short* __restrict__ w,
+                                               const float* __restrict__ x, int n, int lane) {
+    float s = 0.f;
+    for (int i = lane; i < n; i += 32) s += widen_half<KIND>(__ldg(w + i)) * x[i];
+    return warp_sum(s);
+}
+
+// Any widths: a warp per row, x read from global memory, y accumulated in place (each lane
+// owns the columns lane + 32j, so no lane reads another's sums).
+template <int KIND>
+__global__ void ultra_forward_half(const float* __restrict__ x,
+                                   const unsigned short* __restrict__ w_in,
+                                   const unsigned short* __restrict__ b_in,
+                                   const unsigned short* __restrict__ w_out_t,
+                                   float* __restrict__ y, long long* __restrict__ visited,
+                                   float* __restrict__ preact, long long n_rows, int in_w,
+                                   int out_w, int depth, int n_trees, long long n_nodes, int act,
+                                   int save) {
+    const int lane = threadIdx.x & 31;
+    const long long row = (long long)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    if (row >= n_rows) return;
+    const float* xr = x + row * in_w;
+    float* yr = y + row * out_w;
+    for (int j = lane; j < out_w; j += 32) yr[j] = 0.f;
+    const int path = depth + 1;
+    for (int t = 0; t < n_trees; ++t) {
+        long long node = 0;
+        for (int level = 0; level < path; ++level) {
+            const long long g = t * n_nodes + node;
+            const float z =
+                warp_dot_half<KIND>(w_in + g * in_w, xr, in_w, lane) + widen_half<KIND>(b_in[g]);
+            const float a = act_fn(z, act);
+            if (a != 0.f) {
+                const unsigned short* wo = w_out_t + g * out_w;
+                for (int j = lane; j < out_w; j += 32) yr[j] += a * widen_half<KIND>(__ldg(wo + j));
+            }
+            if (save && lane == 0) {
+                const long long v = row * (long long)(n_trees * path) + t * path + level;
+                visited[v] = g;
+                preact[v] = z;
+            }
+            node = 2 * node + 1 + (z > 0.f);
+        }
+    }
+}
+
+// Register path, widths divisible by 8 and <= 32 * 8 * K: ultra_forward_f4's walk with a
+// node's rows read as 16-byte chunks of 8 weights (lane l owns chunks l + 32k), so a visit moves
+// half float32's bytes. x's and y's matching 8 floats per chunk stay in registers. Measured
+// in benchmarks/gpu_probe.py's form on an H200 (gpu-ufb, bfloat16): 36 us against 51.5 us for
+// float32.
+template <int K, int KIND>
+__global__ void __launch_bounds__(256, 2)
+    ultra_forward_h8(const float* __restrict__ x, const unsigned short* __restrict__ w_in,
+                     const unsigned short* __restrict__ b_in,
+                     const unsigned short* __restrict__ w_out_t, float* __restrict__ y,
+                     long long* __restrict__ visited, float* __restrict__ preact,
+                     long long n_rows, int in_w, int out_w, int depth, int n_trees,
+                     long long n_nodes, int act, int save) {
+    const int lane = threadIdx.x & 31;
+    const long long row = (long long)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    if (row >= n_rows) return;
+    const int in8 = in_w >> 3, out8 = out_w >> 3;
+    const uint4 zero_u = {0u, 0u, 0u, 0u};
+    const float4* x4 = reinterpret_cast<const float4*>(x + row * in_w);
+    float xr[K][8], yr[K][8];
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+        const int q = lane + 32 * k;
+        float4 lo = make_float4(0.f, 0.f, 0.f, 0.f), hi = lo;
+        if (q < in8) {
+            lo = __ldcs(x4 + 2 * q);
+            hi = __ldcs(x4 + 2 * q + 1);
+        }
+        xr[k][0] = lo.x; xr[k][1] = lo.y; xr[k][2] = lo.z; xr[k][3] = lo.w;
+        xr[k][4] = hi.x; xr[k][5] = hi.y; xr[k][6] = hi.z; xr[k][7] = hi.w;
+#pragma unroll
+        for (int j = 0; j < 8; ++j) yr[k][j] = 0.f;
+    }
+    const int path = depth + 1;
+    for (int t = 0; t < n_trees; ++t) {
+        long long node = 0;
+#pragma unroll 1
+        for (int level = 0; level < path; ++level) {
+            const long long g = t * n_nodes + node;
+            const uint4* wi8 = reinterpret_cast<const uint4*>(w_in + g * in_w);
+            const uint4* wo8 = reinterpret_cast<const uint4*>(w_out_t + g * out_w);
+            uint4 wi[K], wo[K];
+#pragma unroll
+            for (int k = 0; k < K; ++k) {
+                const int q = lane + 32 * k;
+                wi[k] = q < in8 ? __ldg(wi8 + q) : zero_u;
+            }
+#pragma unroll
+            for (int k = 0; k < K; ++k) {
+                const int q = lane + 32 * k;
+                wo[k] = q < out8 ? ldg_here_u4(wo8 + q) : zero_u;
+            }
+            const float bias = widen_half<KIND>(__ldg(b_in + g));
+            float acc0 = 0.f, acc1 = 0.f;  // two chains: half the FMA latency, fixed order
+#pragma unroll
+            for (int k = 0; k < K; ++k) {
+                float f[8];
+                widen8<KIND>(wi[k], f);
+#pragma unroll
+                for (int j = 0; j < 8; j += 2) {
+                    acc0 = fmaf(f[j], xr[k][j], acc0);
+                    acc1 = fmaf(f[j + 1], xr[k][j + 1], acc1);
+                }
+            }
+            const float z = warp_sum(acc0 + acc1) + bias;
+            const float a = act_fn(z, act);
+            if (a != 0.f) {  // as ultra_forward_f4
+#pragma unroll
+                for (int k = 0; k < K; ++k) {
+                    float f[8];
+                    widen8<KIND>(wo[k], f);
+#pragma unroll
+                    for (int j = 0; j < 8; ++j) yr[k][j] = fmaf(a, f[j], yr[k][j]);
+                }
+            }
+            if (save && lane == 0) {
+                const long long v = row * (long long)(n_trees * path) + t * path + level;
+                visited[v] = g;
+                preact[v] = z;
+            }
+            node = 2 * node + 1 + (z > 0.f);
+        }
+    }
+    float4* y4 = reinterpret_cast<float4*>(y + row * out_w);
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+        const int q = lane + 32 * k;
+        if (q < out8) {
+            __stcs(y4 + 2 * q, make_float4(yr[k][0], yr[k][1], yr[k][2], yr[k][3]));
+            __stcs(y4 + 2 * q + 1, make_float4(yr[k][4], yr[k][5], yr[k][6], yr[k][7]));
+        }
+    }
+}
+
+// Router-leaf FFF inference with 16-bit weights: fff_hard_forward's mode 0 (right iff z >= 0),
+// a warp per row.
+template <int KIND>
+__global__ void fff_infer_half(const float* __restrict__ x,
+                               const unsigned short* __restrict__ node_w,
+                               const unsigned short* __restrict__ node_b,
+                               const unsigned short* __restrict__ w1t,
+                               const unsigned short* __restrict__ b1,
+                               const unsigned short* __restrict__ w2,
+                               const unsigned short* __restrict__ b2, float* __restrict__ y,
+                               long long n_rows, int in_w, int leaf_w, int out_w, int depth,
+                               int act) {
+    const int lane = threadIdx.x & 31;
+    const long long row = (long long)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    if (row >= n_rows) return;
+    const float* xr = x + row * in_w;
+    const long long n_nodes = (1LL << depth) - 1;
+    long long node = 0;
+    for (int level = 0; level < depth; ++level) {
+        const float z = warp_dot_half<KIND>(node_w + node * in_w, xr, in_w, lane)
+                        + widen_half<KIND>(node_b[node]);
+        node = 2 * node + 1 + (z >= 0.f);
+    }
+    const long long l = node - n_nodes;
+    float* yr = y + row * out_w;
+    for (int j = lane; j < out_w; j += 32) yr[j] = widen_half<KIND>(b2[l * out_w + j]);
+    for (int k = 0; k < leaf_w; ++k) {
+        const long long unit = l * leaf_w + k;
+        const float h = warp_dot_half<KIND>(w1t + unit * in_w, xr, in_w, lane)
+                        + widen_half<KIND>(b1[unit]);
+        const float a = act_fn(h, act);
+        if (a != 0.f) {
+            const unsigned short* w2r = w2 + unit * out_w;
+            for (int j = lane; j < out_w; j += 32) yr[j] += a * widen_half<KIND>(__ldg(w2r + j));
+        }
     }
 }
 

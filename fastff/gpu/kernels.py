@@ -34,32 +34,52 @@ TYPED = (
 F4 = ("ultra_forward_f4", "ultra_backward_rows_f4")
 F4_KS = tuple(range(1, 9))
 CTYPE = {"float32": "float", "float64": "double"}
+# half-precision (16-bit) weights, templated on the storage kind (HALF_BF16 = 1, HALF_F16 = 2:
+# fastff._cmm.HALF_KINDS); the register path on K 16-byte chunks of 8 weights per lane as well
+HALF = ("ultra_forward_half", "fff_infer_half")
+HALF_KIND_CODES = (1, 2)
+H8_KS = tuple(range(1, 5))  # widths up to 32 * 8 * 4 = 1024
 
 _module = None
 _cache: dict = {}
 
 
+def source() -> str:
+    """kernels.cu with activations.h inlined (NVRTC then needs no include path)."""
+    with open(_SOURCE) as f:
+        code = f.read()
+    with open(_ACTIVATIONS) as f:
+        return code.replace('#include "activations.h"', f.read(), 1)
+
+
+def name_expressions() -> list[str]:
+    """Every kernel instantiation the launchers use, as RawModule name expressions."""
+    names = [f"{k}<{t}>" for k in TYPED for t in CTYPE.values()]
+    names += [f"{k}<{n}>" for k in F4 for n in F4_KS]
+    names += [f"{k}<{c}>" for k in HALF for c in HALF_KIND_CODES]
+    names += [f"ultra_forward_h8<{n}, {c}>" for n in H8_KS for c in HALF_KIND_CODES]
+    return names + ["ultra_chunk_table"]
+
+
 def _compile():
     global _module
     if _module is None:
-        with open(_SOURCE) as f:
-            code = f.read()
-        with open(_ACTIVATIONS) as f:  # inlined: NVRTC then needs no include path
-            code = code.replace('#include "activations.h"', f.read(), 1)
-        names = [f"{k}<{t}>" for k in TYPED for t in CTYPE.values()]
-        names += [f"{k}<{n}>" for k in F4 for n in F4_KS]
-        names += ["ultra_chunk_table"]
-        _module = cp.RawModule(code=code, options=("-std=c++17",), name_expressions=names)
+        _module = cp.RawModule(
+            code=source(), options=("-std=c++17",), name_expressions=name_expressions()
+        )
     return _module
 
 
-def get(name, dtype=None, k=None):
-    """The kernel `name`: name<K> for the float4 paths, name<T> for a dtype, else untemplated."""
-    key = (name, dtype, k)  # the dtype object itself: its .name costs microseconds per call
+def get(name, dtype=None, k=None, half_kind=None):
+    """The kernel `name`: name<K> for the float4 paths, name<T> for a dtype, name<KIND> or
+    name<K, KIND> for 16-bit weights (half_kind), else untemplated."""
+    key = (name, dtype, k, half_kind)  # the dtype itself: its .name costs microseconds per call
     kernel = _cache.get(key)
     if kernel is None:
         dtype_name = None if dtype is None else cp.dtype(dtype).name
-        if k is not None:
+        if half_kind is not None:
+            full = f"{name}<{half_kind}>" if k is None else f"{name}<{k}, {half_kind}>"
+        elif k is not None:
             full = f"{name}<{k}>"
         elif dtype_name is not None:
             full = f"{name}<{CTYPE[dtype_name]}>"
