@@ -72,8 +72,9 @@ static int ultra(char** argv) {
         auto wi = read_file<float>(dir + "/w_in.bin", (size_t)total * in_w);
         auto b = read_file<float>(dir + "/b_in.bin", (size_t)total);
         auto wo = read_file<float>(dir + "/w_out_t.bin", (size_t)total * out_w);
-        auto go = k == 1 ? f4<1> : k == 2 ? f4<2> : k == 3 ? f4<3> : f4<4>;
-        go(grid, x.data(), wi.data(), b.data(), wo.data(), y.data(), vis.data(), pre.data(), n,
+        decltype(&f4<1>) by_k[] = {f4<1>, f4<2>, f4<3>, f4<4>, f4<5>, f4<6>, f4<7>, f4<8>};
+        if (k < 1 || k > 8) return 2;
+        by_k[k - 1](grid, x.data(), wi.data(), b.data(), wo.data(), y.data(), vis.data(), pre.data(), n,
            in_w, out_w, depth, trees, nodes, act, save);
     } else {
         auto wi = read_file<unsigned short>(dir + "/w_in.bin", (size_t)total * in_w);
@@ -147,9 +148,11 @@ static int backward(char** argv) {
     auto wi = read_file<float>(dir + "/w_in.bin", (size_t)n_nodes * in_w);
     auto wo = read_file<float>(dir + "/w_out_t.bin", (size_t)n_nodes * out_w);
     std::vector<float> dz(n_visits + 1, NAN), a(n_visits + 1, NAN), dx((size_t)n * in_w + 1, NAN);
-    auto go = k == 1 ? backward_f4<1> : k == 2 ? backward_f4<2> : k == 3 ? backward_f4<3>
-                                                                          : backward_f4<4>;
-    go((unsigned)((n + WARPS - 1) / WARPS), dy.data(), wi.data(), wo.data(), vis.data(),
+    decltype(&backward_f4<1>) by_k[] = {backward_f4<1>, backward_f4<2>, backward_f4<3>,
+                                        backward_f4<4>, backward_f4<5>, backward_f4<6>,
+                                        backward_f4<7>, backward_f4<8>};
+    if (k < 1 || k > 8) return 2;
+    by_k[k - 1]((unsigned)((n + WARPS - 1) / WARPS), dy.data(), wi.data(), wo.data(), vis.data(),
        pre.data(), dz.data(), a.data(), dx.data(), n, in_w, out_w, visits, act);
     write_file(dir + "/dz.bin", dz, n_visits);
     write_file(dir + "/a.bin", a, n_visits);

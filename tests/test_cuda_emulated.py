@@ -79,6 +79,19 @@ def _cpu_ultra(x, w_in, b_in, w_out_t, depth, trees, act, kind=None):
     return y, visited, preact
 
 
+# float32 register kernels: widths 4 * in4, 4 * out4 (<= 1024: K <= 8 float4 per lane)
+FOURS = st.integers(1, 64) | st.sampled_from([100, 128, 200, 256])
+FLOAT32_CASES = dict(
+    in4=FOURS,
+    out4=FOURS,
+    depth=st.integers(0, 5),
+    trees=st.integers(1, 2),
+    batch=st.integers(1, 20),
+    act=st.sampled_from(ACTS),
+    seed=st.integers(0, 2**32 - 1),
+)
+
+
 def test_kernel_half_codes_are_the_cpu_ones():
     assert {n: c for n, (c, _) in KINDS.items()} == _cmm.HALF_KINDS
     assert tuple(sorted(_cmm.HALF_KINDS.values())) == kernels.HALF_KIND_CODES
@@ -167,15 +180,7 @@ def test_half_fff_kernel_matches_the_cpu(
 
 
 @settings(max_examples=20, deadline=None)
-@given(
-    in4=st.integers(1, 64),
-    out4=st.integers(1, 64),
-    depth=st.integers(0, 5),
-    trees=st.integers(1, 2),
-    batch=st.integers(1, 20),
-    act=st.sampled_from(ACTS),
-    seed=st.integers(0, 2**32 - 1),
-)
+@given(**FLOAT32_CASES)
 def test_float32_register_kernel_matches_the_cpu(
     emulator, tmp_path_factory, in4, out4, depth, trees, batch, act, seed
 ):
@@ -199,15 +204,7 @@ def test_float32_register_kernel_matches_the_cpu(
 
 
 @settings(max_examples=20, deadline=None)
-@given(
-    in4=st.integers(1, 64),
-    out4=st.integers(1, 64),
-    depth=st.integers(0, 5),
-    trees=st.integers(1, 2),
-    batch=st.integers(1, 20),
-    act=st.sampled_from(ACTS),
-    seed=st.integers(0, 2**32 - 1),
-)
+@given(**FLOAT32_CASES)
 def test_float32_backward_rows_kernel_matches_the_reference(
     emulator, tmp_path_factory, in4, out4, depth, trees, batch, act, seed
 ):
