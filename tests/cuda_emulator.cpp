@@ -17,7 +17,7 @@
 
 template <class T>
 static std::vector<T> read_file(const std::string& path, size_t n) {
-    std::vector<T> v(n ? n : 1);
+    std::vector<T> v(n);  // exact sizes: AddressSanitizer then catches any access past them
     FILE* f = std::fopen(path.c_str(), "rb");
     if (!f || std::fread(v.data(), sizeof(T), n, f) != n) {
         std::fprintf(stderr, "cannot read %zu items from %s\n", n, path.c_str());
@@ -66,8 +66,8 @@ static int ultra(char** argv) {
     const size_t path = (size_t)n * trees * (depth + 1);
     const unsigned grid = (unsigned)((n + WARPS - 1) / WARPS);
     auto x = read_file<float>(dir + "/x.bin", (size_t)n * in_w);
-    std::vector<float> y((size_t)n * out_w + 1, NAN), pre(path + 1, NAN);
-    std::vector<long long> vis(path + 1, -1);
+    std::vector<float> y((size_t)n * out_w, NAN), pre(path, NAN);
+    std::vector<long long> vis(path, -1);
     if (kernel == "f4") {
         auto wi = read_file<float>(dir + "/w_in.bin", (size_t)total * in_w);
         auto b = read_file<float>(dir + "/b_in.bin", (size_t)total);
@@ -114,7 +114,7 @@ static int fff(char** argv) {
     auto b1 = read_file<unsigned short>(dir + "/b1.bin", n_leaves * leaf_w);
     auto w2 = read_file<unsigned short>(dir + "/w2.bin", n_leaves * leaf_w * out_w);
     auto b2 = read_file<unsigned short>(dir + "/b2.bin", n_leaves * out_w);
-    std::vector<float> y((size_t)n * out_w + 1, NAN);
+    std::vector<float> y((size_t)n * out_w, NAN);
     auto go = kind == HALF_BF16 ? fff_infer_half<HALF_BF16> : fff_infer_half<HALF_F16>;
     launch((unsigned)((n + WARPS - 1) / WARPS), 32 * WARPS, [&] {
         go(x.data(), node_w.data(), node_b.data(), w1t.data(), b1.data(), w2.data(), b2.data(),
@@ -147,7 +147,7 @@ static int backward(char** argv) {
     for (size_t v = 0; v < n_visits; ++v) n_nodes = std::max(n_nodes, vis[v] + 1);
     auto wi = read_file<float>(dir + "/w_in.bin", (size_t)n_nodes * in_w);
     auto wo = read_file<float>(dir + "/w_out_t.bin", (size_t)n_nodes * out_w);
-    std::vector<float> dz(n_visits + 1, NAN), a(n_visits + 1, NAN), dx((size_t)n * in_w + 1, NAN);
+    std::vector<float> dz(n_visits, NAN), a(n_visits, NAN), dx((size_t)n * in_w, NAN);
     decltype(&backward_f4<1>) by_k[] = {backward_f4<1>, backward_f4<2>, backward_f4<3>,
                                         backward_f4<4>, backward_f4<5>, backward_f4<6>,
                                         backward_f4<7>, backward_f4<8>};

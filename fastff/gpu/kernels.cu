@@ -391,9 +391,9 @@ __global__ void ultra_forward_half(const float* __restrict__ x,
 
 // Register path, widths divisible by 8 and <= 32 * 8 * K: ultra_forward_f4's walk with a
 // node's rows read as 16-byte chunks of 8 weights (lane l owns chunks l + 32k), so a visit moves
-// half float32's bytes. x's and y's matching 8 floats per chunk stay in registers. Measured
-// in benchmarks/gpu_probe.py's form on an H200 (gpu-ufb, bfloat16): 36 us against 51.5 us for
-// float32.
+// half float32's bytes. x's and y's matching 8 floats per chunk stay in registers. Not yet
+// timed: benchmarks/gpu_probe.py's nearest variant (bfloat16, widths fixed at compile time,
+// a float32 bias) took 36-40 us on an H200 for gpu-ufb, against 51.5 us for float32.
 template <int K, int KIND>
 __global__ void __launch_bounds__(256, 2)
     ultra_forward_h8(const float* __restrict__ x, const unsigned short* __restrict__ w_in,
