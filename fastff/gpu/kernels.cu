@@ -36,6 +36,19 @@ __device__ __forceinline__ T warp_sum(T v) {
     return v;
 }
 
+// One step of a neuron-tree walk: records visit v (node g, pre-activation z) when `record`,
+// and returns the child the row goes to (right iff z > 0, as on the CPU).
+template <typename T>
+__device__ __forceinline__ long long walk_step(long long node, T z, long long g, bool record,
+                                               long long v, long long* __restrict__ visited,
+                                               T* __restrict__ preact) {
+    if (record) {
+        visited[v] = g;
+        preact[v] = z;
+    }
+    return 2 * node + 1 + (z > T(0));
+}
+
 // y[r] = sum over trees and path nodes of act(z) * w_out_t[g]; optionally records the path.
 template <typename T>
 __global__ void ultra_forward(const T* __restrict__ x, const T* __restrict__ w_in,
@@ -74,12 +87,8 @@ __global__ void ultra_forward(const T* __restrict__ x, const T* __restrict__ w_i
                 const T* wo = w_out_t + g * out_w;
                 for (int j = lane; j < out_w; j += 32) ys[j] += a * wo[j];
             }
-            if (save && lane == 0) {
-                const long long v = row * (long long)(n_trees * path) + t * path + level;
-                visited[v] = g;
-                preact[v] = z;
-            }
-            node = 2 * node + 1 + (z > T(0));
+            node = walk_step(node, z, g, save && lane == 0, row * (long long)(n_trees * path)
+                             + t * path + level, visited, preact);
         }
     }
     __syncwarp();
@@ -217,12 +226,8 @@ __global__ void __launch_bounds__(256, 2)
 #pragma unroll
                 for (int k = 0; k < K; ++k) axpy4(a, wo[k], yr[k]);
             }
-            if (save && lane == 0) {
-                const long long v = row * (long long)(n_trees * path) + t * path + level;
-                visited[v] = g;
-                preact[v] = z;
-            }
-            node = 2 * node + 1 + (z > 0.f);
+            node = walk_step(node, z, g, save && lane == 0, row * (long long)(n_trees * path)
+                             + t * path + level, visited, preact);
         }
     }
     float4* y4 = reinterpret_cast<float4*>(y + row * out_w);
@@ -379,12 +384,8 @@ __global__ void ultra_forward_half(const float* __restrict__ x,
                 const unsigned short* wo = w_out_t + g * out_w;
                 for (int j = lane; j < out_w; j += 32) yr[j] += a * widen_half<KIND>(__ldg(wo + j));
             }
-            if (save && lane == 0) {
-                const long long v = row * (long long)(n_trees * path) + t * path + level;
-                visited[v] = g;
-                preact[v] = z;
-            }
-            node = 2 * node + 1 + (z > 0.f);
+            node = walk_step(node, z, g, save && lane == 0, row * (long long)(n_trees * path)
+                             + t * path + level, visited, preact);
         }
     }
 }
@@ -464,12 +465,8 @@ __global__ void __launch_bounds__(256, 2)
                     for (int j = 0; j < 8; ++j) yr[k][j] = fmaf(a, f[j], yr[k][j]);
                 }
             }
-            if (save && lane == 0) {
-                const long long v = row * (long long)(n_trees * path) + t * path + level;
-                visited[v] = g;
-                preact[v] = z;
-            }
-            node = 2 * node + 1 + (z > 0.f);
+            node = walk_step(node, z, g, save && lane == 0, row * (long long)(n_trees * path)
+                             + t * path + level, visited, preact);
         }
     }
     float4* y4 = reinterpret_cast<float4*>(y + row * out_w);
